@@ -1,0 +1,1 @@
+"""Core: ids, errors, config. Imports nothing else of ekmesh."""

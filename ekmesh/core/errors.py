@@ -1,0 +1,59 @@
+"""The ekmesh error hierarchy.
+
+Every error that ekmesh raises on purpose is an ``EkmeshError``. Lower-level errors (OSError, safetensors,
+json, tokenizers, jinja2) are translated once, at the boundary of the package that met them, with
+``raise ... from exc`` so the cause stays visible.
+
+    EkmeshError
+    ├── ConfigError                  a config file or option is invalid
+    │   └── UnsupportedArchitectureError   the model's architecture is not one ekmesh implements
+    ├── CheckpointError              a checkpoint directory cannot be read as the config says it should
+    │   ├── MissingTensorError       a tensor the model needs is absent (names the tensor)
+    │   └── TensorShapeError         a tensor has the wrong shape or dtype (names the tensor)
+    ├── TokenizerError               tokenizer files or chat template are missing or invalid
+    └── GenerationError              bad generation request (empty prompt, ids out of range, ...)
+"""
+
+from __future__ import annotations
+
+
+class EkmeshError(Exception):
+    """Base of every error ekmesh raises on purpose."""
+
+
+class ConfigError(EkmeshError):
+    """A configuration (a model's config.json, a CLI option, a generation setting) is invalid."""
+
+
+class UnsupportedArchitectureError(ConfigError):
+    """The model's architecture is not implemented; the message lists the supported ones."""
+
+
+class CheckpointError(EkmeshError):
+    """A checkpoint cannot be read: bad index, unreadable safetensors file, inconsistent layout."""
+
+
+class MissingTensorError(CheckpointError):
+    """A tensor the model needs is not in the checkpoint. ``name`` is the tensor's checkpoint name."""
+
+    def __init__(self, name: str, detail: str = "") -> None:
+        self.name = name
+        super().__init__(f"tensor {name!r} is missing from the checkpoint" + (f" ({detail})" if detail else ""))
+
+
+class TensorShapeError(CheckpointError):
+    """A tensor in the checkpoint has a shape (or dtype) other than the config implies."""
+
+    def __init__(self, name: str, expected: object, got: object) -> None:
+        self.name = name
+        self.expected = expected
+        self.got = got
+        super().__init__(f"tensor {name!r} has shape {got}, expected {expected}")
+
+
+class TokenizerError(EkmeshError):
+    """Tokenizer files or the chat template are missing, unreadable or fail to render."""
+
+
+class GenerationError(EkmeshError):
+    """A generation request is invalid (empty prompt, token ids outside the vocabulary, bad sampling values)."""

@@ -1,0 +1,252 @@
+"""The experts seam: where the model hands routed tokens to whoever holds the experts.
+
+A MoE layer computes its router and top-k itself, then calls an ``ExpertsBackend`` with
+``(layer, hidden [T, D], expert_ids [T, k], weights [T, k])`` and gets back ``[T, D]``: for every token the sum
+over its k chosen experts of ``weight * expert(hidden)``. The model never sees expert weights; the backend may
+compute locally (``LocalExperts``, this module), on remote peers, or both. ``layer`` is the global decoder layer
+index; ``expert_ids`` are global expert indices of that layer.
+
+Invariants of ``LocalExperts``:
+- expert weights are stored in linear layout: ``gate_up [2I, D]`` (gate rows first, then up rows), ``down [D, I]``,
+  optional biases ``gate_up_bias [2I]`` and ``down_bias [D]``;
+- compute is grouped: tokens are sorted by expert and each present expert runs once over all its tokens
+  (one ``torch._grouped_mm`` for all experts of a layer on CUDA, a loop over present experts elsewhere);
+- asking for an expert that is not loaded raises ``ExpertNotLoadedError`` naming (layer, expert).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from ekmesh.core.errors import ConfigError, EkmeshError, TensorShapeError
+
+
+class ExpertNotLoadedError(EkmeshError):
+    """A token was routed to an expert this backend does not hold."""
+
+    def __init__(self, layer: int, expert: int) -> None:
+        self.layer = layer
+        self.expert = expert
+        super().__init__(f"expert (layer={layer}, expert={expert}) is not loaded in this backend")
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """Shape and activation of one routed expert of a model (the same for every MoE layer)."""
+
+    hidden: int
+    intermediate: int
+    num_experts: int
+    activation: str = "silu"  # "silu": down(silu(gate) * up); "gptoss": clamped SwiGLU with alpha and limit
+    bias: bool = False
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self) -> None:
+        if self.activation not in ("silu", "gptoss"):
+            raise ConfigError(f"unsupported expert activation {self.activation!r} (supported: silu, gptoss)")
+
+
+@dataclass
+class ExpertWeights:
+    """The tensors of one routed expert in linear layout (see module docstring)."""
+
+    gate_up: torch.Tensor  # [2I, D]
+    down: torch.Tensor  # [D, I]
+    gate_up_bias: torch.Tensor | None = None  # [2I]
+    down_bias: torch.Tensor | None = None  # [D]
+
+    def check(self, spec: ExpertSpec, name: str) -> None:
+        expect = {
+            "gate_up": (2 * spec.intermediate, spec.hidden),
+            "down": (spec.hidden, spec.intermediate),
+        }
+        if spec.bias:
+            expect["gate_up_bias"] = (2 * spec.intermediate,)
+            expect["down_bias"] = (spec.hidden,)
+        for field, shape in expect.items():
+            t = getattr(self, field)
+            if t is None:
+                raise TensorShapeError(f"{name}.{field}", shape, None)
+            if tuple(t.shape) != shape:
+                raise TensorShapeError(f"{name}.{field}", shape, tuple(t.shape))
+
+
+class ExpertsBackend(Protocol):
+    """Computes routed experts for one MoE layer. See the module docstring for the contract."""
+
+    def __call__(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+def expert_activation(spec: ExpertSpec, gate_up: torch.Tensor) -> torch.Tensor:
+    """[N, 2I] gate/up projections -> [N, I] activations, per the spec's activation."""
+    gate, up = gate_up.chunk(2, dim=-1)  # [N, I] each
+    if spec.activation == "silu":
+        return F.silu(gate) * up
+    gate = gate.clamp(max=spec.limit)
+    up = up.clamp(min=-spec.limit, max=spec.limit)
+    glu = gate * torch.sigmoid(gate * spec.alpha)
+    return (up + 1) * glu
+
+
+def expert_forward(spec: ExpertSpec, x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+    """One expert over [N, D] tokens -> [N, D]. The reference the grouped paths must agree with."""
+    h = F.linear(x, w.gate_up, w.gate_up_bias)  # [N, 2I]
+    return F.linear(expert_activation(spec, h), w.down, w.down_bias)  # [N, D]
+
+
+@dataclass
+class _LayerPack:
+    slot_of: torch.Tensor  # [E] long: slot index of each global expert id, -1 where absent
+    experts: list[int]  # global expert id of each slot
+    gate_up: torch.Tensor  # [n, 2I, D]
+    down: torch.Tensor  # [n, D, I]
+    gate_up_bias: torch.Tensor | None  # [n, 2I]
+    down_bias: torch.Tensor | None  # [n, D]
+
+
+class LocalExperts:
+    """Holds any set of (layer, expert) weights on one device and computes them grouped."""
+
+    def __init__(self, spec: ExpertSpec, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._pending: dict[int, dict[int, ExpertWeights]] = {}
+        self._packs: dict[int, _LayerPack] = {}
+
+    def add(self, layer: int, expert: int, weights: ExpertWeights) -> None:
+        """Adds (or replaces) one expert. Tensors are validated, cast and moved to this backend's device."""
+        if not 0 <= expert < self.spec.num_experts:
+            raise ConfigError(f"expert id {expert} out of range [0, {self.spec.num_experts})")
+        weights.check(self.spec, f"layer {layer} expert {expert}")
+        moved = ExpertWeights(
+            *(None if t is None else t.to(self.device, self.dtype) for t in (
+                weights.gate_up, weights.down, weights.gate_up_bias, weights.down_bias))
+        )
+        current = self._unpack(layer)
+        current[expert] = moved
+        self._pending[layer] = current
+        self._packs.pop(layer, None)
+
+    def remove(self, layer: int, expert: int) -> None:
+        current = self._unpack(layer)
+        current.pop(expert, None)
+        self._pending[layer] = current
+        self._packs.pop(layer, None)
+
+    def has(self, layer: int, expert: int) -> bool:
+        if layer in self._packs:
+            return bool(self._packs[layer].slot_of[expert] >= 0)
+        return expert in self._pending.get(layer, {})
+
+    def held(self) -> dict[int, list[int]]:
+        """{layer: sorted expert ids} of everything this backend holds."""
+        out: dict[int, list[int]] = {}
+        for layer in sorted(set(self._pending) | set(self._packs)):
+            ids = sorted(self._packs[layer].experts) if layer in self._packs else sorted(self._pending[layer])
+            if ids:
+                out[layer] = ids
+        return out
+
+    def nbytes(self) -> int:
+        total = 0
+        for layer in self.held():
+            pack = self._pack(layer)
+            for t in (pack.gate_up, pack.down, pack.gate_up_bias, pack.down_bias):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total
+
+    def _unpack(self, layer: int) -> dict[int, ExpertWeights]:
+        if layer in self._pending:
+            return dict(self._pending[layer])
+        pack = self._packs.get(layer)
+        if pack is None:
+            return {}
+        return {
+            e: ExpertWeights(
+                pack.gate_up[s], pack.down[s],
+                None if pack.gate_up_bias is None else pack.gate_up_bias[s],
+                None if pack.down_bias is None else pack.down_bias[s],
+            )
+            for s, e in enumerate(pack.experts)
+        }
+
+    def _pack(self, layer: int) -> _LayerPack:
+        pack = self._packs.get(layer)
+        if pack is not None:
+            return pack
+        experts = self._pending.pop(layer, {})
+        ids = sorted(experts)
+        slot_of = torch.full((self.spec.num_experts,), -1, dtype=torch.long, device=self.device)
+        if ids:
+            slot_of[torch.tensor(ids, device=self.device)] = torch.arange(len(ids), device=self.device)
+        ws = [experts[e] for e in ids]
+        empty = (0,)
+        gate_up = torch.stack([w.gate_up for w in ws]) if ws else torch.empty(
+            empty + (2 * self.spec.intermediate, self.spec.hidden), device=self.device, dtype=self.dtype)
+        down = torch.stack([w.down for w in ws]) if ws else torch.empty(
+            empty + (self.spec.hidden, self.spec.intermediate), device=self.device, dtype=self.dtype)
+        gub = torch.stack([w.gate_up_bias for w in ws]) if ws and self.spec.bias else None  # type: ignore[misc]
+        db = torch.stack([w.down_bias for w in ws]) if ws and self.spec.bias else None  # type: ignore[misc]
+        pack = _LayerPack(slot_of, ids, gate_up, down, gub, db)
+        self._packs[layer] = pack
+        return pack
+
+    def __call__(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        pack = self._pack(layer)
+        t, k = expert_ids.shape
+        flat = expert_ids.reshape(-1)  # [T*k]
+        slots = pack.slot_of[flat]  # [T*k]
+        missing = slots < 0
+        if bool(missing.any()):
+            raise ExpertNotLoadedError(layer, int(flat[missing][0]))
+        order = torch.argsort(slots, stable=True)  # [T*k], pairs grouped by slot
+        token_of = order // k  # [T*k] token index of each sorted pair
+        x = hidden[token_of]  # [T*k, D]
+        n = len(pack.experts)
+        counts = torch.bincount(slots, minlength=n)  # [n]
+        if hidden.is_cuda and hidden.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+            y = self._grouped_cuda(pack, x, counts)
+        else:
+            y = self._grouped_loop(pack, x, counts)
+        y = y * weights.reshape(-1)[order, None].to(y.dtype)  # [T*k, D]
+        out = torch.zeros(t, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+        out.index_add_(0, token_of, y.to(hidden.dtype))
+        return out  # [T, D]
+
+    def _grouped_loop(self, pack: _LayerPack, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        y = torch.empty_like(x)
+        start = 0
+        for slot, c in enumerate(counts.tolist()):
+            if c == 0:
+                continue
+            end = start + c
+            h = F.linear(x[start:end], pack.gate_up[slot],
+                         None if pack.gate_up_bias is None else pack.gate_up_bias[slot])  # [c, 2I]
+            a = expert_activation(self.spec, h)  # [c, I]
+            y[start:end] = F.linear(a, pack.down[slot], None if pack.down_bias is None else pack.down_bias[slot])
+            start = end
+        return y
+
+    def _grouped_cuda(self, pack: _LayerPack, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [n] end offset of each group
+        h = torch._grouped_mm(x, pack.gate_up.transpose(-2, -1), offs=offs)  # [T*k, 2I]
+        slot_sorted = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts,
+                                              output_size=x.shape[0])  # [T*k]
+        if pack.gate_up_bias is not None:
+            h = h + pack.gate_up_bias[slot_sorted]
+        a = expert_activation(self.spec, h)  # [T*k, I]
+        y = torch._grouped_mm(a, pack.down.transpose(-2, -1), offs=offs)  # [T*k, D]
+        if pack.down_bias is not None:
+            y = y + pack.down_bias[slot_sorted]
+        return y

@@ -1,0 +1,236 @@
+"""Generation: prefill + decode over a KV cache, sampling, stop ids and stop strings, and a streaming iterator.
+
+Responsibilities: turning a prompt (token ids) into a stream of new tokens with reproducible sampling
+(a seeded CPU ``torch.Generator`` so a seed gives the same tokens on every device), and text deltas that never
+contain half a UTF-8 character or any part of a stop string. Not responsible for: loading (``loader``), chat
+templates (``tokenizer``), or where experts run (the experts backend it is handed).
+
+Also holds the device/dtype choice shared by the CLI and the node: ``pick_device`` and ``pick_dtype``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from ekmesh.core.errors import ConfigError, GenerationError
+from ekmesh.infer.experts import ExpertsBackend
+from ekmesh.infer.models.common import CausalLM, KVCache
+
+if TYPE_CHECKING:
+    from ekmesh.infer.tokenizer import Tokenizer
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """``None``/"auto": cuda, else mps, else cpu. An explicit device that is not available is a ConfigError."""
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {name!r} (use cpu, cuda, cuda:N or mps)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA device is available")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device 'mps' requested but MPS is not available")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unsupported device {name!r} (use cpu, cuda, cuda:N or mps)")
+    return dev
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """``None``/"auto": bf16 on cuda, fp16 on mps, fp32 on cpu."""
+    if name in (None, "", "auto"):
+        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+    if name not in _DTYPES:
+        raise ConfigError(f"unknown dtype {name!r} (use {', '.join(sorted(_DTYPES))} or auto)")
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+    stop_ids: frozenset[int] | None = None  # None = the model's defaults (tokenizer / generation_config)
+    stop_strings: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if self.max_tokens < 0:
+            raise GenerationError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop_strings):
+            raise GenerationError("stop strings must not be empty")
+
+
+@dataclass
+class TokenEvent:
+    """One generated token; ``text`` is the newly printable text (may be empty while a stop string is pending)."""
+
+    token_id: int
+    text: str
+    finish: str | None = None  # set on the last event: "stop" (stop id or stop string) or "length"
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (stop id or stop string) or "length"
+    prompt_tokens: int
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
+    """logits [V] -> next id. Greedy at temperature 0; else temperature, top-k, top-p, then a seeded draw."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    x = logits.detach().to("cpu", torch.float32) / params.temperature  # [V]
+    if params.top_k and params.top_k < x.numel():
+        kth = torch.topk(x, params.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        # drop a token when the mass before it already reaches top_p; the first token always stays
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class Generator:
+    """Runs a ``CausalLM`` with an experts backend to produce tokens for one sequence at a time."""
+
+    def __init__(self, model: CausalLM, experts: ExpertsBackend | None, tokenizer: Tokenizer | None = None,
+                 default_stop_ids: Sequence[int] = ()) -> None:
+        self.model = model
+        self.experts = experts
+        self.tokenizer = tokenizer
+        self.default_stop_ids = frozenset(default_stop_ids) | (tokenizer.stop_ids if tokenizer else frozenset())
+        self.device = next(model.parameters()).device
+        self.vocab_size = model.config.vocab_size
+
+    def _check_prompt(self, prompt_ids: Sequence[int]) -> None:
+        if len(prompt_ids) == 0:
+            raise GenerationError("the prompt is empty")
+        bad = [i for i in prompt_ids if not 0 <= int(i) < self.vocab_size]
+        if bad:
+            raise GenerationError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+
+    @torch.inference_mode()
+    def logits(self, prompt_ids: Sequence[int]) -> torch.Tensor:
+        """Logits [T, V] (fp32) for every prompt position: one prefill, no sampling."""
+        self._check_prompt(prompt_ids)
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
+        return self.model(ids, self.model.new_cache(), self.experts)[0].float()
+
+    @torch.inference_mode()
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams()) -> Iterator[TokenEvent]:
+        """Yields one ``TokenEvent`` per generated token. The last event's token may be a stop id."""
+        params.validate()
+        self._check_prompt(prompt_ids)
+        stops = self.default_stop_ids if params.stop_ids is None else params.stop_ids
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator()
+            gen.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
+        decoder = self.tokenizer.stream_decoder() if self.tokenizer else None
+        text_filter = _StopStringFilter(params.stop_strings)
+        cache: KVCache = self.model.new_cache()
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
+        for i in range(params.max_tokens):
+            logits = self.model(ids, cache, self.experts, last_only=True)[0, -1]  # [V]
+            nxt = sample_next(logits, params, gen)
+            if nxt in stops:
+                tail = text_filter.push(decoder.flush()) + text_filter.flush() if decoder else ""
+                yield TokenEvent(nxt, tail, "stop")
+                return
+            out = text_filter.push(decoder.push(nxt)) if decoder else ""
+            if text_filter.hit:
+                yield TokenEvent(nxt, out, "stop")
+                return
+            if i == params.max_tokens - 1:
+                tail = text_filter.push(decoder.flush()) + text_filter.flush() if decoder else ""
+                yield TokenEvent(nxt, out + tail, "stop" if text_filter.hit else "length")
+                return
+            yield TokenEvent(nxt, out)
+            ids = torch.tensor([[nxt]], dtype=torch.long, device=self.device)
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams()) -> GenerationResult:
+        """Runs ``stream`` to the end. ``token_ids`` excludes a final stop id; ``text`` excludes stop strings."""
+        stops = self.default_stop_ids if params.stop_ids is None else params.stop_ids
+        t0 = time.perf_counter()
+        first: float | None = None
+        tokens: list[int] = []
+        parts: list[str] = []
+        reason = "length"
+        for ev in self.stream(prompt_ids, params):
+            if first is None:
+                first = time.perf_counter()
+            parts.append(ev.text)
+            if not (ev.finish == "stop" and ev.token_id in stops):
+                tokens.append(ev.token_id)
+            reason = ev.finish or reason
+        end = time.perf_counter()
+        ttft = (first or end) - t0
+        rate = (len(tokens) - 1) / (end - first) if first is not None and len(tokens) > 1 and end > first else 0.0
+        return GenerationResult(tokens, "".join(parts), reason, len(prompt_ids), ttft, rate)
+
+
+class _StopStringFilter:
+    """Passes text through, holding back any suffix that could start a stop string; stops at the first match."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.pending = ""
+        self.hit = False
+
+    def push(self, text: str) -> str:
+        if self.hit:
+            return ""
+        if not self.stops:
+            return text
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.hit = True
+            out, self.pending = self.pending[:cut], ""
+            return out
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold:]
+        return out
+
+    def flush(self) -> str:
+        out = "" if self.hit else self.pending
+        self.pending = ""
+        return out

@@ -1,0 +1,221 @@
+"""Loading a model from a Hugging Face checkpoint directory (config.json + safetensors shards + optional index).
+
+Responsibilities:
+- ``CheckpointReader`` reads single tensors (or one expert's slice of a fused tensor) lazily from safetensors
+  files, dequantizes FP8 block-scaled weights (``weight_scale_inv``) on read, and logs every tensor name it read
+  (``read_log``) so callers can prove what was touched.
+- ``load_dense`` builds the dense part on the meta device and materialises only dense tensors: no expert tensor
+  is read. ``load_experts`` reads a chosen set of (layer, expert) into an experts backend, and nothing else.
+- Errors name the tensor (``MissingTensorError``, ``TensorShapeError``) or list the supported architectures.
+
+Expert tensor layouts understood by ``CheckpointReader.swiglu_expert``: one tensor per expert
+(``{prefix}.{e}.gate_proj.weight`` ...) and the transformers-v5 fused layout (``{prefix}.gate_up_proj`` [E, 2I, D],
+``{prefix}.down_proj`` [E, D, I]). Families with other layouts (gpt-oss) read their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ekmesh.core.errors import CheckpointError, ConfigError, MissingTensorError, TensorShapeError
+from ekmesh.infer.experts import ExpertSpec, ExpertWeights, LocalExperts
+from ekmesh.infer.models import family_for
+from ekmesh.infer.models.common import CausalLM
+from ekmesh.infer.quant import dequant_fp8_block, fp8_block_size
+
+log = logging.getLogger(__name__)
+
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path} not found") from exc
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+class CheckpointReader:
+    """Lazy, logged access to the tensors of a checkpoint directory."""
+
+    def __init__(self, path: str | os.PathLike[str], quantization_config: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.fp8_block = fp8_block_size(quantization_config) or (128, 128)
+        self.read_log: list[str] = []
+        self._handles: dict[str, Any] = {}
+        index = self.path / "model.safetensors.index.json"
+        self._where: dict[str, str] = {}
+        if index.exists():
+            wm = read_json(index).get("weight_map")
+            if not isinstance(wm, dict):
+                raise CheckpointError(f"{index} has no weight_map object")
+            self._where = {str(k): str(v) for k, v in wm.items()}
+            for fname in sorted(set(self._where.values())):
+                if not (self.path / fname).is_file():
+                    raise CheckpointError(f"{index} names shard {fname!r}, which is not in {self.path}")
+        else:
+            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"no safetensors files in {self.path}")
+            for fname in files:
+                for name in self._open(fname).keys():
+                    self._where[name] = fname
+
+    def _open(self, fname: str) -> Any:
+        h = self._handles.get(fname)
+        if h is None:
+            try:
+                h = safe_open(str(self.path / fname), framework="pt")
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"cannot read safetensors file {self.path / fname}: {exc}") from exc
+            self._handles[fname] = h
+        return h
+
+    def names(self) -> list[str]:
+        return sorted(self._where)
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def _slice(self, name: str) -> Any:
+        fname = self._where.get(name)
+        if fname is None:
+            raise MissingTensorError(name)
+        try:
+            return self._open(fname).get_slice(name)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot read tensor {name!r} from {fname}: {exc}") from exc
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def raw(self, name: str, index: int | None = None) -> torch.Tensor:
+        """The stored tensor (or its ``index``-th row along dim 0), as stored."""
+        sl = self._slice(name)
+        self.read_log.append(name if index is None else f"{name}[{index}]")
+        try:
+            return sl[index] if index is not None else sl[:]
+        except (SafetensorError, OSError, IndexError) as exc:
+            raise CheckpointError(f"cannot read tensor {name!r}: {exc}") from exc
+
+    def get(self, name: str, index: int | None = None) -> torch.Tensor:
+        """A float tensor: FP8 weights are dequantized with their ``weight_scale_inv`` blocks."""
+        t = self.raw(name, index)
+        if t.dtype in _FP8:
+            scale_name = name + "_scale_inv"
+            if not self.has(scale_name):
+                raise MissingTensorError(scale_name, f"needed to dequantize FP8 tensor {name!r}")
+            t = dequant_fp8_block(t, self.raw(scale_name, index), self.fp8_block, name=name)
+        return t
+
+    def swiglu_expert(self, prefix: str, expert: int, spec: ExpertSpec,
+                      names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> ExpertWeights:
+        """One SwiGLU expert from per-expert tensors or the fused v5 layout (see module docstring)."""
+        g, u, d = (f"{prefix}.{expert}.{n}.weight" for n in names)
+        if self.has(g):
+            w = ExpertWeights(torch.cat([self.get(g), self.get(u)], dim=0), self.get(d))  # [2I, D], [D, I]
+        elif self.has(f"{prefix}.gate_up_proj"):
+            for fused in (f"{prefix}.gate_up_proj", f"{prefix}.down_proj"):
+                shp = self.shape(fused)
+                if len(shp) != 3 or shp[0] != spec.num_experts:
+                    raise TensorShapeError(fused, f"[{spec.num_experts}, ...]", shp)
+            w = ExpertWeights(self.get(f"{prefix}.gate_up_proj", expert), self.get(f"{prefix}.down_proj", expert))
+        else:
+            raise MissingTensorError(g, f"nor fused {prefix}.gate_up_proj")
+        w.check(spec, f"{prefix}.{expert}")
+        return w
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint directory resolved to its family and parsed config."""
+
+    path: Path
+    hf_config: dict[str, Any]
+    family: ModuleType
+    config: Any
+    reader: CheckpointReader
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Checkpoint:
+        p = Path(path)
+        if not p.is_dir():
+            raise CheckpointError(f"{p} is not a checkpoint directory")
+        hf = read_json(p / "config.json")
+        fam = family_for(hf)
+        try:
+            cfg = fam.Config.from_hf_config(hf)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{p / 'config.json'}: invalid value: {exc}") from exc
+        return cls(p, hf, fam, cfg, CheckpointReader(p, hf.get("quantization_config")))
+
+    def expert_addresses(self) -> list[tuple[int, int]]:
+        """Every routed (layer, expert) of the model, layers ascending."""
+        return [(layer, e) for layer in range(self.config.num_layers) if self.config.moe_layers[layer]
+                for e in range(self.config.num_experts)]
+
+
+def load_dense(ckpt: Checkpoint, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> CausalLM:
+    """Builds the dense part on the meta device and materialises it from the checkpoint; reads no expert."""
+    with torch.device("meta"):
+        model = ckpt.family.build(ckpt.config)
+    state: dict[str, torch.Tensor] = {}
+    tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
+    for name, param in model.named_parameters():
+        if tied and name == "lm_head.weight":
+            continue
+        candidates = ckpt.family.checkpoint_names(name)
+        found = next((c for c in candidates if ckpt.reader.has(c)), None)
+        if found is None:
+            raise MissingTensorError(candidates[0])
+        shape = ckpt.reader.shape(found)
+        if tuple(shape) != tuple(param.shape):
+            raise TensorShapeError(found, tuple(param.shape), tuple(shape))
+        state[name] = ckpt.reader.get(found).to(device=device, dtype=dtype)
+    if tied:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def load_experts(ckpt: Checkpoint, backend: LocalExperts,
+                 which: Iterable[tuple[int, int]] | None = None) -> int:
+    """Reads the given (layer, expert) pairs (default: all) into ``backend``; returns how many were loaded."""
+    valid = set(ckpt.expert_addresses())
+    n = 0
+    for layer, expert in (ckpt.expert_addresses() if which is None else which):
+        if (layer, expert) not in valid:
+            raise ConfigError(f"(layer={layer}, expert={expert}) is not a routed expert of this model")
+        backend.add(layer, expert, ckpt.family.read_expert(ckpt.reader, ckpt.config, layer, expert))
+        n += 1
+    return n
+
+
+def load_all(path: str | os.PathLike[str], device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> tuple[Checkpoint, CausalLM, LocalExperts]:
+    """One-process convenience: the dense part and every routed expert, on one device."""
+    ckpt = Checkpoint.open(path)
+    model = load_dense(ckpt, device, dtype)
+    experts = LocalExperts(ckpt.config.expert_spec(), device, dtype)
+    load_experts(ckpt, experts)
+    return ckpt, model, experts

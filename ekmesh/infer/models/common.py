@@ -1,0 +1,406 @@
+"""Building blocks shared by the model families: norms, RoPE, attention with a KV cache, dense MLP, the decoder
+skeleton and the softmax top-k MoE block.
+
+Responsibilities: numerics that match Hugging Face transformers (fp32 norms, fp32 router softmax, RoPE computed
+in fp32 from positions), and the seam to the experts backend (a MoE block never holds routed expert weights).
+Not responsible for: reading checkpoints (``ekmesh.infer.loader``), sampling (``ekmesh.infer.generate``).
+
+Parameter names mirror the Hugging Face checkpoint names (``model.layers.N.self_attn.q_proj.weight``) so loading
+is a name lookup. Shapes: B batch, T new tokens, S cached + new tokens, H heads, Hkv kv heads, d head dim,
+D hidden, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ekmesh.core.errors import ConfigError
+from ekmesh.infer.experts import ExpertsBackend, ExpertSpec
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding parameters: ``inv_freq`` and the cos/sin scale (``attention_factor``, YaRN's mscale)."""
+
+    dim: int
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], dim: int) -> RopeSpec:
+        params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        if rope_type not in ("default", "linear", "yarn"):
+            raise ConfigError(f"unsupported rope_type {rope_type!r} (supported: default, linear, yarn)")
+        partial = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+        return cls(
+            dim=int(dim * partial),
+            theta=theta,
+            rope_type=rope_type,
+            factor=float(params.get("factor") or 1.0),
+            original_max_position_embeddings=params.get(
+                "original_max_position_embeddings", hf.get("max_position_embeddings")),
+            beta_fast=float(params.get("beta_fast") or 32.0),
+            beta_slow=float(params.get("beta_slow") or 1.0),
+            mscale=params.get("mscale"),
+            mscale_all_dim=params.get("mscale_all_dim"),
+            attention_factor=params.get("attention_factor"),
+            truncate=bool(params.get("truncate", True)),
+        )
+
+    def inv_freq(self) -> tuple[torch.Tensor, float]:
+        """[dim/2] inverse frequencies (fp32, CPU) and the cos/sin scale, as transformers computes them."""
+        dim, base = self.dim, self.theta
+        pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim)  # [dim/2]
+        if self.rope_type == "default":
+            return 1.0 / pos_freqs, 1.0
+        if self.rope_type == "linear":
+            return 1.0 / pos_freqs / self.factor, 1.0
+        factor = self.factor
+
+        def get_mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attn = self.attention_factor
+        if attn is None:
+            if self.mscale and self.mscale_all_dim:
+                attn = get_mscale(factor, self.mscale) / get_mscale(factor, self.mscale_all_dim)
+            else:
+                attn = get_mscale(factor)
+        omax = self.original_max_position_embeddings or 4096
+
+        def corr_dim(rot: float) -> float:
+            return (dim * math.log(omax / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+        low, high = corr_dim(self.beta_fast), corr_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        extra = 1 - ramp
+        inv = (1.0 / (factor * pos_freqs)) * (1 - extra) + (1.0 / pos_freqs) * extra
+        return inv, float(attn)
+
+
+def layer_windows(hf: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
+    """Sliding window per layer from ``layer_types`` (transformers v5) or the older use_sliding_window fields."""
+    window = hf.get("sliding_window")
+    types = hf.get("layer_types")
+    if types is None:
+        if hf.get("use_sliding_window") and window:
+            mwl = hf.get("max_window_layers", num_layers)
+            types = ["sliding_attention" if (i + 1) % 2 and i < mwl else "full_attention" for i in range(num_layers)]
+        else:
+            types = ["full_attention"] * num_layers
+    if len(types) != num_layers:
+        raise ConfigError(f"layer_types has {len(types)} entries for {num_layers} layers")
+    return tuple(int(window) if t == "sliding_attention" and window else None for t in types)
+
+
+def require(hf: dict[str, Any], *keys: str) -> None:
+    missing = [k for k in keys if k not in hf]
+    if missing:
+        raise ConfigError(f"config.json lacks required field(s): {', '.join(missing)}")
+
+
+# ---------------------------------------------------------------------------------------------------- runtime
+
+
+class KVCache:
+    """Per-layer key/value buffers that grow by doubling. ``length`` tokens are valid in every layer."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends k [B, Hkv, T, dk], v [B, Hkv, T, dv] at ``length``; returns all S = length + T positions."""
+        start, t = self.length, k.shape[2]
+        end = start + t
+        kb, vb = self.k[layer], self.v[layer]
+        if kb is None or vb is None or kb.shape[2] < end or kb.shape[0] != k.shape[0]:
+            cap = max(end, 2 * (kb.shape[2] if kb is not None else 0), 16)
+            nk = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
+            nv = v.new_zeros(v.shape[0], v.shape[1], cap, v.shape[3])
+            if kb is not None and vb is not None and kb.shape[0] == k.shape[0]:
+                nk[:, :, :start] = kb[:, :, :start]
+                nv[:, :, :start] = vb[:, :, :start]
+            kb, vb = nk, nv
+            self.k[layer], self.v[layer] = kb, vb
+        kb[:, :, start:end] = k
+        vb[:, :, start:end] = v
+        return kb[:, :, :end], vb[:, :, :end]
+
+    def truncate(self, length: int) -> None:
+        """Forgets every position at or after ``length`` (e.g. rejected speculative tokens)."""
+        self.length = min(self.length, length)
+
+
+@dataclass
+class Step:
+    """What every layer needs for one forward pass over T new tokens."""
+
+    positions: torch.Tensor  # [T] absolute positions of the new tokens
+    cache: KVCache
+    experts: ExpertsBackend | None
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> cos, sin [T, dim]
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, scale: float, positions: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]  # [T, dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, dim]
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, dim] rotated by cos/sin [T, dim] (half-split layout)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def attention_mask(positions: torch.Tensor, s: int, window: int | None) -> torch.Tensor | None:
+    """Bool mask [T, S], True where a query may attend: causal, and within ``window`` keys when set."""
+    t = positions.shape[0]
+    if t == 1 and (window is None or s <= window):
+        return None
+    kpos = torch.arange(s, device=positions.device)[None, :]  # [1, S]
+    qpos = positions[:, None]  # [T, 1]
+    allowed = kpos <= qpos
+    if window is not None:
+        allowed = allowed & (kpos > qpos - window)
+    return allowed
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+           sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, T, dk], k [B, Hkv, S, dk], v [B, Hkv, S, dv] -> [B, T, H*dv]."""
+    b, h, t, _ = q.shape
+    if sinks is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
+                                             enable_gqa=k.shape[1] != h)  # [B, H, T, dv]
+    else:
+        rep = h // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)  # [B, H, S, dk]
+        v = v.repeat_interleave(rep, dim=1)  # [B, H, S, dv]
+        scores = torch.matmul(q, k.transpose(2, 3)) * scaling  # [B, H, T, S]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        sink = sinks.reshape(1, h, 1, 1).expand(b, h, t, 1).to(scores.dtype)  # [B, H, T, 1]
+        combined = torch.cat([scores, sink], dim=-1)  # [B, H, T, S+1]
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(combined, dim=-1)[..., :-1]  # [B, H, T, S]
+        out = torch.matmul(probs, v)  # [B, H, T, dv]
+    return out.transpose(1, 2).reshape(b, t, -1)  # [B, T, H*dv]
+
+
+# ---------------------------------------------------------------------------------------------------- modules
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None  # None | "head" (per head, Qwen3) | "full" (whole projection, OLMoE)
+    rms_eps: float = 1e-6
+    clip_qkv: float | None = None
+    sinks: bool = False
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE, optional qk-norm, clipping, sinks and a sliding window."""
+
+    def __init__(self, spec: AttentionSpec, layer: int, window: int | None) -> None:
+        super().__init__()
+        s = spec
+        self.spec, self.layer, self.window = s, layer, window
+        self.q_proj = nn.Linear(s.hidden, s.num_heads * s.head_dim, bias=s.qkv_bias)
+        self.k_proj = nn.Linear(s.hidden, s.num_kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.v_proj = nn.Linear(s.hidden, s.num_kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden, bias=s.o_bias)
+        if s.qk_norm == "head":
+            self.q_norm = RMSNorm(s.head_dim, s.rms_eps)
+            self.k_norm = RMSNorm(s.head_dim, s.rms_eps)
+        elif s.qk_norm == "full":
+            self.q_norm = RMSNorm(s.num_heads * s.head_dim, s.rms_eps)
+            self.k_norm = RMSNorm(s.num_kv_heads * s.head_dim, s.rms_eps)
+        if s.sinks:
+            self.sinks = nn.Parameter(torch.zeros(s.num_heads))
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        s = self.spec
+        b, t, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*d], [B, T, Hkv*d] x2
+        if s.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if s.clip_qkv is not None:
+            q, k, v = (z.clamp(-s.clip_qkv, s.clip_qkv) for z in (q, k, v))
+        q = q.view(b, t, -1, s.head_dim)  # [B, T, H, d]
+        k = k.view(b, t, -1, s.head_dim)  # [B, T, Hkv, d]
+        if s.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, d], [B, Hkv, T, d]
+        v = v.view(b, t, -1, s.head_dim).transpose(1, 2)  # [B, Hkv, T, d]
+        cos, sin = step.rope["main"]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = step.cache.update(self.layer, k, v)  # [B, Hkv, S, d]
+        mask = attention_mask(step.positions, k.shape[2], self.window)
+        out = attend(q, k, v, mask, s.head_dim ** -0.5, self.sinks if s.sinks else None)  # [B, T, H*d]
+        return self.o_proj(out)
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP with HF names gate_proj / up_proj / down_proj (dense layers and shared experts)."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, step: Step | None = None) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, k] fp32, expert ids [T, k]) as transformers' softmax routers."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
+    w, ids = torch.topk(probs, k, dim=-1)  # [T, k]
+    if normalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w, ids
+
+
+def call_experts(step: Step, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if step.experts is None:
+        raise ConfigError(f"layer {layer} is a MoE layer but no experts backend was given")
+    return step.experts(layer, x, ids, w)
+
+
+class SoftmaxMoE(nn.Module):
+    """Softmax top-k router + routed experts (through the backend) + optional sigmoid-gated shared expert."""
+
+    def __init__(self, layer: int, hidden: int, num_experts: int, top_k: int, normalize: bool,
+                 shared_intermediate: int = 0) -> None:
+        super().__init__()
+        self.layer, self.top_k, self.normalize = layer, top_k, normalize
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        if shared_intermediate:
+            self.shared_expert = DenseMLP(hidden, shared_intermediate)
+            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+        self.has_shared = bool(shared_intermediate)
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        b, t, d = x.shape
+        x2 = x.reshape(-1, d)  # [B*T, D]
+        w, ids = softmax_topk(self.gate(x2), self.top_k, self.normalize)  # [B*T, k]
+        out = call_experts(step, self.layer, x2, ids, w.to(x.dtype))  # [B*T, D]
+        if self.has_shared:
+            out = out + torch.sigmoid(self.shared_expert_gate(x2)) * self.shared_expert(x2)
+        return out.view(b, t, d)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), step)
+        return x + self.mlp(self.post_attention_layernorm(x), step)
+
+
+class _Body(nn.Module):
+    def __init__(self, vocab: int, hidden: int, layers: list[nn.Module], eps: float) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(hidden, eps)
+
+
+class CausalLM(nn.Module):
+    """embed -> decoder layers -> norm -> lm_head. ``ropes`` maps a name to (inv_freq, scale) used by layers."""
+
+    def __init__(self, config: Any, layers: list[nn.Module], ropes: dict[str, RopeSpec]) -> None:
+        super().__init__()
+        self.config = config
+        self.model = _Body(config.vocab_size, config.hidden_size, layers, config.rms_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope_specs = ropes
+        self._rope_cache: dict[str, tuple[torch.Tensor, float]] = {}
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.model.layers))
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache, experts: ExpertsBackend | None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] continuing the cache -> logits [B, T, V] (or [B, 1, V] with last_only)."""
+        t = input_ids.shape[1]
+        device = input_ids.device
+        positions = torch.arange(cache.length, cache.length + t, device=device)  # [T]
+        x = self.model.embed_tokens(input_ids)  # [B, T, D]
+        step = Step(positions, cache, experts)
+        for name, spec in self.rope_specs.items():
+            if name not in self._rope_cache:
+                self._rope_cache[name] = spec.inv_freq()
+            inv, scale = self._rope_cache[name]
+            step.rope[name] = rope_cos_sin(inv, scale, positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, step)
+        cache.length += t
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+    def expert_spec(self) -> ExpertSpec:
+        return self.config.expert_spec()
