@@ -61,7 +61,7 @@ class ExpertWeights:
     down_bias: torch.Tensor | None = None  # [D]
 
     def check(self, spec: ExpertSpec, name: str) -> None:
-        expect = {
+        expect: dict[str, tuple[int, ...]] = {
             "gate_up": (2 * spec.intermediate, spec.hidden),
             "down": (spec.hidden, spec.intermediate),
         }
@@ -120,16 +120,20 @@ class LocalExperts:
         self.dtype = dtype
         self._pending: dict[int, dict[int, ExpertWeights]] = {}
         self._packs: dict[int, _LayerPack] = {}
+        # Checking for unloaded experts costs a device->host sync; a CUDA-graph caller that has verified
+        # completeness (``holds_all``) turns it off.
+        self.check_missing = True
 
     def add(self, layer: int, expert: int, weights: ExpertWeights) -> None:
         """Adds (or replaces) one expert. Tensors are validated, cast and moved to this backend's device."""
         if not 0 <= expert < self.spec.num_experts:
             raise ConfigError(f"expert id {expert} out of range [0, {self.spec.num_experts})")
         weights.check(self.spec, f"layer {layer} expert {expert}")
-        moved = ExpertWeights(
-            *(None if t is None else t.to(self.device, self.dtype) for t in (
-                weights.gate_up, weights.down, weights.gate_up_bias, weights.down_bias))
-        )
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(self.device, self.dtype)
+
+        moved = ExpertWeights(weights.gate_up.to(self.device, self.dtype), weights.down.to(self.device, self.dtype),
+                              move(weights.gate_up_bias), move(weights.down_bias))
         current = self._unpack(layer)
         current[expert] = moved
         self._pending[layer] = current
@@ -154,6 +158,11 @@ class LocalExperts:
             if ids:
                 out[layer] = ids
         return out
+
+    def holds_all(self, layers: list[int]) -> bool:
+        """True when every expert of every given layer is loaded."""
+        held = self.held()
+        return all(len(held.get(layer, [])) == self.spec.num_experts for layer in layers)
 
     def nbytes(self) -> int:
         total = 0
@@ -207,14 +216,16 @@ class LocalExperts:
         t, k = expert_ids.shape
         flat = expert_ids.reshape(-1)  # [T*k]
         slots = pack.slot_of[flat]  # [T*k]
-        missing = slots < 0
-        if bool(missing.any()):
-            raise ExpertNotLoadedError(layer, int(flat[missing][0]))
+        if self.check_missing:
+            missing = slots < 0
+            if bool(missing.any()):
+                raise ExpertNotLoadedError(layer, int(flat[missing][0]))
         order = torch.argsort(slots, stable=True)  # [T*k], pairs grouped by slot
         token_of = order // k  # [T*k] token index of each sorted pair
         x = hidden[token_of]  # [T*k, D]
         n = len(pack.experts)
-        counts = torch.bincount(slots, minlength=n)  # [n]
+        counts = torch.zeros(n, dtype=torch.long, device=slots.device)
+        counts.scatter_add_(0, slots, torch.ones_like(slots))  # [n] pairs per slot, no host sync
         if hidden.is_cuda and hidden.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
             y = self._grouped_cuda(pack, x, counts)
         else:

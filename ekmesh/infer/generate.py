@@ -18,11 +18,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from ekmesh.core.errors import ConfigError, GenerationError
-from ekmesh.infer.experts import ExpertsBackend
+from ekmesh.infer.cuda_graph import GraphDecoder
+from ekmesh.infer.experts import ExpertsBackend, LocalExperts
 from ekmesh.infer.models.common import CausalLM, KVCache
 
 if TYPE_CHECKING:
     from ekmesh.infer.tokenizer import Tokenizer
+
+GRAPH_BUCKET = 1024  # static KV cache capacity granularity for CUDA-graph decode
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -126,13 +129,28 @@ class Generator:
     """Runs a ``CausalLM`` with an experts backend to produce tokens for one sequence at a time."""
 
     def __init__(self, model: CausalLM, experts: ExpertsBackend | None, tokenizer: Tokenizer | None = None,
-                 default_stop_ids: Sequence[int] = ()) -> None:
+                 default_stop_ids: Sequence[int] = (), cuda_graphs: bool | None = None) -> None:
         self.model = model
         self.experts = experts
         self.tokenizer = tokenizer
         self.default_stop_ids = frozenset(default_stop_ids) | (tokenizer.stop_ids if tokenizer else frozenset())
         self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size
+        if cuda_graphs is None:  # auto: on CUDA, with every expert held locally
+            moe = [i for i, m in enumerate(model.config.moe_layers) if m]
+            cuda_graphs = (self.device.type == "cuda" and isinstance(experts, LocalExperts)
+                           and experts.holds_all(moe))
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[int, GraphDecoder] = {}
+
+    def _graph_for(self, total: int) -> GraphDecoder:
+        cap = max(GRAPH_BUCKET, -(-total // GRAPH_BUCKET) * GRAPH_BUCKET)
+        runner = self._graphs.get(cap)
+        if runner is None:
+            assert isinstance(self.experts, LocalExperts)
+            self._graphs.clear()  # one static cache at a time
+            runner = self._graphs[cap] = GraphDecoder(self.model, self.experts, cap)
+        return runner
 
     def _check_prompt(self, prompt_ids: Sequence[int]) -> None:
         if len(prompt_ids) == 0:
@@ -160,10 +178,20 @@ class Generator:
             gen.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
         decoder = self.tokenizer.stream_decoder() if self.tokenizer else None
         text_filter = _StopStringFilter(params.stop_strings)
-        cache: KVCache = self.model.new_cache()
-        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
-        for i in range(params.max_tokens):
+        if self.cuda_graphs and params.max_tokens > 0:
+            runner = self._graph_for(len(prompt_ids) + params.max_tokens)
+            logits = runner.prefill(prompt_ids)
+            advance = runner.step
+        else:
+            cache: KVCache = self.model.new_cache()
+            ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
             logits = self.model(ids, cache, self.experts, last_only=True)[0, -1]  # [V]
+
+            def advance(token: int) -> torch.Tensor:
+                one = torch.tensor([[token]], dtype=torch.long, device=self.device)
+                return self.model(one, cache, self.experts, last_only=True)[0, -1]  # [V]
+
+        for i in range(params.max_tokens):
             nxt = sample_next(logits, params, gen)
             if nxt in stops:
                 tail = text_filter.push(decoder.flush()) + text_filter.flush() if decoder else ""
@@ -178,7 +206,7 @@ class Generator:
                 yield TokenEvent(nxt, out + tail, "stop" if text_filter.hit else "length")
                 return
             yield TokenEvent(nxt, out)
-            ids = torch.tensor([[nxt]], dtype=torch.long, device=self.device)
+            logits = advance(nxt)
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams()) -> GenerationResult:
         """Runs ``stream`` to the end. ``token_ids`` excludes a final stop id; ``text`` excludes stop strings."""

@@ -13,6 +13,7 @@ D hidden, E experts, k experts per token.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,15 +127,37 @@ def require(hf: dict[str, Any], *keys: str) -> None:
 
 
 class KVCache:
-    """Per-layer key/value buffers that grow by doubling. ``length`` tokens are valid in every layer."""
+    """Per-layer key/value buffers. ``length`` tokens are valid in every layer.
 
-    def __init__(self, num_layers: int) -> None:
+    Dynamic (default): buffers grow by doubling and attention sees exactly ``length`` positions.
+    Static (``max_len`` set): buffers have ``max_len`` slots from the start, writes go to the step's positions
+    (a device tensor, so a decode step can be captured in a CUDA graph) and attention sees every slot with a
+    causal mask hiding the ones not yet written.
+    """
+
+    def __init__(self, num_layers: int, max_len: int | None = None) -> None:
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.length = 0
+        self.max_len = max_len
+        self.positions: torch.Tensor | None = None  # [T] positions of the step being computed
+
+    @property
+    def static(self) -> bool:
+        return self.max_len is not None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Appends k [B, Hkv, T, dk], v [B, Hkv, T, dv] at ``length``; returns all S = length + T positions."""
+        """Stores k [B, Hkv, T, dk], v [B, Hkv, T, dv] for this step; returns keys/values [B, Hkv, S, d*]."""
+        if self.max_len is not None:
+            kb, vb = self.k[layer], self.v[layer]
+            if kb is None or vb is None or kb.shape[0] != k.shape[0]:
+                kb = k.new_zeros(k.shape[0], k.shape[1], self.max_len, k.shape[3])
+                vb = v.new_zeros(v.shape[0], v.shape[1], self.max_len, v.shape[3])
+                self.k[layer], self.v[layer] = kb, vb
+            assert self.positions is not None
+            kb.index_copy_(2, self.positions, k)
+            vb.index_copy_(2, self.positions, v)
+            return kb, vb
         start, t = self.length, k.shape[2]
         end = start + t
         kb, vb = self.k[layer], self.v[layer]
@@ -165,10 +188,14 @@ class Step:
     experts: ExpertsBackend | None
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> cos, sin [T, dim]
 
+    def mask(self, s: int, window: int | None) -> torch.Tensor | None:
+        """The attention mask [T, S] for keys returned by ``cache.update`` (None when every key is visible)."""
+        return attention_mask(self.positions, s, window, always=self.cache.static)
+
 
 def rope_cos_sin(inv_freq: torch.Tensor, scale: float, positions: torch.Tensor, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]  # [T, dim/2]
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, dim/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, dim]
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
@@ -183,10 +210,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def attention_mask(positions: torch.Tensor, s: int, window: int | None) -> torch.Tensor | None:
-    """Bool mask [T, S], True where a query may attend: causal, and within ``window`` keys when set."""
+def attention_mask(positions: torch.Tensor, s: int, window: int | None, always: bool = False
+                   ) -> torch.Tensor | None:
+    """Bool mask [T, S], True where a query may attend: causal, and within ``window`` keys when set.
+
+    None (no mask needed) for one query over exactly its visible keys, unless ``always``.
+    """
     t = positions.shape[0]
-    if t == 1 and (window is None or s <= window):
+    if not always and t == 1 and (window is None or s <= window):
         return None
     kpos = torch.arange(s, device=positions.device)[None, :]  # [1, S]
     qpos = positions[:, None]  # [T, 1]
@@ -285,7 +316,7 @@ class Attention(nn.Module):
         cos, sin = step.rope["main"]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = step.cache.update(self.layer, k, v)  # [B, Hkv, S, d]
-        mask = attention_mask(step.positions, k.shape[2], self.window)
+        mask = step.mask(k.shape[2], self.window)
         out = attend(q, k, v, mask, s.head_dim ** -0.5, self.sinks if s.sinks else None)  # [B, T, H*d]
         return self.o_proj(out)
 
@@ -357,7 +388,7 @@ class DecoderLayer(nn.Module):
 
 
 class _Body(nn.Module):
-    def __init__(self, vocab: int, hidden: int, layers: list[nn.Module], eps: float) -> None:
+    def __init__(self, vocab: int, hidden: int, layers: Sequence[nn.Module], eps: float) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab, hidden)
         self.layers = nn.ModuleList(layers)
@@ -367,7 +398,7 @@ class _Body(nn.Module):
 class CausalLM(nn.Module):
     """embed -> decoder layers -> norm -> lm_head. ``ropes`` maps a name to (inv_freq, scale) used by layers."""
 
-    def __init__(self, config: Any, layers: list[nn.Module], ropes: dict[str, RopeSpec]) -> None:
+    def __init__(self, config: Any, layers: Sequence[nn.Module], ropes: dict[str, RopeSpec]) -> None:
         super().__init__()
         self.config = config
         self.model = _Body(config.vocab_size, config.hidden_size, layers, config.rms_eps)
@@ -379,21 +410,29 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def new_cache(self) -> KVCache:
-        return KVCache(len(self.model.layers))
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        return KVCache(len(self.model.layers), max_len)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache, experts: ExpertsBackend | None,
-                last_only: bool = False) -> torch.Tensor:
-        """input_ids [B, T] continuing the cache -> logits [B, T, V] (or [B, 1, V] with last_only)."""
+                last_only: bool = False, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] continuing the cache -> logits [B, T, V] (or [B, 1, V] with last_only).
+
+        ``positions`` [T] (a device tensor) defaults to the next T positions of the cache; a CUDA-graph caller
+        passes its own static tensor.
+        """
         t = input_ids.shape[1]
         device = input_ids.device
-        positions = torch.arange(cache.length, cache.length + t, device=device)  # [T]
+        if positions is None:
+            positions = torch.arange(cache.length, cache.length + t, device=device)  # [T]
+        cache.positions = positions
         x = self.model.embed_tokens(input_ids)  # [B, T, D]
         step = Step(positions, cache, experts)
         for name, spec in self.rope_specs.items():
-            if name not in self._rope_cache:
-                self._rope_cache[name] = spec.inv_freq()
-            inv, scale = self._rope_cache[name]
+            key = f"{name}@{device}"
+            if key not in self._rope_cache:  # kept on the device: no host copy inside a CUDA graph
+                inv, scale = spec.inv_freq()
+                self._rope_cache[key] = (inv.to(device), scale)
+            inv, scale = self._rope_cache[key]
             step.rope[name] = rope_cos_sin(inv, scale, positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, step)

@@ -1,0 +1,113 @@
+"""The ``ekmesh`` command line: parses arguments, configures logging, renders results.
+
+No torch or libp2p at import time: each command imports what it runs inside its handler, so ``ekmesh --help``
+is instant and the terminal layer stays free of the heavy layers. Exit codes: 0 ok, 1 an ekmesh error (printed as
+one clear line on stderr), 2 bad usage (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from ekmesh import __version__
+from ekmesh.core.errors import EkmeshError
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(p) for p in text.replace(" ", "").split(",") if p != ""]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--prompt-ids must be comma-separated integers, got {text!r}") from exc
+    if not ids:
+        raise argparse.ArgumentTypeError("--prompt-ids is empty")
+    return ids
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ekmesh.infer.generate import SamplingParams
+    from ekmesh.infer.session import LocalModel
+
+    lm = LocalModel.open(args.model, device=args.device, dtype=args.dtype)
+    ids = args.prompt_ids if args.prompt_ids is not None else lm.encode_prompt(args.prompt, chat=args.chat,
+                                                                               system=args.system)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop or ()))
+    if args.json:
+        res = lm.generator.generate(ids, params)
+        out = {
+            "token_ids": res.token_ids,
+            "text": res.text,
+            "finish_reason": res.finish_reason,
+            "prompt_ids": list(ids),
+            "prompt_tokens": res.prompt_tokens,
+            "time_to_first_token_s": round(res.time_to_first_token_s, 6),
+            "tokens_per_s": round(res.decode_tokens_per_s, 3),
+            "device": str(lm.device),
+            "dtype": str(lm.dtype).removeprefix("torch."),
+        }
+        print(json.dumps(out))
+        return 0
+    tokens: list[int] = []
+    for ev in lm.generator.stream(ids, params):
+        if lm.tokenizer is None:
+            if not (ev.finish == "stop" and ev.token_id in lm.generator.default_stop_ids):
+                tokens.append(ev.token_id)
+            continue
+        sys.stdout.write(ev.text)
+        sys.stdout.flush()
+    if lm.tokenizer is None:
+        sys.stdout.write(",".join(map(str, tokens)))
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ekmesh", description="Serve Mixture-of-Experts models on a mesh of machines.")
+    p.add_argument("--version", action="version", version=f"ekmesh {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate text in this process from a checkpoint directory")
+    g.add_argument("model", help="a Hugging Face checkpoint directory (config.json + safetensors)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
+    src.add_argument("--prompt-ids", type=_parse_ids, help="prompt as comma-separated token ids, e.g. 1,2,3")
+    g.add_argument("--chat", action="store_true", help="wrap --prompt as a user message with the chat template")
+    g.add_argument("--system", help="system message for --chat")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
+    g.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: bf16 on cuda, fp16 on mps, else fp32)")
+    g.add_argument("--json", action="store_true", help="print one JSON object with token_ids and text")
+    g.set_defaults(func=cmd_generate)
+
+    if importlib.util.find_spec("ekmesh.cli_mesh") is not None:
+        cli_mesh = importlib.import_module("ekmesh.cli_mesh")
+        cli_mesh.register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except EkmeshError as exc:
+        print(f"ekmesh: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""One decode step (batch 1, one token) captured as a CUDA graph over a static KV cache.
+
+Why: at batch 1 a decode step of a 48-layer MoE is a few thousand small kernels; launched one by one from Python
+they cost far more than the memory traffic they do. A graph replays them all with one launch.
+
+Invariants: the graph reads its inputs from two static device tensors (token id, position) and writes logits to a
+static output; the KV cache has a fixed capacity (``max_len``) and lives as long as the runner; the experts
+backend must hold every routed expert (its missing-expert check, a host sync, is off while the runner is used).
+Prefill runs eagerly on the same static cache. ``cache.length`` is advanced on the host after each replay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ekmesh.infer.experts import LocalExperts
+from ekmesh.infer.models.common import CausalLM
+
+
+class GraphDecoder:
+    def __init__(self, model: CausalLM, experts: LocalExperts, max_len: int) -> None:
+        self.model = model
+        self.experts = experts
+        self.max_len = max_len
+        self.device = next(model.parameters()).device
+        self.cache = model.new_cache(max_len)
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)  # [B=1, T=1]
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # [T=1]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None  # [1, 1, V]
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
+        """Resets the cache and runs the prompt eagerly; returns the last position's logits [V]."""
+        if len(prompt_ids) >= self.max_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit a cache of {self.max_len}")
+        self.cache.length = 0
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
+        return self.model(ids, self.cache, self.experts, last_only=True)[0, -1]
+
+    def _run_static(self) -> torch.Tensor:
+        length = self.cache.length
+        out = self.model(self.ids, self.cache, self.experts, last_only=True, positions=self.pos)
+        self.cache.length = length  # forward advanced it on the host; the caller decides
+        return out
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        self.experts.check_missing = False
+        self.pos.fill_(self.cache.length)  # warm-up writes land in the slot the next real step overwrites
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._run_static()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.out = self._run_static()
+        self.graph = graph
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        """Appends one token at the next position; returns its logits [V]."""
+        if self.cache.length >= self.max_len:
+            raise ValueError(f"the cache of {self.max_len} positions is full")
+        if self.graph is None:
+            self._capture()
+        assert self.graph is not None and self.out is not None
+        self.ids.fill_(token)
+        self.pos.fill_(self.cache.length)
+        self.graph.replay()
+        self.cache.length += 1
+        return self.out[0, -1]

@@ -1,0 +1,74 @@
+"""A model opened for one-process use: dense part + every routed expert on one device, tokenizer, generator.
+
+This is what ``ekmesh generate`` runs and what an attention host will build on (with a remote experts backend in
+place of ``LocalExperts``). It resolves the device and dtype, finds the default stop ids (tokenizer eos and
+``generation_config.json``'s ``eos_token_id``), and works without a tokenizer (token ids in, token ids out).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ekmesh.core.errors import CheckpointError, TokenizerError
+from ekmesh.infer.experts import LocalExperts
+from ekmesh.infer.generate import Generator, pick_device, pick_dtype
+from ekmesh.infer.loader import Checkpoint, load_dense, load_experts, read_json
+from ekmesh.infer.models.common import CausalLM
+from ekmesh.infer.tokenizer import Tokenizer
+
+
+def eos_ids(path: Path) -> frozenset[int]:
+    """eos ids from generation_config.json, else config.json (int or list); empty when neither has one."""
+    for name in ("generation_config.json", "config.json"):
+        p = path / name
+        if not p.exists():
+            continue
+        try:
+            v = read_json(p).get("eos_token_id")
+        except CheckpointError:
+            continue
+        if isinstance(v, int):
+            return frozenset([v])
+        if isinstance(v, list) and all(isinstance(i, int) for i in v):
+            return frozenset(v)
+    return frozenset()
+
+
+@dataclass
+class LocalModel:
+    checkpoint: Checkpoint
+    model: CausalLM
+    experts: LocalExperts
+    tokenizer: Tokenizer | None
+    generator: Generator
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], device: str | None = None, dtype: str | None = None) -> LocalModel:
+        dev = pick_device(device)
+        dt = pick_dtype(dtype, dev)
+        ckpt = Checkpoint.open(path)
+        model = load_dense(ckpt, dev, dt)
+        experts = LocalExperts(ckpt.config.expert_spec(), dev, dt)
+        load_experts(ckpt, experts)
+        tok = Tokenizer.from_dir(ckpt.path) if (ckpt.path / "tokenizer.json").exists() else None
+        gen = Generator(model, experts, tok, default_stop_ids=sorted(eos_ids(ckpt.path)))
+        return cls(ckpt, model, experts, tok, gen, dev, dt)
+
+    def encode_prompt(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:
+        if self.tokenizer is None:
+            raise TokenizerError(f"{self.checkpoint.path} has no tokenizer.json; pass token ids instead of text")
+        if chat:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+            return self.tokenizer.encode_chat(msgs, add_generation_prompt=True)
+        ids = self.tokenizer.encode(text, add_special_tokens=True)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer else ""
