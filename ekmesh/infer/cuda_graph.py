@@ -15,12 +15,15 @@ from collections.abc import Sequence
 
 import torch
 
+from ekmesh.infer import fusion
 from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.models.common import CausalLM
 
 
 class GraphDecoder:
-    def __init__(self, model: CausalLM, experts: LocalExperts, max_len: int) -> None:
+    def __init__(self, model: CausalLM, experts: LocalExperts, max_len: int, fuse: bool = True) -> None:
+        if fuse:
+            fusion.enable()
         self.model = model
         self.experts = experts
         self.max_len = max_len

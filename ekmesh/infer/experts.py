@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ekmesh.core.errors import ConfigError, EkmeshError, TensorShapeError
+from ekmesh.infer.fusion import fusable
 
 
 class ExpertNotLoadedError(EkmeshError):
@@ -86,12 +87,23 @@ class ExpertsBackend(Protocol):
 
 def expert_activation(spec: ExpertSpec, gate_up: torch.Tensor) -> torch.Tensor:
     """[N, 2I] gate/up projections -> [N, I] activations, per the spec's activation."""
-    gate, up = gate_up.chunk(2, dim=-1)  # [N, I] each
     if spec.activation == "silu":
-        return F.silu(gate) * up
-    gate = gate.clamp(max=spec.limit)
-    up = up.clamp(min=-spec.limit, max=spec.limit)
-    glu = gate * torch.sigmoid(gate * spec.alpha)
+        return _silu_glu(gate_up)
+    return _clamped_glu(gate_up, spec.alpha, spec.limit)
+
+
+@fusable
+def _silu_glu(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)  # [N, I] each
+    return F.silu(gate) * up
+
+
+@fusable
+def _clamped_glu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)  # [N, I] each
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    glu = gate * torch.sigmoid(gate * alpha)
     return (up + 1) * glu
 
 
@@ -138,6 +150,35 @@ class LocalExperts:
         current[expert] = moved
         self._pending[layer] = current
         self._packs.pop(layer, None)
+
+    def set_layer(self, layer: int, experts: list[int], gate_up: torch.Tensor, down: torch.Tensor,
+                  gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> None:
+        """Installs stacked weights of several experts of one layer at once (no per-expert copies when the
+        tensors already have this backend's device and dtype): gate_up [n, 2I, D], down [n, D, I]."""
+        n, spec = len(experts), self.spec
+        if tuple(gate_up.shape) != (n, 2 * spec.intermediate, spec.hidden):
+            raise TensorShapeError(f"layer {layer} gate_up", (n, 2 * spec.intermediate, spec.hidden),
+                                   tuple(gate_up.shape))
+        if tuple(down.shape) != (n, spec.hidden, spec.intermediate):
+            raise TensorShapeError(f"layer {layer} down", (n, spec.hidden, spec.intermediate), tuple(down.shape))
+        if len(set(experts)) != n or not all(0 <= e < spec.num_experts for e in experts):
+            raise ConfigError(f"layer {layer}: expert ids must be distinct and in [0, {spec.num_experts})")
+        order = sorted(range(n), key=lambda i: experts[i])
+        if order != list(range(n)):
+            idx = torch.tensor(order, device=gate_up.device)
+            gate_up, down = gate_up[idx], down[idx]
+            gate_up_bias = None if gate_up_bias is None else gate_up_bias[idx]
+            down_bias = None if down_bias is None else down_bias[idx]
+        ids = sorted(experts)
+        slot_of = torch.full((spec.num_experts,), -1, dtype=torch.long, device=self.device)
+        slot_of[torch.tensor(ids, device=self.device)] = torch.arange(n, device=self.device)
+
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(self.device, self.dtype)
+
+        self._pending.pop(layer, None)
+        self._packs[layer] = _LayerPack(slot_of, ids, gate_up.to(self.device, self.dtype),
+                                        down.to(self.device, self.dtype), cast(gate_up_bias), cast(down_bias))
 
     def remove(self, layer: int, expert: int) -> None:
         current = self._unpack(layer)
@@ -228,12 +269,27 @@ class LocalExperts:
         counts.scatter_add_(0, slots, torch.ones_like(slots))  # [n] pairs per slot, no host sync
         if hidden.is_cuda and hidden.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
             y = self._grouped_cuda(pack, x, counts)
+        elif hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+            y = self._gathered(pack, x, slots[order])  # no host sync: capturable in a CUDA graph
         else:
             y = self._grouped_loop(pack, x, counts)
-        y = y * weights.reshape(-1)[order, None].to(y.dtype)  # [T*k, D]
-        out = torch.zeros(t, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-        out.index_add_(0, token_of, y.to(hidden.dtype))
-        return out  # [T, D]
+        # weighting and the sum over the k choices in fp32, in a fixed order (index_add_ would be
+        # non-deterministic on CUDA and is very slow on CPU)
+        y = y.float() * weights.reshape(-1)[order, None].float()  # [T*k, D] in slot order
+        unsorted = torch.empty_like(y)
+        unsorted[order] = y  # [T*k, D] back in (token, choice) order
+        return unsorted.view(t, k, -1).sum(dim=1).to(hidden.dtype)  # [T, D]
+
+    def _gathered(self, pack: _LayerPack, x: torch.Tensor, slot_sorted: torch.Tensor) -> torch.Tensor:
+        """Per pair, gathers its expert's weights and runs a batched matmul (few pairs: decode steps)."""
+        h = torch.bmm(pack.gate_up[slot_sorted], x[:, :, None])[..., 0]  # [N, 2I]
+        if pack.gate_up_bias is not None:
+            h = h + pack.gate_up_bias[slot_sorted]
+        a = expert_activation(self.spec, h)  # [N, I]
+        y = torch.bmm(pack.down[slot_sorted], a[:, :, None])[..., 0]  # [N, D]
+        if pack.down_bias is not None:
+            y = y + pack.down_bias[slot_sorted]
+        return y
 
     def _grouped_loop(self, pack: _LayerPack, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         y = torch.empty_like(x)

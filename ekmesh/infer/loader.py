@@ -188,7 +188,8 @@ def load_dense(ckpt: Checkpoint, device: torch.device | str = "cpu",
         shape = ckpt.reader.shape(found)
         if tuple(shape) != tuple(param.shape):
             raise TensorShapeError(found, tuple(param.shape), tuple(shape))
-        state[name] = ckpt.reader.get(found).to(device=device, dtype=dtype)
+        keep32 = any(name.endswith(s) for s in getattr(ckpt.family, "KEEP_FP32", ()))
+        state[name] = ckpt.reader.get(found).to(device=device, dtype=torch.float32 if keep32 else dtype)
     if tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)

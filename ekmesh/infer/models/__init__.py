@@ -12,9 +12,9 @@ from types import ModuleType
 from typing import Any
 
 from ekmesh.core.errors import UnsupportedArchitectureError
-from ekmesh.infer.models import mixtral, olmoe, qwen2_moe, qwen3_moe
+from ekmesh.infer.models import deepseek, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
 
-FAMILIES: tuple[ModuleType, ...] = (qwen3_moe, qwen2_moe, mixtral, olmoe)
+FAMILIES: tuple[ModuleType, ...] = (qwen3_moe, qwen2_moe, mixtral, olmoe, gpt_oss, deepseek)
 
 
 def supported_architectures() -> list[str]:

@@ -23,6 +23,7 @@ from torch import nn
 
 from ekmesh.core.errors import ConfigError
 from ekmesh.infer.experts import ExpertsBackend, ExpertSpec
+from ekmesh.infer.fusion import fusable
 
 # ---------------------------------------------------------------------------------------------------- config
 
@@ -205,6 +206,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+@fusable
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, dim] rotated by cos/sin [T, dim] (half-split layout)."""
     return x * cos + rotate_half(x) * sin
@@ -259,10 +261,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+@fusable
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm: normalise in fp32, cast back, then scale."""
+    dtype = x.dtype
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -334,6 +342,7 @@ class DenseMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+@fusable
 def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [T, E] -> (weights [T, k] fp32, expert ids [T, k]) as transformers' softmax routers."""
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
