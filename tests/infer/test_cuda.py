@@ -16,9 +16,26 @@ from tests.tiny_models import make_tiny
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def _build(arch, directory):
+    if arch == "deepseek_v3":
+        from tests.infer.test_deepseek import make_tiny_deepseek
+
+        return make_tiny_deepseek("v3_noaux_tc", directory)[0]
+    if arch == "gpt_oss":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from tests.infer.test_gpt_oss import TINY
+
+        torch.manual_seed(0)
+        ref = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt_oss", **TINY), dtype=torch.float32)
+        ref.save_pretrained(directory)
+        return directory
+    return make_tiny(arch, directory, hidden_size=64, moe_intermediate_size=32, intermediate_size=64)[0]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"])
 def test_graph_decode_equals_eager_decode(arch, tmp_path):
-    path, _ = make_tiny(arch, tmp_path / arch, hidden_size=64, moe_intermediate_size=32, intermediate_size=64)
+    path = _build(arch, tmp_path / arch)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     for dtype in (torch.float32, torch.bfloat16):
         _, model, experts = load_all(path, "cuda", dtype)
