@@ -94,6 +94,29 @@ def per_token(fn_n, n: int, device: torch.device, repeats: int) -> float:
     return (min(long) - min(short)) / n
 
 
+def profile_step(gen: Generator, ids: list[int]) -> dict:
+    """Kernels in one captured decode step and their summed GPU time (what a replay must at least take)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ekmesh.infer import fusion
+
+    runner = gen._graph_for(len(ids) + 8)
+    runner.prefill(ids)
+    with fusion.fused(), torch.inference_mode():
+        runner._run_static()  # the same code the graph captured, run eagerly once to count its kernels
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            runner._run_static()
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy_ms = sum(e.device_time for e in kernels) / 1000
+    top: dict[str, float] = {}
+    for e in kernels:
+        top[e.name[:60]] = top.get(e.name[:60], 0.0) + e.device_time / 1000
+    return {"kernels_per_step": len(kernels), "gpu_busy_ms_per_step": round(busy_ms, 3),
+            "top_kernels_ms": {k: round(v, 3) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:8]}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -148,6 +171,7 @@ def main() -> None:
     }
     if device.type == "cuda":
         report["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        report.update(profile_step(gens["ekmesh"], ids))
     if args.json:
         print(json.dumps(report))
     else:

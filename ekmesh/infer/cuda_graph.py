@@ -7,10 +7,12 @@ Invariants: the graph reads its inputs from two static device tensors (token id,
 static output; the KV cache has a fixed capacity (``max_len``) and lives as long as the runner; the experts
 backend must hold every routed expert (its missing-expert check, a host sync, is off while the runner is used).
 Prefill runs eagerly on the same static cache. ``cache.length`` is advanced on the host after each replay.
+The captured step uses fused kernels (``ekmesh.infer.fusion``) unless ``fuse=False``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -22,8 +24,7 @@ from ekmesh.infer.models.common import CausalLM
 
 class GraphDecoder:
     def __init__(self, model: CausalLM, experts: LocalExperts, max_len: int, fuse: bool = True) -> None:
-        if fuse:
-            fusion.enable()
+        self.fuse = fuse
         self.model = model
         self.experts = experts
         self.max_len = max_len
@@ -53,15 +54,16 @@ class GraphDecoder:
     def _capture(self) -> None:
         self.experts.check_missing = False
         self.pos.fill_(self.cache.length)  # warm-up writes land in the slot the next real step overwrites
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._run_static()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.out = self._run_static()
+        with fusion.fused() if self.fuse else contextlib.nullcontext():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: compiles fused kernels, picks matmul algorithms
+                    self._run_static()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.out = self._run_static()
         self.graph = graph
 
     @torch.inference_mode()

@@ -3,15 +3,17 @@
 At batch 1 a decode step is bound by the number of kernels, not by arithmetic: an fp32 RMSNorm alone is eight
 kernels. Functions decorated with ``@fusable`` run as written (the reference numerics) unless fusion is enabled
 and their first tensor argument is on CUDA; then they run through ``torch.compile``, which fuses each into one or
-two kernels. The CUDA-graph decoder enables it; nothing else does, so CPU runs and tests use the plain code.
+two kernels. The CUDA-graph decoder enables it while it captures its decode step; nothing else does, so prefill,
+CPU runs and CPU tests use the plain code.
 Invariant: a fused function computes the same function as its plain body (same dtype rules).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -22,11 +24,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 _enabled = False
 
 
-def enable(on: bool = True) -> None:
+@contextlib.contextmanager
+def fused() -> Iterator[None]:
+    """Within this block, ``@fusable`` functions called on CUDA tensors run compiled (used around a graph capture,
+    so only the captured decode step is fused and prefill keeps the reference code)."""
     global _enabled
-    if on and not _enabled:
-        log.info("kernel fusion (torch.compile) enabled for CUDA hot paths")
-    _enabled = on
+    before, _enabled = _enabled, True
+    try:
+        yield
+    finally:
+        _enabled = before
 
 
 def enabled() -> bool:
@@ -40,7 +47,7 @@ def fusable(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if _enabled and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
             if not compiled:
-                compiled.append(torch.compile(fn, fullgraph=True, dynamic=False))
+                compiled.append(torch.compile(fn, fullgraph=True))
             return compiled[0](*args, **kwargs)
         return fn(*args, **kwargs)
 

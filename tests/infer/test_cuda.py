@@ -35,18 +35,31 @@ def _build(arch, directory):
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"])
 def test_graph_decode_equals_eager_decode(arch, tmp_path):
+    """Teacher-forced: each captured (fused) decode step gives the logits the eager dynamic-cache step gives."""
     path = _build(arch, tmp_path / arch)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
         _, model, experts = load_all(path, "cuda", dtype)
         eager = Generator(model, experts, cuda_graphs=False)
         graph = Generator(model, experts)
         assert graph.cuda_graphs
-        p = SamplingParams(max_tokens=24, stop_ids=frozenset())
-        a, b = eager.generate(prompt, p).token_ids, graph.generate(prompt, p).token_ids
-        assert a == b, f"{arch} {dtype}: eager {a} != graph {b}"
-        # a second request reuses the captured graph and its cache
-        assert graph.generate(prompt[:5], p).token_ids == eager.generate(prompt[:5], p).token_ids
+        p = SamplingParams(max_tokens=20, stop_ids=frozenset())
+        tokens = eager.generate(prompt, p).token_ids
+        if dtype == torch.float32:  # fp32: fused and plain kernels agree far below any logit gap
+            assert graph.generate(prompt, p).token_ids == tokens, arch
+        for attempt in range(2):  # the second pass reuses the captured graph and its cache
+            runner = graph._graph_for(len(prompt) + len(tokens))
+            cache = model.new_cache()
+            with torch.inference_mode():
+                ref = model(torch.tensor([prompt], device="cuda"), cache, experts, last_only=True)[0, -1]
+                got = runner.prefill(prompt)
+                for t in tokens:
+                    scale = ref.float().abs().max().item()
+                    diff = (got.float() - ref.float()).abs().max().item()
+                    assert diff <= tol * max(scale, 1.0), f"{arch} {dtype} pass {attempt}: diff {diff}"
+                    ref = model(torch.tensor([[t]], device="cuda"), cache, experts, last_only=True)[0, -1]
+                    got = runner.step(t)
+            assert runner.graph is not None
 
 
 def test_grouped_mm_experts_equal_loop(tmp_path):
