@@ -5,7 +5,7 @@ they cost far more than the memory traffic they do. A graph replays them all wit
 
 Invariants: the graph reads its inputs from two static device tensors (token id, position) and writes logits to a
 static output; the KV cache has a fixed capacity (``max_len``) and lives as long as the runner; the experts
-backend must hold every routed expert (its missing-expert check, a host sync, is off while the runner is used).
+backend must hold every routed expert (its missing-expert check, a host sync, is off while the step is captured).
 Prefill runs eagerly on the same static cache. ``cache.length`` is advanced on the host after each replay.
 The captured step uses fused kernels (``ekmesh.infer.fusion``) unless ``fuse=False``.
 """
@@ -52,8 +52,8 @@ class GraphDecoder:
 
     @torch.inference_mode()
     def _capture(self) -> None:
-        self.experts.check_missing = False
         self.pos.fill_(self.cache.length)  # warm-up writes land in the slot the next real step overwrites
+        self.experts.graph_mode = True
         with fusion.fused() if self.fuse else contextlib.nullcontext():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -62,8 +62,11 @@ class GraphDecoder:
                     self._run_static()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.out = self._run_static()
+            try:
+                with torch.cuda.graph(graph):
+                    self.out = self._run_static()
+            finally:
+                self.experts.graph_mode = False
         self.graph = graph
 
     @torch.inference_mode()

@@ -132,9 +132,9 @@ class LocalExperts:
         self.dtype = dtype
         self._pending: dict[int, dict[int, ExpertWeights]] = {}
         self._packs: dict[int, _LayerPack] = {}
-        # Checking for unloaded experts costs a device->host sync; a CUDA-graph caller that has verified
-        # completeness (``holds_all``) turns it off.
-        self.check_missing = True
+        # Set by a CUDA-graph caller (which has verified ``holds_all``) while it warms up and captures a step:
+        # no host syncs (no missing-expert check, no per-expert loop) and the same code path in both phases.
+        self.graph_mode = False
 
     def add(self, layer: int, expert: int, weights: ExpertWeights) -> None:
         """Adds (or replaces) one expert. Tensors are validated, cast and moved to this backend's device."""
@@ -257,7 +257,7 @@ class LocalExperts:
         t, k = expert_ids.shape
         flat = expert_ids.reshape(-1)  # [T*k]
         slots = pack.slot_of[flat]  # [T*k]
-        if self.check_missing:
+        if not self.graph_mode:
             missing = slots < 0
             if bool(missing.any()):
                 raise ExpertNotLoadedError(layer, int(flat[missing][0]))
@@ -269,7 +269,7 @@ class LocalExperts:
         counts.scatter_add_(0, slots, torch.ones_like(slots))  # [n] pairs per slot, no host sync
         if hidden.is_cuda and hidden.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
             y = self._grouped_cuda(pack, x, counts)
-        elif hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+        elif self.graph_mode:
             y = self._gathered(pack, x, slots[order])  # no host sync: capturable in a CUDA graph
         else:
             y = self._grouped_loop(pack, x, counts)

@@ -40,15 +40,26 @@ def enabled() -> bool:
     return _enabled
 
 
+def _allow_specialisations() -> None:
+    """Each fused function is specialised per shape and dtype (a decode step has fixed shapes); dynamo's default
+    limit of 8 specialisations per function is too low for a process that serves several models, or for tests."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, 256)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4096)
+
+
 def fusable(fn: F) -> F:
     compiled: list[Callable[..., Any]] = []
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any) -> Any:
         if _enabled and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
             if not compiled:
-                compiled.append(torch.compile(fn, fullgraph=True))
-            return compiled[0](*args, **kwargs)
-        return fn(*args, **kwargs)
+                _allow_specialisations()
+                compiled.append(torch.compile(fn, fullgraph=True, dynamic=False))
+            return compiled[0](*args)
+        return fn(*args)
 
     return wrapper  # type: ignore[return-value]
