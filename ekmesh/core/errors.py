@@ -11,7 +11,14 @@ json, tokenizers, jinja2) are translated once, at the boundary of the package th
     │   ├── MissingTensorError       a tensor the model needs is absent (names the tensor)
     │   └── TensorShapeError         a tensor has the wrong shape or dtype (names the tensor)
     ├── TokenizerError               tokenizer files or chat template are missing or invalid
-    └── GenerationError              bad generation request (empty prompt, ids out of range, ...)
+    ├── GenerationError              bad generation request (empty prompt, ids out of range, ...)
+    ├── PeerError                    talking to one peer failed; the peer may be retried or marked down
+    │   ├── PeerUnreachableError     no connection within the deadline (also: another mesh key)
+    │   └── PeerClosedError          the connection or stream closed or reset in the middle of an exchange
+    ├── ProtocolError                a peer sent bytes that break a protocol (oversized, malformed, bad signature)
+    └── LocalNodeError               the node of this EKMESH_HOME cannot be reached or started
+        ├── NodeNotRunningError      no node is running for this EKMESH_HOME
+        └── NodeAlreadyRunningError  another node already runs for this EKMESH_HOME
 """
 
 from __future__ import annotations
@@ -57,3 +64,35 @@ class TokenizerError(EkmeshError):
 
 class GenerationError(EkmeshError):
     """A generation request is invalid (empty prompt, token ids outside the vocabulary, bad sampling values)."""
+
+
+class PeerError(EkmeshError):
+    """Talking to one peer failed. ``peer`` is its peer id (base58) when known."""
+
+    def __init__(self, message: str, peer: str | None = None) -> None:
+        self.peer = peer
+        super().__init__(message)
+
+
+class PeerUnreachableError(PeerError):
+    """No connection to the peer could be made before the deadline (down, firewalled, or another mesh key)."""
+
+
+class PeerClosedError(PeerError):
+    """The connection or stream to the peer closed, reset, or timed out in the middle of an exchange."""
+
+
+class ProtocolError(EkmeshError):
+    """A peer sent data that breaks an ekmesh protocol: too large, malformed, or with a bad signature."""
+
+
+class LocalNodeError(EkmeshError):
+    """The node that runs for this ``EKMESH_HOME`` cannot be reached, or a second one cannot start."""
+
+
+class NodeNotRunningError(LocalNodeError):
+    """No node is running for this ``EKMESH_HOME`` (no control file, or its endpoint does not answer)."""
+
+
+class NodeAlreadyRunningError(LocalNodeError):
+    """Another node already runs for this ``EKMESH_HOME``; two nodes must not share one identity."""

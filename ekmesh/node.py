@@ -1,0 +1,213 @@
+"""The node: the one place where ekmesh's parts are wired together.
+
+For now a node is: a persistent identity, a Noise-only libp2p host, discovery (``--peer`` bootstrap, mDNS,
+Kademlia rendezvous), membership (signed adverts, failure detection, leave on shutdown) and the local control
+endpoint that ``ekmesh status`` talks to. Shard and inference parts will plug in here: they publish what this
+node holds through ``set_models`` / ``set_data_addr`` and read the mesh through ``snapshot``.
+
+Lifecycle: ``run`` locks ``EKMESH_HOME`` (one node per home), starts everything, reports ``started`` (peer id and
+full listen addresses) through ``on_event``, then runs until SIGINT/SIGTERM (or ``stop()``), announces its leave
+to every connected peer and shuts down. Events (``started``, ``joined``, ``down``, ``left``) are plain dicts so
+the CLI can print or JSON-encode them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+import psutil
+import trio
+from libp2p.peer.id import ID
+
+from ekmesh import __version__
+from ekmesh.core.errors import ConfigError
+from ekmesh.discovery import host as hostlib
+from ekmesh.discovery.advert import Advert, Device, ModelReady, SignedAdvert, sign_advert
+from ekmesh.discovery.config import MeshKey, MeshTimeouts
+from ekmesh.discovery.control import ControlServer, acquire_home_lock
+from ekmesh.discovery.identity import load_or_create_identity, peer_id_of
+from ekmesh.discovery.mdns import MdnsDiscovery
+from ekmesh.discovery.membership import Membership
+from ekmesh.discovery.rendezvous import Rendezvous
+from ekmesh.discovery.snapshot import build_snapshot
+from ekmesh.discovery.view import MeshView, ViewEvent
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+GIB = 1 << 30
+
+
+@dataclass
+class NodeConfig:
+    home: Path
+    listen: list[str] = field(default_factory=list)
+    peers: list[str] = field(default_factory=list)
+    mesh_key: MeshKey = field(default_factory=MeshKey.open)
+    name: str | None = None
+    memory_gib: float | None = None
+    mdns: bool = True
+    dht: bool = True
+    timeouts: MeshTimeouts = field(default_factory=MeshTimeouts)
+
+
+class Node:
+    def __init__(self, config: NodeConfig, on_event: Callable[[Event], None] = lambda _e: None) -> None:
+        if config.memory_gib is not None and not config.memory_gib > 0:
+            raise ConfigError(f"--memory must be positive, got {config.memory_gib}")
+        config.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.config = config
+        self.on_event = on_event
+        self.bootstrap = [hostlib.split_peer_addr(p) for p in config.peers]  # validate before starting
+        self.key_pair = load_or_create_identity(config.home)
+        self.peer_id = peer_id_of(self.key_pair).to_base58()
+        self.name = config.name or socket.gethostname()
+        self.addrs: list[str] = []
+        self.models: dict[str, ModelReady] = {}
+        self.data_addr: str | None = None
+        self.speed: float | None = None
+        total = psutil.virtual_memory().total
+        self.devices = [Device("cpu", platform.processor() or platform.machine(), total)]
+        self.view: MeshView | None = None
+        self._membership: Membership | None = None
+        self._incarnation = 0
+        self._seq = 0
+        self._stop = trio.Event()
+
+    # -- what other parts publish about this node --------------------------------------------------------
+
+    def set_models(self, models: dict[str, ModelReady]) -> None:
+        self.models = dict(models)
+
+    def set_data_addr(self, addr: str | None) -> None:
+        self.data_addr = addr
+
+    def snapshot(self) -> dict[str, Any]:
+        assert self.view is not None, "snapshot() before run() started"
+        mesh = self.config.mesh_key
+        return build_snapshot(self.view, self.addrs, mesh.is_open, mesh.key_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- running -----------------------------------------------------------------------------------------
+
+    async def run(self, *, handle_signals: bool = True, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        lock_fd = acquire_home_lock(cfg.home)
+        try:
+            self._incarnation = _next_incarnation(cfg.home)
+            host = hostlib.build_host(self.key_pair, cfg.mesh_key)
+            listen = hostlib.listen_addrs(cfg.listen)
+            async with host.run(listen):
+                await self._run_parts(host, handle_signals, task_status)
+        finally:
+            os.close(lock_fd)
+
+    async def _run_parts(self, host: Any, handle_signals: bool, task_status: Any) -> None:
+        cfg, timeouts = self.config, self.config.timeouts
+        self.addrs = hostlib.public_addrs(host)
+        self.view = MeshView(self._advert("up"), timeouts)
+        rendezvous = Rendezvous(host, cfg.mesh_key.rendezvous, timeouts, self._found) if cfg.dht else None
+        membership = Membership(host, self.view, timeouts, self._advert, self._events,
+                                on_connected=rendezvous.peer_connected if rendezvous else lambda _p: None)
+        for peer_id, addr in self.bootstrap:
+            membership.add_bootstrap(peer_id, addr)
+        self._membership = membership
+        control = ControlServer(cfg.home, self.peer_id, self._control, timeouts.control_timeout)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.run)
+            nursery.start_soon(membership.run)
+            if rendezvous is not None:
+                nursery.start_soon(rendezvous.run)
+            if cfg.mdns:
+                ips = [a.split("/")[2] for a in self.addrs if not a.startswith("/ip4/127.")]
+                port = int(multiaddr.Multiaddr(self.addrs[0]).value_for_protocol("tcp"))
+                mdns = MdnsDiscovery(self.peer_id, cfg.mesh_key.tag, ips, port, timeouts, self._found)
+                nursery.start_soon(mdns.run)
+            self.on_event({"event": "started", "peer_id": self.peer_id, "addrs": list(self.addrs),
+                           "mesh": "open" if cfg.mesh_key.is_open else f"private (key id {cfg.mesh_key.key_id})",
+                           "control": control.url})
+            log.info("node %s started on %s", self.peer_id, ", ".join(self.addrs))
+            task_status.started(self)
+            await self._wait_for_stop(handle_signals)
+            log.info("leaving the mesh")
+            await membership.announce_leave()
+            nursery.cancel_scope.cancel()
+
+    async def _wait_for_stop(self, handle_signals: bool) -> None:
+        if not handle_signals:
+            await self._stop.wait()
+            return
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                async def on_signal() -> None:
+                    async for signum in signals:
+                        log.info("got %s", signal.Signals(signum).name)
+                        break
+                    nursery.cancel_scope.cancel()
+
+                async def on_stop() -> None:
+                    await self._stop.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(on_signal)
+                nursery.start_soon(on_stop)
+
+    # -- callbacks ---------------------------------------------------------------------------------------
+
+    def _advert(self, state: str) -> SignedAdvert:
+        self._seq += 1
+        vm = psutil.virtual_memory()
+        total = int(self.config.memory_gib * GIB) if self.config.memory_gib is not None else vm.total
+        load1 = os.getloadavg()[0] / (os.cpu_count() or 1)
+        advert = Advert(
+            peer_id=self.peer_id, incarnation=self._incarnation, seq=self._seq, state=state,
+            name=self.name[:64], version=__version__, addrs=tuple(self.addrs[:16]), devices=tuple(self.devices),
+            memory_total=total, memory_free=min(total, vm.available), speed=self.speed,
+            data_addr=self.data_addr, models=dict(self.models), load=round(load1, 3),
+        )
+        return sign_advert(advert, self.key_pair.private_key)
+
+    def _found(self, peer_id: str, addrs: list[multiaddr.Multiaddr]) -> None:
+        try:
+            ID.from_base58(peer_id)
+        except ValueError:
+            log.debug("ignoring discovered peer with a malformed id %r", peer_id)
+            return
+        assert self._membership is not None
+        self._membership.add_candidate(peer_id, addrs, "discovery")
+
+    def _events(self, events: list[ViewEvent]) -> None:
+        for ev in events:
+            log.info("peer %s %s (%s)%s", ev.name, ev.kind, ev.peer_id, f": {ev.detail}" if ev.detail else "")
+            self.on_event({"event": ev.kind, "peer_id": ev.peer_id, "name": ev.name, "detail": ev.detail})
+
+    async def _control(self, method: str, target: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        if method == "GET" and target.split("?")[0] == "/ekmesh/status":
+            return 200, self.snapshot()
+        return 404, {"error": f"no such endpoint: {method} {target}"}
+
+
+def _next_incarnation(home: Path) -> int:
+    """A number larger than any earlier run's, so this run's adverts supersede the old ones everywhere."""
+    path = home / "incarnation"
+    try:
+        previous = int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        previous = 0
+    incarnation = max(previous + 1, int(time.time() * 1000))
+    tmp = path.with_name(f".incarnation.{os.getpid()}.tmp")
+    tmp.write_text(str(incarnation))
+    os.replace(tmp, path)
+    return incarnation

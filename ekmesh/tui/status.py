@@ -1,0 +1,109 @@
+"""The ``ekmesh status`` view: a status snapshot (see ``ekmesh.discovery.snapshot``) → a rich renderable.
+
+Pure: no I/O, no clock; what it shows comes only from the snapshot, so a fixed snapshot renders to fixed text.
+Colour carries no information that the text lacks (counts are digits, states are words).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+STATE_STYLE = {"self": "bold cyan", "up": "green", "down": "red", "left": "dim"}
+GIB = 1 << 30
+
+
+def render_status(snapshot: dict[str, Any]) -> RenderableType:
+    peers = snapshot.get("peers", [])
+    names = {p["peer_id"]: p["name"] for p in peers}
+    live = sum(1 for p in peers if p["state"] in ("self", "up"))
+    mesh = snapshot.get("mesh", {})
+    if mesh.get("open"):
+        mesh_text = Text("open mesh (no mesh key: anyone who can reach a node can join)", style="yellow")
+    else:
+        mesh_text = Text(f"private mesh (key id {mesh.get('key_id')})", style="green")
+    header = Text.assemble(("ekmesh ", "bold"), f"node {short_id(snapshot.get('self', ''))} · ",
+                           mesh_text, f" · {live} of {len(peers)} peers up")
+    parts: list[RenderableType] = [header, peers_table(peers)]
+    for model_id, shard in snapshot.get("models", {}).items():
+        parts += [Text(""), shard_map(model_id, shard, names)]
+    return Group(*parts)
+
+
+def peers_table(peers: list[dict[str, Any]]) -> Table:
+    table = Table(expand=False, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for col in ("name", "peer", "address", "device", "memory", "load", "RTT", "seen", "state"):
+        table.add_column(col, no_wrap=True, min_width=5 if col == "state" else None,
+                         justify="right" if col in ("load", "RTT", "seen") else "left")
+    for p in peers:
+        table.add_row(
+            _clip(p["name"], 14), short_id(p["peer_id"]), _address(p["addrs"]), _device(p["devices"]),
+            f"{p['memory_free'] / GIB:.1f}/{p['memory_total'] / GIB:.1f}G", f"{p['load']:.2f}",
+            "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f}ms",
+            "now" if p["state"] == "self" else f"{p['last_seen_s']:.0f}s",
+            Text(p["state"], style=STATE_STYLE.get(p["state"], "")),
+        )
+    return table
+
+
+def shard_map(model_id: str, shard: dict[str, Any], names: dict[str, str]) -> RenderableType:
+    lo, hi = shard["layers"]
+    experts = shard["experts"]
+    title = Text.assemble(
+        ("model ", "bold"), (model_id, "bold"),
+        f"  layers [{lo}, {hi}) × {experts} experts · coverage {shard['coverage']:.1%}"
+        f" · replicated {shard['replicated']:.1%}",
+    )
+    width = len(str(hi - 1))
+    rows = []
+    for offset, row in enumerate(shard["holders"]):
+        line = Text(f"L{lo + offset:<{width}} ")
+        for n in row:
+            line.append(_cell(n), style="red" if n == 0 else "yellow" if n == 1 else "green")
+        rows.append(line)
+    legend = Text.assemble("legend: ", ("·", "red"), " no holder  ", ("1", "yellow"), " one  ",
+                           ("2-9", "green"), " replicas  ", ("+", "green"), " ten or more")
+    totals = Table(title="experts ready per peer", title_justify="left", expand=False, box=box.SIMPLE_HEAD,
+                   pad_edge=False)
+    totals.add_column("peer", no_wrap=True)
+    totals.add_column("name", no_wrap=True)
+    totals.add_column("experts", justify="right")
+    totals.add_column("share", justify="right")
+    cells = max(1, (hi - lo) * experts)
+    for peer_id, count in sorted(shard["per_peer"].items(), key=lambda kv: (-kv[1], kv[0])):
+        totals.add_row(short_id(peer_id), names.get(peer_id, "?"), str(count), f"{count / cells:.1%}")
+    return Group(title, *rows, legend, totals)
+
+
+def short_id(peer_id: str) -> str:
+    """The last 8 characters of a peer id: the prefix (``12D3KooW``) is the same for every Ed25519 peer."""
+    return "…" + peer_id[-8:] if len(peer_id) > 8 else peer_id
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _cell(n: int) -> str:
+    return "·" if n == 0 else str(n) if n < 10 else "+"
+
+
+def _address(addrs: list[str]) -> str:
+    if not addrs:
+        return "-"
+    parts = addrs[0].split("/")
+    if len(parts) >= 5 and parts[1] in ("ip4", "ip6", "dns", "dns4", "dns6") and parts[3] in ("tcp", "udp"):
+        return f"{parts[2]}:{parts[4]}"
+    return addrs[0]
+
+
+def _device(devices: list[dict[str, Any]]) -> str:
+    """Device kinds with counts, e.g. ``cuda×2+cpu``; the full names are in the JSON."""
+    counts: dict[str, int] = {}
+    for d in devices:
+        counts[d["kind"]] = counts.get(d["kind"], 0) + 1
+    return "+".join(k if n == 1 else f"{k}×{n}" for k, n in counts.items()) or "-"

@@ -1,0 +1,74 @@
+"""The status view rendered from a fixed snapshot into a recording console without colour."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from ekmesh.discovery.advert import ModelReady
+from ekmesh.discovery.snapshot import shard_maps
+from ekmesh.tui.status import render_status
+
+A, B, C = "12D3KooWAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAalpha111", "12D3KooWBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBbravo222", \
+    "12D3KooWCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCcharl333"
+GIB = 1 << 30
+
+
+def peer(pid, name, state, **kw):
+    base = {"peer_id": pid, "name": name, "version": "0.1.0", "state": state, "reason": "",
+            "addrs": [f"/ip4/192.168.1.{len(name)}/tcp/7733/p2p/{pid}"], "data_addr": None,
+            "devices": [{"kind": "cuda", "name": "RTX 4090", "memory": 24 * GIB}], "memory_total": 32 * GIB,
+            "memory_free": 20 * GIB, "speed": None, "load": 0.5, "rtt_ms": 1.25, "last_seen_s": 0.4,
+            "incarnation": 1, "seq": 9, "models": {}}
+    return {**base, **kw}
+
+
+def snapshot():
+    # Layers [2, 4) x 4 experts. alpha holds all of layer 2 and expert 0 of layer 3; bravo layer 2 experts 0-1.
+    models = shard_maps({
+        A: {"tiny": ModelReady((2, 4), 4, {2: frozenset(range(4)), 3: frozenset({0})})},
+        B: {"tiny": ModelReady((2, 4), 4, {2: frozenset({0, 1})})},
+    })
+    return {
+        "schema": 1, "generated_at": 0.0, "self": A, "addrs": [], "mesh": {"open": False, "key_id": "abc123def456"},
+        "peers": [peer(A, "alpha", "self", rtt_ms=None, devices=[]), peer(B, "bravo", "up"),
+                  peer(C, "charlie", "down", reason="2 pings failed", last_seen_s=12.0)],
+        "models": models,
+    }
+
+
+def render(snap, width=120) -> str:
+    console = Console(width=width, record=True, color_system=None, force_terminal=False)
+    console.print(render_status(snap))
+    return console.export_text()
+
+
+def test_peers_table_and_header():
+    text = render(snapshot())
+    assert "private mesh (key id abc123def456)" in text
+    assert "2 of 3 peers up" in text
+    lines = {name: next(line for line in text.splitlines() if f" {name} " in f" {line} ") for name in
+             ("alpha", "bravo", "charlie")}
+    assert "…alpha111" in lines["alpha"] and "self" in lines["alpha"] and "now" in lines["alpha"]
+    assert "192.168.1.5:7733" in lines["bravo"] and "cuda" in lines["bravo"] and "20.0/32.0G" in lines["bravo"]
+    assert "1.2ms" in lines["bravo"] or "1.3ms" in lines["bravo"]
+    assert "down" in lines["charlie"] and "12s" in lines["charlie"]
+
+
+def test_shard_map_counts_coverage_and_totals():
+    snap = snapshot()
+    tiny = snap["models"]["tiny"]
+    assert tiny["holders"] == [[2, 2, 1, 1], [1, 0, 0, 0]]
+    assert tiny["coverage"] == 5 / 8 and tiny["replicated"] == 2 / 8
+    assert tiny["per_peer"] == {A: 5, B: 2}
+    text = render(snap)
+    assert "model tiny  layers [2, 4) × 4 experts · coverage 62.5% · replicated 25.0%" in text
+    assert "L2 2211" in text and "L3 1···" in text
+    alpha_total = next(line for line in text.splitlines() if "…alpha111" in line and "62.5%" in line)
+    assert " 5 " in alpha_total
+
+
+def test_open_mesh_is_called_out_and_narrow_terminals_still_render():
+    snap = {**snapshot(), "mesh": {"open": True, "key_id": None}, "models": {}}
+    text = render(snap, width=80)
+    assert "open mesh" in text and "anyone" in text
+    assert "model" not in text
