@@ -61,3 +61,48 @@ def test_generate_errors_are_one_clear_line(tiny, tmp_path):
     assert r.returncode == 1 and "prompt token id 500 is outside the vocabulary [0, 96)" in r.stderr
     r = run_cli("generate", str(path), "--prompt-ids", "1", "--dtype", "int4")
     assert r.returncode == 1 and "unknown dtype 'int4'" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny Qwen3-MoE with a real byte-level BPE tokenizer, ChatML template and generation_config."""
+    from tests.infer.test_tokenizer import QWEN_TEMPLATE, _added_tokens_decoder, _train_backend
+
+    backend = _train_backend()
+    path, ref = make_tiny("qwen3_moe", tmp_path_factory.mktemp("chat") / "m", vocab_size=backend.get_vocab_size())
+    backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "added_tokens_decoder": _added_tokens_decoder(backend), "bos_token": None, "chat_template": QWEN_TEMPLATE,
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    return path, ref
+
+
+def test_generate_text_prompt_json_and_stream_agree(chat_model):
+    from ekmesh.infer.tokenizer import Tokenizer
+
+    path, _ = chat_model
+    tok = Tokenizer.from_dir(path)
+    r = run_cli("generate", str(path), "--prompt", "In the beginning", "--max-tokens", "12", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["prompt_ids"] == tok.encode("In the beginning", add_special_tokens=True)
+    assert out["text"] == tok.decode(out["token_ids"])
+    assert not set(out["token_ids"]) & {0, 2}  # stop ids never appear in the output
+    plain = run_cli("generate", str(path), "--prompt", "In the beginning", "--max-tokens", "12")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == out["text"] + "\n"
+
+
+def test_generate_chat_uses_the_template(chat_model):
+    from ekmesh.infer.tokenizer import Tokenizer
+
+    path, _ = chat_model
+    tok = Tokenizer.from_dir(path)
+    r = run_cli("generate", str(path), "--prompt", "Who made the light?", "--chat", "--system", "Be brief.",
+                "--max-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    expect = tok.encode_chat([{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "Who made the light?"}], add_generation_prompt=True)
+    assert json.loads(r.stdout)["prompt_ids"] == expect
+    assert tok.decode(expect, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
