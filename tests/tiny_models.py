@@ -37,3 +37,9 @@ def make_tiny(arch: str, directory: Path, seed: int = 0, **overrides: Any) -> tu
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     return directory, model
+
+
+def random_prompt(vocab: int, n: int = 11, seed: int = 1) -> list[int]:
+    """A seeded random prompt of ``n`` token ids below ``vocab``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g).tolist()

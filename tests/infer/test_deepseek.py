@@ -19,7 +19,7 @@ from ekmesh.core.errors import ConfigError
 from ekmesh.infer.generate import Generator, SamplingParams
 from ekmesh.infer.loader import Checkpoint, load_all
 from ekmesh.infer.models import deepseek, family_for
-from tests.tiny_models import COMMON
+from tests.tiny_models import COMMON, random_prompt
 
 TOL = 1e-4
 FP8_BLOCK = (16, 16)
@@ -64,10 +64,6 @@ def make_tiny_deepseek(case: str, directory: Path, seed: int = 0) -> tuple[Path,
     return directory, model
 
 
-def _prompt(vocab: int, n: int = 11, seed: int = 1) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n,), generator=g).tolist()
-
 
 def _ours(path: Path, prompt: list[int]) -> tuple[torch.Tensor, Generator]:
     _, model, experts = load_all(path)
@@ -83,7 +79,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_and_greedy_match_transformers(case: str, tmp_path: Path) -> None:
     path, ref = make_tiny_deepseek(case, tmp_path / case)
-    prompt = _prompt(ref.config.vocab_size)
+    prompt = random_prompt(ref.config.vocab_size)
     with torch.no_grad():
         ref_logits = ref(torch.tensor([prompt])).logits[0].float()
         ref_out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -194,7 +190,7 @@ def test_fp8_block_checkpoint_matches_dequantized_reference(tmp_path: Path) -> N
     fp8_dir = _write(tmp_path / "fp8", quantized, {**config, "quantization_config": qcfg})
     ref_dir = _write(tmp_path / "dequantized", dequantized, config)
     ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
-    prompt = _prompt(ref.config.vocab_size)
+    prompt = random_prompt(ref.config.vocab_size)
     with torch.no_grad():
         ref_logits = ref(torch.tensor([prompt])).logits[0].float()
     logits, _ = _ours(fp8_dir, prompt)
@@ -222,7 +218,7 @@ def test_mtp_layer_and_fused_layout(tmp_path: Path) -> None:
     mtp_dir = _write(tmp_path / "mtp", {**tensors, **mtp}, config)
     fused_dir = _write(tmp_path / "fused", {k: v.contiguous() for k, v in ref.state_dict().items()}, config)
     assert any(k.endswith("experts.gate_up_proj") for k in _read_all(fused_dir))
-    prompt = _prompt(config["vocab_size"])
+    prompt = random_prompt(config["vocab_size"])
     base, _ = _ours(path, prompt)
     ckpt, model, experts = load_all(mtp_dir)
     assert all(f"layers.{n}." not in name for name in ckpt.reader.read_log)
@@ -237,7 +233,7 @@ def test_static_cache_matches_dynamic(tmp_path: Path) -> None:
     """MLA over the fixed-capacity cache used by CUDA-graph decoding: same logits as the growing cache."""
     path, ref = make_tiny_deepseek("v2_group_limited_no_q_lora", tmp_path / "m")
     _, model, experts = load_all(path)
-    prompt = _prompt(ref.config.vocab_size)
+    prompt = random_prompt(ref.config.vocab_size)
     outs = []
     with torch.no_grad():
         for cache in (model.new_cache(), model.new_cache(max_len=32)):

@@ -7,21 +7,17 @@ import torch
 
 from ekmesh.infer.generate import Generator, SamplingParams
 from ekmesh.infer.loader import load_all
-from tests.tiny_models import CONFIGS, make_tiny
+from tests.tiny_models import CONFIGS, make_tiny, random_prompt
 
 ARCHS = sorted(CONFIGS)
 TOL = 1e-4
 
 
-def _prompt(vocab: int, n: int = 11, seed: int = 1) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n,), generator=g).tolist()
-
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_and_greedy_match_transformers(arch, tmp_path):
     path, ref = make_tiny(arch, tmp_path / arch)
-    prompt = _prompt(ref.config.vocab_size)
+    prompt = random_prompt(ref.config.vocab_size)
     with torch.no_grad():
         ref_logits = ref(torch.tensor([prompt])).logits[0].float()
         ref_out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -50,7 +46,7 @@ def test_fused_v5_layout_loads_identically(arch, tmp_path):
     assert any(k.endswith("experts.gate_up_proj") for k in sd)
     save_file(sd, str(fused / "model.safetensors"))
     (fused / "config.json").write_text((path / "config.json").read_text())
-    prompt = _prompt(ref.config.vocab_size)
+    prompt = random_prompt(ref.config.vocab_size)
     a = Generator(*load_all(path)[1:]).logits(prompt)
     b = Generator(*load_all(fused)[1:]).logits(prompt)
     assert torch.equal(a, b)

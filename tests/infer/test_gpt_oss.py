@@ -20,6 +20,7 @@ from ekmesh.infer.experts import ExpertSpec, expert_activation
 from ekmesh.infer.generate import Generator, SamplingParams
 from ekmesh.infer.loader import Checkpoint, load_all, load_dense
 from ekmesh.infer.models import family_for, gpt_oss
+from tests.tiny_models import random_prompt
 
 TOL = 1e-4
 WINDOW = 4
@@ -31,10 +32,6 @@ TINY: dict[str, Any] = dict(
 )  # hidden != 2I and I != hidden so a transposed expert tensor cannot pass a shape check
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
-
-def _prompt(vocab: int, n: int = 11, seed: int = 1) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n,), generator=g).tolist()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +68,7 @@ def _hf_generate(ref: Any, prompt: list[int]) -> list[int]:
 
 def _compare(path: Path, ref: Any, label: str) -> None:
     """Prefill logits, 32 greedy tokens, and every decode step's logits against transformers."""
-    prompt = _prompt(ref.config.vocab_size)
+    prompt = random_prompt(ref.config.vocab_size)
     assert len(prompt) > WINDOW
     with torch.no_grad():
         ref_logits = ref(torch.tensor([prompt])).logits[0]  # [P, V]

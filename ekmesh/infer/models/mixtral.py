@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ekmesh.infer.experts import ExpertSpec, ExpertWeights
-from ekmesh.infer.models.common import Attention, AttentionSpec, CausalLM, DecoderLayer, SoftmaxMoE
-from ekmesh.infer.models.standard import StandardConfig, standard_fields
+from ekmesh.infer.models.common import AttentionSpec, CausalLM, SoftmaxMoE
+from ekmesh.infer.models.standard import StandardConfig, build_decoder, standard_fields
 
 ARCHITECTURES = ("MixtralForCausalLM",)
 MODEL_TYPES = ("mixtral",)
@@ -35,14 +35,8 @@ class Config(StandardConfig):
 
 def build(cfg: Config) -> CausalLM:
     spec = AttentionSpec(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rms_eps=cfg.rms_eps)
-    layers = [
-        DecoderLayer(Attention(spec, i, cfg.windows[i]),
-                     SoftmaxMoE(i, cfg.hidden_size, cfg.num_experts, cfg.top_k, normalize=True),
-                     cfg.hidden_size, cfg.rms_eps)
-        for i in range(cfg.num_layers)
-    ]
-    return CausalLM(cfg, layers, {"main": cfg.rope})
-
+    return build_decoder(cfg, spec, lambda i: SoftmaxMoE(i, cfg.hidden_size, cfg.num_experts, cfg.top_k,
+                                                         normalize=True))
 
 def checkpoint_names(name: str) -> list[str]:
     if ".mlp.gate." in name:

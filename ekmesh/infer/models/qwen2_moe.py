@@ -7,11 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 from ekmesh.infer.experts import ExpertSpec, ExpertWeights
-from ekmesh.infer.models.common import Attention, AttentionSpec, CausalLM, DecoderLayer, DenseMLP, SoftmaxMoE
-from ekmesh.infer.models.standard import StandardConfig, sparse_step_layers, standard_fields
+from ekmesh.infer.models.common import AttentionSpec, CausalLM, SoftmaxMoE
+from ekmesh.infer.models.standard import StandardConfig, build_decoder, sparse_step_layers, standard_fields
 
 ARCHITECTURES = ("Qwen2MoeForCausalLM",)
 MODEL_TYPES = ("qwen2_moe",)
@@ -39,17 +37,9 @@ class Config(StandardConfig):
 def build(cfg: Config) -> CausalLM:
     spec = AttentionSpec(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias,
                          rms_eps=cfg.rms_eps)
-    layers = []
-    for i in range(cfg.num_layers):
-        mlp: nn.Module
-        if cfg.moe_layers[i]:
-            mlp = SoftmaxMoE(i, cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob,
-                             shared_intermediate=cfg.shared_expert_intermediate_size)
-        else:
-            mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
-        layers.append(DecoderLayer(Attention(spec, i, cfg.windows[i]), mlp, cfg.hidden_size, cfg.rms_eps))
-    return CausalLM(cfg, layers, {"main": cfg.rope})
-
+    return build_decoder(cfg, spec, lambda i: SoftmaxMoE(
+        i, cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob,
+        shared_intermediate=cfg.shared_expert_intermediate_size))
 
 def checkpoint_names(name: str) -> list[str]:
     return [name]

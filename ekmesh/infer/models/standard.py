@@ -7,11 +7,23 @@ that translation they have in common, so a field is read from config.json the sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from ekmesh.core.errors import ConfigError
-from ekmesh.infer.models.common import RopeSpec, layer_windows, require
+from ekmesh.infer.models.common import (
+    Attention,
+    AttentionSpec,
+    CausalLM,
+    DecoderLayer,
+    DenseMLP,
+    RopeSpec,
+    layer_windows,
+    require,
+)
 
 
 @dataclass(frozen=True)
@@ -83,3 +95,13 @@ def sparse_step_layers(hf: dict[str, Any], n_layers: int) -> tuple[bool, ...]:
     step = int(hf.get("decoder_sparse_step", 1) or 1)
     only = set(hf.get("mlp_only_layers") or [])
     return tuple((i not in only) and (i + 1) % step == 0 for i in range(n_layers))
+
+
+def build_decoder(cfg: StandardConfig, spec: AttentionSpec, moe: Callable[[int], nn.Module]) -> CausalLM:
+    """The standard stack: per layer GQA attention (window from ``cfg.windows``) and either ``moe(layer)`` or a
+    dense SwiGLU MLP of ``cfg.intermediate_size``, per ``cfg.moe_layers``."""
+    layers = []
+    for i in range(cfg.num_layers):
+        mlp = moe(i) if cfg.moe_layers[i] else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+        layers.append(DecoderLayer(Attention(spec, i, cfg.windows[i]), mlp, cfg.hidden_size, cfg.rms_eps))
+    return CausalLM(cfg, layers, {"main": cfg.rope})
