@@ -10,12 +10,18 @@ json, tokenizers, jinja2) are translated once, at the boundary of the package th
     ├── CheckpointError              a checkpoint directory cannot be read as the config says it should
     │   ├── MissingTensorError       a tensor the model needs is absent (names the tensor)
     │   └── TensorShapeError         a tensor has the wrong shape or dtype (names the tensor)
+    ├── ShardError                   the registry (store, blobs, manifests) cannot give what was asked
+    │   ├── ShardMissingError        a blob or model is not in the store (names it)
+    │   ├── BlobHashMismatchError    a blob's bytes do not hash to its id (names the id; blob quarantined)
+    │   └── ManifestError            a manifest is malformed, fails its schema (names the field) or its hash
     ├── TokenizerError               tokenizer files or chat template are missing or invalid
     ├── GenerationError              bad generation request (empty prompt, ids out of range, ...)
     ├── PeerError                    talking to one peer failed; the peer may be retried or marked down
     │   ├── PeerUnreachableError     no connection within the deadline (also: another mesh key)
-    │   └── PeerClosedError          the connection or stream closed or reset in the middle of an exchange
+    │   ├── PeerClosedError          the connection or stream closed or reset in the middle of an exchange
+    │   └── PeerIdentityError        the peer's data-plane certificate does not match the pin for its peer id
     ├── ProtocolError                a peer sent bytes that break a protocol (oversized, malformed, bad signature)
+    ├── ExpertUnavailableError       a routed expert has no live holder and no source to fetch it from
     └── LocalNodeError               the node of this EKMESH_HOME cannot be reached or started
         ├── NodeNotRunningError      no node is running for this EKMESH_HOME
         └── NodeAlreadyRunningError  another node already runs for this EKMESH_HOME
@@ -58,6 +64,31 @@ class TensorShapeError(CheckpointError):
         super().__init__(f"tensor {name!r} has shape {got}, expected {expected}")
 
 
+class ShardError(EkmeshError):
+    """The registry cannot give what was asked: a blob, a manifest, a model, or an import source."""
+
+
+class ShardMissingError(ShardError):
+    """A blob or model (``what``: its id or alias) is not in the store."""
+
+    def __init__(self, what: str, detail: str = "") -> None:
+        self.what = what
+        super().__init__(f"{what} is not in the store" + (f" ({detail})" if detail else ""))
+
+
+class BlobHashMismatchError(ShardError):
+    """A blob's bytes do not hash to its id ``blob_id``; it was moved to quarantine and nothing of it was used."""
+
+    def __init__(self, blob_id: str, detail: str = "") -> None:
+        self.blob_id = blob_id
+        super().__init__(f"blob {blob_id} is corrupt: its bytes do not hash to its id"
+                         + (f" ({detail})" if detail else ""))
+
+
+class ManifestError(ShardError):
+    """A manifest is not valid JSON, fails its schema (the message names the field), or does not hash to its id."""
+
+
 class TokenizerError(EkmeshError):
     """Tokenizer files or the chat template are missing, unreadable or fail to render."""
 
@@ -82,8 +113,23 @@ class PeerClosedError(PeerError):
     """The connection or stream to the peer closed, reset, or timed out in the middle of an exchange."""
 
 
+class PeerIdentityError(PeerError):
+    """The peer's data-plane certificate claims another peer id, or its fingerprint is not the one pinned (from the
+    peer's signed advert) for the peer id it claims. The connection is refused."""
+
+
 class ProtocolError(EkmeshError):
     """A peer sent data that breaks an ekmesh protocol: too large, malformed, or with a bad signature."""
+
+
+class ExpertUnavailableError(EkmeshError):
+    """Expert (``layer``, ``expert``) has no live holder that answered and no source to fetch its weights from."""
+
+    def __init__(self, layer: int, expert: int, detail: str = "") -> None:
+        self.layer = layer
+        self.expert = expert
+        super().__init__(f"expert (layer={layer}, expert={expert}) is unavailable: no live holder and no source"
+                         + (f" ({detail})" if detail else ""))
 
 
 class LocalNodeError(EkmeshError):

@@ -1,0 +1,333 @@
+"""The expert server: answers data-plane REQUEST frames from many attention hosts with grouped expert compute.
+
+Threads: one acceptor; one reader per connection (TLS handshake, pin check, then a read → answer loop). A reader
+queues each REQUEST and writes its answer itself, so each TLS socket is only ever used by its own thread (OpenSSL
+objects are not safe for concurrent read and write). Compute runs in whichever waiting reader finds nobody
+computing (no handoff to a worker thread): it takes pending requests round robin over connections (per-peer
+fairness) and batches every pending request for the same layer (up to ``max_batch_pairs`` pairs) into one
+grouped call on the backend; one batch computes at a time.
+
+Invariants:
+- at most ``max_pending`` requests wait for the worker; beyond that a request is answered ERROR BUSY at once;
+- a malformed frame (``ProtocolError``) is logged at WARNING with its reason, answered with an ERROR frame when
+  the socket still allows it, and closes that connection only; a refused certificate closes it after a WARNING;
+- a request naming an expert this server does not hold is answered ERROR NOT_HELD naming (layer, expert);
+- a response is, per token, the sum over the request's pairs of ``weight * expert(hidden[token])``, weighted and
+  summed in fp32 in pair order, cast to the request's dtype (for fp32 this equals ``LocalExperts`` bit for bit
+  when a token's pairs are summed in the same order);
+- every wait has a deadline (``ServerTimeouts``); ``stop()`` closes the listener and every connection and joins
+  the threads promptly.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ekmesh.core.errors import PeerClosedError, PeerIdentityError, ProtocolError
+from ekmesh.infer.dataplane.channel import Pins, TlsIdentity, check_peer_cert, make_context, read_frame
+from ekmesh.infer.dataplane.frames import (
+    DEFAULT_LIMITS,
+    ErrorCode,
+    Frame,
+    FrameLimits,
+    Kind,
+    ModelLimits,
+    encode_error,
+    encode_ping,
+    encode_response,
+)
+from ekmesh.infer.experts import LocalExperts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerTimeouts:
+    handshake_s: float = 5.0  # TLS handshake of a new connection
+    idle_s: float = 600.0  # waiting for the next frame on an open channel
+    body_s: float = 10.0  # the rest of a frame once its header arrived
+    send_s: float = 10.0  # writing one answer
+    compute_s: float = 60.0  # waiting for the worker to answer one request
+
+
+@dataclass
+class _Job:
+    conn: _Conn
+    frame: Frame
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: bytes = b""
+
+
+class _Conn:
+    def __init__(self, sock: socket.socket, addr: object) -> None:
+        self.sock = sock
+        self.addr = addr
+        self.peer: str | None = None
+        self.pending: deque[_Job] = deque()
+
+    def kill(self) -> None:
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # wakes a reader blocked in recv
+        except OSError:
+            pass
+
+
+@dataclass
+class ServerStats:
+    requests: int = 0
+    batches: int = 0
+    busy: int = 0
+    refused: int = 0  # connections closed for a bad certificate or a malformed frame
+
+
+class ExpertServer:
+    """Serves the experts held in ``backend`` over the data plane. ``start()`` binds; ``address`` is (host, port)."""
+
+    def __init__(self, backend: LocalExperts, identity: TlsIdentity, pins: Pins, limits: ModelLimits,
+                 host: str = "127.0.0.1", port: int = 0, frame_limits: FrameLimits = DEFAULT_LIMITS,
+                 timeouts: ServerTimeouts = ServerTimeouts(), max_pending: int = 64,
+                 max_batch_pairs: int = 1 << 16) -> None:
+        self.backend = backend
+        self.identity = identity
+        self.pins = pins
+        self.model = limits
+        self.frame_limits = frame_limits
+        self.timeouts = timeouts
+        self.max_pending = max_pending
+        self.max_batch_pairs = max_batch_pairs
+        self.stats = ServerStats()
+        self._ctx = make_context(identity, server=True)
+        self._listener = socket.create_server((host, port), backlog=64)
+        self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        self._cv = threading.Condition()
+        self._conns: dict[int, _Conn] = {}  # insertion order = round-robin order
+        self._n_pending = 0
+        self._computing = False  # a reader is computing a batch
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> ExpertServer:
+        t = threading.Thread(target=self._accept_loop, name="ekmesh-expert-accept", daemon=True)
+        t.start()
+        self._threads.append(t)
+        log.info("expert server for %s listening on %s:%d", self.identity.peer_id, *self.address)
+        return self
+
+    def __enter__(self) -> ExpertServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        with self._cv:
+            if self._stopping:
+                return
+            self._stopping = True
+            conns = list(self._conns.values())
+            self._cv.notify_all()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        for c in conns:
+            c.kill()
+        for t in list(self._threads):
+            t.join(timeout=5)
+
+    # --- connections -------------------------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._stopping:
+            try:
+                raw, addr = self._listener.accept()
+            except OSError:
+                return  # listener closed by stop()
+            conn = _Conn(raw, addr)
+            with self._cv:
+                if self._stopping:
+                    raw.close()
+                    return
+                self._conns[id(conn)] = conn
+            t = threading.Thread(target=self._serve_conn, args=(conn,), name="ekmesh-expert-conn", daemon=True)
+            t.start()
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+
+    def _serve_conn(self, conn: _Conn) -> None:
+        try:
+            try:
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.sock.settimeout(self.timeouts.handshake_s)
+                conn.sock = self._ctx.wrap_socket(conn.sock, server_side=True)
+                conn.peer = check_peer_cert(conn.sock, self.pins)  # type: ignore[arg-type]
+            except PeerIdentityError as exc:
+                self.stats.refused += 1
+                log.warning("refused data channel from %s: %s", conn.addr, exc)
+                return
+            except (OSError, ssl.SSLError) as exc:
+                self.stats.refused += 1
+                log.warning("data channel from %s failed its TLS handshake: %s", conn.addr, exc)
+                return
+            log.debug("data channel from peer %s (%s) open", conn.peer, conn.addr)
+            self._read_loop(conn)
+        finally:
+            with self._cv:
+                self._conns.pop(id(conn), None)
+            try:
+                conn.sock.close()
+            except OSError:
+                pass
+
+    def _send(self, conn: _Conn, data: bytes) -> bool:
+        try:
+            conn.sock.settimeout(self.timeouts.send_s)
+            conn.sock.sendall(data)
+            return True
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("sending to peer %s failed: %s", conn.peer, exc)
+            return False
+
+    def _read_loop(self, conn: _Conn) -> None:
+        while not self._stopping:
+            try:
+                f = read_frame(conn.sock, self.model, self.frame_limits, time.monotonic() + self.timeouts.idle_s,
+                               conn.peer, body_timeout=self.timeouts.body_s)
+                if f.kind not in (Kind.REQUEST, Kind.PING):
+                    raise ProtocolError(f"unexpected {f.kind.name} frame from a client")
+            except ProtocolError as exc:
+                self.stats.refused += 1
+                log.warning("closing data channel from peer %s: malformed frame: %s", conn.peer, exc)
+                self._send(conn, encode_error(0, ErrorCode.PROTOCOL, str(exc), limits=self.frame_limits))
+                return
+            except PeerClosedError as exc:
+                log.debug("data channel from peer %s closed: %s", conn.peer, exc)
+                return
+            if f.kind is Kind.PING:
+                answer = encode_ping(f.request_id, pong=True)
+            else:
+                answer = self._submit(conn, f)
+            if not self._send(conn, answer):
+                return
+
+    def _submit(self, conn: _Conn, f: Frame) -> bytes:
+        """Queues a request and waits for its answer. No worker thread: a waiting reader that finds nobody
+        computing becomes the one that computes (the next batch, round robin), which saves two thread switches
+        per request; the others wait for it, and batching across connections still happens."""
+        job = _Job(conn, f)
+        deadline = time.monotonic() + self.timeouts.compute_s
+        with self._cv:
+            self.stats.requests += 1
+            if self._n_pending >= self.max_pending:
+                self.stats.busy += 1
+                return encode_error(f.request_id, ErrorCode.BUSY, "expert server busy: request queue full",
+                                    f.layer)
+            conn.pending.append(job)
+            self._n_pending += 1
+        while True:
+            with self._cv:
+                while not job.done.is_set() and self._computing and not self._stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._cv.wait(left):
+                        if job in conn.pending:
+                            conn.pending.remove(job)
+                            self._n_pending -= 1
+                        return encode_error(f.request_id, ErrorCode.INTERNAL, "expert server timed out", f.layer)
+                if job.done.is_set():
+                    return job.answer
+                if self._stopping:
+                    return encode_error(f.request_id, ErrorCode.INTERNAL, "expert server stopping", f.layer)
+                self._computing = True
+                batch = self._take_batch()
+            try:
+                self._run(batch)
+            finally:
+                with self._cv:
+                    self._computing = False
+                    self._cv.notify_all()
+
+    # --- compute ------------------------------------------------------------------------------------------------
+    def _take_batch(self) -> list[_Job]:
+        """(Under ``_cv``.) Round robin: the first connection with work fixes the layer; then every connection,
+        in turn, adds its pending requests for that layer. The first connection moves to the back of the order."""
+        order = list(self._conns.items())
+        first = next((i for i, (_, c) in enumerate(order) if c.pending), None)
+        if first is None:
+            return []
+        key, head = order[first]
+        layer = head.pending[0].frame.layer
+        batch: list[_Job] = []
+        pairs = 0
+        for _, c in order[first:] + order[:first]:
+            keep: deque[_Job] = deque()
+            while c.pending:
+                job = c.pending.popleft()
+                n = int(job.frame.experts.shape[0]) if job.frame.experts is not None else 0
+                if job.frame.layer == layer and (not batch or pairs + n <= self.max_batch_pairs):
+                    batch.append(job)
+                    pairs += n
+                else:
+                    keep.append(job)
+            c.pending = keep
+        self._n_pending -= len(batch)
+        self._conns[key] = self._conns.pop(key)  # to the back: the next batch starts with someone else
+        return batch
+
+    def _run(self, batch: list[_Job]) -> None:
+        if not batch:
+            return
+        self.stats.batches += 1
+        try:
+            self._compute(batch)
+        except Exception as exc:  # supervisor: a bad batch must not kill the server
+            log.exception("expert compute failed for layer %d", batch[0].frame.layer)
+            for job in batch:
+                if not job.done.is_set():
+                    job.answer = encode_error(job.frame.request_id, ErrorCode.INTERNAL,
+                                              f"expert compute failed: {exc}", job.frame.layer)
+                    job.done.set()
+
+    def _compute(self, batch: list[_Job]) -> None:
+        t0 = time.perf_counter()
+        be, layer = self.backend, batch[0].frame.layer
+        ready: list[_Job] = []
+        xs: list[torch.Tensor] = []
+        ids: list[torch.Tensor] = []
+        for job in batch:
+            f = job.frame
+            assert f.tokens is not None and f.experts is not None and f.hidden is not None
+            missing = [e for e in torch.unique(f.experts).tolist() if not be.has(layer, e)]
+            if missing:
+                job.answer = encode_error(f.request_id, ErrorCode.NOT_HELD,
+                                          f"expert (layer={layer}, expert={missing[0]}) is not held by peer "
+                                          f"{self.identity.peer_id}", layer, missing[0])
+                job.done.set()
+                continue
+            hidden = f.hidden.to(be.device, be.dtype)  # [T, D]
+            xs.append(hidden[f.tokens.to(be.device, torch.long)])  # [P, D]
+            ids.append(f.experts.to(be.device, torch.long))  # [P]
+            ready.append(job)
+        if not ready:
+            return
+        e = torch.cat(ids)[:, None]  # [ΣP, 1]: one pair per row, weighted below in fp32
+        with torch.inference_mode():
+            y = be(layer, torch.cat(xs), e, torch.ones(e.shape, dtype=be.dtype, device=be.device))  # [ΣP, D]
+        us = int((time.perf_counter() - t0) * 1e6)
+        off = 0
+        for job in ready:
+            f = job.frame
+            assert f.tokens is not None and f.weights is not None and f.hidden is not None
+            p = f.tokens.shape[0]
+            w = f.weights.to(be.device)[:, None]  # [P, 1] fp32
+            out = torch.zeros(f.hidden.shape, dtype=torch.float32, device=be.device)  # [T, D]
+            out.index_add_(0, f.tokens.to(be.device, torch.long), y[off:off + p].float() * w)
+            off += p
+            job.answer = encode_response(f.request_id, layer, out.to(f.dtype), us)
+            job.done.set()

@@ -1,0 +1,92 @@
+"""Mesh == one process: experts spread over real expert-server subprocesses, the attention host holding none.
+
+fp32 on the wire, so logits must agree to 1e-6 and 32 greedy tokens must be identical; the same after a holder is
+SIGKILLed mid-generation (R = 2: a replica answers; R = 1 with a fallback: the host computes the expert from its
+source); with no replica and no fallback the error names the (layer, expert).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ekmesh.core.errors import ExpertUnavailableError
+from ekmesh.infer.generate import Generator, SamplingParams
+from ekmesh.infer.loader import load_all
+from tests.infer.dataplane.mesh import Mesh, spread
+from tests.tiny_models import make_tiny
+
+TOL = 1e-6
+GREEDY = SamplingParams(max_tokens=32, stop_ids=frozenset())
+
+
+def _prompt(vocab: int, n: int = 11) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+def _stream_killing(gen: Generator, prompt: list[int], victim: Mesh, peer: str, after: int) -> list[int]:
+    out = []
+    for i, ev in enumerate(gen.stream(prompt, GREEDY)):
+        out.append(ev.token_id)
+        if i == after:
+            victim.procs[peer].kill()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_mesh_equals_one_process(arch, tmp_path):
+    path, _ = make_tiny(arch, tmp_path / arch)
+    ckpt, model, experts = load_all(path)
+    one = Generator(model, experts)
+    prompt = _prompt(ckpt.config.vocab_size)
+    mesh = Mesh(path, spread(ckpt, ["p0", "p1"], replicas=1))
+    try:
+        remote = mesh.backend()
+        gen = Generator(model, remote)
+        diff = (gen.logits(prompt) - one.logits(prompt)).abs().max().item()
+        print(f"{arch}: max |mesh - one process| logits = {diff:.3g}")
+        assert diff <= TOL
+        assert gen.generate(prompt, GREEDY).token_ids == one.generate(prompt, GREEDY).token_ids
+        stats = remote.stats()
+        assert set(stats) == {"p0", "p1"} and all(s.round_trips > 0 and s.failures == 0 for s in stats.values())
+        assert not remote.local.held()  # type: ignore[union-attr]
+    finally:
+        mesh.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_sigkill_a_holder_mid_generation(tmp_path):
+    path, _ = make_tiny("qwen3_moe", tmp_path / "m")
+    ckpt, model, experts = load_all(path)
+    prompt = _prompt(ckpt.config.vocab_size)
+    expected = Generator(model, experts).generate(prompt, GREEDY).token_ids
+
+    # R = 2 over 3 peers: a replica takes over
+    mesh = Mesh(path, spread(ckpt, ["p0", "p1", "p2"], replicas=2))
+    try:
+        remote = mesh.backend()
+        assert _stream_killing(Generator(model, remote), prompt, mesh, "p0", after=8) == expected
+        stats = remote.stats()
+        assert stats["p0"].failures >= 1 and stats["p1"].failures == stats["p2"].failures == 0
+        assert not remote.local.held()  # type: ignore[union-attr]
+    finally:
+        mesh.close()
+
+    # R = 1 over 2 peers: the host fetches the lost experts from their source; without a source, a clear error
+    mesh = Mesh(path, spread(ckpt, ["p0", "p1"], replicas=1))
+    try:
+        remote = mesh.backend(with_fallback=True)
+        assert _stream_killing(Generator(model, remote), prompt, mesh, "p1", after=8) == expected
+        held = remote.local.held()  # type: ignore[union-attr]
+        assert held and all((layer, e) in mesh.procs["p1"].experts for layer, es in held.items() for e in es)
+
+        bare = mesh.backend(with_fallback=False)
+        with pytest.raises(ExpertUnavailableError) as info:
+            Generator(model, bare).generate(prompt, GREEDY)
+        assert (info.value.layer, info.value.expert) in mesh.procs["p1"].experts
+        assert f"(layer={info.value.layer}, expert={info.value.expert})" in str(info.value)
+    finally:
+        mesh.close()
