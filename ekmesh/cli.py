@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ekmesh import __version__
+from ekmesh import __version__, cli_registry
 from ekmesh.core.errors import EkmeshError
 
 
@@ -31,8 +31,9 @@ def _parse_ids(text: str) -> list[int]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from ekmesh.infer.generate import SamplingParams
     from ekmesh.infer.session import LocalModel
+    from ekmesh.registry import open_model
 
-    lm = LocalModel.open(args.model, device=args.device, dtype=args.dtype)
+    lm = LocalModel.open(open_model(args.model), device=args.device, dtype=args.dtype)
     ids = args.prompt_ids if args.prompt_ids is not None else lm.encode_prompt(args.prompt, chat=args.chat,
                                                                                system=args.system)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -72,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    g = sub.add_parser("generate", help="generate text in this process from a checkpoint directory")
-    g.add_argument("model", help="a Hugging Face checkpoint directory (config.json + safetensors)")
+    g = sub.add_parser("generate", help="generate text in this process from a checkpoint directory or the registry")
+    g.add_argument("model", help="a Hugging Face checkpoint directory (config.json + safetensors), or a model id or "
+                                 "alias in the registry (`ekmesh models`)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
     src.add_argument("--prompt-ids", type=_parse_ids, help="prompt as comma-separated token ids, e.g. 1,2,3")
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object with token_ids and text")
     g.set_defaults(func=cmd_generate)
 
+    cli_registry.register(sub)
     if importlib.util.find_spec("ekmesh.cli_mesh") is not None:
         cli_mesh = importlib.import_module("ekmesh.cli_mesh")
         cli_mesh.register(sub)

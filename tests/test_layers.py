@@ -1,6 +1,6 @@
 """The layer rule, checked on the source: each package imports only downward (DESIGN.md "Layers").
 
-    cli.py, cli_mesh.py, tui/   ->  node.py  ->  infer/ | shard/ | discovery/  ->  core/
+    cli.py, cli_*.py, tui/   ->  node.py, registry.py  ->  infer/ | shard/ | discovery/  ->  core/
 
 Every import statement counts, including those inside functions (lazy imports still are dependencies), except in
 cli.py / cli_mesh.py, whose handlers import the layers they run lazily by design: there only module-level
@@ -19,14 +19,15 @@ ROOT = Path(__file__).resolve().parents[1] / "ekmesh"
 
 # package -> ekmesh packages and third-party roots it must not import
 RULES: dict[str, tuple[set[str], set[str]]] = {
-    "core": ({"infer", "shard", "discovery", "node", "api", "cli", "cli_mesh", "tui"}, {"torch", "libp2p", "trio"}),
-    "discovery": ({"infer", "shard", "node", "api", "cli", "cli_mesh", "tui"}, {"torch"}),
-    "infer": ({"shard", "discovery", "node", "api", "cli", "cli_mesh", "tui"}, {"libp2p", "trio"}),
-    "shard": ({"infer", "discovery", "node", "api", "cli", "cli_mesh", "tui"}, set()),
-    "node": ({"cli", "cli_mesh", "tui"}, set()),
-    "tui": ({"infer", "shard", "discovery", "node"}, {"torch", "libp2p", "trio"}),
+    "core": ({"infer", "shard", "discovery", "node", "registry", "cli_registry", "api", "cli", "cli_mesh", "tui"}, {"torch", "libp2p", "trio"}),
+    "discovery": ({"infer", "shard", "node", "registry", "cli_registry", "api", "cli", "cli_mesh", "tui"}, {"torch"}),
+    "infer": ({"shard", "discovery", "node", "registry", "cli_registry", "api", "cli", "cli_mesh", "tui"}, {"libp2p", "trio"}),
+    "shard": ({"infer", "discovery", "node", "registry", "cli_registry", "api", "cli", "cli_mesh", "tui"}, set()),
+    "node": ({"cli", "cli_mesh", "cli_registry", "tui"}, set()),
+    "registry": ({"cli", "cli_mesh", "cli_registry", "tui", "node"}, set()),
+    "tui": ({"infer", "shard", "discovery", "node", "registry"}, {"torch", "libp2p", "trio"}),
 }
-TOP_LEVEL_ONLY = {"cli": {"torch", "libp2p", "trio"}, "cli_mesh": {"torch", "libp2p", "trio"}}
+TOP_LEVEL_ONLY = {m: {"torch", "libp2p", "trio"} for m in ("cli", "cli_mesh", "cli_registry")}
 
 
 def _package(path: Path) -> str:

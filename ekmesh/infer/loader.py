@@ -1,9 +1,12 @@
 """Loading a model from a Hugging Face checkpoint directory (config.json + safetensors shards + optional index).
 
 Responsibilities:
-- ``CheckpointReader`` reads single tensors (or one expert's slice of a fused tensor) lazily from safetensors
-  files, dequantizes FP8 block-scaled weights (``weight_scale_inv``) on read, and logs every tensor name it read
-  (``read_log``) so callers can prove what was touched.
+- ``CheckpointReader`` (``has`` / ``shape`` / ``raw(name, index)`` / ``get`` / ``swiglu_expert`` / ``read_log``)
+  reads single tensors (or one expert's row of a fused tensor) lazily from a ``TensorSource``, dequantizes FP8
+  block-scaled weights (``weight_scale_inv``) on read, and logs every read so callers can prove what was touched.
+  ``DirectorySource`` is the safetensors-directory source; the registry's store is another (it lives in
+  ``ekmesh.shard`` and satisfies the protocol structurally: infer never imports shard, and the wiring layer opens
+  it with ``Checkpoint.from_source``).
 - ``load_dense`` builds the dense part on the meta device and materialises only dense tensors: no expert tensor
   is read. ``load_experts`` reads a chosen set of (layer, expert) into an experts backend, and nothing else.
 - Errors name the tensor (``MissingTensorError``, ``TensorShapeError``) or list the supported architectures.
@@ -22,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -51,13 +54,78 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-class CheckpointReader:
-    """Lazy, logged access to the tensors of a checkpoint directory."""
+class TensorSource(Protocol):
+    """Where a ``CheckpointReader`` gets stored tensors: a checkpoint directory, the registry's store, headers.
 
-    def __init__(self, path: str | os.PathLike[str], quantization_config: dict[str, Any] | None = None) -> None:
-        self.path = Path(path)
+    ``read`` returns the tensor ``name`` (or its ``index``-th row along dim 0) exactly as stored; ``shape`` reads no
+    data. Implementations raise ``MissingTensorError`` for a name they do not hold, ``CheckpointError`` (or a
+    subclass) when the bytes cannot be read. Structural: an implementation need not import infer.
+    """
+
+    def names(self) -> list[str]: ...
+    def has(self, name: str) -> bool: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def read(self, name: str, index: int | None) -> torch.Tensor: ...
+
+
+class CheckpointReader:
+    """Lazy, logged access to a checkpoint's tensors, over any ``TensorSource``: what the loader and the families
+    read through. ``raw`` logs every read in ``read_log`` (``name`` or ``name[index]``); ``get`` dequantizes and
+    ``swiglu_expert`` lays out experts identically whatever the source."""
+
+    def __init__(self, source: TensorSource, quantization_config: dict[str, Any] | None = None) -> None:
+        self.source = source
         self.fp8_block = fp8_block_size(quantization_config) or (128, 128)
         self.read_log: list[str] = []
+
+    def names(self) -> list[str]:
+        return self.source.names()
+
+    def has(self, name: str) -> bool:
+        return self.source.has(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(name)
+
+    def raw(self, name: str, index: int | None = None) -> torch.Tensor:
+        """The stored tensor (or its ``index``-th row along dim 0), as stored; logged in ``read_log``."""
+        t = self.source.read(name, index)
+        self.read_log.append(name if index is None else f"{name}[{index}]")
+        return t
+
+    def get(self, name: str, index: int | None = None) -> torch.Tensor:
+        """A float tensor: FP8 weights are dequantized with their ``weight_scale_inv`` blocks."""
+        t = self.raw(name, index)
+        if t.dtype in _FP8:
+            scale_name = name + "_scale_inv"
+            if not self.has(scale_name):
+                raise MissingTensorError(scale_name, f"needed to dequantize FP8 tensor {name!r}")
+            t = dequant_fp8_block(t, self.raw(scale_name, index), self.fp8_block, name=name)
+        return t
+
+    def swiglu_expert(self, prefix: str, expert: int, spec: ExpertSpec,
+                      names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> ExpertWeights:
+        """One SwiGLU expert from per-expert tensors or the fused v5 layout (see module docstring)."""
+        g, u, d = (f"{prefix}.{expert}.{n}.weight" for n in names)
+        if self.has(g):
+            w = ExpertWeights(torch.cat([self.get(g), self.get(u)], dim=0), self.get(d))  # [2I, D], [D, I]
+        elif self.has(f"{prefix}.gate_up_proj"):
+            for fused in (f"{prefix}.gate_up_proj", f"{prefix}.down_proj"):
+                shp = self.shape(fused)
+                if len(shp) != 3 or shp[0] != spec.num_experts:
+                    raise TensorShapeError(fused, f"[{spec.num_experts}, ...]", shp)
+            w = ExpertWeights(self.get(f"{prefix}.gate_up_proj", expert), self.get(f"{prefix}.down_proj", expert))
+        else:
+            raise MissingTensorError(g, f"nor fused {prefix}.gate_up_proj")
+        w.check(spec, f"{prefix}.{expert}")
+        return w
+
+
+class DirectorySource:
+    """A checkpoint directory as a ``TensorSource``: one safetensors file, or several with an index."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
         self._handles: dict[str, Any] = {}
         index = self.path / "model.safetensors.index.json"
         self._where: dict[str, str] = {}
@@ -105,65 +173,58 @@ class CheckpointReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
 
-    def raw(self, name: str, index: int | None = None) -> torch.Tensor:
-        """The stored tensor (or its ``index``-th row along dim 0), as stored."""
+    def read(self, name: str, index: int | None) -> torch.Tensor:
         sl = self._slice(name)
-        self.read_log.append(name if index is None else f"{name}[{index}]")
         try:
             return sl[index] if index is not None else sl[:]
         except (SafetensorError, OSError, IndexError) as exc:
             raise CheckpointError(f"cannot read tensor {name!r}: {exc}") from exc
 
-    def get(self, name: str, index: int | None = None) -> torch.Tensor:
-        """A float tensor: FP8 weights are dequantized with their ``weight_scale_inv`` blocks."""
-        t = self.raw(name, index)
-        if t.dtype in _FP8:
-            scale_name = name + "_scale_inv"
-            if not self.has(scale_name):
-                raise MissingTensorError(scale_name, f"needed to dequantize FP8 tensor {name!r}")
-            t = dequant_fp8_block(t, self.raw(scale_name, index), self.fp8_block, name=name)
-        return t
 
-    def swiglu_expert(self, prefix: str, expert: int, spec: ExpertSpec,
-                      names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> ExpertWeights:
-        """One SwiGLU expert from per-expert tensors or the fused v5 layout (see module docstring)."""
-        g, u, d = (f"{prefix}.{expert}.{n}.weight" for n in names)
-        if self.has(g):
-            w = ExpertWeights(torch.cat([self.get(g), self.get(u)], dim=0), self.get(d))  # [2I, D], [D, I]
-        elif self.has(f"{prefix}.gate_up_proj"):
-            for fused in (f"{prefix}.gate_up_proj", f"{prefix}.down_proj"):
-                shp = self.shape(fused)
-                if len(shp) != 3 or shp[0] != spec.num_experts:
-                    raise TensorShapeError(fused, f"[{spec.num_experts}, ...]", shp)
-            w = ExpertWeights(self.get(f"{prefix}.gate_up_proj", expert), self.get(f"{prefix}.down_proj", expert))
-        else:
-            raise MissingTensorError(g, f"nor fused {prefix}.gate_up_proj")
-        w.check(spec, f"{prefix}.{expert}")
-        return w
+def _family_config(hf: dict[str, Any], where: str) -> tuple[ModuleType, Any]:
+    fam = family_for(hf)
+    try:
+        return fam, fam.Config.from_hf_config(hf)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: invalid value: {exc}") from exc
 
 
 @dataclass
 class Checkpoint:
-    """A checkpoint directory resolved to its family and parsed config."""
+    """A checkpoint resolved to its family and parsed config, read through ``reader``.
+
+    ``path`` is the directory holding ``config.json`` and the tokenizer files (for a store-backed checkpoint, a
+    private directory of verified copies); ``label`` is how messages name the checkpoint (its path, or a model
+    id / alias).
+    """
 
     path: Path
     hf_config: dict[str, Any]
     family: ModuleType
     config: Any
     reader: CheckpointReader
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            self.label = str(self.path)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Checkpoint:
+        """A checkpoint directory (config.json + safetensors shards)."""
         p = Path(path)
         if not p.is_dir():
             raise CheckpointError(f"{p} is not a checkpoint directory")
         hf = read_json(p / "config.json")
-        fam = family_for(hf)
-        try:
-            cfg = fam.Config.from_hf_config(hf)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"{p / 'config.json'}: invalid value: {exc}") from exc
-        return cls(p, hf, fam, cfg, CheckpointReader(p, hf.get("quantization_config")))
+        fam, cfg = _family_config(hf, str(p / "config.json"))
+        return cls(p, hf, fam, cfg, CheckpointReader(DirectorySource(p), hf.get("quantization_config")))
+
+    @classmethod
+    def from_source(cls, files_dir: Path, hf: dict[str, Any], source: TensorSource,
+                    label: str = "") -> Checkpoint:
+        """A checkpoint from its HF config and any tensor source (e.g. the registry's store)."""
+        fam, cfg = _family_config(hf, label or str(files_dir / "config.json"))
+        return cls(files_dir, hf, fam, cfg, CheckpointReader(source, hf.get("quantization_config")), label)
 
     def expert_addresses(self) -> list[tuple[int, int]]:
         """Every routed (layer, expert) of the model, layers ascending."""
@@ -212,10 +273,12 @@ def load_experts(ckpt: Checkpoint, backend: LocalExperts,
     return n
 
 
-def load_all(path: str | os.PathLike[str], device: torch.device | str = "cpu",
+def load_all(source: str | os.PathLike[str] | Checkpoint, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> tuple[Checkpoint, CausalLM, LocalExperts]:
-    """One-process convenience: the dense part and every routed expert, on one device."""
-    ckpt = Checkpoint.open(path)
+    """One-process convenience: the dense part and every routed expert, on one device.
+
+    ``source`` is a checkpoint directory or an opened ``Checkpoint`` (e.g. one from the registry)."""
+    ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source)
     model = load_dense(ckpt, device, dtype)
     experts = LocalExperts(ckpt.config.expert_spec(), device, dtype)
     load_experts(ckpt, experts)

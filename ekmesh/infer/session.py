@@ -50,10 +50,12 @@ class LocalModel:
     dtype: torch.dtype
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], device: str | None = None, dtype: str | None = None) -> LocalModel:
+    def open(cls, source: str | os.PathLike[str] | Checkpoint, device: str | None = None,
+             dtype: str | None = None) -> LocalModel:
+        """``source``: a checkpoint directory, or an opened ``Checkpoint`` (e.g. one the registry resolved)."""
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
-        ckpt = Checkpoint.open(path)
+        ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source)
         model = load_dense(ckpt, dev, dt)
         experts = LocalExperts(ckpt.config.expert_spec(), dev, dt)
         load_experts(ckpt, experts)
@@ -63,7 +65,7 @@ class LocalModel:
 
     def encode_prompt(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:
         if self.tokenizer is None:
-            raise TokenizerError(f"{self.checkpoint.path} has no tokenizer.json; pass token ids instead of text")
+            raise TokenizerError(f"{self.checkpoint.label} has no tokenizer.json; pass token ids instead of text")
         if chat:
             msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
             return self.tokenizer.encode_chat(msgs, add_generation_prompt=True)

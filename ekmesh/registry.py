@@ -1,0 +1,49 @@
+"""Wires the registry (``ekmesh.shard``) to the loader (``ekmesh.infer``): import with infer's read plan, and open
+a stored model as a ``Checkpoint``.
+
+This sits at the node level (like ``node.py``): shard and infer are siblings that never import each other, so the
+one thing that needs both — cutting a checkpoint into blobs by what the loader reads, and loading from blobs —
+is joined here. ``open_model`` is what ``ekmesh generate MODEL`` uses: a directory stays a path, anything else is a
+model id, id prefix or alias in the store.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ekmesh.core.errors import CheckpointError, ShardMissingError
+from ekmesh.infer.loader import Checkpoint
+from ekmesh.infer.readplan import read_plan
+from ekmesh.shard import importer
+from ekmesh.shard.importer import ImportResult, Progress
+from ekmesh.shard.reader import open_store_model
+from ekmesh.shard.store import Store
+
+
+def import_full(ref: str, revision: str | None = None, alias: str | None = None, store: Store | None = None,
+                progress: Progress | None = None) -> ImportResult:
+    return importer.import_full(ref, read_plan, revision=revision, alias=alias, store=store, progress=progress)
+
+
+def import_partial(ref: str, spec: str, revision: str | None = None, alias: str | None = None,
+                   store: Store | None = None, progress: Progress | None = None) -> ImportResult:
+    return importer.import_partial(ref, spec, revision=revision, alias=alias, store=store, progress=progress)
+
+
+def open_checkpoint(ref: str, store: Store | None = None) -> Checkpoint:
+    """The stored model ``ref`` as a lazily-read ``Checkpoint`` (``ckpt.reader.source.opened`` lists the blobs)."""
+    sm = open_store_model(ref, store)
+    return Checkpoint.from_source(sm.files_dir, sm.hf_config, sm.tensors, sm.label)
+
+
+def open_model(model: str) -> str | Checkpoint:
+    """A checkpoint directory path as given, or the store's ``Checkpoint`` for a model id / alias."""
+    if os.path.isdir(model):
+        return model
+    store = Store()
+    try:
+        store.resolve(model)
+    except ShardMissingError as exc:
+        raise CheckpointError(f"{model} is not a checkpoint directory, nor a model id or alias in the store "
+                              f"(see `ekmesh models`)") from exc
+    return open_checkpoint(model, store)
