@@ -39,6 +39,13 @@ def register(subparsers: Any) -> None:
     join.add_argument("--memory", type=float, metavar="GB", help="memory offered to the mesh, in GiB")
     join.add_argument("--no-mdns", action="store_true", help="do not discover peers on the LAN with mDNS")
     join.add_argument("--no-dht", action="store_true", help="do not use the Kademlia DHT rendezvous")
+    join.add_argument("--no-relay", action="store_true",
+                      help="do not relay connections for other peers (circuit relay v2; on by default)")
+    join.add_argument("--relay-via", action="append", default=[], metavar="MULTIADDR",
+                      help="reserve a relay slot on this peer too (repeatable; implies --peer); by default every "
+                           "--peer is used as a relay, so peers that cannot dial this node reach it through one")
+    join.add_argument("--no-reserve", action="store_true",
+                      help="reserve no relay slot: only peers that can dial this node directly reach it")
     join.add_argument("--advert-interval", type=float, metavar="S", help="seconds between adverts and pings")
     join.add_argument("--down-after", type=float, metavar="S",
                       help="mark a peer down after this many seconds without adverts (default 10)")
@@ -98,7 +105,8 @@ def cmd_join(args: argparse.Namespace) -> int:
         config = NodeConfig(
             home=ekmesh_home(), listen=args.listen, peers=args.peer,
             mesh_key=MeshKey.from_options(args.mesh_key, args.mesh_key_file), name=args.name,
-            memory_gib=args.memory, mdns=not args.no_mdns, dht=not args.no_dht, timeouts=timeouts)
+            memory_gib=args.memory, mdns=not args.no_mdns, dht=not args.no_dht, relay=not args.no_relay,
+            relay_via=args.relay_via, reserve=not args.no_reserve, timeouts=timeouts)
         node = Node(config, on_event=lambda ev: _print_event(ev, args.json))
         trio.run(node.run)
     except EkmeshError as exc:

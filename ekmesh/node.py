@@ -1,8 +1,10 @@
 """The node: the one place where ekmesh's parts are wired together.
 
 For now a node is: a persistent identity, a Noise-only libp2p host, discovery (``--peer`` bootstrap, mDNS,
-Kademlia rendezvous), membership (signed adverts, failure detection, leave on shutdown) and the local control
-endpoint that ``ekmesh status`` talks to. Shard and inference parts will plug in here: they publish what this
+Kademlia rendezvous), circuit relay (relaying for others, reserving a slot on its bootstrap and ``--relay-via``
+peers and advertising the ``/p2p-circuit`` addresses, dialing peers through relays: see ``discovery.relay``),
+membership (signed adverts, failure detection, leave on shutdown) and the local control endpoint that
+``ekmesh status`` talks to. Shard and inference parts will plug in here: they publish what this
 node holds through ``set_models`` / ``set_data_addr`` and read the mesh through ``snapshot``.
 
 Lifecycle: ``run`` locks ``EKMESH_HOME`` (one node per home), starts everything, reports ``started`` (peer id and
@@ -32,12 +34,13 @@ from libp2p.peer.id import ID
 from ekmesh import __version__
 from ekmesh.core.errors import ConfigError
 from ekmesh.discovery import host as hostlib
-from ekmesh.discovery.advert import Advert, Device, ModelReady, SignedAdvert, sign_advert
+from ekmesh.discovery.advert import MAX_ADDRS, Advert, Device, ModelReady, SignedAdvert, sign_advert
 from ekmesh.discovery.config import MeshKey, MeshTimeouts
 from ekmesh.discovery.control import ControlServer, acquire_home_lock
 from ekmesh.discovery.identity import load_or_create_identity, peer_id_of
 from ekmesh.discovery.mdns import MdnsDiscovery
 from ekmesh.discovery.membership import Membership
+from ekmesh.discovery.relay import Relay
 from ekmesh.discovery.rendezvous import Rendezvous
 from ekmesh.discovery.snapshot import build_snapshot
 from ekmesh.discovery.view import MeshView, ViewEvent
@@ -58,6 +61,12 @@ class NodeConfig:
     memory_gib: float | None = None
     mdns: bool = True
     dht: bool = True
+    relay: bool = True
+    """Serve as a circuit relay for other members (hop); off with ``--no-relay``."""
+    relay_via: list[str] = field(default_factory=list)
+    """Relays to reserve a slot on, besides the bootstrap peers; they are dialed like ``--peer`` ones."""
+    reserve: bool = True
+    """Reserve a slot on the bootstrap and ``relay_via`` peers and advertise the circuit addresses."""
     timeouts: MeshTimeouts = field(default_factory=MeshTimeouts)
 
 
@@ -69,6 +78,10 @@ class Node:
         self.config = config
         self.on_event = on_event
         self.bootstrap = [hostlib.split_peer_addr(p) for p in config.peers]  # validate before starting
+        self.relay_via = [hostlib.split_peer_addr(p) for p in config.relay_via]
+        for peer_id, addr in self.relay_via:
+            if "/p2p-circuit" in str(addr):
+                raise ConfigError(f"--relay-via {addr}/p2p/{peer_id}: a relay must be reachable directly")
         self.key_pair = load_or_create_identity(config.home)
         self.peer_id = peer_id_of(self.key_pair).to_base58()
         self.name = config.name or socket.gethostname()
@@ -79,6 +92,7 @@ class Node:
         total = psutil.virtual_memory().total
         self.devices = [Device("cpu", platform.processor() or platform.machine(), total)]
         self.view: MeshView | None = None
+        self.relay: Relay | None = None
         self._membership: Membership | None = None
         self._incarnation = 0
         self._seq = 0
@@ -95,7 +109,16 @@ class Node:
     def snapshot(self) -> dict[str, Any]:
         assert self.view is not None, "snapshot() before run() started"
         mesh = self.config.mesh_key
-        return build_snapshot(self.view, self.addrs, mesh.is_open, mesh.key_id)
+        snap = build_snapshot(self.view, self.addrs, mesh.is_open, mesh.key_id)
+        relay = self.relay
+        # Beside the schema-1 fields of ``build_snapshot``: whether this node relays for others, the circuit
+        # addresses it advertises (live reservations), and the peers it reaches only through a relay.
+        snap["relay"] = {
+            "serving": bool(relay and relay.serve),
+            "circuit_addrs": relay.circuit_addrs() if relay else [],
+            "relayed_peers": relay.relayed_peers() if relay else [],
+        }
+        return snap
 
     def stop(self) -> None:
         self._stop.set()
@@ -119,14 +142,19 @@ class Node:
         self.addrs = hostlib.public_addrs(host)
         self.view = MeshView(self._advert("up"), timeouts)
         rendezvous = Rendezvous(host, cfg.mesh_key.rendezvous, timeouts, self._found) if cfg.dht else None
+        relay = self.relay = Relay(host, cfg.mesh_key.psk_hex, timeouts, serve=cfg.relay)
         membership = Membership(host, self.view, timeouts, self._advert, self._events,
-                                on_connected=rendezvous.peer_connected if rendezvous else lambda _p: None)
-        for peer_id, addr in self.bootstrap:
+                                on_connected=rendezvous.peer_connected if rendezvous else lambda _p: None,
+                                dial_circuit=relay.dial)
+        for peer_id, addr in self.bootstrap + self.relay_via:
             membership.add_bootstrap(peer_id, addr)
+            if cfg.reserve:
+                relay.add_relay(peer_id, addr)
         self._membership = membership
         control = ControlServer(cfg.home, self.peer_id, self._control, timeouts.control_timeout)
         async with trio.open_nursery() as nursery:
             await nursery.start(control.run)
+            await nursery.start(relay.run)
             nursery.start_soon(membership.run)
             if rendezvous is not None:
                 nursery.start_soon(rendezvous.run)
@@ -173,11 +201,16 @@ class Node:
         load1 = os.getloadavg()[0] / (os.cpu_count() or 1)
         advert = Advert(
             peer_id=self.peer_id, incarnation=self._incarnation, seq=self._seq, state=state,
-            name=self.name[:64], version=__version__, addrs=tuple(self.addrs[:16]), devices=tuple(self.devices),
+            name=self.name[:64], version=__version__, addrs=self._advert_addrs(), devices=tuple(self.devices),
             memory_total=total, memory_free=min(total, vm.available), speed=self.speed,
             data_addr=self.data_addr, models=dict(self.models), load=round(load1, 3),
         )
         return sign_advert(advert, self.key_pair.private_key)
+
+    def _advert_addrs(self) -> tuple[str, ...]:
+        """Direct addresses first (peers dial in order), then relayed ones; at most ``MAX_ADDRS``."""
+        circuits = self.relay.circuit_addrs()[:MAX_ADDRS // 2] if self.relay is not None else []
+        return tuple(self.addrs[:MAX_ADDRS - len(circuits)] + circuits)
 
     def _found(self, peer_id: str, addrs: list[multiaddr.Multiaddr]) -> None:
         try:

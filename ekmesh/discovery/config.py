@@ -58,6 +58,9 @@ class MeshTimeouts:
     """Resolve one mDNS service record."""
     control_timeout: float = 5.0
     """One request to the local control endpoint (both ends)."""
+    relay_refresh_interval: float = 300.0
+    """How often a node renews its reservation on each relay (at once when its connection to the relay changed);
+    also the wait before asking again a relay that refused."""
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():

@@ -15,7 +15,7 @@ import errno
 import json
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import multiaddr
@@ -32,8 +32,9 @@ from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from multiaddr.protocols import P_P2P
 
-from ekmesh.core.errors import ConfigError, PeerClosedError, PeerUnreachableError, ProtocolError
+from ekmesh.core.errors import ConfigError, PeerClosedError, PeerError, PeerUnreachableError, ProtocolError
 from ekmesh.discovery.config import DEFAULT_PORT, MeshKey, MeshTimeouts
 
 MAX_FRAME = 1 << 20
@@ -115,13 +116,14 @@ def _interface_ipv4() -> list[str]:
 
 
 def split_peer_addr(text: str) -> tuple[str, multiaddr.Multiaddr]:
-    """Split ``/ip4/.../tcp/N/p2p/ID`` into (peer id, transport address); the peer id part is required."""
+    """Split ``/ip4/.../tcp/N/p2p/ID`` into (peer id, transport address); the peer id part is required.
+
+    A relayed address ``<relay addr>/p2p/RELAY/p2p-circuit/p2p/ID`` names its target last: it splits into
+    (ID, ``<relay addr>/p2p/RELAY/p2p-circuit``).
+    """
     addr = parse_multiaddr(text, "--peer")
-    try:
-        peer_id = addr.value_for_protocol("p2p")
-    except Exception:  # ProtocolLookupError when there is no /p2p part
-        peer_id = None
-    if not peer_id:
+    peer_id = addr.get_peer_id()  # the last /p2p part
+    if not peer_id or not addr.protocols() or addr.protocols()[-1].code != P_P2P:
         raise ConfigError(
             f"--peer {text!r} has no /p2p/<peer id> part; use a full address as printed by `ekmesh join`"
         )
@@ -129,15 +131,23 @@ def split_peer_addr(text: str) -> tuple[str, multiaddr.Multiaddr]:
         ID.from_base58(peer_id)
     except ValueError as exc:
         raise ConfigError(f"--peer {text!r}: {peer_id!r} is not a peer id") from exc
-    return peer_id, addr.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer_id}"))
+    return peer_id, addr.decapsulate_code(P_P2P)
 
 
 def is_connected(host: IHost, peer_id: ID) -> bool:
     return any(not c.is_closed for c in host.get_network().get_connections(peer_id))
 
 
-async def connect(host: IHost, peer_id: ID, addrs: Sequence[multiaddr.Multiaddr], timeouts: MeshTimeouts) -> None:
-    """Make sure there is a connection to ``peer_id``, dialing ``addrs`` in order; ``PeerUnreachableError`` if not."""
+CircuitDialer = Callable[[ID, multiaddr.Multiaddr], Awaitable[None]]
+
+
+async def connect(host: IHost, peer_id: ID, addrs: Sequence[multiaddr.Multiaddr], timeouts: MeshTimeouts,
+                  dial_circuit: CircuitDialer | None = None) -> None:
+    """Make sure there is a connection to ``peer_id``; ``PeerUnreachableError`` if not.
+
+    Direct addresses are dialed first, in order, within ``connect_timeout``; then relayed (``/p2p-circuit``)
+    addresses through ``dial_circuit``, each within its own ``connect_timeout``.
+    """
     if is_connected(host, peer_id):
         return
     network = host.get_network()
@@ -145,14 +155,31 @@ async def connect(host: IHost, peer_id: ID, addrs: Sequence[multiaddr.Multiaddr]
     if isinstance(network, Swarm):
         network.unblock_peer(peer_id)
     errors = []
-    with trio.move_on_after(timeouts.connect_timeout):
-        for addr in addrs:
+    direct = [a for a in addrs if "/p2p-circuit" not in str(a)]
+    relayed = [a for a in addrs if "/p2p-circuit" in str(a)]
+    with trio.move_on_after(timeouts.connect_timeout) as scope:
+        for addr in direct:
             try:
                 await network.dial_addr(addr, peer_id)
                 host.get_peerstore().add_addrs(peer_id, [addr], int(timeouts.forget_after))
                 return
             except NET_ERRORS as exc:
                 errors.append(f"{addr}: {exc or type(exc).__name__}")
+    if scope.cancelled_caught:
+        errors.append(f"no direct answer within {timeouts.connect_timeout:g}s")
+    if relayed and dial_circuit is None:
+        errors.append("relayed addresses not dialed (no relay dialer)")
+    for addr in relayed if dial_circuit is not None else []:
+        if is_connected(host, peer_id):
+            return
+        with trio.move_on_after(timeouts.connect_timeout) as scope:
+            try:
+                await dial_circuit(peer_id, addr)  # type: ignore[misc]  # mypy loses the narrowing in the loop
+                return
+            except (PeerError, ProtocolError, *NET_ERRORS) as exc:
+                errors.append(f"{addr}: {exc or type(exc).__name__}")
+        if scope.cancelled_caught:
+            errors.append(f"{addr}: no answer through the relay within {timeouts.connect_timeout:g}s")
     if is_connected(host, peer_id):  # it dialed us meanwhile
         return
     detail = "; ".join(errors) or f"no answer within {timeouts.connect_timeout:g}s (down, or another mesh key?)"

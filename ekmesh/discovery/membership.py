@@ -3,8 +3,9 @@
 Equivalent of gossip, chosen over py-libp2p's gossipsub because gossipsub drops messages silently under its
 rate limits and queue sizes (see DESIGN.md) and cannot tell a slow peer from a dead one. Each node, every
 ``advert_interval``, for every peer it knows (or was told to dial):
-  1. makes sure a connection exists (dialing the addresses of the peer's advert in order, with backoff for
-     peers that failed);
+  1. makes sure a connection exists (dialing the addresses of the peer's advert in order, direct ones first and
+     then its ``/p2p-circuit`` addresses through ``dial_circuit`` (see ``relay``), with backoff for peers that
+     failed);
   2. pings it (libp2p ping; measures RTT);
   3. syncs: sends its own fresh advert and a digest ``{peer id: [incarnation, seq]}`` of its view, and gets back
      every advert the other side holds that is newer than the digest.
@@ -49,8 +50,10 @@ class Membership:
     def __init__(self, host: IHost, view: MeshView, timeouts: MeshTimeouts,
                  make_advert: Callable[[str], SignedAdvert],
                  on_events: Callable[[list[ViewEvent]], None],
-                 on_connected: Callable[[ID], None] = lambda _pid: None) -> None:
+                 on_connected: Callable[[ID], None] = lambda _pid: None,
+                 dial_circuit: hostlib.CircuitDialer | None = None) -> None:
         self.host = host
+        self.dial_circuit = dial_circuit
         self.view = view
         self.timeouts = timeouts
         self.make_advert = make_advert
@@ -135,7 +138,7 @@ class Membership:
     async def _visit(self, peer_id: str, addrs: list[multiaddr.Multiaddr]) -> None:
         pid = ID.from_base58(peer_id)
         try:
-            await hostlib.connect(self.host, pid, addrs, self.timeouts)
+            await hostlib.connect(self.host, pid, addrs, self.timeouts, self.dial_circuit)
             rtt_ms = await self._ping(pid)
             await self._sync(pid)
         except (PeerError, ProtocolError) as exc:
