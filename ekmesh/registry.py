@@ -4,7 +4,9 @@ a stored model as a ``Checkpoint``.
 This sits at the node level (like ``node.py``): shard and infer are siblings that never import each other, so the
 one thing that needs both — cutting a checkpoint into blobs by what the loader reads, and loading from blobs —
 is joined here. ``open_model`` is what ``ekmesh generate MODEL`` uses: a directory stays a path, anything else is a
-model id, id prefix or alias in the store.
+model id, id prefix or alias in the store. A name the user's store does not know is looked up in the read-only
+store shipped inside the package (``shard.store.packaged_store``), so ``ekmesh generate builtin`` works offline on
+a fresh machine; the user's store wins where both know a name.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ekmesh.infer.readplan import read_plan
 from ekmesh.shard import importer
 from ekmesh.shard.importer import ImportResult, Progress
 from ekmesh.shard.reader import open_store_model
-from ekmesh.shard.store import Store
+from ekmesh.shard.store import Store, packaged_store
 
 
 def import_full(ref: str, revision: str | None = None, alias: str | None = None, store: Store | None = None,
@@ -36,13 +38,31 @@ def open_checkpoint(ref: str, store: Store | None = None) -> Checkpoint:
     return Checkpoint.from_source(sm.files_dir, sm.hf_config, sm.tensors, sm.label)
 
 
+def resolve_store(model: str) -> Store:
+    """The store that knows ``model`` (model id, id prefix or alias): the user's, else the packaged one."""
+    store = Store()
+    try:
+        store.resolve(model)
+        return store
+    except ShardMissingError:
+        packaged = packaged_store()
+        if packaged is None:
+            raise
+        try:
+            packaged.resolve(model)
+        except ShardMissingError:
+            pass
+        else:
+            return packaged
+        raise
+
+
 def open_model(model: str) -> str | Checkpoint:
     """A checkpoint directory path as given, or the store's ``Checkpoint`` for a model id / alias."""
     if os.path.isdir(model):
         return model
-    store = Store()
     try:
-        store.resolve(model)
+        store = resolve_store(model)
     except ShardMissingError as exc:
         raise CheckpointError(f"{model} is not a checkpoint directory, nor a model id or alias in the store "
                               f"(see `ekmesh models`)") from exc

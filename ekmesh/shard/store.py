@@ -10,6 +10,12 @@ Layout::
     store/tmp/<pid>-<rand>.part     blobs being written (same filesystem, renamed into place when complete)
     store/imports/<key>.jsonl       resume journals of full imports (see importer)
 
+A store may be read-only (``Store(root, read_only=True)``): the built-in model ships as one inside the package,
+at ``PACKAGED_ROOT`` (``ekmesh/builtin/store``: ``blobs/``, ``manifests/``, ``aliases.json`` only). Nothing is
+ever written under a read-only root: its blobs are hashed on their first use in each process and the result is
+kept in memory (keyed by the blob's stat, as the on-disk records are), a blob that fails is reported, not moved,
+and every writing method raises ``ShardError``.
+
 Invariants: a path under ``blobs/`` only ever holds complete bytes that hashed to its name when written — writes
 go to ``tmp/``, are fsynced, hashed and renamed, then the directory is fsynced; a blob is hashed again before its
 first use unless its ``verified`` record still matches its stat (any write changes ctime, so a tampered or
@@ -36,6 +42,8 @@ from ekmesh.shard.manifest import ID_RE, Manifest
 
 log = logging.getLogger(__name__)
 _HASH_CHUNK = 8 << 20
+# The read-only store shipped inside the package (the built-in model); a path only, shard imports nothing there.
+PACKAGED_ROOT = Path(__file__).resolve().parents[1] / "builtin" / "store"
 
 
 def _hex(blob_id: str) -> str:
@@ -107,10 +115,18 @@ class GcResult:
 class Store:
     """The store rooted at ``root`` (default ``ekmesh_home()/store``)."""
 
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str] | None = None, read_only: bool = False) -> None:
         self.root = Path(root) if root is not None else ekmesh_home() / "store"
+        self.read_only = read_only
+        self._verified: dict[str, str] = {}  # read-only stores: blob id -> stat stamp when it hashed right
+        if read_only:
+            return
         for sub in ("blobs/blake3", "verified", "manifests", "quarantine", "tmp", "imports"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ShardError(f"the store at {self.root} is read-only")
 
     # ------------------------------------------------------------------------------------------------ blobs
 
@@ -126,6 +142,7 @@ class Store:
         return self.blob_path(blob_id).is_file()
 
     def writer(self) -> BlobWriter:
+        self._writable()
         return BlobWriter(self)
 
     def put(self, chunks: Iterable[bytes], expected_id: str | None = None) -> str:
@@ -138,7 +155,39 @@ class Store:
             raise
         return w.commit(expected_id)
 
+    def adopt(self, path: Path, expected_id: str, hasher: blake3.blake3 | None = None,
+              hasher_at: int = 0) -> str:
+        """Moves a complete file from ``tmp/`` into place as blob ``expected_id`` once it hashes to it (fsynced
+        first, directory fsynced after). ``hasher``, when given, already holds the file's first ``hasher_at``
+        bytes (its writer hashed them as it wrote them in order); only the rest is read. On a mismatch the file is
+        left where it is (its writer decides what to do with it, e.g. blob exchange compares it with a good copy
+        to find the peer that lied) and ``BlobHashMismatchError`` is raised. Used by writers that fill a file out
+        of order (ranged fetches)."""
+        dest = self.blob_path(expected_id)
+        if path.parent != self.root / "tmp":
+            raise ShardError(f"{path} is not under {self.root / 'tmp'}; only files there can be adopted")
+        try:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+                h, at = (hasher, hasher_at) if hasher is not None else (blake3.blake3(max_threads=blake3.blake3.AUTO), 0)
+                f.seek(at)
+                while chunk := f.read(_HASH_CHUNK):
+                    h.update(chunk)
+            got = "blake3:" + h.hexdigest()
+            if got != expected_id:
+                raise BlobHashMismatchError(expected_id, f"the fetched bytes hash to {got}; not stored")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, dest)
+            _fsync_dir(dest.parent)
+        except OSError as exc:
+            raise ShardError(f"cannot move {path} into the store as {expected_id}: {exc}") from exc
+        self.mark_verified(expected_id)
+        return expected_id
+
     def mark_verified(self, blob_id: str) -> None:
+        if self.read_only:
+            self._verified[blob_id] = _stamp(self.blob_path(blob_id).stat())
+            return
         marker = self._marker(blob_id)
         marker.parent.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_suffix(f".{os.getpid()}.tmp")
@@ -152,12 +201,16 @@ class Store:
             st = path.stat()
         except FileNotFoundError as exc:
             raise ShardMissingError(f"blob {blob_id}") from exc
-        marker = self._marker(blob_id)
-        try:
-            if marker.read_text() == _stamp(st) and (size is None or st.st_size == size):
-                return path
-        except FileNotFoundError:
-            pass
+        if size is None or st.st_size == size:
+            if self.read_only:
+                if self._verified.get(blob_id) == _stamp(st):
+                    return path
+            else:
+                try:
+                    if self._marker(blob_id).read_text() == _stamp(st):
+                        return path
+                except FileNotFoundError:
+                    pass
         h = blake3.blake3()
         try:
             with open(path, "rb") as f:
@@ -173,6 +226,10 @@ class Store:
         return path
 
     def quarantine(self, blob_id: str) -> Path:
+        """Moves a failed blob aside; in a read-only store it stays where it is (its path is returned)."""
+        if self.read_only:
+            self._verified.pop(blob_id, None)
+            return self.blob_path(blob_id)
         dest = self.root / "quarantine" / f"{_hex(blob_id)}.{time.time_ns()}"
         os.replace(self.blob_path(blob_id), dest)
         self._marker(blob_id).unlink(missing_ok=True)
@@ -194,6 +251,8 @@ class Store:
 
     def clean_tmp(self) -> None:
         """Removes partial writes left by processes that are gone (a killed import)."""
+        if self.read_only:
+            return
         for p in (self.root / "tmp").glob("*.part"):
             pid = p.name.split("-", 1)[0]
             if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
@@ -205,6 +264,7 @@ class Store:
         return self.root / "manifests" / f"{_hex(model_id)}.json"
 
     def save_manifest(self, m: Manifest) -> str:
+        self._writable()
         path = self.manifest_path(m.id)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
@@ -226,9 +286,12 @@ class Store:
         return Manifest.parse(raw, model_id, where=f"manifest {model_id}")
 
     def models(self) -> list[str]:
+        if not (self.root / "manifests").is_dir():
+            return []
         return sorted("blake3:" + p.stem for p in (self.root / "manifests").glob("*.json"))
 
     def remove_model(self, model_id: str) -> None:
+        self._writable()
         self.manifest_path(model_id).unlink(missing_ok=True)
         self.set_aliases({a: m for a, m in self.aliases().items() if m != model_id})
 
@@ -247,6 +310,7 @@ class Store:
         return {str(k): str(v) for k, v in data.items()}
 
     def set_aliases(self, aliases: dict[str, str]) -> None:
+        self._writable()
         path = self.root / "aliases.json"
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(aliases, sort_keys=True, indent=1), encoding="utf-8")
@@ -278,6 +342,7 @@ class Store:
 
     def gc(self) -> GcResult:
         """Removes every blob that no manifest references (and stale partial writes)."""
+        self._writable()
         self.clean_tmp()
         keep: set[str] = set()
         for mid in self.models():
@@ -292,6 +357,13 @@ class Store:
             self._marker(bid).unlink(missing_ok=True)
             n += 1
         return GcResult(n, freed)
+
+
+def packaged_store() -> Store | None:
+    """The read-only store shipped inside the package (the built-in model), or None if this install has none."""
+    if not (PACKAGED_ROOT / "aliases.json").is_file():
+        return None
+    return Store(PACKAGED_ROOT, read_only=True)
 
 
 def _alive(pid: int) -> bool:
