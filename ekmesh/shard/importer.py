@@ -240,13 +240,16 @@ def import_full(ref: str, planner: Planner, revision: str | None = None, alias: 
                      skipped=len(jobs) - len(todo))
 
 
-def parse_experts(spec: str, m: Manifest) -> list[tuple[int, int]]:
-    """``--experts``: ``L:E,L:E,…``, a fraction in (0, 1] (a deterministic choice by hash), or ``assigned``."""
+def parse_experts(spec: str, m: Manifest,
+                  assigned: Callable[[Manifest], list[tuple[int, int]]] | None = None) -> list[tuple[int, int]]:
+    """``--experts``: ``L:E,L:E,…``, a fraction in (0, 1] (a deterministic choice by hash), or ``assigned`` (what
+    the placement over the running mesh gives this peer: ``assigned(manifest)``, provided by the node level)."""
     addresses = sorted(m.expert_ids())
     spec = spec.strip()
     if spec == "assigned":
-        raise ConfigError("--experts assigned needs a placement, which comes with the mesh (`ekmesh join`); for "
-                          "now give a list like 0:1,3:2 or a fraction like 0.25")
+        if assigned is None:
+            raise ConfigError("--experts assigned needs the running mesh node of this EKMESH_HOME (`ekmesh join`)")
+        return sorted(set(assigned(m)))
     if ":" in spec:
         out = []
         for item in spec.split(","):
@@ -307,11 +310,12 @@ def find_manifest(store: Store, ref: str, revision: str | None = None) -> Manife
 
 
 def import_partial(ref: str, spec: str, revision: str | None = None, alias: str | None = None,
-                   store: Store | None = None, progress: Progress | None = None) -> ImportResult:
+                   store: Store | None = None, progress: Progress | None = None,
+                   assigned: Callable[[Manifest], list[tuple[int, int]]] | None = None) -> ImportResult:
     store = store or Store()
     store.clean_tmp()
     m = find_manifest(store, ref, revision)
-    chosen = parse_experts(spec, m)
+    chosen = parse_experts(spec, m, assigned)
     need = partial_blobs(m, chosen)
     todo = [b for b in need if not _still_good(store, b)]
     src = source_of(m) if todo else None

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ekmesh.core.errors import BlobHashMismatchError, ConfigError, ShardMissingError
+from ekmesh.core.errors import BlobHashMismatchError, ConfigError, NodeNotRunningError, ShardMissingError
 from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.generate import Generator, SamplingParams
 from ekmesh.infer.loader import load_all, load_dense, load_experts
@@ -160,8 +160,10 @@ def test_partial_import_from_a_directory_manifest(sharded: Path, tmp_path: Path,
     with pytest.raises(ShardMissingError, match=m.data["experts"][0][2]):
         load_experts(ckpt, experts, [(0, 2)])
     assert import_partial(res.model_id, "0:1").stored == 0
-    with pytest.raises(ConfigError, match="placement, which comes with the mesh"):
-        import_partial(res.model_id, "assigned")
+    with pytest.raises(NodeNotRunningError, match="no ekmesh node is running"):
+        import_partial(res.model_id, "assigned")  # 'assigned' asks the running node for the live mesh
+    with pytest.raises(ConfigError, match="needs the running mesh node"):
+        parse_experts("assigned", m)
     quarter = parse_experts("0.25", m)
     assert len(quarter) == 4 and quarter == parse_experts("0.25", m)
     for bad in ("1:0", "0:8", "0.0", "1.5", "x"):
