@@ -13,6 +13,7 @@ json, tokenizers, jinja2) are translated once, at the boundary of the package th
     ├── ShardError                   the registry (store, blobs, manifests) cannot give what was asked
     │   ├── ShardMissingError        a blob or model is not in the store (names it)
     │   ├── BlobHashMismatchError    a blob's bytes do not hash to its id (names the id; blob quarantined)
+    │   ├── BlobUnavailableError     blob exchange could not fetch some blobs from any holder or fallback (names each)
     │   └── ManifestError            a manifest is malformed, fails its schema (names the field) or its hash
     ├── TokenizerError               tokenizer files or chat template are missing or invalid
     ├── GenerationError              bad generation request (empty prompt, ids out of range, ...)
@@ -83,6 +84,19 @@ class BlobHashMismatchError(ShardError):
         self.blob_id = blob_id
         super().__init__(f"blob {blob_id} is corrupt: its bytes do not hash to its id"
                          + (f" ({detail})" if detail else ""))
+
+
+class BlobUnavailableError(ShardError):
+    """Blob exchange could not bring some blobs into the store: every holder was missing, busy past the deadline,
+    broken or banned (served bytes that failed the hash), and the fallback (if any) failed too. ``failures`` maps
+    each such blob id to the reason (per peer); ``report`` is the fetch's report (what did arrive, who was banned)."""
+
+    def __init__(self, failures: dict[str, str], report: object = None) -> None:
+        self.failures = failures
+        self.report = report
+        lines = "; ".join(f"{b}: {why}" for b, why in sorted(failures.items())[:5])
+        more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+        super().__init__(f"{len(failures)} blob(s) could not be fetched: {lines}{more}")
 
 
 class ManifestError(ShardError):

@@ -1,0 +1,175 @@
+"""Blob exchange, the client: fetch blobs by id from the peers that hold them into a ``Store``.
+
+Role: given ``{blob id: [holder peer ids]}``, bring every blob into the store. Small blobs (< ``split_at``) come whole,
+different blobs from different holders; a large blob is split into ``range_size`` ranges fetched in parallel from
+its holders. Links come from an injected ``dial(peer_id)`` (``exchange.TlsDialer`` by default in the node); this
+module opens no socket itself. It is not responsible for choosing holders (placement) or for loading blobs.
+
+Invariants:
+- bytes land in ``store/tmp/fetch-<hex>.part`` (flock-ed: one fetcher per blob per store) and become a blob only
+  through ``Store.adopt``, which hashes the whole file against the id first; nothing unverified is ever stored;
+- resumable: ``fetch-<hex>.json`` records the blob's size and the byte ranges already written (saved every
+  ``record_every`` bytes and whenever a transfer ends), so a fetch cut by a dead peer or a dead process continues
+  where it stopped, in this run (another holder) or the next (the final hash check covers any stale record);
+- a peer whose bytes fail the hash is reported (``on_bad_peer(peer, blob_id)``) and banned for ``ban_s`` (bans
+  outlive one ``fetch`` call); when several peers filled a blob, it is refetched whole from one holder at a time
+  (each attributable) and the ranges of the failed copy are compared with the good one to find the liar;
+- at most ``max_per_peer`` transfers per peer and ``max_total`` in all; BUSY holds a peer back for its ``retry_ms``
+  (other holders keep working); NOT_FOUND, BAD_RANGE or ``max_failures`` broken transfers skip that holder for
+  that blob; when no holder is left the ``fallback`` (e.g. ``source_fallback``: the hub partial-import path)
+  rebuilds the blob, else ``BlobUnavailableError`` names every blob that failed and why; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ekmesh.core.errors import (
+    BlobHashMismatchError,
+    BlobUnavailableError,
+    ShardError,
+    ShardMissingError,
+)
+from ekmesh.shard.blobfmt import parts_for, stream_blob
+from ekmesh.shard.exchange import Link
+from ekmesh.shard.fetchrun import Job, Partial, Run
+from ekmesh.shard.importer import source_of
+from ekmesh.shard.manifest import ID_RE, Manifest
+from ekmesh.shard.source import Source, TensorEntry
+from ekmesh.shard.store import Store
+
+log = logging.getLogger(__name__)
+Dial = Callable[[str], Link]
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    max_per_peer: int = 2
+    max_total: int = 8
+    split_at: int = 8 << 20  # blobs at least this big are fetched by ranges from several holders
+    range_size: int = 8 << 20
+    ban_s: float = 600.0
+    io_s: float = 30.0  # one message
+    record_every: int = 8 << 20
+    max_failures: int = 2  # broken transfers of one blob from one peer before that peer is skipped for it
+    max_blob: int = 1 << 40
+
+
+@dataclass
+class FetchReport:
+    stored: dict[str, str] = field(default_factory=dict)  # blob id -> "present" | "peers" | "fallback"
+    received: dict[str, int] = field(default_factory=dict)  # data bytes per peer
+    requests: list[tuple[str, str, int, int, str]] = field(default_factory=list)  # peer, blob, offset, len, status
+    bad_peers: list[tuple[str, str]] = field(default_factory=list)  # (peer, blob id) that served corrupt bytes
+
+
+class Fetcher:
+    """Fetches blobs into ``store`` over links from ``dial``. Thread-safe; caps and bans span all ``fetch`` calls."""
+
+    def __init__(self, store: Store, dial: Dial, config: FetchConfig = FetchConfig(),
+                 on_bad_peer: Callable[[str, str], None] | None = None,
+                 on_progress: Callable[[str, str, int], None] | None = None,
+                 fallback: Callable[[str], None] | None = None) -> None:
+        self.store, self.dial, self.config = store, dial, config
+        self.on_bad_peer, self.on_progress, self.fallback = on_bad_peer, on_progress, fallback
+        self._cv = threading.Condition()
+        self._active: dict[str, int] = {}
+        self._busy_until: dict[str, float] = {}
+        self._bans: dict[str, float] = {}
+        self._idle: dict[str, list[Link]] = {}
+
+    def banned(self) -> dict[str, float]:
+        """Banned peers and the seconds left on their bans."""
+        now = time.monotonic()
+        with self._cv:
+            return {p: t - now for p, t in self._bans.items() if t > now}
+
+    def close(self) -> None:
+        with self._cv:
+            links = [ln for lst in self._idle.values() for ln in lst]
+            self._idle.clear()
+        for ln in links:
+            ln.close()
+
+    def fetch(self, holders: Mapping[str, Sequence[str]], sizes: Mapping[str, int] | None = None,
+              timeout: float = 600.0) -> FetchReport:
+        """Brings every blob of ``holders`` into the store (see module docstring); raises ``BlobUnavailableError``
+        (its ``report`` attribute says what did arrive) when some could not be fetched."""
+        report, jobs = FetchReport(), []
+        for bid, peers in holders.items():
+            if not ID_RE.match(bid):
+                raise ShardError(f"{bid!r} is not a blob id")
+            if self.store.has(bid):
+                try:
+                    self.store.verify(bid, (sizes or {}).get(bid))
+                    report.stored[bid] = "present"
+                    continue
+                except BlobHashMismatchError:
+                    pass  # quarantined; fetch a good copy
+            size = (sizes or {}).get(bid, Partial.recorded_size(self.store, bid))
+            jobs.append(Job(bid, list(dict.fromkeys(peers)), size))
+        if jobs:
+            Run(self, jobs, report, time.monotonic() + timeout).run()
+        failed = {j.blob_id: j.error for j in jobs if j.state != "done"}
+        if failed:
+            raise BlobUnavailableError(failed, report)
+        return report
+
+    # -- shared state, used by the scheduler under ``_cv``
+
+    def _usable(self, peer: str, now: float) -> bool:
+        return self._bans.get(peer, 0.0) <= now
+
+    def _ban(self, peer: str, blob_id: str, report: FetchReport) -> bool:
+        """Bans ``peer`` (under ``_cv``); True if it was not banned already (the caller then reports it)."""
+        now = time.monotonic()
+        fresh = self._bans.get(peer, 0.0) <= now
+        self._bans[peer] = now + self.config.ban_s
+        if (peer, blob_id) not in report.bad_peers:
+            report.bad_peers.append((peer, blob_id))
+        log.warning("peer %s served bytes that do not hash to blob %s; banned for %.0f s", peer, blob_id,
+                    self.config.ban_s)
+        return fresh
+
+    def _take_link(self, peer: str) -> Link:
+        with self._cv:
+            pool = self._idle.get(peer)
+            if pool:
+                return pool.pop()
+        return self.dial(peer)
+
+    def _give_link(self, link: Link) -> None:
+        with self._cv:
+            pool = self._idle.setdefault(link.peer, [])
+            if len(pool) < self.config.max_per_peer:
+                pool.append(link)
+                return
+        link.close()
+
+
+def source_fallback(store: Store, manifest: Manifest, source: Source | None = None) -> Callable[[str], None]:
+    """A ``fallback`` that rebuilds one blob of ``manifest`` from its source (hub repo at the recorded commit, or
+    directory) by byte ranges, as a partial import does; the store checks it against its id."""
+    tensors = {n: TensorEntry(t["file"], t["range"][0], t["range"][1], t["dtype"], tuple(t["shape"]))
+               for n, t in manifest.data["tensors"].items()}
+    opened: list[Source] = [source] if source is not None else []
+    lock = threading.Lock()
+
+    def rebuild(blob_id: str) -> None:
+        info = manifest.data["blobs"].get(blob_id)
+        if info is None:
+            raise ShardMissingError(f"blob {blob_id}", f"not part of model {manifest.id}")
+        with lock:
+            if not opened:
+                opened.append(source_of(manifest))
+            src = opened[0]
+        if "file" in info:
+            store.put([src.read_file(info["file"])], expected_id=blob_id)
+        else:
+            store.put(stream_blob(parts_for(info["keys"], tensors), src), expected_id=blob_id)
+
+    return rebuild

@@ -1,0 +1,435 @@
+"""Blob exchange, the client's scheduler: one ``Fetcher.fetch`` call as worker threads over (blob, peer, range) units.
+
+Role: the state of each blob being fetched (``Partial``: its file and record in ``store/tmp``; ``Job``: its holders,
+ranges to do, ranges in flight and who wrote what) and the loop that hands units to workers, runs transfers,
+hash-checks complete files and finds the peer that lied. ``ekmesh.shard.fetch`` documents the behaviour.
+
+Invariants: all shared state (jobs, per-peer counters, bans, the report) changes only under the fetcher's
+condition variable, and no network or disk wait happens while it is held (except the small record file); a job
+is "finishing" or "fallback" only with no transfer in flight, so a file is never reset under a writer; every
+transfer that ends (well or not) records the bytes it wrote before its range is handed out again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import blake3
+
+from ekmesh.core.errors import (
+    BlobHashMismatchError,
+    EkmeshError,
+    PeerError,
+    PeerUnreachableError,
+    ProtocolError,
+    ShardError,
+)
+from ekmesh.shard.exchange import CHUNK, Status, get
+from ekmesh.shard.store import Store
+
+if TYPE_CHECKING:
+    from ekmesh.shard.fetch import Fetcher, FetchReport
+
+log = logging.getLogger(__name__)
+
+
+class Partial:
+    """``tmp/fetch-<hex>.part`` (the bytes) and ``.json`` (size, ranges written) of one blob being fetched."""
+
+    def __init__(self, store: Store, blob_id: str, size: int) -> None:
+        base = store.root / "tmp" / f"fetch-{blob_id.split(':', 1)[1]}"
+        self.path, self.rec, self.suspect = base.with_suffix(".part"), base.with_suffix(".json"), None
+        self.size, self.done = size, list[tuple[int, int]]()
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self.fd)
+            raise ShardError(f"blob {blob_id} is being fetched by another process ({self.path})") from exc
+        try:
+            rec = json.loads(self.rec.read_text())
+            if rec["size"] == size and os.fstat(self.fd).st_size == size:
+                self.done = [(int(a), int(b)) for a, b in rec["done"] if 0 <= int(a) < int(b) <= size]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if not self.done:
+            os.ftruncate(self.fd, 0)
+        os.ftruncate(self.fd, size)
+        self.resumed = sum(b - a for a, b in self.done)
+
+    @staticmethod
+    def recorded_size(store: Store, blob_id: str) -> int | None:
+        try:
+            size = json.loads((store.root / "tmp" / f"fetch-{blob_id.split(':', 1)[1]}.json").read_text())["size"]
+            return size if isinstance(size, int) and size >= 0 else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def mark(self, a: int, b: int) -> None:
+        if a >= b:
+            return
+        out: list[tuple[int, int]] = []
+        for s, e in sorted([*self.done, (a, b)]):
+            if out and s <= out[-1][1]:
+                out[-1] = (out[-1][0], max(out[-1][1], e))
+            else:
+                out.append((s, e))
+        self.done = out
+
+    def save(self) -> None:
+        tmp = self.rec.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"size": self.size, "done": self.done}))
+        os.replace(tmp, self.rec)
+
+    def gaps(self) -> list[tuple[int, int]]:
+        out, at = [], 0
+        for s, e in self.done:
+            if s > at:
+                out.append((at, s))
+            at = e
+        return out + ([(at, self.size)] if at < self.size else [])
+
+    def reset(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.ftruncate(self.fd, self.size)
+        self.done, self.resumed = [], 0
+        self.save()
+
+    def close(self, keep: bool) -> None:
+        os.close(self.fd)
+        if not keep:
+            self.path.unlink(missing_ok=True)
+            self.rec.unlink(missing_ok=True)
+
+
+@dataclass
+class Job:
+    blob_id: str
+    holders: list[str]
+    size: int | None
+    part: Partial | None = None
+    todo: list[tuple[int, int]] = field(default_factory=list)
+    inflight: int = 0
+    single: bool = False  # refetch whole from one holder at a time (after a mismatch of a multi-peer copy)
+    sources: list[tuple[int, int, str]] = field(default_factory=list)  # ranges written in this run, by whom
+    suspect: tuple[Path, list[tuple[int, int, str]]] | None = None
+    failures: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # peer -> why it no longer serves this blob
+    state: str = "active"  # active | finishing | fallback | done | failed
+    error: str = ""
+    tries: int = 0
+    # bytes [0, hash_at) are in ``hasher``: the one transfer that starts at hash_at hashes what it writes, so
+    # in-order data is hashed once, as it arrives; the rest is read back and hashed by ``Store.adopt``
+    hasher: blake3.blake3 = field(default_factory=lambda: blake3.blake3(max_threads=blake3.blake3.AUTO))
+    hash_at: int = 0
+    hash_busy: bool = False
+
+    def rehash(self) -> None:
+        self.hasher, self.hash_at = blake3.blake3(max_threads=blake3.blake3.AUTO), 0
+
+
+class _Skip(Exception):
+    """This peer cannot serve this blob (for the rest of this fetch)."""
+
+
+class Run:
+    """One ``fetch`` call: worker threads take (blob, peer, range) units under the fetcher's condition variable."""
+
+    def __init__(self, f: Fetcher, jobs: list[Job], report: FetchReport, deadline: float) -> None:
+        self.f, self.jobs, self.report, self.deadline = f, jobs, report, deadline
+        self.cfg = f.config
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._worker, name=f"blob-fetch-{i}", daemon=True)
+                   for i in range(max(1, self.cfg.max_total))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def _io(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise PeerUnreachableError("the fetch deadline passed")
+        return min(self.cfg.io_s, left)
+
+    def _worker(self) -> None:
+        buf = memoryview(bytearray(CHUNK))
+        while True:
+            with self.f._cv:
+                while True:
+                    if all(j.state in ("done", "failed") for j in self.jobs):
+                        self.f._cv.notify_all()
+                        return
+                    now = time.monotonic()
+                    if now >= self.deadline:
+                        for j in self.jobs:
+                            if j.state == "active" and not j.inflight:
+                                self._fail(j, "the fetch deadline passed")
+                    work, wait = self._next(now)
+                    if work is not None:
+                        break
+                    self.f._cv.wait(max(0.005, min(wait, self.deadline - now, 1.0)))
+            job, kind, peer, a, b = work
+            if kind.startswith("get"):
+                self._transfer(job, peer, a, b, buf, kind == "get+hash")
+            elif kind == "finish":
+                self._finish(job)
+            else:
+                self._fallback(job)
+
+    # -- under the lock
+
+    def _next(self, now: float) -> tuple[tuple[Job, str, str, int, int] | None, float]:
+        wait, f = 1.0, self.f
+        for j in self.jobs:
+            if j.state != "active":
+                continue
+            if j.size is not None and j.part is None:
+                if j.size > self.cfg.max_blob:
+                    self._fail(j, f"its size {j.size} exceeds the limit {self.cfg.max_blob}")
+                    continue
+                try:
+                    j.part = Partial(f.store, j.blob_id, j.size)
+                except (ShardError, OSError) as exc:
+                    self._fail(j, str(exc))
+                    continue
+            if j.part is not None and not j.inflight and not j.part.gaps():
+                j.state = "finishing"
+                return (j, "finish", "", 0, 0), 0.0
+            usable = [p for p in j.holders if p not in j.skipped and f._usable(p, now)]
+            if not usable:
+                if not j.inflight:
+                    if f.fallback is not None:
+                        j.state = "fallback"
+                        return (j, "fallback", "", 0, 0), 0.0
+                    self._fail(j, "no holder left")
+                continue
+            unit = self._unit(j, len(usable))
+            if unit is None:
+                continue
+            free = [p for p in usable if f._active.get(p, 0) < self.cfg.max_per_peer
+                    and f._busy_until.get(p, 0.0) <= now]
+            if not free or sum(f._active.values()) >= self.cfg.max_total:
+                wait = min([wait] + [f._busy_until[p] - now for p in usable if f._busy_until.get(p, 0.0) > now])
+                continue
+            serving = [s[2] for s in j.sources]
+            peer = min(free, key=lambda p: (f._active.get(p, 0), serving.count(p), j.holders.index(p)))
+            if j.todo and unit == j.todo[0]:
+                j.todo.pop(0)
+            j.inflight += 1
+            f._active[peer] = f._active.get(peer, 0) + 1
+            hashing = unit[0] == j.hash_at and not j.hash_busy
+            j.hash_busy |= hashing
+            return (j, "get" if not hashing else "get+hash", peer, unit[0], unit[1]), 0.0
+        return None, wait
+
+    def _unit(self, j: Job, holders: int) -> tuple[int, int] | None:
+        if j.part is None:  # size unknown: one probe at a time, whose answer tells the size
+            return None if j.inflight else (0, self.cfg.split_at)
+        if j.single:
+            gaps = j.part.gaps()
+            return (gaps[0][0], j.size or 0) if gaps and not j.inflight else None
+        if not j.todo and not j.inflight:
+            j.todo = self._split(j.part.gaps(), j.part.size, holders)
+        return j.todo[0] if j.todo else None
+
+    def _split(self, gaps: list[tuple[int, int]], size: int, holders: int) -> list[tuple[int, int]]:
+        if size < self.cfg.split_at or holders < 2:  # ranges pay off across holders; one holder streams in order
+            return gaps
+        step = max(1, self.cfg.range_size)
+        return [(a, min(a + step, e)) for s, e in gaps for a in range(s, e, step)]
+
+    def _fail(self, j: Job, why: str) -> None:
+        j.state = "failed"
+        reasons = "; ".join(f"peer {p}: {r}" for p, r in j.skipped.items())
+        j.error = why + (f" ({reasons})" if reasons else "") + ("" if j.holders else " (no holders given)")
+        if j.part is not None:
+            j.part.close(keep=bool(j.part.done))
+            j.part = None
+
+    # -- outside the lock
+
+    def _transfer(self, j: Job, peer: str, start: int, end: int, buf: memoryview, hashing: bool) -> None:
+        f, at, mark, link, requeue = self.f, start, start, None, True
+        try:
+            link = f._take_link(peer)
+            ans = get(link, j.blob_id, start, end - start, self._io())
+            with f._cv:
+                self.report.requests.append((peer, j.blob_id, start, ans.length, ans.status.name))
+            if ans.status is Status.BUSY:
+                with f._cv:
+                    f._busy_until[peer] = time.monotonic() + max(0.02, ans.retry_s)
+                f._give_link(link)
+                link = None
+                return
+            if ans.status is not Status.OK:
+                f._give_link(link)
+                link = None
+                raise _Skip(f"answered {ans.status.name}: {ans.message}")
+            if j.size is None:
+                if ans.size > self.cfg.max_blob:
+                    raise _Skip(f"says the blob has {ans.size} bytes, over the limit")
+                with f._cv:
+                    j.size = ans.size
+                    j.part = Partial(f.store, j.blob_id, ans.size)
+                    j.part.mark(0, 0)
+                    usable = sum(1 for p in j.holders if p not in j.skipped and f._usable(p, time.monotonic()))
+                    j.todo = self._split([(end, ans.size)], ans.size, usable) if end < ans.size else []
+                    requeue = False
+            elif ans.size != j.size:
+                raise _Skip(f"says the blob has {ans.size} bytes, not {j.size}")
+            end = min(end, ans.size)
+            if ans.length != end - start:
+                raise ProtocolError(f"peer {peer} announced {ans.length} bytes for [{start}, {end})")
+            assert j.part is not None
+            while at < end:
+                n = link.recv_into(buf, self._io())
+                if n == 0 or at + n > end:
+                    raise ProtocolError(f"peer {peer} sent a {n}-byte data frame at {at} of [{start}, {end})")
+                os.pwrite(j.part.fd, buf[:n], at)
+                if hashing:
+                    j.hasher.update(buf[:n])
+                at += n
+                if f.on_progress is not None:
+                    f.on_progress(j.blob_id, peer, n)
+                if at - mark >= self.cfg.record_every:
+                    with f._cv:
+                        self._record(j, peer, mark, at)
+                    mark = at
+            f._give_link(link)
+            link = None
+        except _Skip as exc:
+            with f._cv:
+                j.skipped[peer] = str(exc)
+        except (PeerError, ProtocolError) as exc:
+            with f._cv:
+                j.failures[peer] = j.failures.get(peer, 0) + 1
+                if isinstance(exc, (ProtocolError, PeerUnreachableError)) or \
+                        j.failures[peer] >= self.cfg.max_failures:
+                    j.skipped[peer] = str(exc)
+            log.info("fetching blob %s from peer %s stopped at byte %d: %s", j.blob_id, peer, at, exc)
+        except (OSError, ShardError) as exc:
+            with f._cv:
+                self._fail(j, f"cannot write it here: {exc}")
+        finally:
+            if link is not None:
+                link.close()
+            with f._cv:
+                if j.part is not None:
+                    self._record(j, peer, mark, at)
+                    if requeue and at < end and not j.single:
+                        j.todo.insert(0, (at, end))
+                if hashing:
+                    j.hash_at, j.hash_busy = at, False
+                j.inflight -= 1
+                f._active[peer] -= 1
+                self.report.received[peer] = self.report.received.get(peer, 0) + at - start
+                f._cv.notify_all()
+
+    def _record(self, j: Job, peer: str, a: int, b: int) -> None:
+        if b > a and j.part is not None:
+            j.part.mark(a, b)
+            j.sources.append((a, b, peer))
+            j.part.save()
+
+    def _finish(self, j: Job) -> None:
+        part = j.part
+        assert part is not None
+        try:
+            self.f.store.adopt(part.path, j.blob_id, j.hasher, j.hash_at)
+        except BlobHashMismatchError as exc:
+            with self.f._cv:
+                bad = self._mismatch(j, part, exc)
+                self.f._cv.notify_all()
+            for p in bad:
+                self._report_bad(p, j.blob_id)
+            return
+        except ShardError as exc:
+            with self.f._cv:
+                self._fail(j, str(exc))
+                self.f._cv.notify_all()
+            return
+        part.close(keep=False)
+        if j.suspect is not None:
+            for p in self._blame(j.blob_id, *j.suspect):
+                self._report_bad(p, j.blob_id)
+        with self.f._cv:
+            j.part, j.state = None, "done"
+            self.report.stored[j.blob_id] = "peers"
+            self.f._cv.notify_all()
+
+    def _mismatch(self, j: Job, part: Partial, exc: BlobHashMismatchError) -> list[str]:
+        peers, bad = {s[2] for s in j.sources}, []
+        j.tries += 1
+        if len(peers) == 1 and not part.resumed:
+            p = peers.pop()
+            if self.f._ban(p, j.blob_id, self.report):
+                bad.append(p)
+            j.skipped[p] = "served bytes that do not hash to the blob's id"
+            part.reset()
+        elif not j.single and j.suspect is None:  # keep the copy to find the liar once a good copy arrives
+            suspect = part.path.with_suffix(".suspect")
+            os.replace(part.path, suspect)
+            part.close(keep=False)
+            j.suspect, j.single = (suspect, list(j.sources)), True
+            j.part = Partial(self.f.store, j.blob_id, part.size)
+        else:
+            part.reset()
+        j.sources, j.todo, j.state = [], [], "active"
+        j.rehash()
+        log.info("blob %s failed its hash check (%s); fetching it again", j.blob_id, exc)
+        if j.tries > 2 * len(j.holders) + 2:
+            self._fail(j, "every copy fetched failed the hash check")
+        return bad
+
+    def _blame(self, blob_id: str, suspect: Path, sources: list[tuple[int, int, str]]) -> list[str]:
+        """Peers whose ranges of the failed copy differ from the good blob now in the store."""
+        bad: list[str] = []
+        try:
+            with open(suspect, "rb") as s, open(self.f.store.blob_path(blob_id), "rb") as g:
+                for a, b, peer in sources:
+                    s.seek(a)
+                    g.seek(a)
+                    for at in range(a, b, CHUNK):
+                        n = min(CHUNK, b - at)
+                        if s.read(n) != g.read(n):
+                            with self.f._cv:
+                                if self.f._ban(peer, blob_id, self.report) and peer not in bad:
+                                    bad.append(peer)
+                            break
+        except OSError as exc:
+            log.warning("cannot compare the failed copy of blob %s: %s", blob_id, exc)
+        finally:
+            suspect.unlink(missing_ok=True)
+        return bad
+
+    def _report_bad(self, peer: str, blob_id: str) -> None:
+        if self.f.on_bad_peer is not None:
+            self.f.on_bad_peer(peer, blob_id)
+
+    def _fallback(self, j: Job) -> None:
+        assert self.f.fallback is not None
+        try:
+            self.f.fallback(j.blob_id)
+            self.f.store.verify(j.blob_id, j.size)
+        except EkmeshError as exc:
+            with self.f._cv:
+                self._fail(j, f"no holder left, and the fallback failed: {exc}")
+                self.f._cv.notify_all()
+            return
+        with self.f._cv:
+            if j.part is not None:
+                j.part.close(keep=False)
+                j.part = None
+            j.state = "done"
+            self.report.stored[j.blob_id] = "fallback"
+            self.f._cv.notify_all()
