@@ -60,6 +60,7 @@ class ServerProc:
         for p, fp in allow.items():
             argv += ["--allow", f"{p}={fp.hex()}"]
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.ckpt = ckpt
         self.peer_id = peer_id
         self.experts = set(experts)
         self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

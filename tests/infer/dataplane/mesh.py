@@ -52,6 +52,14 @@ class Mesh:
                              self.fallback if with_fallback else None,
                              RemoteTimeouts(first_s=20.0, floor_s=2.0))
 
+    def restart(self, peer: str) -> None:
+        """Replaces ``peer``'s process (e.g. after a kill) with a fresh one holding the same experts. It has a new
+        port and certificate, which every backend of this mesh uses from its next dial of ``peer``."""
+        old = self.procs[peer]
+        old.close()
+        self.procs[peer] = ServerProc(old.ckpt, peer, sorted(old.experts), {HOST: self.identity.fingerprint}).ready()
+        self.pins[peer] = self.procs[peer].fingerprint
+
     def close(self) -> None:
         for proc in self.procs.values():
             proc.close()
