@@ -22,14 +22,9 @@ def _build(arch, directory):
 
         return make_tiny_deepseek("v3_noaux_tc", directory)[0]
     if arch == "gpt_oss":
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from tests.infer.test_gpt_oss import make_tiny_gpt_oss
 
-        from tests.infer.test_gpt_oss import TINY
-
-        torch.manual_seed(0)
-        ref = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt_oss", **TINY), dtype=torch.float32)
-        ref.save_pretrained(directory)
-        return directory
+        return make_tiny_gpt_oss(directory)[0]
     return make_tiny(arch, directory, hidden_size=64, moe_intermediate_size=32, intermediate_size=64)[0]
 
 

@@ -34,9 +34,8 @@ E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
-    """A float checkpoint from ``save_pretrained`` and its transformers model (fp32, eval)."""
+def make_tiny_gpt_oss(directory: Path) -> tuple[Path, Any]:
+    """Saves a tiny seeded gpt-oss (fp32) whose every bias and sink matters; returns (dir, model in eval mode)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model("gpt_oss", **TINY)
@@ -52,9 +51,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
                 p.normal_(0.0, 3.0)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.2)
+    ref.save_pretrained(directory)
+    return directory, ref
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A float checkpoint from ``save_pretrained`` and its transformers model (fp32, eval)."""
+    path, ref = make_tiny_gpt_oss(tmp_path_factory.mktemp("gpt_oss") / "float")
     assert ref.config.layer_types[0] == "sliding_attention" and ref.config.sliding_window == WINDOW
-    path = tmp_path_factory.mktemp("gpt_oss") / "float"
-    ref.save_pretrained(path)
     return path, ref
 
 

@@ -18,43 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from ekmesh.infer.generate import Generator, SamplingParams
 from ekmesh.infer.loader import load_all
 from tests.infer.dataplane.mesh import Mesh, spread
 from tests.infer.test_deepseek import CASES as DEEPSEEK_CASES
 from tests.infer.test_deepseek import make_tiny_deepseek
-from tests.infer.test_gpt_oss import TINY as GPT_OSS_TINY
+from tests.infer.test_gpt_oss import make_tiny_gpt_oss
 from tests.tiny_models import make_tiny, random_prompt
 
 TOL = 1e-5
 GREEDY = SamplingParams(max_tokens=32, stop_ids=frozenset())
 
 
-def _make_gpt_oss(directory: Path) -> Path:
-    """Like ``test_gpt_oss``'s ``tiny`` fixture: every bias and sink non-zero, some gate_up values past the clamp."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model("gpt_oss", **GPT_OSS_TINY)
-    torch.manual_seed(0)
-    ref = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith("sinks"):
-                p.normal_(0.0, 1.0)
-            elif name.endswith("gate_up_proj_bias"):
-                p.normal_(0.0, 3.0)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.2)
-    ref.save_pretrained(directory)
-    return directory
-
-
 BUILDERS: dict[str, Callable[[Path], Any]] = {
     "qwen2_moe": lambda d: make_tiny("qwen2_moe", d),
     "olmoe": lambda d: make_tiny("olmoe", d),
-    "gpt_oss": _make_gpt_oss,
+    "gpt_oss": make_tiny_gpt_oss,
     **{f"deepseek_{case}": functools.partial(make_tiny_deepseek, case) for case in DEEPSEEK_CASES},
 }
 
