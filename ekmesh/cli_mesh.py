@@ -37,6 +37,11 @@ def register(subparsers: Any) -> None:
     key.add_argument("--mesh-key-file", metavar="PATH", help="read the mesh key from a file")
     join.add_argument("--name", help="name shown to other peers (default: host name)")
     join.add_argument("--memory", type=float, metavar="GB", help="memory offered to the mesh, in GiB")
+    join.add_argument("--model", metavar="ID_OR_ALIAS",
+                      help="claim a share of this model's experts: fetch them from peers, verify them, advertise them "
+                           "ready (a model id the store lacks: its manifest comes from a peer)")
+    join.add_argument("--replicas", type=int, default=2, metavar="R",
+                      help="copies of each expert the mesh keeps where memory allows (with --model; default 2)")
     join.add_argument("--no-mdns", action="store_true", help="do not discover peers on the LAN with mDNS")
     join.add_argument("--no-dht", action="store_true", help="do not use the Kademlia DHT rendezvous")
     join.add_argument("--no-relay", action="store_true",
@@ -106,7 +111,8 @@ def cmd_join(args: argparse.Namespace) -> int:
             home=ekmesh_home(), listen=args.listen, peers=args.peer,
             mesh_key=MeshKey.from_options(args.mesh_key, args.mesh_key_file), name=args.name,
             memory_gib=args.memory, mdns=not args.no_mdns, dht=not args.no_dht, relay=not args.no_relay,
-            relay_via=args.relay_via, reserve=not args.no_reserve, timeouts=timeouts)
+            relay_via=args.relay_via, reserve=not args.no_reserve, timeouts=timeouts, model=args.model,
+            replicas=args.replicas)
         node = Node(config, on_event=lambda ev: _print_event(ev, args.json))
         trio.run(node.run)
     except EkmeshError as exc:

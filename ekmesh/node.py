@@ -4,8 +4,10 @@ For now a node is: a persistent identity, a Noise-only libp2p host, discovery (`
 Kademlia rendezvous), circuit relay (relaying for others, reserving a slot on its bootstrap and ``--relay-via``
 peers and advertising the ``/p2p-circuit`` addresses, dialing peers through relays: see ``discovery.relay``),
 membership (signed adverts, failure detection, leave on shutdown) and the local control endpoint that
-``ekmesh status`` talks to. Shard and inference parts will plug in here: they publish what this
-node holds through ``set_models`` / ``set_data_addr`` and read the mesh through ``snapshot``.
+``ekmesh status`` talks to; with ``--model``, claiming (``ekmesh.claim``: this node's share of the model's experts,
+fetched from peers over blob exchange and advertised ready once verified in the store). Inference parts will plug
+in here: they publish what this node holds through ``set_models`` / ``set_data_addr`` and read the mesh through
+``snapshot``.
 
 Lifecycle: ``run`` locks ``EKMESH_HOME`` (one node per home), starts everything, reports ``started`` (peer id and
 full listen addresses) through ``on_event``, then runs until SIGINT/SIGTERM (or ``stop()``), announces its leave
@@ -32,6 +34,7 @@ import trio
 from libp2p.peer.id import ID
 
 from ekmesh import __version__
+from ekmesh.claim import ClaimConfig, Claimer
 from ekmesh.core.errors import ConfigError
 from ekmesh.discovery import host as hostlib
 from ekmesh.discovery.advert import MAX_ADDRS, Advert, Device, ModelReady, SignedAdvert, sign_advert
@@ -44,6 +47,7 @@ from ekmesh.discovery.relay import Relay
 from ekmesh.discovery.rendezvous import Rendezvous
 from ekmesh.discovery.snapshot import build_snapshot
 from ekmesh.discovery.view import MeshView, ViewEvent
+from ekmesh.shard.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,9 @@ class NodeConfig:
     reserve: bool = True
     """Reserve a slot on the bootstrap and ``relay_via`` peers and advertise the circuit addresses."""
     timeouts: MeshTimeouts = field(default_factory=MeshTimeouts)
+    model: str | None = None
+    """Claim a share of this model's experts (``ekmesh.claim``); None: claim nothing, serve no blobs."""
+    replicas: int = 2
 
 
 class Node:
@@ -93,6 +100,10 @@ class Node:
         self.devices = [Device("cpu", platform.processor() or platform.machine(), total)]
         self.view: MeshView | None = None
         self.relay: Relay | None = None
+        self.claimer: Claimer | None = None
+        if config.model is not None:
+            self.claimer = Claimer(self.peer_id, Store(config.home / "store"),
+                                   ClaimConfig(config.model, config.replicas), self._live_adverts, self.set_models)
         self._membership: Membership | None = None
         self._incarnation = 0
         self._seq = 0
@@ -118,6 +129,12 @@ class Node:
             "circuit_addrs": relay.circuit_addrs() if relay else [],
             "relayed_peers": relay.relayed_peers() if relay else [],
         }
+        # With ``--model`` only: ``claim`` (see ``Claimer.status``) and, per peer, ``assigned``: {model id: experts
+        # the placement (as this node computes it) gives that peer}, beside ``models`` (experts ready).
+        if self.claimer is not None:
+            claim = snap["claim"] = self.claimer.status()
+            for p in snap["peers"]:
+                p["assigned"] = {claim["model"]: claim["assigned"].get(p["peer_id"], 0)}
         return snap
 
     def stop(self) -> None:
@@ -140,6 +157,9 @@ class Node:
     async def _run_parts(self, host: Any, handle_signals: bool, task_status: Any) -> None:
         cfg, timeouts = self.config, self.config.timeouts
         self.addrs = hostlib.public_addrs(host)
+        if self.claimer is not None:
+            bind = cfg.listen[0].split("/")[2] if cfg.listen else "0.0.0.0"  # listen_addrs checked the form
+            await trio.to_thread.run_sync(self.claimer.open, bind, self.addrs[0].split("/")[2])
         self.view = MeshView(self._advert("up"), timeouts)
         rendezvous = Rendezvous(host, cfg.mesh_key.rendezvous, timeouts, self._found) if cfg.dht else None
         relay = self.relay = Relay(host, cfg.mesh_key.psk_hex, timeouts, serve=cfg.relay)
@@ -158,6 +178,8 @@ class Node:
             nursery.start_soon(membership.run)
             if rendezvous is not None:
                 nursery.start_soon(rendezvous.run)
+            if self.claimer is not None:
+                nursery.start_soon(self.claimer.run)
             if cfg.mdns:
                 ips = [a.split("/")[2] for a in self.addrs if not a.startswith("/ip4/127.")]
                 port = int(multiaddr.Multiaddr(self.addrs[0]).value_for_protocol("tcp"))
@@ -204,6 +226,8 @@ class Node:
             name=self.name[:64], version=__version__, addrs=self._advert_addrs(), devices=tuple(self.devices),
             memory_total=total, memory_free=min(total, vm.available), speed=self.speed,
             data_addr=self.data_addr, models=dict(self.models), load=round(load1, 3),
+            blob_addr=self.claimer.blob_addr if self.claimer else None,
+            tls_fp=self.claimer.tls_fp if self.claimer else None,
         )
         return sign_advert(advert, self.key_pair.private_key)
 
@@ -211,6 +235,10 @@ class Node:
         """Direct addresses first (peers dial in order), then relayed ones; at most ``MAX_ADDRS``."""
         circuits = self.relay.circuit_addrs()[:MAX_ADDRS // 2] if self.relay is not None else []
         return tuple(self.addrs[:MAX_ADDRS - len(circuits)] + circuits)
+
+    def _live_adverts(self) -> list[Advert]:
+        assert self.view is not None
+        return [e.signed.advert for e in self.view.peers("self", "up")]
 
     def _found(self, peer_id: str, addrs: list[multiaddr.Multiaddr]) -> None:
         try:

@@ -1,6 +1,6 @@
 """The layer rule, checked on the source: each package imports only downward (DESIGN.md "Layers").
 
-    cli.py, cli_*.py, tui/   ->  node.py, registry.py  ->  infer/ | shard/ | discovery/  ->  core/
+    cli.py, cli_*.py, tui/   ->  node.py  ->  claim.py, registry.py  ->  infer/ | shard/ | discovery/  ->  core/
 
 Every import statement counts, including those inside functions (lazy imports still are dependencies), except in
 cli.py / cli_mesh.py, whose handlers import the layers they run lazily by design: there only module-level
@@ -25,6 +25,7 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
     "shard": ({"infer", "discovery", "node", "registry", "cli_registry", "api", "cli", "cli_mesh", "tui"}, set()),
     "node": ({"cli", "cli_mesh", "cli_registry", "tui"}, set()),
     "registry": ({"cli", "cli_mesh", "cli_registry", "tui", "node"}, set()),
+    "claim": ({"cli", "cli_mesh", "cli_registry", "tui", "node", "registry", "infer"}, {"torch"}),
     "tui": ({"infer", "shard", "discovery", "node", "registry"}, {"torch", "libp2p", "trio"}),
 }
 TOP_LEVEL_ONLY = {m: {"torch", "libp2p", "trio"} for m in ("cli", "cli_mesh", "cli_registry")}

@@ -123,13 +123,17 @@ class Advert:
     models: Mapping[str, ModelReady] = field(default_factory=dict)
     load: float = 0.0
     state: str = "up"
+    blob_addr: str | None = None
+    """``host:port`` of the peer's blob-exchange listener (absent in adverts of peers that serve no blobs)."""
+    tls_fp: str | None = None
+    """Hex SHA-256 fingerprint of the peer's TLS certificate (``core.tls``), pinned by direct connections."""
 
     @property
     def order(self) -> tuple[int, int]:
         return (self.incarnation, self.seq)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj: dict[str, Any] = {
             "v": 1,
             "peer_id": self.peer_id,
             "incarnation": self.incarnation,
@@ -146,6 +150,11 @@ class Advert:
             "models": {k: m.to_json() for k, m in sorted(self.models.items())},
             "load": self.load,
         }
+        # Optional fields appear only when set, so the adverts of nodes that do not use them stay as they were.
+        for key, value in (("blob_addr", self.blob_addr), ("tls_fp", self.tls_fp)):
+            if value is not None:
+                obj[key] = value
+        return obj
 
     @classmethod
     def from_json(cls, obj: Any) -> Advert:
@@ -160,6 +169,7 @@ class Advert:
         if state not in STATES:
             raise ProtocolError(f"advert 'state' must be one of {STATES}")
         speed, data_addr = obj.get("speed"), obj.get("data_addr")
+        blob_addr, tls_fp = obj.get("blob_addr"), obj.get("tls_fp")
         return cls(
             peer_id=_text(obj.get("peer_id"), "peer_id"),
             incarnation=_nonneg(obj.get("incarnation"), "incarnation"),
@@ -175,6 +185,8 @@ class Advert:
             data_addr=None if data_addr is None else _text(data_addr, "data_addr"),
             models={_text(k, "model id"): ModelReady.from_json(m) for k, m in models.items()},
             load=_number(obj.get("load"), "load"),
+            blob_addr=None if blob_addr is None else _text(blob_addr, "blob_addr"),
+            tls_fp=None if tls_fp is None else _text(tls_fp, "tls_fp"),
         )
 
 

@@ -22,6 +22,8 @@ its length fail authentication). Messages (one frame each, big-endian):
     answer   s->c   status u8 | 0 u8 | retry_ms u16 | size u64 | length u64 | message utf-8 (< 256 bytes)
     data     s->c   after an OK answer: ``length`` bytes of the blob from ``offset``, in frames of <= 1 MiB
 
+A GET of a model id answers the bytes of that model's stored manifest (checked against the id before it is served).
+
 Status: OK, NOT_FOUND (no verified copy here), BUSY (transfer caps reached; retry after ``retry_ms``), BAD_RANGE
 (offset past the end). One request at a time per link; the link stays open for the next one.
 
@@ -47,13 +49,21 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ekmesh.core.errors import PeerClosedError, PeerError, PeerUnreachableError, ProtocolError, ShardError
+from ekmesh.core.errors import (
+    PeerClosedError,
+    PeerError,
+    PeerUnreachableError,
+    ProtocolError,
+    ShardError,
+    ShardMissingError,
+)
 from ekmesh.core.tls import Pins, check_peer_cert
 from ekmesh.shard.manifest import ID_RE
 from ekmesh.shard.store import Store
@@ -358,8 +368,7 @@ class BlobServer:
             return
         try:
             try:
-                path = self.store.verify(blob_id)
-                f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
+                f = self._open(blob_id)
             except (ShardError, OSError) as exc:
                 self._reply(link, req, Status.NOT_FOUND, message=str(exc)[:200])
                 return
@@ -383,6 +392,17 @@ class BlobServer:
         finally:
             with self._lock:
                 self._active[link.peer] -= 1
+
+    def _open(self, blob_id: str) -> BinaryIO:
+        """A verified blob, else a stored manifest: a model id is the hash of its manifest's bytes, so a peer gets
+        a manifest with a GET of the model id and checks it like any blob (manifest spread)."""
+        try:
+            return open(self.store.verify(blob_id), "rb", buffering=0)
+        except ShardMissingError:
+            if not self.store.manifest_path(blob_id).is_file():
+                raise
+            self.store.load_manifest(blob_id)  # checks the bytes against the id
+            return open(self.store.manifest_path(blob_id), "rb", buffering=0)
 
     def _fill(self, f: object, view: memoryview, blob_id: str, offset: int) -> int:
         """Reads the next bytes of the blob into ``view`` (a test subclass overrides it to serve corrupt bytes)."""

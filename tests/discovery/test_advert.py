@@ -72,3 +72,16 @@ def test_garbage_is_a_protocol_error():
     for wire in (None, [], {"b": "!!", "s": ""}, {"b": "a" * 200_000, "s": ""}, {"b": "", "s": ""}):
         with pytest.raises(ProtocolError):
             verify_advert(wire)
+
+
+def test_blob_exchange_fields_are_optional_and_round_trip():
+    kp = create_new_key_pair()
+    plain = sign_advert(make(kp), kp.private_key)
+    assert b"blob_addr" not in plain.body and b"tls_fp" not in plain.body  # an advert without them is unchanged
+    assert verify_advert(plain.to_wire()).advert.blob_addr is None
+    fp = "ab" * 32
+    signed = sign_advert(make(kp, blob_addr="127.0.0.1:4242", tls_fp=fp), kp.private_key)
+    got = verify_advert(signed.to_wire()).advert
+    assert (got.blob_addr, got.tls_fp) == ("127.0.0.1:4242", fp)
+    with pytest.raises(ProtocolError):
+        Advert.from_json({**make(kp).to_json(), "tls_fp": 7})

@@ -138,3 +138,25 @@ def test_unauthenticated_clients_get_nothing(tmp_path: Path, ids) -> None:
         with pytest.raises(PeerIdentityError):
             wrong("s1")
         assert not m.servers["s1"].served and m.servers["s1"].bytes_sent == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_model_id_gets_its_checked_manifest(tmp_path: Path, ids) -> None:
+    """Manifest spread: a GET of a model id answers the stored manifest, which hashes to that id; a manifest whose
+    bytes were altered on disk is not served."""
+    from ekmesh.shard.manifest import Manifest
+    from tests.shard.test_store import _manifest
+
+    with mesh(tmp_path, ids) as m:
+        store = m.serve("s1")
+        man = Manifest.build(_manifest())
+        store.save_manifest(man)
+        link = m.dialer()("s1")
+        try:
+            a = get(link, man.id, 0, 0, 10)
+            assert a.status is Status.OK
+            assert Manifest.parse(read_body(link, a.length), man.id) == man
+            store.manifest_path(man.id).write_bytes(man.bytes().replace(b"{", b"{ ", 1))
+            assert get(link, man.id, 0, 0, 10).status is Status.NOT_FOUND
+        finally:
+            link.close()

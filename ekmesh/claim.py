@@ -1,0 +1,348 @@
+"""Claiming: a node's share of one model's routed experts, fetched from peers and advertised once verified.
+
+Role (``ekmesh join --model ID_OR_ALIAS``): compute this node's assignment with ``shard.placement.place`` over the
+live peers that claim the same model (budget = the memory each advertises, ``memory_total``), bring the expert blobs
+it lacks into the local store from peers over blob exchange (``shard.fetch.Fetcher``; every peer that claims runs a
+``BlobListener`` and puts its ``blob_addr`` and TLS certificate fingerprint ``tls_fp`` in its signed advert, which
+is what connections are pinned on), and only then advertise them ready (``Node.set_models``). A node started with a
+model id it has no manifest for gets the manifest from a peer that advertises the model: a GET of the model id over
+blob exchange, checked against the id (the id is the hash of the manifest's bytes).
+
+"Ready" here means *verified in the store*: loading experts onto a device is the data plane's part (a later issue).
+
+Not responsible for: placement itself (``shard.placement``), the wire (``shard.exchange``), deleting blobs (never
+done here; ``ekmesh gc`` is manual), the dense part or attention hosting.
+
+Invariants:
+- an expert is advertised ready only after its blob is verified in the store;
+- make-before-break: an expert this node advertises and is no longer assigned keeps being advertised until every
+  live new holder (at least one) advertises it ready;
+- the placement is recomputed only when the set of claiming peers and their capacities has been stable for
+  ``debounce_s`` (joins come in bursts); readiness of others is re-read every ``tick_s``;
+- blocking work (placement, hashing, fetching, the listener's sockets) runs in worker threads; the trio task only
+  reads the view and publishes. Peers' blob-exchange addresses and pins are handed to threads as immutable copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ekmesh.core.errors import BlobUnavailableError, ConfigError, EkmeshError, ShardMissingError
+from ekmesh.core.tls import TlsIdentity, make_context
+from ekmesh.discovery.advert import Advert, ModelReady
+from ekmesh.shard.exchange import BlobListener, BlobServer, Status, TlsDialer, get
+from ekmesh.shard.fetch import FetchConfig, Fetcher
+from ekmesh.shard.manifest import ID_RE, Manifest
+from ekmesh.shard.placement import Item, PeerCapacity, Placement, place
+from ekmesh.shard.store import Store
+
+log = logging.getLogger(__name__)
+
+MAX_MANIFEST = 64 << 20
+
+
+@dataclass(frozen=True)
+class ClaimConfig:
+    model: str  # model id, id prefix or alias (an id when the manifest must come from the mesh)
+    replicas: int = 2
+    debounce_s: float = 1.0
+    tick_s: float = 0.25
+    retry_s: float = 1.0  # after a fetch round that left something missing
+    io_s: float = 10.0
+    fetch_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ConfigError(f"--replicas must be >= 1, got {self.replicas}")
+
+
+@dataclass
+class ClaimStats:
+    fetched_bytes: int = 0
+    fetch_seconds: float = 0.0
+    fetched_blobs: int = 0
+    bad_peers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def parse_blob_addr(text: str | None) -> tuple[str, int] | None:
+    if not text or ":" not in text:
+        return None
+    host, _, port = text.rpartition(":")
+    return (host, int(port)) if port.isdigit() and 0 < int(port) < 65536 and host else None
+
+
+def parse_fp(text: str | None) -> bytes | None:
+    try:
+        fp = bytes.fromhex(text or "")
+    except ValueError:
+        return None
+    return fp if len(fp) == 32 else None
+
+
+def grid_of(m: Manifest) -> tuple[tuple[int, int], int]:
+    """The (layers half-open, experts per layer) grid the ready bitmap of ``m`` uses."""
+    items = m.expert_ids()
+    if not items:
+        raise ConfigError(f"model {m.id} has no routed experts to claim")
+    layers = [layer for layer, _ in items]
+    return (min(layers), max(layers) + 1), max(e for _, e in items) + 1
+
+
+class Claimer:
+    """One model's claiming on this node. ``open`` binds the blob listener (before the node's first advert), ``run``
+    claims until cancelled. ``live()`` gives the live peers' adverts (self included), ``publish`` sets this node's
+    ``models`` advert field."""
+
+    def __init__(self, peer_id: str, store: Store, config: ClaimConfig, live: Callable[[], list[Advert]],
+                 publish: Callable[[dict[str, ModelReady]], None]) -> None:
+        self.peer_id, self.store, self.config = peer_id, store, config
+        self.live, self.publish = live, publish
+        self.identity = TlsIdentity.generate(peer_id)
+        self.tls_fp = self.identity.fingerprint.hex()
+        self.blob_addr: str | None = None
+        self.manifest: Manifest | None = None
+        self.model_id: str | None = None
+        self.placement: Placement | None = None
+        self.stats = ClaimStats()
+        self.state = "starting"
+        self._pins: Mapping[str, bytes] = {}
+        self._addrs: Mapping[str, tuple[str, int]] = {}
+        self._listener: BlobListener | None = None
+        self._fetcher: Fetcher | None = None
+        self._have: set[Item] = set()  # assigned experts verified in the store
+        self._ready: set[Item] = set()  # advertised ready
+        self._key: tuple[Any, ...] | None = None
+        self._pending: tuple[Any, ...] | None = None
+        self._pending_since = 0.0
+        self._next_fetch = 0.0
+        try:
+            self.model_id = store.resolve(config.model)
+        except ShardMissingError:
+            if not ID_RE.match(config.model):
+                raise ConfigError(f"--model {config.model!r}: not in the store; give the full model id to get its "
+                                  "manifest from the mesh") from None
+
+    def open(self, bind_host: str, advertise_host: str) -> None:
+        server = BlobServer(self.store)
+        self._listener = BlobListener(server, make_context(self.identity, server=True), self._pin, bind_host)
+        self.blob_addr = f"{advertise_host}:{self._listener.address[1]}"
+        dialer = TlsDialer(make_context(self.identity, server=False), self._pin, self._addr, self.config.io_s)
+        self._fetcher = Fetcher(self.store, dialer, FetchConfig(io_s=self.config.io_s),
+                                on_bad_peer=lambda p, b: self.stats.bad_peers.append((p, b)))
+        log.info("blob exchange listening on %s", self.blob_addr)
+
+    def close(self) -> None:
+        if self._fetcher is not None:
+            self._fetcher.close()
+        if self._listener is not None:
+            self._listener.stop()
+
+    def _pin(self, peer_id: str) -> bytes | None:
+        return self._pins.get(peer_id)
+
+    def _addr(self, peer_id: str) -> tuple[str, int] | None:
+        return self._addrs.get(peer_id)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        assert self._fetcher is not None, "run() before open()"
+        try:
+            while self.manifest is None:
+                self._refresh_peers()
+                self.manifest = await self._find_manifest()
+                if self.manifest is None:
+                    self.state = "waiting for the manifest"
+                    await trio.sleep(self.config.retry_s)
+            self.model_id = self.manifest.id
+            self.state = "claiming"
+            self._publish()  # an empty grid: this node now takes part in the placement
+            while True:
+                await self._step()
+                await trio.sleep(self.config.tick_s)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.close)
+
+    def _refresh_peers(self) -> dict[str, Advert]:
+        live = {a.peer_id: a for a in self.live()}
+        pins, addrs = {}, {}
+        for pid, a in live.items():
+            fp, addr = parse_fp(a.tls_fp), parse_blob_addr(a.blob_addr)
+            if fp is not None and addr is not None and pid != self.peer_id:
+                pins[pid], addrs[pid] = fp, addr
+        self._pins, self._addrs = pins, addrs  # replaced whole: threads read a consistent copy
+        return live
+
+    async def _find_manifest(self) -> Manifest | None:
+        mid = self.model_id or self.config.model
+        try:
+            return await trio.to_thread.run_sync(self.store.load_manifest, mid)
+        except ShardMissingError:
+            pass
+        for a in self.live():
+            if mid in a.models and a.peer_id in self._addrs:
+                try:
+                    m = await trio.to_thread.run_sync(  # mypy mis-reads Unpack[Ts] + a keyword
+                        self._get_manifest, a.peer_id, mid, abandon_on_cancel=True)  # type: ignore[call-arg]
+                except EkmeshError as exc:
+                    log.warning("could not get the manifest of %s from peer %s: %s", mid, a.peer_id, exc)
+                    continue
+                log.info("got the manifest of model %s from peer %s", mid, a.peer_id)
+                return m
+        return None
+
+    def _get_manifest(self, peer: str, model_id: str) -> Manifest:
+        assert self._fetcher is not None
+        link = self._fetcher.dial(peer)
+        try:
+            ans = get(link, model_id, 0, 0, self.config.io_s)
+            if ans.status != Status.OK:
+                raise ShardMissingError(f"manifest {model_id}", f"peer {peer}: {ans.status.name} {ans.message}")
+            if ans.length > MAX_MANIFEST:
+                raise ShardMissingError(f"manifest {model_id}", f"peer {peer} offers {ans.length} bytes")
+            buf = bytearray(ans.length)
+            got = 0
+            while got < ans.length:
+                got += link.recv_into(memoryview(buf)[got:], self.config.io_s)
+        finally:
+            link.close()
+        m = Manifest.parse(bytes(buf), model_id, where=f"manifest {model_id} from peer {peer}")
+        self.store.save_manifest(m)
+        return m
+
+    async def _step(self) -> None:
+        m, cfg, me = self.manifest, self.config, self.peer_id
+        assert m is not None
+        live = self._refresh_peers()
+        claiming = {pid: a for pid, a in live.items() if m.id in a.models or pid == me}
+        now = time.monotonic()
+        key = tuple(sorted((pid, a.memory_total, a.speed or 1.0) for pid, a in claiming.items()))
+        if key != self._pending:
+            self._pending, self._pending_since = key, now
+        if self.placement is None or (key != self._key and now - self._pending_since >= cfg.debounce_s):
+            self.placement = await trio.to_thread.run_sync(_place, m, key, cfg.replicas)
+            self._key = key
+            self._next_fetch = 0.0
+            log.info("placement over %d peers: %d experts assigned here", len(key),
+                     len(self.placement.assigned(me)))
+        placement = self.placement
+        assigned = set(placement.assigned(me))
+        ready_at = _ready_by_peer(m.id, claiming, me)
+        todo = assigned - self._have
+        if todo and now >= self._next_fetch:
+            experts = m.expert_ids()
+            holders: dict[str, list[str]] = {}
+            for it in sorted(todo):
+                first = [p for p in placement.holders.get(it, []) if it in ready_at.get(p, ())]
+                others = [p for p, r in ready_at.items() if it in r and p not in first]
+                rest = [p for p in claiming if p != me and p not in first and p not in others]  # may have it stored
+                holders[experts[it]] = [p for p in first + others + rest if p in self._addrs]
+            got = await trio.to_thread.run_sync(  # mypy mis-reads Unpack[Ts] + a keyword
+                self._fetch, holders, abandon_on_cancel=True)  # type: ignore[call-arg]
+            self._have |= {it for it in todo if experts[it] in got}  # two experts may share a blob
+            if todo - self._have:
+                self._next_fetch = time.monotonic() + cfg.retry_s
+        ready = {it for it in assigned if it in self._have}
+        for it in self._ready - assigned:
+            new = [p for p in placement.holders.get(it, []) if p != me and p in claiming]
+            if not new or not all(it in ready_at.get(p, ()) for p in new):
+                ready.add(it)  # make-before-break: its new holders are not all serving it yet
+        if ready != self._ready:
+            dropped, added = self._ready - ready, ready - self._ready
+            self._ready = ready
+            self._publish()
+            log.info("model %s: %d experts ready here (+%d, -%d)", m.id, len(ready), len(added), len(dropped))
+
+    def _fetch(self, holders: dict[str, list[str]]) -> set[str]:
+        """Blocking: verifies what the store has, fetches the rest from the holders given; returns the blob ids
+        now verified in the store."""
+        assert self._fetcher is not None and self.manifest is not None
+        present, wanted = set(), {}
+        for bid, peers in holders.items():
+            if self.store.has(bid):
+                try:
+                    self.store.verify(bid, self.manifest.size(bid))
+                    present.add(bid)
+                    continue
+                except EkmeshError as exc:
+                    log.warning("stored blob %s is bad (%s); fetching it again", bid, exc)
+            if peers:
+                wanted[bid] = peers
+        if not wanted:
+            return present
+        start = time.monotonic()
+        sizes = {bid: self.manifest.size(bid) for bid in wanted}
+        try:
+            report = self._fetcher.fetch(wanted, sizes, timeout=self.config.fetch_timeout_s)
+        except BlobUnavailableError as exc:
+            report = exc.report  # type: ignore[assignment]
+            log.info("%d expert blob(s) not fetched yet: %s", len(exc.failures), exc)
+        self.stats.fetch_seconds += time.monotonic() - start
+        if report is not None:
+            self.stats.fetched_bytes += sum(report.received.values())
+            self.stats.fetched_blobs += sum(1 for how in report.stored.values() if how == "peers")
+            return present | set(report.stored)
+        return present
+
+    def _publish(self) -> None:
+        assert self.manifest is not None
+        layers, experts = grid_of(self.manifest)
+        ready: dict[int, set[int]] = {}
+        for layer, e in self._ready:
+            ready.setdefault(layer, set()).add(e)
+        grid = ModelReady(layers, experts, {k: frozenset(v) for k, v in ready.items()})
+        self.publish({self.manifest.id: grid})
+
+    # -- visibility -------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The ``claim`` block of ``status --json`` (see ``Node.snapshot``)."""
+        pl, m = self.placement, self.manifest
+        assigned = {pid: 0 for pid in (k[0] for k in self._key or ())}
+        if pl is not None:
+            for hs in pl.holders.values():
+                for pid in hs:
+                    assigned[pid] = assigned.get(pid, 0) + 1
+        s = self.stats
+        return {
+            "model": self.model_id or self.config.model,
+            "state": self.state,
+            "ready_means": "verified in the store (not yet loaded on a device)",
+            "replicas": self.config.replicas,
+            "experts": len(m.expert_ids()) if m is not None else None,
+            "assigned": assigned,
+            "self": {"assigned": len(pl.assigned(self.peer_id)) if pl is not None else 0,
+                     "fetched": len(self._have), "ready": len(self._ready),
+                     "kept": len(self._ready - set(pl.assigned(self.peer_id))) if pl is not None else 0},
+            "under_replicated": [list(it) for it in pl.under_replicated] if pl is not None else [],
+            "bytes_fetched": s.fetched_bytes,
+            "blobs_fetched": s.fetched_blobs,
+            "rate_bps": round(s.fetched_bytes / s.fetch_seconds) if s.fetch_seconds > 0 else None,
+            "bad_peers": [list(x) for x in s.bad_peers[-16:]],
+            "blob_addr": self.blob_addr,
+        }
+
+
+def _place(m: Manifest, key: tuple[tuple[str, int, float], ...], replicas: int) -> Placement:
+    experts = m.expert_ids()
+    peers = [PeerCapacity(pid, total, speed if speed > 0 and math.isfinite(speed) else 1.0)
+             for pid, total, speed in key]
+    return place(m.id, list(experts), {it: m.size(bid) for it, bid in experts.items()}, peers, replicas)
+
+
+def _ready_by_peer(model_id: str, adverts: Mapping[str, Advert], me: str) -> dict[str, set[Item]]:
+    """The experts each other peer advertises ready for ``model_id``."""
+    out: dict[str, set[Item]] = {}
+    for pid, a in adverts.items():
+        grid = a.models.get(model_id)
+        if pid != me and grid is not None:
+            out[pid] = {(layer, e) for layer, es in grid.ready.items() for e in es}
+    return out
