@@ -135,7 +135,7 @@ class Channel:
         self.connects += 1
         return sock
 
-    def begin(self, data: bytes, deadline: float) -> None:
+    def begin(self, data: bytes | bytearray, deadline: float) -> None:
         """Takes the channel (waits at most ``timeouts.lock_s``), connects if needed and sends one frame.
         On success the caller must call ``finish``; on error the channel is released and the error raised."""
         if not self._lock.acquire(timeout=min(self.timeouts.lock_s, max(0.0, deadline - time.monotonic()))):
@@ -168,7 +168,7 @@ class Channel:
         finally:
             self._lock.release()
 
-    def exchange(self, data: bytes, request_id: int, timeout: float) -> Frame:
+    def exchange(self, data: bytes | bytearray, request_id: int, timeout: float) -> Frame:
         deadline = time.monotonic() + timeout
         self.begin(data, deadline)
         return self.finish(request_id, deadline)

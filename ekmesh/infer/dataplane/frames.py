@@ -8,7 +8,7 @@ A frame is a fixed 44-byte little-endian header followed by ``payload_len`` byte
 - REQUEST: payload = token index int32[n_pairs] | expert id int32[n_pairs] | routing weight fp32[n_pairs] |
   hidden [n_tokens, hidden] in ``dtype``. Pair i asks for ``weight[i] * expert[i](hidden[token[i]])``.
 - RESPONSE: payload = [n_tokens, hidden] in ``dtype``: per token the sum over its pairs (weighted partial sums);
-  ``aux`` = the server's compute time in microseconds; n_pairs = 0.
+  ``aux`` = the server's expert compute time in microseconds (the backend call only); n_pairs = 0.
 - ERROR: payload = a UTF-8 message (≤ ``max_error_bytes``); ``code`` says why (``ErrorCode``); for NOT_HELD,
   ``layer`` and ``aux`` name the (layer, expert) that is not held. PING / PONG: no payload (liveness, first
   response of a fresh channel, latency probes). ``request_id`` is echoed by every answer.
@@ -29,6 +29,7 @@ import struct
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ekmesh.core.errors import ProtocolError
@@ -126,30 +127,59 @@ def _header(kind: Kind, request_id: int, *, dtype_code: int = 0, code: int = 0, 
                        payload_len)
 
 
-def _raw(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().view(torch.uint8).numpy())  # type: ignore[arg-type]
+def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A host numpy view of ``x`` (no copy for a contiguous CPU tensor; bf16 has no numpy dtype, so it is viewed as
+    raw 16-bit words, which is all a frame needs)."""
+    if isinstance(x, np.ndarray):
+        return x
+    x = x.detach().cpu()
+    if x.dtype == torch.bfloat16:
+        x = x.view(torch.int16)
+    return x.numpy()
 
 
-def encode_request(request_id: int, layer: int, tokens: torch.Tensor, experts: torch.Tensor,
-                   weights: torch.Tensor, hidden: torch.Tensor) -> bytes:
-    """tokens/experts/weights [P] (any int / float dtype), hidden [T, D] (bf16, fp16 or fp32) -> one frame."""
+def encode_request(request_id: int, layer: int, tokens: torch.Tensor | np.ndarray,
+                   experts: torch.Tensor | np.ndarray, weights: torch.Tensor | np.ndarray,
+                   hidden: torch.Tensor) -> bytearray:
+    """tokens/experts/weights [P] (any int / float dtype), hidden [T, D] (bf16, fp16 or fp32) -> one frame.
+
+    Written into one buffer (header + payload, one allocation, no intermediate tensors) so that the channel sends it
+    with a single ``sendall``."""
     p, (t, d) = tokens.shape[0], hidden.shape
     if hidden.dtype not in DTYPE_CODES:
         raise ProtocolError(f"hidden dtype {hidden.dtype} cannot go on the wire (bf16, fp16, fp32)")
-    parts = [tokens.to(torch.int32).cpu(), experts.to(torch.int32).cpu(), weights.to(torch.float32).cpu(),
-             hidden.cpu()]
-    size = p * PAIR_BYTES + t * d * hidden.element_size()
-    head = _header(Kind.REQUEST, request_id, dtype_code=DTYPE_CODES[hidden.dtype], layer=layer, n_tokens=t,
-                   n_pairs=p, hidden=d, payload_len=size)
-    return b"".join([head, *(_raw(x) for x in parts)])
+    if isinstance(weights, torch.Tensor) and weights.dtype != torch.float32:
+        weights = weights.float()
+    nh = t * d * hidden.element_size()
+    size = p * PAIR_BYTES + nh
+    buf = bytearray(HEADER_SIZE + size)
+    HEADER.pack_into(buf, 0, MAGIC, VERSION, Kind.REQUEST, DTYPE_CODES[hidden.dtype], 0, request_id, layer, t, p, d,
+                     0, size)
+    o = HEADER_SIZE
+    np.frombuffer(buf, np.int32, p, o)[:] = _np(tokens)  # casting assignment: any int dtype in
+    np.frombuffer(buf, np.int32, p, o + 4 * p)[:] = _np(experts)
+    np.frombuffer(buf, np.float32, p, o + 8 * p)[:] = _np(weights)
+    np.frombuffer(buf, np.uint8, nh, o + PAIR_BYTES * p)[:] = _np(hidden.contiguous().view(torch.uint8)).reshape(-1)
+    return buf
 
 
-def encode_response(request_id: int, layer: int, out: torch.Tensor, compute_us: int = 0) -> bytes:
-    """out [T, D] weighted partial sums (in the request's dtype) -> one frame."""
+def response_buffer(request_id: int, layer: int, t: int, d: int, dtype: torch.dtype,
+                    compute_us: int = 0) -> tuple[bytearray, torch.Tensor]:
+    """A RESPONSE frame with its header written and a [T, D] ``dtype`` tensor over its payload, for the caller to
+    fill (e.g. ``view.copy_(fp32_result)``: the cast goes straight into the frame, no intermediate tensor)."""
+    size = t * d * dtype.itemsize
+    buf = bytearray(HEADER_SIZE + size)
+    HEADER.pack_into(buf, 0, MAGIC, VERSION, Kind.RESPONSE, DTYPE_CODES[dtype], 0, request_id, layer, t, 0, d,
+                     min(compute_us, 0xFFFFFFFF), size)
+    return buf, torch.frombuffer(buf, dtype=dtype, count=t * d, offset=HEADER_SIZE).view(t, d)  # [T, D]
+
+
+def encode_response(request_id: int, layer: int, out: torch.Tensor, compute_us: int = 0) -> bytearray:
+    """out [T, D] weighted partial sums (in the request's dtype) -> one frame (one buffer, as ``encode_request``)."""
     t, d = out.shape
-    head = _header(Kind.RESPONSE, request_id, dtype_code=DTYPE_CODES[out.dtype], layer=layer, n_tokens=t, hidden=d,
-                   aux=min(compute_us, 0xFFFFFFFF), payload_len=t * d * out.element_size())
-    return head + _raw(out.cpu()).tobytes()
+    buf, view = response_buffer(request_id, layer, t, d, out.dtype, compute_us)
+    view.copy_(out)
+    return buf
 
 
 def encode_error(request_id: int, code: ErrorCode, message: str, layer: int = 0, aux: int = 0,
@@ -215,21 +245,26 @@ def decode_body(h: Header, payload: bytes | bytearray | memoryview, model: Model
         return f
     f.dtype = DTYPES[h.dtype_code]
     readonly = isinstance(payload, bytes) or (isinstance(payload, memoryview) and payload.readonly)
-    buf = bytearray(payload) if readonly else payload  # frombuffer wants a writable buffer
+    buf = bytearray(payload) if readonly else payload  # torch wants a writable buffer
     p, off = h.n_pairs, 0
     if h.kind is Kind.REQUEST:
-        f.tokens = torch.frombuffer(buf, dtype=torch.int32, count=p, offset=0)
-        f.experts = torch.frombuffer(buf, dtype=torch.int32, count=p, offset=4 * p)
-        f.weights = torch.frombuffer(buf, dtype=torch.float32, count=p, offset=8 * p)
+        # numpy views and few calls (each costs microseconds when a ping-pong wakes this thread with cold caches):
+        # one reduction bounds tokens and experts at once (viewed as unsigned, a negative index is huge, so
+        # ``max() < n`` checks both ends), one more checks the weights. O(P), vectorised.
+        ids = np.frombuffer(buf, np.int32, 2 * p, 0)  # [2P]: tokens | experts
+        weights = np.frombuffer(buf, np.float32, p, 8 * p)
         off = PAIR_BYTES * p
-        bad_t = (f.tokens < 0) | (f.tokens >= h.n_tokens)
-        if bool(bad_t.any()):
-            raise ProtocolError(f"token index {int(f.tokens[bad_t][0])} outside [0, {h.n_tokens})")
-        bad_e = (f.experts < 0) | (f.experts >= model.num_experts)
-        if bool(bad_e.any()):
-            raise ProtocolError(f"expert id {int(f.experts[bad_e][0])} outside [0, {model.num_experts})")
-        if not bool(torch.isfinite(f.weights).all()):
+        t_max, e_max = ids.view(np.uint32).reshape(2, p).max(axis=1).tolist()
+        if t_max >= h.n_tokens:
+            bad = ids[:p][(ids[:p] < 0) | (ids[:p] >= h.n_tokens)][0]
+            raise ProtocolError(f"token index {int(bad)} outside [0, {h.n_tokens})")
+        if e_max >= model.num_experts:
+            bad = ids[p:][(ids[p:] < 0) | (ids[p:] >= model.num_experts)][0]
+            raise ProtocolError(f"expert id {int(bad)} outside [0, {model.num_experts})")
+        if not np.isfinite(weights).all():
             raise ProtocolError("routing weights must be finite")
+        both = torch.from_numpy(ids)
+        f.tokens, f.experts, f.weights = both[:p], both[p:], torch.from_numpy(weights)
     n = h.n_tokens * h.hidden
     f.hidden = torch.frombuffer(buf, dtype=f.dtype, count=n, offset=off).view(h.n_tokens, h.hidden)  # [T, D]
     return f

@@ -5,7 +5,9 @@ queues each REQUEST and writes its answer itself, so each TLS socket is only eve
 objects are not safe for concurrent read and write). Compute runs in whichever waiting reader finds nobody
 computing (no handoff to a worker thread): it takes pending requests round robin over connections (per-peer
 fairness) and batches every pending request for the same layer (up to ``max_batch_pairs`` pairs) into one
-grouped call on the backend; one batch computes at a time.
+grouped call on the backend; one batch computes at a time. A request that finds the server idle is computed at once
+without being queued, and a lone request whose pairs are k per token in token order (what a peer holding every
+chosen expert receives) goes to the backend as [T, D] with [T, k] ids and weights, which weights and sums itself.
 
 Invariants:
 - at most ``max_pending`` requests wait for the worker; beyond that a request is answered ERROR BUSY at once;
@@ -14,7 +16,8 @@ Invariants:
 - a request naming an expert this server does not hold is answered ERROR NOT_HELD naming (layer, expert);
 - a response is, per token, the sum over the request's pairs of ``weight * expert(hidden[token])``, weighted and
   summed in fp32 in pair order, cast to the request's dtype (for fp32 this equals ``LocalExperts`` bit for bit
-  when a token's pairs are summed in the same order);
+  when a token's pairs are summed in the same order); the [T, k] path gives the same bits (``LocalExperts`` sums
+  over k sequentially in fp32, and is used only when it computes in fp32 or in the request's dtype);
 - every wait has a deadline (``ServerTimeouts``); ``stop()`` closes the listener and every connection and joins
   the threads promptly.
 """
@@ -27,8 +30,9 @@ import ssl
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ekmesh.core.errors import PeerClosedError, PeerIdentityError, ProtocolError
@@ -42,9 +46,9 @@ from ekmesh.infer.dataplane.frames import (
     ModelLimits,
     encode_error,
     encode_ping,
-    encode_response,
+    response_buffer,
 )
-from ekmesh.infer.experts import LocalExperts
+from ekmesh.infer.experts import ExpertNotLoadedError, LocalExperts
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +66,8 @@ class ServerTimeouts:
 class _Job:
     conn: _Conn
     frame: Frame
-    done: threading.Event = field(default_factory=threading.Event)
-    answer: bytes = b""
+    done: bool = False  # set by the computing thread, read under ``_cv`` after its notify_all
+    answer: bytes | bytearray = b""
 
 
 class _Conn:
@@ -186,7 +190,7 @@ class ExpertServer:
             except OSError:
                 pass
 
-    def _send(self, conn: _Conn, data: bytes) -> bool:
+    def _send(self, conn: _Conn, data: bytes | bytearray) -> bool:
         try:
             conn.sock.settimeout(self.timeouts.send_s)
             conn.sock.sendall(data)
@@ -210,6 +214,7 @@ class ExpertServer:
             except PeerClosedError as exc:
                 log.debug("data channel from peer %s closed: %s", conn.peer, exc)
                 return
+            answer: bytes | bytearray
             if f.kind is Kind.PING:
                 answer = encode_ping(f.request_id, pong=True)
             else:
@@ -217,7 +222,7 @@ class ExpertServer:
             if not self._send(conn, answer):
                 return
 
-    def _submit(self, conn: _Conn, f: Frame) -> bytes:
+    def _submit(self, conn: _Conn, f: Frame) -> bytes | bytearray:
         """Queues a request and waits for its answer. No worker thread: a waiting reader that finds nobody
         computing becomes the one that computes (the next batch, round robin), which saves two thread switches
         per request; the others wait for it, and batching across connections still happens."""
@@ -229,18 +234,30 @@ class ExpertServer:
                 self.stats.busy += 1
                 return encode_error(f.request_id, ErrorCode.BUSY, "expert server busy: request queue full",
                                     f.layer)
-            conn.pending.append(job)
-            self._n_pending += 1
+            idle = not self._computing and not self._n_pending and not self._stopping
+            if idle:  # nobody computing, nothing queued: compute this one now (the single-request hot path)
+                self._computing = True
+            else:
+                conn.pending.append(job)
+                self._n_pending += 1
+        if idle:
+            try:
+                self._run([job])
+            finally:
+                with self._cv:
+                    self._computing = False
+                    self._cv.notify_all()
+            return job.answer
         while True:
             with self._cv:
-                while not job.done.is_set() and self._computing and not self._stopping:
+                while not job.done and self._computing and not self._stopping:
                     left = deadline - time.monotonic()
                     if left <= 0 or not self._cv.wait(left):
                         if job in conn.pending:
                             conn.pending.remove(job)
                             self._n_pending -= 1
                         return encode_error(f.request_id, ErrorCode.INTERNAL, "expert server timed out", f.layer)
-                if job.done.is_set():
+                if job.done:
                     return job.answer
                 if self._stopping:
                     return encode_error(f.request_id, ErrorCode.INTERNAL, "expert server stopping", f.layer)
@@ -289,45 +306,96 @@ class ExpertServer:
         except Exception as exc:  # supervisor: a bad batch must not kill the server
             log.exception("expert compute failed for layer %d", batch[0].frame.layer)
             for job in batch:
-                if not job.done.is_set():
+                if not job.done:
                     job.answer = encode_error(job.frame.request_id, ErrorCode.INTERNAL,
                                               f"expert compute failed: {exc}", job.frame.layer)
-                    job.done.set()
+                    job.done = True
 
     def _compute(self, batch: list[_Job]) -> None:
+        """Computes a batch. The backend itself refuses an expert it does not hold, so the happy path does no
+        per-expert check; only when it refuses are the jobs checked one by one (and answered NOT_HELD)."""
+        with torch.inference_mode():
+            try:
+                if len(batch) == 1 and self._regular(batch[0].frame):
+                    self._compute_regular(batch[0])
+                else:
+                    self._compute_held(batch)
+            except ExpertNotLoadedError:
+                self._compute_held([job for job in batch if not self._refuse_missing(job)])
+
+    def _refuse_missing(self, job: _Job) -> bool:
+        """Answers NOT_HELD when ``job`` asks for an expert this server does not hold."""
+        f, be = job.frame, self.backend
+        assert f.experts is not None
+        missing = [e for e in np.unique(f.experts.numpy()).tolist() if not be.has(f.layer, e)]
+        if not missing:
+            return False
+        job.answer = encode_error(f.request_id, ErrorCode.NOT_HELD, f"expert (layer={f.layer}, expert={missing[0]}) "
+                                  f"is not held by peer {self.identity.peer_id}", f.layer, missing[0])
+        job.done = True
+        return True
+
+    def _regular(self, f: Frame) -> bool:
+        """True when pair i of ``f`` is token i // k (k pairs per token, in token order: what ``RemoteExperts`` sends
+        when one peer computes every pair) and the backend's own fp32 weighting and sum give this server's answer:
+        the backend computes in fp32 or in the wire dtype (one rounding either way). Its sum over a token's k
+        pairs is sequential in pair order, like the index_add_ of the general path (bitwise equal, checked)."""
+        assert f.tokens is not None and f.hidden is not None
+        t, p = f.hidden.shape[0], f.tokens.shape[0]
+        if p % t or self.backend.dtype not in (torch.float32, f.dtype):
+            return False
+        if t == 1:  # every pair is token 0 (decode() checked the indices): regular whatever p is
+            return True
+        k = p // t
+        return bool(np.array_equal(f.tokens.numpy(), np.arange(p, dtype=np.int32) // k))
+
+    def _compute_regular(self, job: _Job) -> None:
+        """(In inference mode.) A regular request (see ``_regular``): one backend call over hidden [T, D] with
+        expert ids and weights [T, k], which weights and sums in fp32 itself: no [P, D] gather, scale and scatter."""
+        be, f = self.backend, job.frame
+        assert f.experts is not None and f.weights is not None and f.hidden is not None
+        t, d = f.hidden.shape
+        x = f.hidden.to(be.device, be.dtype)  # [T, D]
+        e = f.experts.to(be.device, torch.long).view(t, -1)  # [T, k]
+        w = f.weights.to(be.device).view(t, -1)  # [T, k] fp32
         t0 = time.perf_counter()
+        y = be(f.layer, x, e, w)  # [T, D]: per token, sum of weight * expert(x) over its pairs (fp32, then be.dtype)
+        us = int((time.perf_counter() - t0) * 1e6)
+        job.answer, view = response_buffer(f.request_id, f.layer, t, d, f.dtype, us)
+        view.copy_(y)
+        job.done = True
+
+    def _compute_held(self, batch: list[_Job]) -> None:
+        """(In inference mode.) One backend call for the batch, then per job its weighted per-token sums."""
+        if not batch:
+            return
         be, layer = self.backend, batch[0].frame.layer
-        ready: list[_Job] = []
+        toks: list[torch.Tensor] = []
         xs: list[torch.Tensor] = []
         ids: list[torch.Tensor] = []
         for job in batch:
             f = job.frame
             assert f.tokens is not None and f.experts is not None and f.hidden is not None
-            missing = [e for e in torch.unique(f.experts).tolist() if not be.has(layer, e)]
-            if missing:
-                job.answer = encode_error(f.request_id, ErrorCode.NOT_HELD,
-                                          f"expert (layer={layer}, expert={missing[0]}) is not held by peer "
-                                          f"{self.identity.peer_id}", layer, missing[0])
-                job.done.set()
-                continue
-            hidden = f.hidden.to(be.device, be.dtype)  # [T, D]
-            xs.append(hidden[f.tokens.to(be.device, torch.long)])  # [P, D]
+            tok = f.tokens.to(be.device, torch.long)  # [P]
+            toks.append(tok)
+            xs.append(f.hidden.to(be.device, be.dtype).index_select(0, tok))  # [P, D] (4× faster than [tok])
             ids.append(f.experts.to(be.device, torch.long))  # [P]
-            ready.append(job)
-        if not ready:
-            return
-        e = torch.cat(ids)[:, None]  # [ΣP, 1]: one pair per row, weighted below in fp32
-        with torch.inference_mode():
-            y = be(layer, torch.cat(xs), e, torch.ones(e.shape, dtype=be.dtype, device=be.device))  # [ΣP, D]
-        us = int((time.perf_counter() - t0) * 1e6)
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)  # [ΣP, D]
+        e = (ids[0] if len(ids) == 1 else torch.cat(ids))[:, None]  # [ΣP, 1]: one pair per row, weighted below
+        t0 = time.perf_counter()
+        y = be(layer, x, e, torch.ones(e.shape, dtype=be.dtype, device=be.device))  # [ΣP, D]
+        us = int((time.perf_counter() - t0) * 1e6)  # the backend call only: everything else is overhead
+        y = y.float()  # [ΣP, D] fp32 (a new tensor unless the backend is fp32: then y is ours to scale in place)
         off = 0
-        for job in ready:
+        for job, tok in zip(batch, toks, strict=True):
             f = job.frame
-            assert f.tokens is not None and f.weights is not None and f.hidden is not None
-            p = f.tokens.shape[0]
-            w = f.weights.to(be.device)[:, None]  # [P, 1] fp32
+            assert f.weights is not None and f.hidden is not None
+            p = tok.shape[0]
+            yw = y[off:off + p].mul_(f.weights.to(be.device)[:, None])  # [P, D] weight * expert(x) in fp32
             out = torch.zeros(f.hidden.shape, dtype=torch.float32, device=be.device)  # [T, D]
-            out.index_add_(0, f.tokens.to(be.device, torch.long), y[off:off + p].float() * w)
+            out.index_add_(0, tok, yw)  # per token, its pairs summed in pair order
             off += p
-            job.answer = encode_response(f.request_id, layer, out.to(f.dtype), us)
-            job.done.set()
+            t, d = f.hidden.shape
+            job.answer, view = response_buffer(f.request_id, layer, t, d, f.dtype, us)
+            view.copy_(out)  # cast to the request's dtype straight into the frame
+            job.done = True
