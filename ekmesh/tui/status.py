@@ -29,9 +29,42 @@ def render_status(snapshot: dict[str, Any]) -> RenderableType:
     header = Text.assemble(("ekmesh ", "bold"), f"node {short_id(snapshot.get('self', ''))} · ",
                            mesh_text, f" · {live} of {len(peers)} peers up")
     parts: list[RenderableType] = [header, peers_table(peers)]
+    if snapshot.get("claim"):
+        parts += [Text(""), claim_line(snapshot["claim"])]
     for model_id, shard in snapshot.get("models", {}).items():
         parts += [Text(""), shard_map(model_id, shard, names)]
     return Group(*parts)
+
+
+def claim_line(claim: dict[str, Any]) -> Text:
+    """This node's claiming progress: assigned / fetched / ready, transfer totals, under-replication, bad peers."""
+    me = claim.get("self", {})
+    rate = claim.get("rate_bps")
+    text = Text.assemble(
+        ("claiming ", "bold"), str(claim.get("model")), f" ({claim.get('state')}, R={claim.get('replicas')})",
+        f" · this node: {me.get('ready', 0)} ready / {me.get('fetched', 0)} fetched / "
+        f"{me.get('assigned', 0)} assigned",
+    )
+    if me.get("kept"):
+        text.append(f" (+{me['kept']} kept until their new holders are ready)")
+    text.append(f" · fetched {claim.get('blobs_fetched', 0)} blobs, {_bytes(claim.get('bytes_fetched', 0))}")
+    if rate:
+        text.append(f" at {_bytes(rate)}/s")
+    under = len(claim.get("under_replicated", []))
+    if under:
+        text.append(f" · {under} experts under-replicated (the mesh has too little memory for "
+                    f"{claim.get('replicas')} copies)", style="yellow")
+    if claim.get("bad_peers"):
+        text.append(f" · {len(claim['bad_peers'])} peers served bad bytes", style="red")
+    return text
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def peers_table(peers: list[dict[str, Any]]) -> Table:

@@ -72,3 +72,17 @@ def test_open_mesh_is_called_out_and_narrow_terminals_still_render():
     text = render(snap, width=80)
     assert "open mesh" in text and "anyone" in text
     assert "model" not in text
+
+
+def test_claiming_progress_line():
+    snap = snapshot()
+    snap["claim"] = {"model": "blake3:abcd", "state": "claiming", "replicas": 2, "experts": 8,
+                     "self": {"assigned": 5, "fetched": 4, "ready": 3, "kept": 1},
+                     "under_replicated": [[2, 1], [3, 0]], "bytes_fetched": 3 * (1 << 20) + 512 * 1024,
+                     "blobs_fetched": 4, "rate_bps": 2 * (1 << 20), "bad_peers": [[B, "blake3:ff"]]}
+    text = " ".join(render(snap, width=400).split())
+    assert ("claiming blake3:abcd (claiming, R=2) · this node: 3 ready / 4 fetched / 5 assigned "
+            "(+1 kept until their new holders are ready) · fetched 4 blobs, 3.5 MiB at 2.0 MiB/s · "
+            "2 experts under-replicated (the mesh has too little memory for 2 copies) · "
+            "1 peers served bad bytes") in text
+    assert "claiming" not in render(snapshot())
