@@ -8,7 +8,6 @@ import json
 import time
 import urllib.error
 import urllib.request
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import multiaddr
@@ -29,6 +28,7 @@ from ekmesh.discovery.config import MeshKey, MeshTimeouts
 from ekmesh.discovery.control import get_json, read_control_file
 from ekmesh.discovery.membership import SYNC_PROTOCOL
 from ekmesh.node import Node, NodeConfig
+from tests.discovery.inproc import running, until
 
 T = MeshTimeouts(connect_timeout=1.5, stream_timeout=1.5, ping_timeout=1.0, advert_interval=0.3, down_after=3.0,
                  leave_timeout=1.0, redial_interval=0.5, redial_max_interval=2.0)
@@ -37,27 +37,6 @@ LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
 def config(home: Path, **kw) -> NodeConfig:
     return NodeConfig(home=home, listen=LOOPBACK, mdns=False, timeouts=T, **kw)
-
-
-@asynccontextmanager
-async def running(*nodes: Node):
-    async with trio.open_nursery() as nursery:
-        for node in nodes:
-            await nursery.start(lambda task_status, n=node: n.run(handle_signals=False, task_status=task_status))
-        try:
-            yield nodes
-        finally:
-            for node in nodes:
-                node.stop()
-
-
-async def until(pred, timeout: float, what: str) -> float:
-    start = trio.current_time()
-    with trio.move_on_after(timeout):
-        while not pred():
-            await trio.sleep(0.05)
-        return trio.current_time() - start
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def live(node: Node) -> set[str]:

@@ -43,3 +43,32 @@ def random_prompt(vocab: int, n: int = 11, seed: int = 1) -> list[int]:
     """A seeded random prompt of ``n`` token ids below ``vocab``."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+def hf_greedy(ref: Any, prompt: list[int], n: int = 32) -> list[int]:
+    """``n`` greedy tokens from a transformers model (no eos; an explicit mask so pad ids in the prompt count)."""
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                           max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def check_matches_transformers(path: Path, ref: Any, prompt: list[int], label: str,
+                               tol: float = 1e-4) -> tuple[Any, list[int]]:
+    """ekmesh loaded from ``path`` vs ``ref``: prefill logits within ``tol`` (max diff printed), and 32 greedy
+    tokens identical. Returns ekmesh's ``Generator`` and the reference tokens."""
+    from ekmesh.infer.generate import Generator, SamplingParams
+    from ekmesh.infer.loader import load_all
+
+    with torch.no_grad():
+        ref_logits = ref(torch.tensor([prompt])).logits[0].float()
+    ref_out = hf_greedy(ref, prompt)
+    _, model, experts = load_all(path)
+    gen = Generator(model, experts)
+    logits = gen.logits(prompt)
+    assert logits.shape == ref_logits.shape
+    diff = (logits - ref_logits).abs().max().item()
+    print(f"{label}: max |logits - transformers| = {diff:.3g}")
+    assert diff <= tol, f"{label}: max abs diff {diff} > {tol}"
+    assert gen.generate(prompt, SamplingParams(max_tokens=32, stop_ids=frozenset())).token_ids == ref_out
+    return gen, ref_out

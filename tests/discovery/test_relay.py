@@ -3,7 +3,6 @@ on relayed connections (the mesh key's private-network layer and Noise apply ins
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import multiaddr
@@ -27,6 +26,7 @@ from ekmesh.discovery.config import MeshKey, MeshTimeouts
 from ekmesh.discovery.membership import SYNC_PROTOCOL
 from ekmesh.discovery.relay import Relay, split_circuit
 from ekmesh.node import Node, NodeConfig
+from tests.discovery.inproc import running, until
 
 T = MeshTimeouts(connect_timeout=1.5, stream_timeout=1.5, ping_timeout=1.0, advert_interval=0.3, down_after=3.0,
                  leave_timeout=1.0, redial_interval=0.5, redial_max_interval=2.0, relay_refresh_interval=2.0)
@@ -36,26 +36,6 @@ KEY = MeshKey.from_options("relay-test", None)
 
 def config(home: Path, **kw) -> NodeConfig:
     return NodeConfig(home=home, listen=LOOPBACK, mdns=False, dht=False, timeouts=T, mesh_key=KEY, **kw)
-
-
-@asynccontextmanager
-async def running(*nodes: Node):
-    async with trio.open_nursery() as nursery:
-        for node in nodes:
-            await nursery.start(lambda task_status, n=node: n.run(handle_signals=False, task_status=task_status))
-        try:
-            yield nodes
-        finally:
-            for node in nodes:
-                node.stop()
-
-
-async def until(pred, timeout: float, what: str) -> None:
-    with trio.move_on_after(timeout):
-        while not pred():
-            await trio.sleep(0.05)
-        return
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def raw_host(psk: str | None, plaintext: bool = False):

@@ -16,10 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ekmesh.core.errors import ConfigError
-from ekmesh.infer.generate import Generator, SamplingParams
+from ekmesh.infer.generate import Generator
 from ekmesh.infer.loader import Checkpoint, load_all
 from ekmesh.infer.models import deepseek, family_for
-from tests.tiny_models import COMMON, random_prompt
+from tests.tiny_models import COMMON, check_matches_transformers, random_prompt
 
 TOL = 1e-4
 FP8_BLOCK = (16, 16)
@@ -79,18 +79,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_and_greedy_match_transformers(case: str, tmp_path: Path) -> None:
     path, ref = make_tiny_deepseek(case, tmp_path / case)
-    prompt = random_prompt(ref.config.vocab_size)
-    with torch.no_grad():
-        ref_logits = ref(torch.tensor([prompt])).logits[0].float()
-        ref_out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                               max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    logits, gen = _ours(path, prompt)
-    diff = _max_diff(logits, ref_logits)
-    print(f"{case}: max |logits - transformers| = {diff:.3g}")
-    assert diff <= TOL, f"{case}: max abs diff {diff} > {TOL}"
-    ours = gen.generate(prompt, SamplingParams(max_tokens=32, stop_ids=frozenset())).token_ids
-    assert ours == ref_out
+    check_matches_transformers(path, ref, random_prompt(ref.config.vocab_size), case, TOL)
 
 
 def test_config_reads_what_transformers_built(tmp_path: Path) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ekmesh.infer.generate import Generator, SamplingParams
+from ekmesh.infer.generate import Generator
 from ekmesh.infer.loader import load_all
-from tests.tiny_models import CONFIGS, make_tiny, random_prompt
+from tests.tiny_models import CONFIGS, check_matches_transformers, make_tiny, random_prompt
 
 ARCHS = sorted(CONFIGS)
 TOL = 1e-4
@@ -17,21 +17,7 @@ TOL = 1e-4
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_and_greedy_match_transformers(arch, tmp_path):
     path, ref = make_tiny(arch, tmp_path / arch)
-    prompt = random_prompt(ref.config.vocab_size)
-    with torch.no_grad():
-        ref_logits = ref(torch.tensor([prompt])).logits[0].float()
-        ref_out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                               max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    _, model, experts = load_all(path)
-    gen = Generator(model, experts)
-    logits = gen.logits(prompt)
-    diff = (logits - ref_logits).abs().max().item()
-    print(f"{arch}: max |logits - transformers| = {diff:.3g}")
-    assert logits.shape == ref_logits.shape
-    assert diff <= TOL, f"{arch}: max abs diff {diff} > {TOL}"
-    ours = gen.generate(prompt, SamplingParams(max_tokens=32, stop_ids=frozenset())).token_ids
-    assert ours == ref_out
+    check_matches_transformers(path, ref, random_prompt(ref.config.vocab_size), arch, TOL)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])

@@ -17,10 +17,9 @@ from safetensors.torch import save_file
 
 from ekmesh.core.errors import TensorShapeError
 from ekmesh.infer.experts import ExpertSpec, expert_activation
-from ekmesh.infer.generate import Generator, SamplingParams
-from ekmesh.infer.loader import Checkpoint, load_all, load_dense
+from ekmesh.infer.loader import Checkpoint, load_dense
 from ekmesh.infer.models import family_for, gpt_oss
-from tests.tiny_models import random_prompt
+from tests.tiny_models import check_matches_transformers, random_prompt
 
 TOL = 1e-4
 WINDOW = 4
@@ -63,31 +62,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     return path, ref
 
 
-def _hf_generate(ref: Any, prompt: list[int]) -> list[int]:
-    with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                           max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None,
-                           pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 def _compare(path: Path, ref: Any, label: str) -> None:
     """Prefill logits, 32 greedy tokens, and every decode step's logits against transformers."""
     prompt = random_prompt(ref.config.vocab_size)
     assert len(prompt) > WINDOW
-    with torch.no_grad():
-        ref_logits = ref(torch.tensor([prompt])).logits[0]  # [P, V]
-    ref_out = _hf_generate(ref, prompt)
+    gen, ref_out = check_matches_transformers(path, ref, prompt, f"gpt_oss {label}", TOL)
     assert len(set(ref_out)) > 8, "degenerate reference generation would not test much"
-    _, model, experts = load_all(path)
-    gen = Generator(model, experts)
-    logits = gen.logits(prompt)
-    diff = (logits - ref_logits).abs().max().item()
-    print(f"gpt_oss {label}: max |prefill logits - transformers| = {diff:.3g}")
-    assert logits.shape == ref_logits.shape
-    assert diff <= TOL, f"{label}: max abs diff {diff} > {TOL}"
-    ours = gen.generate(prompt, SamplingParams(max_tokens=32, stop_ids=frozenset())).token_ids
-    assert ours == ref_out
+    model, experts = gen.model, gen.experts
 
     # Decode one token at a time through our KV cache (keys far outside the window) vs one full HF forward.
     seq = prompt + ref_out[:-1]
