@@ -13,6 +13,8 @@ import json
 import sys
 from typing import Any
 
+from ekmesh.tui.status import human_bytes
+
 
 def register(sub: Any) -> None:
     imp = sub.add_parser("import", help="import a checkpoint (hub id or directory) into the local registry",
@@ -71,14 +73,6 @@ class _RichProgress:
         self._p.stop()
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def cmd_import(args: argparse.Namespace) -> int:
     from ekmesh.registry import import_full, import_partial
 
@@ -96,7 +90,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(json.dumps(res.as_json()))
     else:
         print(res.model_id)
-        print(f"alias {res.alias}: {res.blobs} blobs, {_human(res.bytes)}, experts {res.experts_present}/"
+        print(f"alias {res.alias}: {res.blobs} blobs, {human_bytes(res.bytes)}, experts {res.experts_present}/"
               f"{res.experts_total} ({res.stored} stored, {res.skipped} already present)", file=sys.stderr)
     return 0
 
@@ -137,7 +131,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     for r in rows:
         print(f"{r['model_id'][:23]}  {','.join(r['aliases']) or '-':<28} {r['architecture']:<26} "
-              f"{_human(r['bytes_present'])}/{_human(r['bytes_total'])}  "
+              f"{human_bytes(r['bytes_present'])}/{human_bytes(r['bytes_total'])}  "
               f"experts {r['experts_present']}/{r['experts_total']}")
     return 0
 
@@ -149,5 +143,5 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"blobs": res.blobs, "bytes": res.bytes}))
     else:
-        print(f"freed {res.blobs} blobs, {_human(res.bytes)}")
+        print(f"freed {res.blobs} blobs, {human_bytes(res.bytes)}")
     return 0

@@ -10,33 +10,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ekmesh.core.errors import CheckpointError, TokenizerError
+from ekmesh.core.errors import TokenizerError
 from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.generate import Generator, pick_device, pick_dtype
-from ekmesh.infer.loader import Checkpoint, load_dense, load_experts, read_json
+from ekmesh.infer.loader import Checkpoint, load_dense, load_experts
 from ekmesh.infer.models.common import CausalLM
-from ekmesh.infer.tokenizer import Tokenizer
-
-
-def eos_ids(path: Path) -> frozenset[int]:
-    """eos ids from generation_config.json, else config.json (int or list); empty when neither has one."""
-    for name in ("generation_config.json", "config.json"):
-        p = path / name
-        if not p.exists():
-            continue
-        try:
-            v = read_json(p).get("eos_token_id")
-        except CheckpointError:
-            continue
-        if isinstance(v, int):
-            return frozenset([v])
-        if isinstance(v, list) and all(isinstance(i, int) for i in v):
-            return frozenset(v)
-    return frozenset()
+from ekmesh.infer.tokenizer import Tokenizer, eos_ids_in
 
 
 @dataclass
@@ -60,7 +42,7 @@ class LocalModel:
         experts = LocalExperts(ckpt.config.expert_spec(), dev, dt)
         load_experts(ckpt, experts)
         tok = Tokenizer.from_dir(ckpt.path) if (ckpt.path / "tokenizer.json").exists() else None
-        gen = Generator(model, experts, tok, default_stop_ids=sorted(eos_ids(ckpt.path)))
+        gen = Generator(model, experts, tok, default_stop_ids=() if tok else eos_ids_in(ckpt.path))
         return cls(ckpt, model, experts, tok, gen, dev, dt)
 
     def encode_prompt(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:

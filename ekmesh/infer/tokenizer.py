@@ -98,6 +98,16 @@ def _token_ids(value: Any, where: str) -> list[int]:
     return list(items)
 
 
+def eos_ids_in(root: Path) -> list[int]:
+    """The ids that end a generation: generation_config.json's ``eos_token_id``, else config.json's (an int, a
+    list, or absent). Malformed values are a ``ConfigError``. Used with or without a tokenizer."""
+    generation = _read_json(root / "generation_config.json", ConfigError) or {}
+    if "eos_token_id" in generation:
+        return _token_ids(generation["eos_token_id"], f"eos_token_id in {root / 'generation_config.json'}")
+    model_config = _read_json(root / "config.json", ConfigError) or {}
+    return _token_ids(model_config.get("eos_token_id"), f"eos_token_id in {root / 'config.json'}")
+
+
 def _load_chat_templates(path: Path, config: dict[str, Any]) -> str | dict[str, str] | None:
     """The chat template(s), with transformers' precedence: .jinja files replace tokenizer_config's entry."""
     files = {}
@@ -213,14 +223,7 @@ class Tokenizer:
         if config.get("split_special_tokens"):
             backend.encode_special_tokens = True
 
-        generation = _read_json(root / "generation_config.json", ConfigError) or {}
-        eos_ids = _token_ids(
-            generation.get("eos_token_id"), f"eos_token_id in {root / 'generation_config.json'}"
-        )
-        if "eos_token_id" not in generation:
-            model_config = _read_json(root / "config.json", ConfigError) or {}
-            eos_ids = _token_ids(model_config.get("eos_token_id"), f"eos_token_id in {root / 'config.json'}")
-
+        eos_ids = eos_ids_in(root)
         is_bpe = type(backend.model).__name__ == "BPE"
         return cls(
             backend,

@@ -47,9 +47,9 @@ def claim_line(claim: dict[str, Any]) -> Text:
     )
     if me.get("kept"):
         text.append(f" (+{me['kept']} kept until their new holders are ready)")
-    text.append(f" · fetched {claim.get('blobs_fetched', 0)} blobs, {_bytes(claim.get('bytes_fetched', 0))}")
+    text.append(f" · fetched {claim.get('blobs_fetched', 0)} blobs, {human_bytes(claim.get('bytes_fetched', 0))}")
     if rate:
-        text.append(f" at {_bytes(rate)}/s")
+        text.append(f" at {human_bytes(rate)}/s")
     under = len(claim.get("under_replicated", []))
     if under:
         text.append(f" · {under} experts under-replicated (the mesh has too little memory for "
@@ -59,12 +59,13 @@ def claim_line(claim: dict[str, Any]) -> Text:
     return text
 
 
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB`` (binary units; whole bytes below 1 KiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} GiB"
+    return f"{n:.1f} TiB"
 
 
 def peers_table(peers: list[dict[str, Any]]) -> Table:

@@ -188,10 +188,15 @@ class Step:
     cache: KVCache
     experts: ExpertsBackend | None
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> cos, sin [T, dim]
+    masks: dict[tuple[int, int | None], torch.Tensor | None] = field(default_factory=dict)
 
     def mask(self, s: int, window: int | None) -> torch.Tensor | None:
-        """The attention mask [T, S] for keys returned by ``cache.update`` (None when every key is visible)."""
-        return attention_mask(self.positions, s, window, always=self.cache.static)
+        """The attention mask [T, S] for keys returned by ``cache.update`` (None when every key is visible).
+        Built once per step and window, not once per layer."""
+        key = (s, window)
+        if key not in self.masks:
+            self.masks[key] = attention_mask(self.positions, s, window, always=self.cache.static)
+        return self.masks[key]
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, scale: float, positions: torch.Tensor, dtype: torch.dtype
@@ -413,7 +418,7 @@ class CausalLM(nn.Module):
         self.model = _Body(config.vocab_size, config.hidden_size, layers, config.rms_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope_specs = ropes
-        self._rope_cache: dict[str, tuple[torch.Tensor, float]] = {}
+        self._rope_cache: dict[tuple[str, torch.device], tuple[torch.Tensor, float]] = {}
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -437,7 +442,7 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # [B, T, D]
         step = Step(positions, cache, experts)
         for name, spec in self.rope_specs.items():
-            key = f"{name}@{device}"
+            key = (name, device)
             if key not in self._rope_cache:  # kept on the device: no host copy inside a CUDA graph
                 inv, scale = spec.inv_freq()
                 self._rope_cache[key] = (inv.to(device), scale)
