@@ -8,7 +8,14 @@ is what connections are pinned on), and only then advertise them ready (``Node.s
 model id it has no manifest for gets the manifest from a peer that advertises the model: a GET of the model id over
 blob exchange, checked against the id (the id is the hash of the manifest's bytes).
 
-"Ready" here means *verified in the store*: loading experts onto a device is the data plane's part (a later issue).
+"Ready" means *verified in the store and loaded*: with a ``load`` hook (the node's ``Serving``), an expert is
+advertised only once the hook has put it on this node's device; ``unload`` runs when the node stops advertising it.
+With ``ClaimConfig.dense`` the dense blobs and model files are fetched too (an attention host needs them);
+``dense_ready`` says when they are all verified here. With ``experts=False`` the node takes no part in the placement
+(an attention host that holds no experts). A model the user's store does not know but the package ships (the
+built-in model) is copied blob by blob from the packaged read-only store, as from a local peer. A blob no peer can
+give is rebuilt from the model's source (hub or directory, ``shard.fetch.source_fallback``) when that source is
+reachable.
 
 Not responsible for: placement itself (``shard.placement``), the wire (``shard.exchange``), deleting blobs (never
 done here; ``ekmesh gc`` is manual), the dense part or attention hosting.
@@ -38,10 +45,10 @@ from ekmesh.core.errors import BlobUnavailableError, ConfigError, EkmeshError, S
 from ekmesh.core.tls import TlsIdentity, make_context
 from ekmesh.discovery.advert import Advert, ModelReady
 from ekmesh.shard.exchange import BlobListener, BlobServer, Status, TlsDialer, get
-from ekmesh.shard.fetch import FetchConfig, Fetcher
+from ekmesh.shard.fetch import FetchConfig, Fetcher, source_fallback
 from ekmesh.shard.manifest import ID_RE, Manifest
 from ekmesh.shard.placement import Item, PeerCapacity, Placement, place
-from ekmesh.shard.store import Store
+from ekmesh.shard.store import Store, packaged_store
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,8 @@ class ClaimConfig:
     retry_s: float = 1.0  # after a fetch round that left something missing
     io_s: float = 10.0
     fetch_timeout_s: float = 120.0
+    experts: bool = True  # take a share of the experts (False: an attention host holding none)
+    dense: bool = False  # also fetch the dense blobs and model files (this node hosts attention)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -101,9 +110,17 @@ class Claimer:
     ``models`` advert field."""
 
     def __init__(self, peer_id: str, store: Store, config: ClaimConfig, live: Callable[[], list[Advert]],
-                 publish: Callable[[dict[str, ModelReady]], None]) -> None:
+                 publish: Callable[[dict[str, ModelReady]], None],
+                 prepare: Callable[[Manifest], None] | None = None,
+                 load: Callable[[set[Item]], set[Item]] | None = None,
+                 unload: Callable[[set[Item]], None] | None = None) -> None:
+        """``prepare(manifest)`` runs (in a thread) once the manifest is known, before anything is published;
+        ``load(items)`` (in a thread) returns the items it put on the device; ``unload(items)`` drops them."""
         self.peer_id, self.store, self.config = peer_id, store, config
         self.live, self.publish = live, publish
+        self.prepare, self.load, self.unload = prepare, load, unload
+        self.packaged = packaged_store()
+        self.dense_ready = False
         self.identity = TlsIdentity.generate(peer_id)
         self.tls_fp = self.identity.fingerprint.hex()
         self.blob_addr: str | None = None
@@ -117,6 +134,8 @@ class Claimer:
         self._listener: BlobListener | None = None
         self._fetcher: Fetcher | None = None
         self._have: set[Item] = set()  # assigned experts verified in the store
+        self._loaded: set[Item] = set()  # ... and put on the device by ``load``
+        self._source_fallback: Callable[[str], None] | None = None
         self._ready: set[Item] = set()  # advertised ready
         self._key: tuple[Any, ...] | None = None
         self._pending: tuple[Any, ...] | None = None
@@ -125,9 +144,17 @@ class Claimer:
         try:
             self.model_id = store.resolve(config.model)
         except ShardMissingError:
-            if not ID_RE.match(config.model):
+            if self.packaged is not None and self._packaged_has(config.model):
+                self.model_id = self.packaged.resolve(config.model)
+            elif not ID_RE.match(config.model):
                 raise ConfigError(f"--model {config.model!r}: not in the store; give the full model id to get its "
                                   "manifest from the mesh") from None
+
+    def _packaged_has(self, ref: str) -> bool:
+        try:
+            return self.packaged is not None and bool(self.packaged.resolve(ref))
+        except ShardMissingError:
+            return False
 
     def open(self, bind_host: str, advertise_host: str) -> None:
         server = BlobServer(self.store)
@@ -135,7 +162,8 @@ class Claimer:
         self.blob_addr = f"{advertise_host}:{self._listener.address[1]}"
         dialer = TlsDialer(make_context(self.identity, server=False), self._pin, self._addr, self.config.io_s)
         self._fetcher = Fetcher(self.store, dialer, FetchConfig(io_s=self.config.io_s),
-                                on_bad_peer=lambda p, b: self.stats.bad_peers.append((p, b)))
+                                on_bad_peer=lambda p, b: self.stats.bad_peers.append((p, b)),
+                                fallback=self._from_source)
         log.info("blob exchange listening on %s", self.blob_addr)
 
     def close(self) -> None:
@@ -143,6 +171,16 @@ class Claimer:
             self._fetcher.close()
         if self._listener is not None:
             self._listener.stop()
+
+    def _from_source(self, blob_id: str) -> None:
+        """The Fetcher's last resort for a blob no peer could give: the model's own source (hub or directory)."""
+        if self._source_fallback is None:
+            raise ShardMissingError(f"blob {blob_id}", "no peer has it and the manifest is not known yet")
+        log.info("no peer has blob %s; rebuilding it from the model's source", blob_id)
+        try:
+            self._source_fallback(blob_id)
+        except (OSError, ValueError) as exc:
+            raise ShardMissingError(f"blob {blob_id}", f"the model's source is not reachable: {exc}") from exc
 
     def _pin(self, peer_id: str) -> bytes | None:
         return self._pins.get(peer_id)
@@ -162,8 +200,12 @@ class Claimer:
                     self.state = "waiting for the manifest"
                     await trio.sleep(self.config.retry_s)
             self.model_id = self.manifest.id
+            self._source_fallback = source_fallback(self.store, self.manifest)
+            if self.prepare is not None:
+                await trio.to_thread.run_sync(self.prepare, self.manifest)
             self.state = "claiming"
-            self._publish()  # an empty grid: this node now takes part in the placement
+            if self.config.experts:
+                self._publish()  # an empty grid: this node now takes part in the placement
             while True:
                 await self._step()
                 await trio.sleep(self.config.tick_s)
@@ -187,6 +229,11 @@ class Claimer:
             return await trio.to_thread.run_sync(self.store.load_manifest, mid)
         except ShardMissingError:
             pass
+        if self.packaged is not None and self._packaged_has(mid):
+            m = await trio.to_thread.run_sync(self.packaged.load_manifest, mid)
+            await trio.to_thread.run_sync(self.store.save_manifest, m)
+            log.info("model %s: manifest taken from the package", mid)
+            return m
         for a in self.live():
             if mid in a.models and a.peer_id in self._addrs:
                 try:
@@ -222,9 +269,13 @@ class Claimer:
         m, cfg, me = self.manifest, self.config, self.peer_id
         assert m is not None
         live = self._refresh_peers()
-        claiming = {pid: a for pid, a in live.items() if m.id in a.models or pid == me}
+        claiming = {pid: a for pid, a in live.items() if m.id in a.models or (pid == me and cfg.experts)}
         now = time.monotonic()
+        if cfg.dense and not self.dense_ready and now >= self._next_fetch:
+            await self._fetch_dense(m, [p for p in live if p != me and m.id in live[p].models])
         key = tuple(sorted((pid, a.memory_total, a.speed or 1.0) for pid, a in claiming.items()))
+        if not key:
+            return  # nobody claims experts yet (this node holds none)
         if key != self._pending:
             self._pending, self._pending_since = key, now
         if self.placement is None or (key != self._key and now - self._pending_since >= cfg.debounce_s):
@@ -250,7 +301,13 @@ class Claimer:
             self._have |= {it for it in todo if experts[it] in got}  # two experts may share a blob
             if todo - self._have:
                 self._next_fetch = time.monotonic() + cfg.retry_s
-        ready = {it for it in assigned if it in self._have}
+        if self.load is not None:
+            to_load = (assigned & self._have) - self._loaded
+            if to_load:
+                self._loaded |= await trio.to_thread.run_sync(self.load, to_load)
+            ready = assigned & self._loaded
+        else:
+            ready = assigned & self._have
         for it in self._ready - assigned:
             new = [p for p in placement.holders.get(it, []) if p != me and p in claiming]
             if not new or not all(it in ready_at.get(p, ()) for p in new):
@@ -259,7 +316,32 @@ class Claimer:
             dropped, added = self._ready - ready, ready - self._ready
             self._ready = ready
             self._publish()
+            if self.load is not None and dropped:
+                self._loaded -= dropped
+                self._have -= dropped
+                if self.unload is not None:
+                    await trio.to_thread.run_sync(self.unload, dropped)
             log.info("model %s: %d experts ready here (+%d, -%d)", m.id, len(ready), len(added), len(dropped))
+
+    def fetch_now(self, blob_ids: list[str]) -> None:
+        """Blocking (any thread): brings these blobs of the model into the store from any peer that may hold them,
+        the package or the model's source; ``BlobUnavailableError`` if some could not be had."""
+        assert self.manifest is not None
+        peers = [p for p in self._addrs]
+        got = self._fetch({bid: peers for bid in blob_ids})
+        if not set(blob_ids) <= got:
+            raise BlobUnavailableError({bid: "no peer, package or source gave it" for bid in set(blob_ids) - got})
+
+    async def _fetch_dense(self, m: Manifest, peers: list[str]) -> None:
+        wanted = sorted(set(m.dense_ids().values()) | set(m.file_ids().values()))
+        holders = {bid: [p for p in peers if p in self._addrs] for bid in wanted}
+        got = await trio.to_thread.run_sync(  # mypy mis-reads Unpack[Ts] + a keyword
+            self._fetch, holders, abandon_on_cancel=True)  # type: ignore[call-arg]
+        if got >= set(wanted):
+            self.dense_ready = True
+            log.info("model %s: dense part verified here (%d blobs)", m.id, len(wanted))
+        else:
+            self._next_fetch = time.monotonic() + self.config.retry_s
 
     def _fetch(self, holders: dict[str, list[str]]) -> set[str]:
         """Blocking: verifies what the store has, fetches the rest from the holders given; returns the blob ids
@@ -267,6 +349,9 @@ class Claimer:
         assert self._fetcher is not None and self.manifest is not None
         present, wanted = set(), {}
         for bid, peers in holders.items():
+            if not self.store.has(bid) and self.packaged is not None and self.packaged.has(bid):
+                size = self.manifest.size(bid)  # the package ships it: copy it, checked against its id
+                self.store.put([self.packaged.read_verified(bid, size)], expected_id=bid)
             if self.store.has(bid):
                 try:
                     self.store.verify(bid, self.manifest.size(bid))
@@ -274,8 +359,7 @@ class Claimer:
                     continue
                 except EkmeshError as exc:
                     log.warning("stored blob %s is bad (%s); fetching it again", bid, exc)
-            if peers:
-                wanted[bid] = peers
+            wanted[bid] = peers  # no peer: the Fetcher goes to the model's source
         if not wanted:
             return present
         start = time.monotonic()
@@ -315,7 +399,8 @@ class Claimer:
         return {
             "model": self.model_id or self.config.model,
             "state": self.state,
-            "ready_means": "verified in the store (not yet loaded on a device)",
+            "ready_means": "verified in the store and loaded" if self.load else "verified in the store",
+            "dense_ready": self.dense_ready if self.config.dense else None,
             "replicas": self.config.replicas,
             "experts": len(m.expert_ids()) if m is not None else None,
             "assigned": assigned,

@@ -42,6 +42,16 @@ def register(subparsers: Any) -> None:
                            "ready (a model id the store lacks: its manifest comes from a peer)")
     join.add_argument("--replicas", type=int, default=2, metavar="R",
                       help="copies of each expert the mesh keeps where memory allows (with --model; default 2)")
+    join.add_argument("--no-attention", action="store_true",
+                      help="do not host attention for --model (no dense part here; the API answers 503)")
+    join.add_argument("--no-experts", action="store_true",
+                      help="hold none of --model's experts (an attention host that uses the mesh's)")
+    join.add_argument("--api-port", type=int, default=7734, metavar="PORT",
+                      help="port of the OpenAI-compatible API on 127.0.0.1 (default 7734; 0: any free port; "
+                           "a taken port falls back to a free one)")
+    join.add_argument("--no-api", action="store_true", help="do not serve the OpenAI-compatible API")
+    join.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
+    join.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: bf16 on cuda, else fp32)")
     join.add_argument("--no-mdns", action="store_true", help="do not discover peers on the LAN with mDNS")
     join.add_argument("--no-dht", action="store_true", help="do not use the Kademlia DHT rendezvous")
     join.add_argument("--no-relay", action="store_true",
@@ -112,7 +122,8 @@ def cmd_join(args: argparse.Namespace) -> int:
             mesh_key=MeshKey.from_options(args.mesh_key, args.mesh_key_file), name=args.name,
             memory_gib=args.memory, mdns=not args.no_mdns, dht=not args.no_dht, relay=not args.no_relay,
             relay_via=args.relay_via, reserve=not args.no_reserve, timeouts=timeouts, model=args.model,
-            replicas=args.replicas)
+            replicas=args.replicas, attention=not args.no_attention, experts=not args.no_experts,
+            api_port=None if args.no_api else args.api_port, device=args.device, dtype=args.dtype)
         node = Node(config, on_event=lambda ev: _print_event(ev, args.json))
         trio.run(node.run)
     except EkmeshError as exc:
@@ -124,12 +135,16 @@ def cmd_join(args: argparse.Namespace) -> int:
 def _print_event(ev: dict[str, Any], as_json: bool) -> None:
     if ev["event"] == "started":
         if as_json:
-            print(json.dumps({"peer_id": ev["peer_id"], "addrs": ev["addrs"]}), flush=True)
+            print(json.dumps({"event": "started", "peer_id": ev["peer_id"], "addrs": ev["addrs"],
+                              "api_url": ev.get("api_url")}), flush=True)
         else:
             print(f"peer id   {ev['peer_id']}")
             print("listening " + "\n          ".join(ev["addrs"]))
             print(f"mesh      {ev['mesh']}")
-            print(f"control   {ev['control']}  (`ekmesh status` talks to it)", flush=True)
+            print(f"control   {ev['control']}  (`ekmesh status` talks to it)")
+            if ev.get("api_url"):
+                print(f"api       {ev['api_url']}  (OpenAI-compatible; `ekmesh chat` talks to it)")
+            print(end="", flush=True)
         return
     if as_json:
         print(json.dumps({**ev, "time": round(time.time(), 3)}), flush=True)

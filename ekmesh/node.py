@@ -5,9 +5,9 @@ Kademlia rendezvous), circuit relay (relaying for others, reserving a slot on it
 peers and advertising the ``/p2p-circuit`` addresses, dialing peers through relays: see ``discovery.relay``),
 membership (signed adverts, failure detection, leave on shutdown) and the local control endpoint that
 ``ekmesh status`` talks to; with ``--model``, claiming (``ekmesh.claim``: this node's share of the model's experts,
-fetched from peers over blob exchange and advertised ready once verified in the store). Inference parts will plug
-in here: they publish what this node holds through ``set_models`` / ``set_data_addr`` and read the mesh through
-``snapshot``.
+fetched from peers over blob exchange, loaded on the device and only then advertised ready) and serving
+(``ekmesh.serving``: the expert server for them and, as attention host, generation over the mesh); and on every
+node the OpenAI-compatible API on localhost (``ekmesh.api``; its URL is in node.json as ``api_url``).
 
 Lifecycle: ``run`` locks ``EKMESH_HOME`` (one node per home), starts everything, reports ``started`` (peer id and
 full listen addresses) through ``on_event``, then runs until SIGINT/SIGTERM (or ``stop()``), announces its leave
@@ -34,6 +34,7 @@ import trio
 from libp2p.peer.id import ID
 
 from ekmesh import __version__
+from ekmesh.api import DEFAULT_PORT, ApiServer, ServedModel
 from ekmesh.claim import ClaimConfig, Claimer
 from ekmesh.core.errors import ConfigError
 from ekmesh.discovery import host as hostlib
@@ -47,6 +48,7 @@ from ekmesh.discovery.relay import Relay
 from ekmesh.discovery.rendezvous import Rendezvous
 from ekmesh.discovery.snapshot import build_snapshot
 from ekmesh.discovery.view import MeshView, ViewEvent
+from ekmesh.serving import Serving
 from ekmesh.shard.store import Store
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,14 @@ class NodeConfig:
     model: str | None = None
     """Claim a share of this model's experts (``ekmesh.claim``); None: claim nothing, serve no blobs."""
     replicas: int = 2
+    attention: bool = True
+    """Host attention for ``model`` (fetch and load its dense part, answer the API); off with ``--no-attention``."""
+    experts: bool = True
+    """Take a share of ``model``'s experts; off with ``--no-experts`` (an attention host that holds none)."""
+    api_port: int | None = DEFAULT_PORT
+    """Port of the OpenAI-compatible API on 127.0.0.1 (0: any free port; taken: any free port; None: no API)."""
+    device: str | None = None
+    dtype: str | None = None
 
 
 class Node:
@@ -101,9 +111,19 @@ class Node:
         self.view: MeshView | None = None
         self.relay: Relay | None = None
         self.claimer: Claimer | None = None
+        self.serving: Serving | None = None
+        self.api: ApiServer | None = None
         if config.model is not None:
-            self.claimer = Claimer(self.peer_id, Store(config.home / "store"),
-                                   ClaimConfig(config.model, config.replicas), self._live_adverts, self.set_models)
+            if not (config.attention or config.experts):
+                raise ConfigError("--no-attention with --no-experts leaves this node nothing to do for --model")
+            store = Store(config.home / "store")
+            claim_cfg = ClaimConfig(config.model, config.replicas, experts=config.experts, dense=config.attention)
+            self.claimer = Claimer(self.peer_id, store, claim_cfg, self._live_adverts, self.set_models)
+            serving = self.serving = Serving(self.peer_id, store, self.claimer.identity, config.attention,
+                                             self.set_data_addr, config.device, config.dtype)
+            serving.claimer = self.claimer
+            self.claimer.prepare, self.claimer.load, self.claimer.unload = \
+                serving.prepare, serving.load, serving.unload
         self._membership: Membership | None = None
         self._incarnation = 0
         self._seq = 0
@@ -135,7 +155,19 @@ class Node:
             claim = snap["claim"] = self.claimer.status()
             for p in snap["peers"]:
                 p["assigned"] = {claim["model"]: claim["assigned"].get(p["peer_id"], 0)}
+        if self.serving is not None:
+            snap["serving"] = {**self.serving.status(), "api_url": self.api.url if self.api else None}
         return snap
+
+    # -- the API's engine --------------------------------------------------------------------------------------
+
+    def served(self) -> list[ServedModel]:
+        return self.serving.served() if self.serving is not None else []
+
+    def why_not(self) -> str:
+        if self.serving is None:
+            return "this node serves no model; start it with `ekmesh join --model ID` (or try `ekmesh demo`)"
+        return self.serving.why_not()
 
     def stop(self) -> None:
         self._stop.set()
@@ -155,11 +187,27 @@ class Node:
             os.close(lock_fd)
 
     async def _run_parts(self, host: Any, handle_signals: bool, task_status: Any) -> None:
-        cfg, timeouts = self.config, self.config.timeouts
+        cfg = self.config
         self.addrs = hostlib.public_addrs(host)
         if self.claimer is not None:
             bind = cfg.listen[0].split("/")[2] if cfg.listen else "0.0.0.0"  # listen_addrs checked the form
-            await trio.to_thread.run_sync(self.claimer.open, bind, self.addrs[0].split("/")[2])
+            advertise = self.addrs[0].split("/")[2]
+            await trio.to_thread.run_sync(self.claimer.open, bind, advertise)
+            if self.serving is not None:
+                self.serving.bind_host, self.serving.advertise_host = bind, advertise
+        if cfg.api_port is not None:
+            self.api = ApiServer(self, port=cfg.api_port).start()
+        try:
+            await self._run_parts_with_api(host, handle_signals, task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                if self.api is not None:
+                    await trio.to_thread.run_sync(self.api.stop)
+                if self.serving is not None:
+                    await trio.to_thread.run_sync(self.serving.close)
+
+    async def _run_parts_with_api(self, host: Any, handle_signals: bool, task_status: Any) -> None:
+        cfg, timeouts = self.config, self.config.timeouts
         self.view = MeshView(self._advert("up"), timeouts)
         rendezvous = Rendezvous(host, cfg.mesh_key.rendezvous, timeouts, self._found) if cfg.dht else None
         relay = self.relay = Relay(host, cfg.mesh_key.psk_hex, timeouts, serve=cfg.relay)
@@ -171,7 +219,8 @@ class Node:
             if cfg.reserve:
                 relay.add_relay(peer_id, addr)
         self._membership = membership
-        control = ControlServer(cfg.home, self.peer_id, self._control, timeouts.control_timeout)
+        control = ControlServer(cfg.home, self.peer_id, self._control, timeouts.control_timeout,
+                                extra={"api_url": self.api.url} if self.api else None)
         async with trio.open_nursery() as nursery:
             await nursery.start(control.run)
             await nursery.start(relay.run)
@@ -180,6 +229,8 @@ class Node:
                 nursery.start_soon(rendezvous.run)
             if self.claimer is not None:
                 nursery.start_soon(self.claimer.run)
+            if self.serving is not None:
+                nursery.start_soon(self._serve_loop, self.serving)
             if cfg.mdns:
                 ips = [a.split("/")[2] for a in self.addrs if not a.startswith("/ip4/127.")]
                 port = int(multiaddr.Multiaddr(self.addrs[0]).value_for_protocol("tcp"))
@@ -187,13 +238,21 @@ class Node:
                 nursery.start_soon(mdns.run)
             self.on_event({"event": "started", "peer_id": self.peer_id, "addrs": list(self.addrs),
                            "mesh": "open" if cfg.mesh_key.is_open else f"private (key id {cfg.mesh_key.key_id})",
-                           "control": control.url})
+                           "control": control.url, "api_url": self.api.url if self.api else None})
             log.info("node %s started on %s", self.peer_id, ", ".join(self.addrs))
             task_status.started(self)
             await self._wait_for_stop(handle_signals)
             log.info("leaving the mesh")
             await membership.announce_leave()
             nursery.cancel_scope.cancel()
+
+    async def _serve_loop(self, serving: Serving) -> None:
+        """Keeps the serving holder map in step with the view; loads the attention part once it can."""
+        while True:
+            serving.refresh(self._live_adverts())
+            if serving.can_load_attention():
+                await trio.to_thread.run_sync(serving.load_attention)
+            await trio.sleep(0.2)
 
     async def _wait_for_stop(self, handle_signals: bool) -> None:
         if not handle_signals:

@@ -51,7 +51,10 @@ def acquire_home_lock(home: Path) -> int:
 
 
 class ControlServer:
-    def __init__(self, home: Path, peer_id: str, handler: Handler, timeout: float) -> None:
+    def __init__(self, home: Path, peer_id: str, handler: Handler, timeout: float,
+                 extra: dict[str, Any] | None = None) -> None:
+        """``extra``: more fields for node.json (e.g. the node's ``api_url``)."""
+        self.extra = dict(extra or {})
         self.home = home
         self.peer_id = peer_id
         self.handler = handler
@@ -64,7 +67,8 @@ class ControlServer:
         port = listeners[0].socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         path = self.home / CONTROL_FILE
-        _write_private(path, {"pid": os.getpid(), "peer_id": self.peer_id, "url": self.url, "token": self.token})
+        _write_private(path, {**self.extra, "pid": os.getpid(), "peer_id": self.peer_id, "url": self.url,
+                              "token": self.token})
         task_status.started()
         try:
             await trio.serve_listeners(self._serve, listeners)

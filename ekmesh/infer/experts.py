@@ -16,6 +16,7 @@ Invariants of ``LocalExperts``:
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -135,6 +136,9 @@ class LocalExperts:
         # Set by a CUDA-graph caller (which has verified ``holds_all``) while it warms up and captures a step:
         # no host syncs (no missing-expert check, no per-expert loop) and the same code path in both phases.
         self.graph_mode = False
+        # Guards the two dicts: a node loads and drops experts while its expert server and attention host compute.
+        # A computation uses the pack it took under the lock; packs are never mutated, only replaced.
+        self._lock = threading.RLock()
 
     def add(self, layer: int, expert: int, weights: ExpertWeights) -> None:
         """Adds (or replaces) one expert. Tensors are validated, cast and moved to this backend's device."""
@@ -146,10 +150,11 @@ class LocalExperts:
 
         moved = ExpertWeights(weights.gate_up.to(self.device, self.dtype), weights.down.to(self.device, self.dtype),
                               move(weights.gate_up_bias), move(weights.down_bias))
-        current = self._unpack(layer)
-        current[expert] = moved
-        self._pending[layer] = current
-        self._packs.pop(layer, None)
+        with self._lock:
+            current = self._unpack(layer)
+            current[expert] = moved
+            self._pending[layer] = current
+            self._packs.pop(layer, None)
 
     def set_layer(self, layer: int, experts: list[int], gate_up: torch.Tensor, down: torch.Tensor,
                   gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> None:
@@ -176,28 +181,34 @@ class LocalExperts:
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(self.device, self.dtype)
 
-        self._pending.pop(layer, None)
-        self._packs[layer] = _LayerPack(slot_of, ids, gate_up.to(self.device, self.dtype),
-                                        down.to(self.device, self.dtype), cast(gate_up_bias), cast(down_bias))
+        pack = _LayerPack(slot_of, ids, gate_up.to(self.device, self.dtype), down.to(self.device, self.dtype),
+                          cast(gate_up_bias), cast(down_bias))
+        with self._lock:
+            self._pending.pop(layer, None)
+            self._packs[layer] = pack
 
     def remove(self, layer: int, expert: int) -> None:
-        current = self._unpack(layer)
-        current.pop(expert, None)
-        self._pending[layer] = current
-        self._packs.pop(layer, None)
+        with self._lock:
+            current = self._unpack(layer)
+            current.pop(expert, None)
+            self._pending[layer] = current
+            self._packs.pop(layer, None)
 
     def has(self, layer: int, expert: int) -> bool:
-        if layer in self._packs:
-            return bool(self._packs[layer].slot_of[expert] >= 0)
-        return expert in self._pending.get(layer, {})
+        with self._lock:
+            pack = self._packs.get(layer)
+            if pack is not None:
+                return bool(pack.slot_of[expert] >= 0)
+            return expert in self._pending.get(layer, {})
 
     def held(self) -> dict[int, list[int]]:
         """{layer: sorted expert ids} of everything this backend holds."""
         out: dict[int, list[int]] = {}
-        for layer in sorted(set(self._pending) | set(self._packs)):
-            ids = sorted(self._packs[layer].experts) if layer in self._packs else sorted(self._pending[layer])
-            if ids:
-                out[layer] = ids
+        with self._lock:
+            for layer in sorted(set(self._pending) | set(self._packs)):
+                ids = sorted(self._packs[layer].experts) if layer in self._packs else sorted(self._pending[layer])
+                if ids:
+                    out[layer] = ids
         return out
 
     def holds_all(self, layers: list[int]) -> bool:
@@ -230,6 +241,13 @@ class LocalExperts:
         }
 
     def _pack(self, layer: int) -> _LayerPack:
+        pack = self._packs.get(layer)
+        if pack is not None:
+            return pack
+        with self._lock:
+            return self._build_pack(layer)
+
+    def _build_pack(self, layer: int) -> _LayerPack:
         pack = self._packs.get(layer)
         if pack is not None:
             return pack

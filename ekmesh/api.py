@@ -1,0 +1,482 @@
+"""The OpenAI-compatible HTTP API every node serves on localhost: ``/v1/models``, ``/v1/chat/completions`` and
+``/v1/completions``, streaming (Server-Sent Events) or not.
+
+Role: translate HTTP requests into generation on an ``Engine`` (the node's attention host over the mesh, or a
+one-process model for ``python -m ekmesh.api``) and stream the tokens back. One thread per request
+(``ThreadingHTTPServer``); generation is blocking torch work and runs in that thread, so several conversations run
+at once (the engine serialises what cannot run concurrently).
+
+Not responsible for: the model, the mesh, authentication (it binds 127.0.0.1 only, like the control endpoint's
+socket; an ``Authorization`` header is accepted and ignored so any OpenAI client works unchanged).
+
+Wire details beyond OpenAI's: every answer carries ``"ekmesh": {"ttft_s", "tokens_per_s", "tokens", "peers",
+"mean_layer_rtt_ms"}`` (top level of a non-streamed answer; in the usage chunk of a stream, or the last chunk when
+``stream_options.include_usage`` is off). ``model`` may be a model id, an id prefix or an alias, or omitted.
+
+Invariants: request bodies are bounded (``MAX_BODY``) and validated before any generation starts; every error is a
+JSON ``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status; a client that closes its connection
+mid-stream stops its generation at the next token; a stream always ends with ``data: [DONE]`` unless the client left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from collections.abc import Generator as Gen
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+from ekmesh.core.errors import (
+    ConfigError,
+    EkmeshError,
+    ExpertUnavailableError,
+    GenerationError,
+    TokenizerError,
+)
+from ekmesh.infer.generate import Generator, SamplingParams, TokenEvent
+from ekmesh.infer.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 4 << 20
+MAX_MESSAGES = 1024
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_PORT = 7734
+
+
+class NotServingError(EkmeshError):
+    """This node cannot answer now (no model, or its experts are not all reachable yet)."""
+
+
+class UnknownModelError(EkmeshError):
+    """The request names a model this node does not serve."""
+
+
+class BadRequestError(EkmeshError):
+    """The request body is not a valid request."""
+
+
+@dataclass
+class ServedModel:
+    """What the API needs of one model: ids, tokenizer, a generator, and (on a mesh) per-peer round-trip counters
+    ``peer_stats() -> {peer: (round_trips, total_rtt_s)}``."""
+
+    model_id: str
+    aliases: list[str]
+    generator: Generator
+    tokenizer: Tokenizer
+    context: int
+    created: int = field(default_factory=lambda: int(time.time()))
+    peer_stats: Callable[[], dict[str, tuple[int, float]]] | None = None
+    lock: threading.Lock | None = None  # held around a whole generation when the generator is not re-entrant
+
+    def names(self) -> set[str]:
+        return {self.model_id, *self.aliases}
+
+
+class Engine(Protocol):
+    def served(self) -> list[ServedModel]:
+        """The models this node can answer with now (may be empty)."""
+        ...
+
+    def why_not(self) -> str:
+        """Why ``served()`` is empty (shown to clients)."""
+        ...
+
+
+def resolve(engine: Engine, name: str | None) -> ServedModel:
+    models = engine.served()
+    if not models:
+        raise NotServingError(engine.why_not())
+    if not name:
+        return models[0]
+    for m in models:
+        if name in m.names():
+            return m
+    matches = [m for m in models if len(name) >= 6 and m.model_id.startswith(name)]
+    if len(matches) == 1:
+        return matches[0]
+    raise UnknownModelError(f"model {name!r} is not served here (serving: "
+                            f"{', '.join(sorted(n for m in models for n in m.names()))})")
+
+
+def context_of(hf_config: dict[str, Any]) -> int:
+    """The longest sequence (prompt + answer) served for a model with this HF config."""
+    n = hf_config.get("max_position_embeddings")
+    return n if isinstance(n, int) and n > 0 else 4096
+
+
+# -- request parsing -------------------------------------------------------------------------------------------
+
+def _num(body: dict[str, Any], key: str, kind: type, default: Any, lo: float, hi: float) -> Any:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+        raise BadRequestError(f"'{key}' must be a{'n integer' if kind is int else ' number'}, got {v!r}")
+    if not lo <= v <= hi:
+        raise BadRequestError(f"'{key}' must be in [{lo}, {hi}], got {v!r}")
+    return kind(v)
+
+
+def sampling_from(body: dict[str, Any]) -> SamplingParams:
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 16:
+        stops = tuple(stop)
+    else:
+        raise BadRequestError("'stop' must be a string or a list of at most 16 strings")
+    if any(not s for s in stops):
+        raise BadRequestError("'stop' strings must not be empty")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    return SamplingParams(
+        max_tokens=_num({"max_tokens": max_tokens}, "max_tokens", int, DEFAULT_MAX_TOKENS, 0, 1 << 20),
+        temperature=_num(body, "temperature", float, 1.0, 0.0, 2.0),
+        top_k=_num(body, "top_k", int, 0, 0, 1 << 20),
+        top_p=_num(body, "top_p", float, 1.0, 1e-9, 1.0),
+        seed=_num(body, "seed", int, None, -(1 << 63), (1 << 63) - 1),
+        stop_strings=stops,
+    )
+
+
+def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRequestError("'messages' must be a non-empty list")
+    if len(msgs) > MAX_MESSAGES:
+        raise BadRequestError(f"at most {MAX_MESSAGES} messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise BadRequestError(f"messages[{i}] needs a 'role' of system, developer, user or assistant")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text is understood
+            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
+                raise BadRequestError(f"messages[{i}].content: only text parts are supported")
+            content = "".join(parts)  # type: ignore[arg-type]
+        if not isinstance(content, str):
+            raise BadRequestError(f"messages[{i}].content must be a string")
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": content})
+    return out
+
+
+# -- one generation with its statistics ------------------------------------------------------------------------
+
+class Run:
+    """One generation: yields ``TokenEvent``s, then ``stats()`` has the ekmesh block and ``usage()`` the counts."""
+
+    def __init__(self, served: ServedModel, prompt_ids: list[int], params: SamplingParams) -> None:
+        if len(prompt_ids) >= served.context:
+            raise BadRequestError(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
+                                  f"{served.context}")
+        room = served.context - len(prompt_ids)
+        if params.max_tokens > room:
+            params = SamplingParams(room, params.temperature, params.top_k, params.top_p, params.seed,
+                                    params.stop_ids, params.stop_strings)
+        self.served, self.prompt_ids, self.params = served, prompt_ids, params
+        self.tokens = 0
+        self.finish = "length"
+        self.t0 = time.perf_counter()
+        self.first: float | None = None
+        self.end: float | None = None
+        self._before = served.peer_stats() if served.peer_stats else {}
+
+    def events(self) -> Gen[TokenEvent, None, None]:
+        lock = self.served.lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            stops = self.served.generator.default_stop_ids
+            for ev in self.served.generator.stream(self.prompt_ids, self.params):
+                if self.first is None:
+                    self.first = time.perf_counter()
+                if not (ev.finish == "stop" and ev.token_id in stops):
+                    self.tokens += 1
+                if ev.finish:
+                    self.finish = ev.finish
+                yield ev
+        finally:
+            self.end = time.perf_counter()
+            if lock is not None:
+                lock.release()
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": self.tokens,
+                "total_tokens": len(self.prompt_ids) + self.tokens}
+
+    def stats(self) -> dict[str, Any]:
+        end = self.end or time.perf_counter()
+        first = self.first or end
+        rate = (self.tokens - 1) / (end - first) if self.tokens > 1 and end > first else 0.0
+        after = self.served.peer_stats() if self.served.peer_stats else {}
+        trips, rtt, peers = 0, 0.0, []
+        for peer, (n, total) in sorted(after.items()):
+            n0, t0 = self._before.get(peer, (0, 0.0))
+            if n > n0:
+                peers.append(peer)
+                trips += n - n0
+                rtt += total - t0
+        return {"ttft_s": round(first - self.t0, 6), "tokens_per_s": round(rate, 3), "tokens": self.tokens,
+                "peers": peers, "mean_layer_rtt_ms": round(1e3 * rtt / trips, 4) if trips else None}
+
+
+# -- HTTP ----------------------------------------------------------------------------------------------------
+
+class _ClientGone(Exception):
+    pass
+
+
+class ApiServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
+        self.engine = engine
+        try:
+            super().__init__((host, port), _Handler)
+        except OSError as exc:
+            if port == 0:
+                raise ConfigError(f"cannot listen for the API on {host}: {exc}") from exc
+            log.warning("API port %d is taken (%s); using a free port instead", port, exc)
+            super().__init__((host, 0), _Handler)
+        self.url = f"http://{host}:{self.server_address[1]}/v1"
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> ApiServer:
+        self._thread = threading.Thread(target=self.serve_forever, name="ekmesh-api", daemon=True)
+        self._thread.start()
+        log.info("OpenAI-compatible API on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: ApiServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        log.debug("api %s: " + format, self.client_address[0], *args)
+
+    # -- plumbing
+    def _send_json(self, status: int, obj: dict[str, Any]) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str, kind: str, code: str | None = None) -> None:
+        self._send_json(status, {"error": {"message": message, "type": kind, "code": code}})
+
+    def _body(self) -> dict[str, Any]:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise BadRequestError("a JSON body with a Content-Length is required")
+        n = int(length)
+        if n > MAX_BODY:
+            self.close_connection = True
+            raise BadRequestError(f"the body is {n} bytes; at most {MAX_BODY} are accepted")
+        try:
+            obj = json.loads(self.rfile.read(n))
+        except ValueError as exc:
+            raise BadRequestError(f"the body is not valid JSON: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise BadRequestError("the body must be a JSON object")
+        return obj
+
+    def _sse_start(self) -> None:
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+
+    def _sse(self, obj: dict[str, Any] | str) -> None:
+        data = obj if isinstance(obj, str) else json.dumps(obj)
+        try:
+            self.wfile.write(f"data: {data}\n\n".encode())
+            self.wfile.flush()
+        except OSError as exc:  # broken pipe, reset, timeout
+            raise _ClientGone() from exc
+
+    # -- routes
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?")[0].rstrip("/")
+        if path == "/v1/models":
+            models = self.server.engine.served()
+            self._send_json(200, {"object": "list", "data": [
+                {"id": m.model_id, "object": "model", "created": m.created, "owned_by": "ekmesh",
+                 "aliases": sorted(m.aliases), "context_length": m.context} for m in models]})
+        elif path in ("/v1", "/health", "/v1/health"):
+            self._send_json(200, {"ok": True, "serving": [m.model_id for m in self.server.engine.served()]})
+        else:
+            self._error(404, f"no such endpoint: GET {path}", "invalid_request_error", "not_found")
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?")[0].rstrip("/")
+        if path not in ("/v1/chat/completions", "/v1/completions"):
+            self._error(404, f"no such endpoint: POST {path}", "invalid_request_error", "not_found")
+            return
+        try:
+            body = self._body()
+            served = resolve(self.server.engine, body.get("model"))
+            params = sampling_from(body)
+            chat = path == "/v1/chat/completions"
+            if chat:
+                prompt_ids = served.tokenizer.encode_chat(chat_messages(body), add_generation_prompt=True)
+            else:
+                prompt = body.get("prompt")
+                if isinstance(prompt, list) and len(prompt) == 1:
+                    prompt = prompt[0]
+                if not isinstance(prompt, str) or not prompt:
+                    raise BadRequestError("'prompt' must be a non-empty string")
+                prompt_ids = served.tokenizer.encode(prompt, add_special_tokens=True)
+            run = Run(served, prompt_ids, params)
+        except (BadRequestError, GenerationError, TokenizerError) as exc:
+            self._error(400, str(exc), "invalid_request_error")
+            return
+        except UnknownModelError as exc:
+            self._error(404, str(exc), "invalid_request_error", "model_not_found")
+            return
+        except NotServingError as exc:
+            self._error(503, str(exc), "server_error", "not_ready")
+            return
+        try:
+            if body.get("stream"):
+                self._stream(run, chat, body)
+            else:
+                self._complete(run, chat, body)
+        except _ClientGone:
+            log.info("API client left; its generation stopped after %d tokens", run.tokens)
+
+    def _complete(self, run: Run, chat: bool, body: dict[str, Any]) -> None:
+        try:
+            text = "".join(ev.text for ev in run.events())
+        except (ExpertUnavailableError, EkmeshError) as exc:
+            self._error(503, f"generation failed: {exc}", "server_error", "mesh_unavailable")
+            return
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        choice: dict[str, Any] = {"index": 0, "finish_reason": run.finish, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        self._send_json(200, {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                              "created": int(time.time()), "model": run.served.model_id, "choices": [choice],
+                              "usage": run.usage(), "ekmesh": run.stats()})
+
+    def _stream(self, run: Run, chat: bool, body: dict[str, Any]) -> None:
+        opts = body.get("stream_options")
+        usage_chunk = isinstance(opts, dict) and bool(opts.get("include_usage"))
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": run.served.model_id}
+
+        def chunk(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+            c: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant"} if first else {}
+                if text is not None:
+                    delta["content"] = text
+                c["delta"] = delta
+            else:
+                c["text"] = text or ""
+            return {**base, "choices": [c]}
+
+        self._sse_start()
+        if chat:
+            self._sse(chunk("", None, first=True))
+        try:
+            events = run.events()
+            try:
+                for ev in events:
+                    if ev.finish:
+                        last = chunk(ev.text, ev.finish)
+                        break
+                    if ev.text:
+                        self._sse(chunk(ev.text, None))
+                else:
+                    last = chunk("", run.finish)
+            finally:
+                events.close()  # a client that left ends its generation here
+        except EkmeshError as exc:
+            self._sse({"error": {"message": f"generation failed: {exc}", "type": "server_error",
+                                 "code": "mesh_unavailable"}})
+            return
+        if not usage_chunk:
+            last["ekmesh"] = run.stats()
+        self._sse(last)
+        if usage_chunk:
+            self._sse({**base, "choices": [], "usage": run.usage(), "ekmesh": run.stats()})
+        self._sse("[DONE]")
+
+
+# -- one process: ``python -m ekmesh.api --model builtin`` ------------------------------------------------------
+
+class LocalEngine:
+    """An ``Engine`` over a one-process model (every expert local): for development and as the exactness
+    reference of the mesh API."""
+
+    def __init__(self, model: str, device: str | None = None, dtype: str | None = None) -> None:
+        from ekmesh.infer.session import LocalModel
+        from ekmesh.registry import open_model, resolve_store
+
+        lm = LocalModel.open(open_model(model), device, dtype)
+        if lm.tokenizer is None:
+            raise TokenizerError(f"{model} has no tokenizer.json; the API needs text")
+        mid, aliases = model, []
+        try:
+            store = resolve_store(model)
+            mid = store.resolve(model)
+            aliases = sorted(a for a, t in store.aliases().items() if t == mid)
+        except EkmeshError:
+            pass
+        self.model = ServedModel(mid, aliases, lm.generator, lm.tokenizer, context_of(lm.checkpoint.hf_config),
+                                 lock=threading.Lock() if lm.generator.cuda_graphs else None)
+
+    def served(self) -> list[ServedModel]:
+        return [self.model]
+
+    def why_not(self) -> str:
+        return ""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m ekmesh.api", description="Serve one model in this process over "
+                                 "the OpenAI-compatible API (a node serves the same API over the mesh).")
+    ap.add_argument("--model", required=True, help="checkpoint directory, model id or alias (e.g. builtin)")
+    ap.add_argument("--port", type=int, default=DEFAULT_PORT)
+    ap.add_argument("--device")
+    ap.add_argument("--dtype")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    server = ApiServer(LocalEngine(args.model, args.device, args.dtype), port=args.port)
+    print(json.dumps({"api_url": server.url}), flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Serving: what a node with ``--model`` does with the experts it claimed and, as attention host, with the mesh.
+
+Role (node level: wires ``infer`` to ``shard`` and to the view): ``Claimer`` hooks put claimed experts on this node's
+device (``load``) before they are advertised ready, and drop them (``unload``) after make-before-break; an
+``ExpertServer`` answers data-plane frames for them (its address is this node's ``data_addr``; connections are
+pinned both ways to the TLS fingerprints in signed adverts, the same certificate as blob exchange). As attention
+host (``--attention``, the default), once the dense blobs are verified here, it loads the dense part and a
+``Generator`` over ``RemoteExperts``: local experts first, else the live peers advertising the expert ready
+(best first in placement order; the backend then prefers the lowest measured latency), else — no live holder —
+the expert's blob is fetched (peers, package, model source) and computed here. ``served()`` is the ``api.Engine``
+the node's OpenAI API uses.
+
+Not responsible for: placement and fetching (``claim``), the wire (``infer.dataplane``), HTTP (``api``).
+
+Invariants: the holder map, pins and addresses are rebuilt from the live view every ``refresh`` and replaced whole
+(threads read consistent copies); only peers whose signed advert carries a data address and a TLS fingerprint are
+ever dialled or accepted; an expert is in the holder map only while its holder advertises it ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ekmesh.api import ServedModel, context_of
+from ekmesh.claim import Claimer, parse_blob_addr, parse_fp
+from ekmesh.core.errors import EkmeshError, ExpertUnavailableError, TokenizerError
+from ekmesh.core.tls import TlsIdentity
+from ekmesh.discovery.advert import Advert
+from ekmesh.infer.dataplane.channel import ChannelPool
+from ekmesh.infer.dataplane.frames import ModelLimits
+from ekmesh.infer.dataplane.remote import RemoteExperts
+from ekmesh.infer.dataplane.server import ExpertServer
+from ekmesh.infer.experts import ExpertWeights, LocalExperts
+from ekmesh.infer.generate import Generator, pick_device, pick_dtype
+from ekmesh.infer.loader import Checkpoint, load_dense
+from ekmesh.infer.tokenizer import Tokenizer, eos_ids_in
+from ekmesh.shard.manifest import Manifest
+from ekmesh.shard.reader import StoreTensors, open_store_model
+from ekmesh.shard.store import Store
+
+log = logging.getLogger(__name__)
+
+Item = tuple[int, int]
+
+
+class Serving:
+    """One model's serving on this node. ``prepare``/``load``/``unload`` are the ``Claimer``'s hooks (threads);
+    ``refresh`` (the node's loop) re-reads the view; ``step`` (a thread) loads the attention part when it can."""
+
+    def __init__(self, peer_id: str, store: Store, identity: TlsIdentity, attention: bool,
+                 set_data_addr: Callable[[str | None], None], device: str | None = None,
+                 dtype: str | None = None) -> None:
+        self.peer_id, self.store, self.identity = peer_id, store, identity
+        self.attention = attention
+        self.set_data_addr = set_data_addr
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.bind_host, self.advertise_host = "127.0.0.1", "127.0.0.1"
+        self.claimer: Claimer | None = None
+        self.manifest: Manifest | None = None
+        self.checkpoint: Checkpoint | None = None
+        self.local: LocalExperts | None = None
+        self.limits: ModelLimits | None = None
+        self.server: ExpertServer | None = None
+        self.remote: RemoteExperts | None = None
+        self.model: ServedModel | None = None
+        self.state = "waiting for the manifest"
+        self.failed = False
+        self._pins: dict[str, bytes] = {}
+        self._addrs: dict[str, tuple[str, int]] = {}
+        self._holders: dict[Item, list[str]] = {}
+        self._read_lock = threading.Lock()
+        self._files_dir = Path(tempfile.mkdtemp(prefix="ekmesh-serving-"))
+
+    # -- claimer hooks (worker threads) ---------------------------------------------------------------------
+
+    def prepare(self, m: Manifest) -> None:
+        """The manifest is known: the experts' reader, the device backend and the expert server."""
+        self.checkpoint = Checkpoint.from_source(self._files_dir, m.data["config"], StoreTensors(self.store, m),
+                                                 m.id)
+        cfg = self.checkpoint.config
+        self.local = LocalExperts(cfg.expert_spec(), self.device, self.dtype)
+        self.limits = ModelLimits.from_config(cfg)
+        self.server = ExpertServer(self.local, self.identity, lambda p: self._pins.get(p), self.limits,
+                                   host=self.bind_host).start()
+        self.set_data_addr(f"{self.advertise_host}:{self.server.address[1]}")
+        self.manifest = m
+        self.state = "loading the dense part" if self.attention else "serving experts"
+
+    def _read_expert(self, layer: int, expert: int) -> ExpertWeights:
+        ck = self.checkpoint
+        assert ck is not None
+        with self._read_lock:
+            return ck.family.read_expert(ck.reader, ck.config, layer, expert)  # type: ignore[no-any-return]
+
+    def load(self, items: set[Item]) -> set[Item]:
+        assert self.local is not None
+        done = set()
+        for layer, e in sorted(items):
+            try:
+                self.local.add(layer, e, self._read_expert(layer, e))
+            except EkmeshError as exc:
+                log.warning("could not load expert (layer=%d, expert=%d): %s", layer, e, exc)
+                continue
+            done.add((layer, e))
+        log.info("loaded %d experts on %s", len(done), self.device)
+        return done
+
+    def unload(self, items: set[Item]) -> None:
+        assert self.local is not None
+        for layer, e in items:
+            self.local.remove(layer, e)
+        log.info("dropped %d experts from %s", len(items), self.device)
+
+    # -- the view (the node's trio loop; cheap) ---------------------------------------------------------------
+
+    def refresh(self, adverts: list[Advert]) -> None:
+        m = self.manifest
+        pins: dict[str, bytes] = {}
+        addrs: dict[str, tuple[str, int]] = {}
+        holders: dict[Item, list[str]] = {}
+        for a in adverts:
+            fp, addr = parse_fp(a.tls_fp), parse_blob_addr(a.data_addr)
+            if a.peer_id == self.peer_id or fp is None:
+                continue
+            pins[a.peer_id] = fp  # may dial us (attention host) or serve us
+            if addr is None or m is None:
+                continue
+            addrs[a.peer_id] = addr
+            grid = a.models.get(m.id)
+            if grid is not None:
+                for layer, es in grid.ready.items():
+                    for e in es:
+                        holders.setdefault((layer, e), []).append(a.peer_id)
+        placement = self.claimer.placement if self.claimer is not None else None
+        if placement is not None:
+            for it, peers in holders.items():
+                rank = {p: i for i, p in enumerate(placement.holders.get(it, []))}
+                peers.sort(key=lambda p: (rank.get(p, len(rank)), p))
+        else:
+            for peers in holders.values():
+                peers.sort()
+        self._pins, self._addrs, self._holders = pins, addrs, holders
+
+    def holders(self, layer: int, expert: int) -> list[str]:
+        return self._holders.get((layer, expert), [])
+
+    # -- attention host ---------------------------------------------------------------------------------------
+
+    def can_load_attention(self) -> bool:
+        return (self.attention and self.model is None and not self.failed and self.manifest is not None
+                and self.claimer is not None and self.claimer.dense_ready)
+
+    def load_attention(self) -> None:
+        """Blocking: the dense part on the device, the tokenizer and the generator over ``RemoteExperts``."""
+        m, local, limits = self.manifest, self.local, self.limits
+        assert m is not None and local is not None and limits is not None
+        try:
+            sm = open_store_model(m.id, self.store)
+            ck = Checkpoint.from_source(sm.files_dir, sm.hf_config, sm.tensors, m.id)
+            dense = load_dense(ck, self.device, self.dtype)
+            if not (ck.path / "tokenizer.json").exists():
+                raise TokenizerError(f"model {m.id} has no tokenizer.json; the chat and the API need one")
+            tok = Tokenizer.from_dir(ck.path)
+        except EkmeshError as exc:
+            self.failed = True
+            self.state = f"cannot host attention: {exc}"
+            log.error("model %s: %s", m.id, self.state)
+            return
+        pool = ChannelPool(self.identity, lambda p: self._pins.get(p), lambda p: self._addrs.get(p), limits)
+        self.remote = RemoteExperts(limits, local, self.holders, pool, self._fallback)
+        gen = Generator(dense, self.remote, tok, default_stop_ids=eos_ids_in(ck.path))
+        aliases = sorted({a for a, t in self.store.aliases().items() if t == m.id}
+                         | ({"builtin"} if self.claimer is not None and self.claimer.packaged is not None
+                            and self._packaged_alias(m.id) else set()))
+        self.model = ServedModel(m.id, aliases, gen, tok, context_of(sm.hf_config), peer_stats=self._peer_stats)
+        self._sm = sm  # keeps its files directory alive
+        self.state = "serving"
+        log.info("model %s: attention host ready on %s (%s)", m.id, self.device, str(self.dtype).split(".")[-1])
+
+    def _packaged_alias(self, model_id: str) -> bool:
+        assert self.claimer is not None and self.claimer.packaged is not None
+        return self.claimer.packaged.aliases().get("builtin") == model_id
+
+    def _peer_stats(self) -> dict[str, tuple[int, float]]:
+        if self.remote is None:
+            return {}
+        return {p: (s.round_trips, s.total_rtt_s) for p, s in self.remote.stats().items()}
+
+    def _fallback(self, layer: int, expert: int) -> ExpertWeights:
+        """No live holder: the blob comes here (store, package, peers that may store it, the model's source)."""
+        m, claimer = self.manifest, self.claimer
+        assert m is not None and claimer is not None
+        bid = m.expert_ids()[(layer, expert)]
+        try:
+            claimer.fetch_now([bid])
+            return self._read_expert(layer, expert)
+        except EkmeshError as exc:
+            raise ExpertUnavailableError(layer, expert, f"no live holder, and its blob could not be had: {exc}") \
+                from exc
+
+    # -- what the node shows -------------------------------------------------------------------------------------
+
+    def missing(self) -> list[Item]:
+        m, local = self.manifest, self.local
+        if m is None or local is None:
+            return []
+        return [it for it in m.expert_ids() if not self._holders.get(it) and not local.has(*it)]
+
+    def served(self) -> list[ServedModel]:
+        return [self.model] if self.model is not None else []
+
+    def why_not(self) -> str:
+        if not self.attention:
+            return "this node does not host attention (it was started with --no-attention)"
+        return f"this node is not ready to answer yet ({self.state})"
+
+    def status(self) -> dict[str, Any]:
+        missing = self.missing() if self.manifest is not None else None
+        return {
+            "model": self.manifest.id if self.manifest else None,
+            "attention": self.attention,
+            "state": self.state,
+            "ready": self.model is not None and missing == [],
+            "missing_experts": len(missing) if missing is not None else None,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "data_addr": f"{self.advertise_host}:{self.server.address[1]}" if self.server else None,
+            "loaded_experts": sum(len(v) for v in self.local.held().values()) if self.local else 0,
+            "peers": {p: {"round_trips": s.round_trips, "mean_rtt_ms": round(1e3 * s.mean_rtt_s, 3),
+                          "failures": s.failures}
+                      for p, s in (self.remote.stats().items() if self.remote else [])},
+        }
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if self.remote is not None:
+            self.remote.channels.close()
+        shutil.rmtree(self._files_dir, ignore_errors=True)
