@@ -12,6 +12,10 @@ socket; an ``Authorization`` header is accepted and ignored so any OpenAI client
 Wire details beyond OpenAI's: every answer carries ``"ekmesh": {"ttft_s", "tokens_per_s", "tokens", "peers",
 "mean_layer_rtt_ms"}`` (top level of a non-streamed answer; in the usage chunk of a stream, or the last chunk when
 ``stream_options.include_usage`` is off). ``model`` may be a model id, an id prefix or an alias, or omitted.
+``/v1/completions`` also takes ``prompt`` as a list of token ids (as OpenAI's does), which also works for a model
+without a tokenizer; ``"return_token_ids": true`` adds the generated ids to the ``ekmesh`` block as ``token_ids``
+(and to every streamed chunk, then sent even when its text is empty); ``"ignore_eos": true`` generates until
+``max_tokens`` or a stop string.
 
 Invariants: request bodies are bounded (``MAX_BODY``) and validated before any generation starts; every error is a
 JSON ``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status; a client that closes its connection
@@ -21,6 +25,7 @@ mid-stream stops its generation at the next token; a stream always ends with ``d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import threading
@@ -30,7 +35,7 @@ from collections.abc import Callable
 from collections.abc import Generator as Gen
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ekmesh.core.errors import (
     ConfigError,
@@ -39,8 +44,10 @@ from ekmesh.core.errors import (
     GenerationError,
     TokenizerError,
 )
-from ekmesh.infer.generate import Generator, SamplingParams, TokenEvent
-from ekmesh.infer.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # torch is imported only where a model is served: a node without one never loads it
+    from ekmesh.infer.generate import Generator, SamplingParams, TokenEvent
+    from ekmesh.infer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +77,7 @@ class ServedModel:
     model_id: str
     aliases: list[str]
     generator: Generator
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None
     context: int
     created: int = field(default_factory=lambda: int(time.time()))
     peer_stats: Callable[[], dict[str, tuple[int, float]]] | None = None
@@ -126,6 +133,8 @@ def _num(body: dict[str, Any], key: str, kind: type, default: Any, lo: float, hi
 
 
 def sampling_from(body: dict[str, Any]) -> SamplingParams:
+    from ekmesh.infer.generate import SamplingParams
+
     stop = body.get("stop")
     if stop is None:
         stops: tuple[str, ...] = ()
@@ -145,6 +154,7 @@ def sampling_from(body: dict[str, Any]) -> SamplingParams:
         top_p=_num(body, "top_p", float, 1.0, 1e-9, 1.0),
         seed=_num(body, "seed", int, None, -(1 << 63), (1 << 63) - 1),
         stop_strings=stops,
+        stop_ids=frozenset() if body.get("ignore_eos") is True else None,
     )
 
 
@@ -182,10 +192,11 @@ class Run:
                                   f"{served.context}")
         room = served.context - len(prompt_ids)
         if params.max_tokens > room:
-            params = SamplingParams(room, params.temperature, params.top_k, params.top_p, params.seed,
-                                    params.stop_ids, params.stop_strings)
+            params = dataclasses.replace(params, max_tokens=room)
         self.served, self.prompt_ids, self.params = served, prompt_ids, params
         self.tokens = 0
+        self.token_ids: list[int] = []
+        self.counted = False  # whether the last event's token is part of the output
         self.finish = "length"
         self.t0 = time.perf_counter()
         self.first: float | None = None
@@ -197,12 +208,15 @@ class Run:
         if lock is not None:
             lock.acquire()
         try:
-            stops = self.served.generator.default_stop_ids
-            for ev in self.served.generator.stream(self.prompt_ids, self.params):
+            gen = self.served.generator
+            stops = gen.default_stop_ids if self.params.stop_ids is None else self.params.stop_ids
+            for ev in gen.stream(self.prompt_ids, self.params):
                 if self.first is None:
                     self.first = time.perf_counter()
-                if not (ev.finish == "stop" and ev.token_id in stops):
+                self.counted = not (ev.finish == "stop" and ev.token_id in stops)  # a final stop id is not output
+                if self.counted:
                     self.tokens += 1
+                    self.token_ids.append(ev.token_id)
                 if ev.finish:
                     self.finish = ev.finish
                 yield ev
@@ -340,15 +354,7 @@ class _Handler(BaseHTTPRequestHandler):
             served = resolve(self.server.engine, body.get("model"))
             params = sampling_from(body)
             chat = path == "/v1/chat/completions"
-            if chat:
-                prompt_ids = served.tokenizer.encode_chat(chat_messages(body), add_generation_prompt=True)
-            else:
-                prompt = body.get("prompt")
-                if isinstance(prompt, list) and len(prompt) == 1:
-                    prompt = prompt[0]
-                if not isinstance(prompt, str) or not prompt:
-                    raise BadRequestError("'prompt' must be a non-empty string")
-                prompt_ids = served.tokenizer.encode(prompt, add_special_tokens=True)
+            prompt_ids = _prompt_ids(served, body, chat)
             run = Run(served, prompt_ids, params)
         except (BadRequestError, GenerationError, TokenizerError) as exc:
             self._error(400, str(exc), "invalid_request_error")
@@ -381,7 +387,7 @@ class _Handler(BaseHTTPRequestHandler):
             choice["text"] = text
         self._send_json(200, {"id": rid, "object": "chat.completion" if chat else "text_completion",
                               "created": int(time.time()), "model": run.served.model_id, "choices": [choice],
-                              "usage": run.usage(), "ekmesh": run.stats()})
+                              "usage": run.usage(), "ekmesh": _stats(run, body)})
 
     def _stream(self, run: Run, chat: bool, body: dict[str, Any]) -> None:
         opts = body.get("stream_options")
@@ -390,8 +396,13 @@ class _Handler(BaseHTTPRequestHandler):
         base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": run.served.model_id}
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        want_ids = body.get("return_token_ids") is True
+
+        def chunk(text: str | None, finish: str | None, first: bool = False,
+                  token: int | None = None) -> dict[str, Any]:
             c: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+            if want_ids and token is not None:
+                c["token_ids"] = [token]
             if chat:
                 delta: dict[str, Any] = {"role": "assistant"} if first else {}
                 if text is not None:
@@ -409,10 +420,10 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 for ev in events:
                     if ev.finish:
-                        last = chunk(ev.text, ev.finish)
+                        last = chunk(ev.text, ev.finish, token=ev.token_id if run.counted else None)
                         break
-                    if ev.text:
-                        self._sse(chunk(ev.text, None))
+                    if ev.text or want_ids:
+                        self._sse(chunk(ev.text, None, token=ev.token_id))
                 else:
                     last = chunk("", run.finish)
             finally:
@@ -422,11 +433,41 @@ class _Handler(BaseHTTPRequestHandler):
                                  "code": "mesh_unavailable"}})
             return
         if not usage_chunk:
-            last["ekmesh"] = run.stats()
+            last["ekmesh"] = _stats(run, body)
         self._sse(last)
         if usage_chunk:
-            self._sse({**base, "choices": [], "usage": run.usage(), "ekmesh": run.stats()})
+            self._sse({**base, "choices": [], "usage": run.usage(), "ekmesh": _stats(run, body)})
         self._sse("[DONE]")
+
+
+def _prompt_ids(served: ServedModel, body: dict[str, Any], chat: bool) -> list[int]:
+    tok = served.tokenizer
+    if chat:
+        if tok is None:
+            raise BadRequestError(f"model {served.model_id} has no tokenizer: use /v1/completions with a prompt of "
+                                  "token ids")
+        return tok.encode_chat(chat_messages(body), add_generation_prompt=True)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, list):
+        if not prompt or len(prompt) > served.context or \
+                not all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+            raise BadRequestError(f"'prompt' as token ids must be a non-empty list of at most {served.context} "
+                                  "integers")
+        return list(prompt)
+    if not isinstance(prompt, str) or not prompt:
+        raise BadRequestError("'prompt' must be a non-empty string or a list of token ids")
+    if tok is None:
+        raise BadRequestError(f"model {served.model_id} has no tokenizer: give the prompt as token ids")
+    return tok.encode(prompt, add_special_tokens=True)
+
+
+def _stats(run: Run, body: dict[str, Any]) -> dict[str, Any]:
+    stats = run.stats()
+    if body.get("return_token_ids") is True:
+        stats["token_ids"] = list(run.token_ids)
+    return stats
 
 
 # -- one process: ``python -m ekmesh.api --model builtin`` ------------------------------------------------------
@@ -440,8 +481,6 @@ class LocalEngine:
         from ekmesh.registry import open_model, resolve_store
 
         lm = LocalModel.open(open_model(model), device, dtype)
-        if lm.tokenizer is None:
-            raise TokenizerError(f"{model} has no tokenizer.json; the API needs text")
         mid, aliases = model, []
         try:
             store = resolve_store(model)

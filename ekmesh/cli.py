@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ekmesh import __version__, cli_registry
+from ekmesh import __version__, cli_chat, cli_registry
 from ekmesh.core.errors import EkmeshError
 
 
@@ -29,6 +29,8 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.mesh:
+        return cli_chat.generate_via_api(args)
     from ekmesh.infer.generate import SamplingParams
     from ekmesh.infer.session import LocalModel
     from ekmesh.registry import open_model
@@ -90,9 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
     g.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: bf16 on cuda, fp16 on mps, else fp32)")
     g.add_argument("--json", action="store_true", help="print one JSON object with token_ids and text")
+    g.add_argument("--mesh", action="store_true", help="generate on the local node (`ekmesh join`) through its HTTP "
+                                                       "API instead of loading the model in this process")
     g.set_defaults(func=cmd_generate)
 
     cli_registry.register(sub)
+    cli_chat.register(sub)
+    importlib.import_module("ekmesh.cli_demo").register(sub)
     if importlib.util.find_spec("ekmesh.cli_mesh") is not None:
         cli_mesh = importlib.import_module("ekmesh.cli_mesh")
         cli_mesh.register(sub)

@@ -52,6 +52,8 @@ def register(subparsers: Any) -> None:
     join.add_argument("--no-api", action="store_true", help="do not serve the OpenAI-compatible API")
     join.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
     join.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: bf16 on cuda, else fp32)")
+    join.add_argument("--exit-with-parent", action="store_true",
+                      help="leave the mesh and exit when the process that started this one ends (for launchers)")
     join.add_argument("--no-mdns", action="store_true", help="do not discover peers on the LAN with mDNS")
     join.add_argument("--no-dht", action="store_true", help="do not use the Kademlia DHT rendezvous")
     join.add_argument("--no-relay", action="store_true",
@@ -77,17 +79,22 @@ def register(subparsers: Any) -> None:
     status.set_defaults(func=cmd_status)
 
 
+def _not_libp2p(record: logging.LogRecord) -> bool:
+    return "/libp2p/" not in record.pathname
+
+
 def _setup_logging(verbose: int) -> None:
     root = logging.getLogger()
-    if root.handlers:
-        return
-    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING
+    if root.handlers:  # ``ekmesh.cli.main`` configured it already
+        root.setLevel(min(root.level, level))
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if verbose < 2:
         # py-libp2p logs routine network events (a refused dial, a reset stream) as warnings and errors, some
         # on the root logger; ekmesh reports what matters itself.
         for handler in root.handlers:
-            handler.addFilter(lambda r: "/libp2p/" not in r.pathname)
+            handler.addFilter(_not_libp2p)
 
 
 def _tame_libp2p_logging(verbose: int) -> None:
@@ -123,7 +130,8 @@ def cmd_join(args: argparse.Namespace) -> int:
             memory_gib=args.memory, mdns=not args.no_mdns, dht=not args.no_dht, relay=not args.no_relay,
             relay_via=args.relay_via, reserve=not args.no_reserve, timeouts=timeouts, model=args.model,
             replicas=args.replicas, attention=not args.no_attention, experts=not args.no_experts,
-            api_port=None if args.no_api else args.api_port, device=args.device, dtype=args.dtype)
+            api_port=None if args.no_api else args.api_port, device=args.device, dtype=args.dtype,
+            exit_with_parent=args.exit_with_parent)
         node = Node(config, on_event=lambda ev: _print_event(ev, args.json))
         trio.run(node.run)
     except EkmeshError as exc:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import multiaddr
 import psutil
@@ -48,8 +48,10 @@ from ekmesh.discovery.relay import Relay
 from ekmesh.discovery.rendezvous import Rendezvous
 from ekmesh.discovery.snapshot import build_snapshot
 from ekmesh.discovery.view import MeshView, ViewEvent
-from ekmesh.serving import Serving
 from ekmesh.shard.store import Store
+
+if TYPE_CHECKING:
+    from ekmesh.serving import Serving
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,8 @@ class NodeConfig:
     """Port of the OpenAI-compatible API on 127.0.0.1 (0: any free port; taken: any free port; None: no API)."""
     device: str | None = None
     dtype: str | None = None
+    exit_with_parent: bool = False
+    """Leave and exit when the parent process ends (``ekmesh demo``'s peers: none outlives a killed demo)."""
 
 
 class Node:
@@ -116,6 +120,8 @@ class Node:
         if config.model is not None:
             if not (config.attention or config.experts):
                 raise ConfigError("--no-attention with --no-experts leaves this node nothing to do for --model")
+            from ekmesh.serving import Serving  # torch: only a node that serves a model loads it
+
             store = Store(config.home / "store")
             claim_cfg = ClaimConfig(config.model, config.replicas, experts=config.experts, dense=config.attention)
             self.claimer = Claimer(self.peer_id, store, claim_cfg, self._live_adverts, self.set_models)
@@ -231,6 +237,8 @@ class Node:
                 nursery.start_soon(self.claimer.run)
             if self.serving is not None:
                 nursery.start_soon(self._serve_loop, self.serving)
+            if cfg.exit_with_parent:
+                nursery.start_soon(self._watch_parent, os.getppid())
             if cfg.mdns:
                 ips = [a.split("/")[2] for a in self.addrs if not a.startswith("/ip4/127.")]
                 port = int(multiaddr.Multiaddr(self.addrs[0]).value_for_protocol("tcp"))
@@ -253,6 +261,12 @@ class Node:
             if serving.can_load_attention():
                 await trio.to_thread.run_sync(serving.load_attention)
             await trio.sleep(0.2)
+
+    async def _watch_parent(self, parent: int) -> None:
+        while os.getppid() == parent:
+            await trio.sleep(0.5)
+        log.info("the parent process %d ended; leaving", parent)
+        self.stop()
 
     async def _wait_for_stop(self, handle_signals: bool) -> None:
         if not handle_signals:

@@ -29,7 +29,7 @@ from typing import Any
 
 from ekmesh.api import ServedModel, context_of
 from ekmesh.claim import Claimer, parse_blob_addr, parse_fp
-from ekmesh.core.errors import EkmeshError, ExpertUnavailableError, TokenizerError
+from ekmesh.core.errors import EkmeshError, ExpertUnavailableError
 from ekmesh.core.tls import TlsIdentity
 from ekmesh.discovery.advert import Advert
 from ekmesh.infer.dataplane.channel import ChannelPool
@@ -165,9 +165,8 @@ class Serving:
             sm = open_store_model(m.id, self.store)
             ck = Checkpoint.from_source(sm.files_dir, sm.hf_config, sm.tensors, m.id)
             dense = load_dense(ck, self.device, self.dtype)
-            if not (ck.path / "tokenizer.json").exists():
-                raise TokenizerError(f"model {m.id} has no tokenizer.json; the chat and the API need one")
-            tok = Tokenizer.from_dir(ck.path)
+            # without a tokenizer the API still answers prompts given as token ids
+            tok = Tokenizer.from_dir(ck.path) if (ck.path / "tokenizer.json").exists() else None
         except EkmeshError as exc:
             self.failed = True
             self.state = f"cannot host attention: {exc}"
@@ -175,7 +174,7 @@ class Serving:
             return
         pool = ChannelPool(self.identity, lambda p: self._pins.get(p), lambda p: self._addrs.get(p), limits)
         self.remote = RemoteExperts(limits, local, self.holders, pool, self._fallback)
-        gen = Generator(dense, self.remote, tok, default_stop_ids=eos_ids_in(ck.path))
+        gen = Generator(dense, self.remote, tok, default_stop_ids=() if tok else eos_ids_in(ck.path))
         aliases = sorted({a for a, t in self.store.aliases().items() if t == m.id}
                          | ({"builtin"} if self.claimer is not None and self.claimer.packaged is not None
                             and self._packaged_alias(m.id) else set()))
@@ -223,6 +222,7 @@ class Serving:
 
     def status(self) -> dict[str, Any]:
         missing = self.missing() if self.manifest is not None else None
+        held = self.local.held() if self.local is not None else {}
         return {
             "model": self.manifest.id if self.manifest else None,
             "attention": self.attention,
@@ -232,7 +232,8 @@ class Serving:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "data_addr": f"{self.advertise_host}:{self.server.address[1]}" if self.server else None,
-            "loaded_experts": sum(len(v) for v in self.local.held().values()) if self.local else 0,
+            "loaded_experts": sum(len(v) for v in held.values()),
+            "loaded_by_layer": {str(layer): len(es) for layer, es in held.items()},
             "peers": {p: {"round_trips": s.round_trips, "mean_rtt_ms": round(1e3 * s.mean_rtt_s, 3),
                           "failures": s.failures}
                       for p, s in (self.remote.stats().items() if self.remote else [])},

@@ -26,9 +26,13 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
     "node": ({"cli", "cli_mesh", "cli_registry", "tui"}, set()),
     "registry": ({"cli", "cli_mesh", "cli_registry", "tui", "node"}, set()),
     "claim": ({"cli", "cli_mesh", "cli_registry", "tui", "node", "registry", "infer"}, {"torch"}),
-    "tui": ({"infer", "shard", "discovery", "node", "registry"}, {"torch", "libp2p", "trio"}),
+    "tui": ({"infer", "shard", "discovery", "node", "registry", "api", "serving", "demo"}, {"torch", "libp2p", "trio"}),
+    "api": ({"cli", "cli_mesh", "cli_registry", "cli_chat", "cli_demo", "tui", "node", "serving", "demo"}, set()),
+    "serving": ({"cli", "cli_mesh", "cli_registry", "cli_chat", "cli_demo", "tui", "node", "demo"}, set()),
+    "demo": ({"cli", "cli_mesh", "cli_registry", "cli_chat", "cli_demo", "tui", "infer", "shard", "serving",
+              "node", "claim", "api"}, {"torch", "libp2p", "trio"}),
 }
-TOP_LEVEL_ONLY = {m: {"torch", "libp2p", "trio"} for m in ("cli", "cli_mesh", "cli_registry")}
+TOP_LEVEL_ONLY = {m: {"torch", "libp2p", "trio"} for m in ("cli", "cli_mesh", "cli_registry", "cli_chat", "cli_demo")}
 
 
 def _package(path: Path) -> str:

@@ -1,0 +1,104 @@
+"""Helpers for tests that serve a model from real ``ekmesh join --model`` processes and talk to their API.
+
+``seed_identity`` writes a deterministic Ed25519 identity into a home before its node starts, so a test's peer ids,
+and therefore the placement, are the same in every run. ``ServingMesh`` starts an attention host and expert holders
+on 127.0.0.1, waits until the host's ``serving`` block says ready, and stops everything on exit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tests.discovery.meshproc import FAST, NodeProc, wait_until
+
+BASE = ["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--no-dht", "--api-port", "0", *FAST]
+
+
+def seed_identity(home: Path, seed: str) -> None:
+    """A fixed identity for ``home`` (derived from ``seed``): stable peer ids make the placement reproducible."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    kp = create_new_key_pair(hashlib.sha256(seed.encode()).digest())
+    path = home / "identity.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, kp.private_key.serialize())
+    finally:
+        os.close(fd)
+
+
+def post(url: str, body: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        out = json.loads(resp.read())
+    assert isinstance(out, dict)
+    return out
+
+
+class ServingMesh:
+    """``roles``: one list of extra ``join`` arguments per node; node 0 is started first and bootstraps the rest."""
+
+    def __init__(self, tmp: Path, model: str, roles: Sequence[Sequence[str]], seeds: Sequence[str] | None = None,
+                 extra: Sequence[str] = ()) -> None:
+        self.nodes: list[NodeProc] = []
+        self.claiming = sum(1 for role in roles if "--no-experts" not in role)  # nodes that take experts
+        try:
+            for i, role in enumerate(roles):
+                home = tmp / f"n{i}"
+                if seeds is not None:
+                    seed_identity(home, seeds[i])
+                boot = ["--peer", self.nodes[0].addrs[0]] if self.nodes else []
+                self.nodes.append(NodeProc(home, *BASE, "--model", model, "--name", f"n{i}", *extra, *role, *boot))
+        except BaseException:
+            self.close()
+            raise
+
+    def api(self, i: int = 0) -> str:
+        url = self.nodes[i].hello["api_url"]
+        assert isinstance(url, str)
+        return url
+
+    def wait_ready(self, i: int = 0, timeout: float = 60.0, holders: int = 1) -> dict[str, Any]:
+        """Until node ``i`` sees every node, serves, and every expert has ``holders`` ready holders in its view
+        with every peer holding what the placement assigns it."""
+        node = self.nodes[i]
+
+        def ready() -> bool:
+            snap = node.status()
+            serving = snap["serving"]
+            if not serving["ready"]:
+                return False
+            mid = serving["model"]
+            models = snap["models"].get(mid)
+            # settled: every peer holds ready exactly what this node's placement assigns it (nothing kept)
+            live = [p for p in snap["peers"] if p["state"] in ("self", "up")]
+            settled = len(live) == len(self.nodes) and all(p["assigned"].get(mid, 0) == (p["models"].get(mid) or 0) for p in snap["peers"])
+            return (models is not None and len(models["per_peer"]) == self.claiming
+                    and _min_holders(models) >= holders and settled)
+
+        wait_until(ready, timeout, f"node {i} serving with every expert on >= {holders} ready holders",
+                   interval=0.2)
+        return node.status()
+
+    def close(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+    def __enter__(self) -> ServingMesh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _min_holders(models: dict[str, Any]) -> int:
+    """The fewest ready holders of any routed expert (rows of dense layers hold only zeros and are skipped)."""
+    rows = [row for row in models["holders"] if any(row)]
+    return min(min(row) for row in rows) if rows else 0
