@@ -1,7 +1,7 @@
 """``ekmesh chat`` and ``ekmesh generate --mesh``: the command line side of a node's OpenAI-compatible HTTP API.
 
 Both find the API through the running node's control file (``<EKMESH_HOME>/node.json``, key ``api_url``) unless
-``chat --api URL`` names one, and talk to it with ``ekmesh.tui.chat.ApiClient``. Nothing heavy at import time:
+``chat --api URL`` names one, and talk to it with ``ekmesh.tui.api_client.ApiClient``. Nothing heavy at import time:
 ``ekmesh.tui.chat`` (rich) and ``ekmesh.discovery.control`` (trio) are imported inside the handlers.
 """
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ekmesh.core.errors import ConfigError, NodeNotRunningError
 
 if TYPE_CHECKING:
-    from ekmesh.tui.chat import Answer, AnswerStream
+    from ekmesh.tui.api_client import Answer, AnswerStream
 
 
 def _positive_int(text: str) -> int:
@@ -49,7 +49,7 @@ def local_api_url() -> str:
     """The API URL of the node running for this ``EKMESH_HOME``; ``NodeNotRunningError`` if there is none."""
     from ekmesh.core.paths import ekmesh_home
     from ekmesh.discovery.control import read_control_file
-    from ekmesh.tui.chat import START_HINT
+    from ekmesh.tui.api_client import START_HINT
 
     home = ekmesh_home()
     try:
@@ -64,7 +64,8 @@ def local_api_url() -> str:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from ekmesh.tui.chat import ApiClient, ChatState, run_chat
+    from ekmesh.tui.api_client import ApiClient
+    from ekmesh.tui.chat import ChatState, run_chat
 
     if args.json and args.prompt is None:
         print("ekmesh chat: --json needs --prompt", file=sys.stderr)
@@ -84,19 +85,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def generate_via_api(args: argparse.Namespace) -> int:
     """``ekmesh generate MODEL --mesh``: the generation runs on the local node, through its HTTP API: plain
-    ``--prompt`` as a text completion, ``--chat`` as a chat completion. Output as without ``--mesh``, except that
-    ``--json`` has no token ids, device or dtype (the API does not tell them) and adds the mesh's figures."""
-    from ekmesh.tui.chat import ApiClient
+    ``--prompt`` (or ``--prompt-ids``) as a text completion, ``--chat`` as a chat completion. Output as without
+    ``--mesh``, except that ``--json`` has no device or dtype (the node decides) and adds the mesh's figures."""
+    from ekmesh.tui.api_client import ApiClient
 
-    if args.prompt_ids is not None:
-        raise ConfigError("--prompt-ids does not work with --mesh: the node's API takes text; drop --mesh to run "
-                          "token ids in this process")
+    if args.prompt_ids is not None and args.chat:
+        raise ConfigError("--prompt-ids with --chat: a chat needs text; give --prompt")
     if args.device is not None or args.dtype is not None:
         raise ConfigError("--device and --dtype choose how this process runs the model; with --mesh the node "
                           "decides, drop them")
     client = ApiClient(local_api_url())
     body: dict[str, Any] = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
-                            "top_p": args.top_p}
+                            "top_p": args.top_p, "return_token_ids": True}
     for key, value in (("seed", args.seed), ("stop", args.stop), ("top_k", args.top_k or None)):
         if value is not None:
             body[key] = value
@@ -104,8 +104,10 @@ def generate_via_api(args: argparse.Namespace) -> int:
         system = [{"role": "system", "content": args.system}] if args.system else []
         stream = client.stream_chat({**body, "messages": system + [{"role": "user", "content": args.prompt}]})
     else:
-        stream = client.stream_completion({**body, "prompt": args.prompt})
+        prompt = args.prompt if args.prompt_ids is None else args.prompt_ids
+        stream = client.stream_completion({**body, "prompt": prompt})
     return _print_answer(stream, as_json=args.json, json_of=lambda a: {
+        "token_ids": a.stats.get("token_ids"),
         "text": a.text,
         "finish_reason": a.finish_reason,
         "prompt_tokens": a.usage.get("prompt_tokens"),

@@ -209,8 +209,13 @@ def test_generate_mesh_goes_through_the_node_api(api, tmp_path):
     assert out["completion_tokens"] == 24 and out["tokens_per_s"] > 0 and out["time_to_first_token_s"] > 0
     assert out["peers"] == [] and out["api_url"] == api and out["model"] == "builtin"
 
-    r = run_cli(tmp_path, "generate", "builtin", "--mesh", "--prompt-ids", "1,2,3")
-    assert r.returncode == 1 and "--prompt-ids does not work with --mesh" in r.stderr
+    # token ids in and out, as in this process
+    local = run_cli(tmp_path, "generate", "builtin", "--prompt-ids", "1,2,3", "--max-tokens", "8", "--json")
+    r = run_cli(tmp_path, "generate", "builtin", "--mesh", "--prompt-ids", "1,2,3", "--max-tokens", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"] == json.loads(local.stdout)["token_ids"]
+    r = run_cli(tmp_path, "generate", "builtin", "--mesh", "--chat", "--prompt-ids", "1,2,3")
+    assert r.returncode == 1 and "--prompt-ids with --chat" in r.stderr
     r = run_cli(tmp_path, "generate", "nosuchmodel", "--mesh", "--prompt", "x")
     assert r.returncode == 1 and "HTTP 404" in r.stderr and "'nosuchmodel' is not served" in r.stderr
 

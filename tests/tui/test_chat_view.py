@@ -23,11 +23,9 @@ from ekmesh.core.errors import (
     PeerError,
     ProtocolError,
 )
+from ekmesh.tui.api_client import Answer, ApiClient, ClientTimeouts
 from ekmesh.tui.chat import (
-    Answer,
-    ApiClient,
     ChatState,
-    ClientTimeouts,
     help_view,
     models_view,
     resolve_model,
