@@ -31,6 +31,8 @@ def render_status(snapshot: dict[str, Any]) -> RenderableType:
     parts: list[RenderableType] = [header, peers_table(peers)]
     if snapshot.get("claim"):
         parts += [Text(""), claim_line(snapshot["claim"])]
+    if snapshot.get("serving"):
+        parts.append(serving_line(snapshot["serving"], names))
     for model_id, shard in snapshot.get("models", {}).items():
         parts += [Text(""), shard_map(model_id, shard, names)]
     return Group(*parts)
@@ -56,6 +58,30 @@ def claim_line(claim: dict[str, Any]) -> Text:
                     f"{claim.get('replicas')} copies)", style="yellow")
     if claim.get("bad_peers"):
         text.append(f" · {len(claim['bad_peers'])} peers served bad bytes", style="red")
+    return text
+
+
+def serving_line(serving: dict[str, Any], names: dict[str, str]) -> Text:
+    """What this node serves: experts loaded on its device, attention host state, API, data-plane peers used."""
+    text = Text.assemble(("serving  ", "bold"), f"{serving.get('loaded_experts', 0)} experts loaded on "
+                         f"{serving.get('device')} ({serving.get('dtype')})")
+    if serving.get("attention"):
+        ready = serving.get("ready")
+        text.append(" · attention host: ")
+        text.append("ready" if ready else str(serving.get("state")), style="green" if ready else "yellow")
+        missing = serving.get("missing_experts")
+        if missing:
+            text.append(f" · {missing} experts have no live holder", style="red")
+    else:
+        text.append(" · no attention (--no-attention)")
+    if serving.get("api_url"):
+        text.append(f" · API {serving['api_url']}")
+    used = serving.get("peers") or {}
+    if used:
+        text.append(" · round trips: " + ", ".join(
+            f"{names.get(p, short_id(p))} {s['mean_rtt_ms']:.2f} ms" + (f" ({s['failures']} failed)"
+                                                                         if s.get("failures") else "")
+            for p, s in sorted(used.items())))
     return text
 
 

@@ -86,3 +86,21 @@ def test_claiming_progress_line():
             "2 experts under-replicated (the mesh has too little memory for 2 copies) · "
             "1 peers served bad bytes") in text
     assert "claiming" not in render(snapshot())
+
+
+def test_serving_line():
+    snap = snapshot()
+    snap["serving"] = {"model": "blake3:abcd", "attention": True, "state": "serving", "ready": True,
+                       "missing_experts": 0, "device": "cpu", "dtype": "float32", "loaded_experts": 5,
+                       "api_url": "http://127.0.0.1:7734/v1",
+                       "peers": {B: {"round_trips": 40, "mean_rtt_ms": 0.4125, "failures": 1}}}
+    text = " ".join(render(snap, width=400).split())
+    assert ("serving 5 experts loaded on cpu (float32) · attention host: ready · API http://127.0.0.1:7734/v1 · "
+            "round trips: bravo 0.41 ms (1 failed)") in text
+    snap["serving"] = {**snap["serving"], "attention": False, "peers": {}, "api_url": None}
+    assert "serving 5 experts loaded on cpu (float32) · no attention (--no-attention)" in " ".join(
+        render(snap, width=400).split())
+    snap["serving"] = {**snap["serving"], "attention": True, "ready": False, "state": "loading the dense part",
+                       "missing_experts": 3}
+    assert "attention host: loading the dense part · 3 experts have no live holder" in " ".join(
+        render(snap, width=400).split())
