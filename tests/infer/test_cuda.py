@@ -77,3 +77,53 @@ def test_grouped_mm_experts_equal_loop(tmp_path):
     a = cpu(0, x, ids, w).float()
     b = gpu(0, x.cuda(), ids.cuda(), w.cuda()).float().cpu()
     assert (a - b).abs().max() < 2e-2 * a.abs().max()
+
+
+def test_remote_experts_on_cuda_equal_local(tmp_path):
+    """The data plane with CUDA on both ends, bf16 on the wire: an attention host holding no expert and expert
+    servers whose experts live on the GPU. With one server holding every expert its answer is returned as it came,
+    so greedy tokens equal the one-process run bit for bit; split over two servers (each MoE layer uses both), the
+    bf16 partial sums are added in fp32 on the host: logits stay within bf16 rounding of the local ones."""
+    from ekmesh.infer.dataplane.channel import ChannelPool, TlsIdentity
+    from ekmesh.infer.dataplane.frames import ModelLimits
+    from ekmesh.infer.dataplane.remote import RemoteExperts
+    from ekmesh.infer.dataplane.server import ExpertServer
+
+    path = _build("qwen3_moe", tmp_path / "q")
+    ckpt, model, experts = load_all(path, "cuda", torch.bfloat16)
+    spec, limits = ckpt.config.expert_spec(), ModelLimits.from_config(ckpt.config)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    greedy = SamplingParams(max_tokens=24, stop_ids=frozenset())
+    local = Generator(model, experts, cuda_graphs=False)
+    expected = local.generate(prompt, greedy).token_ids
+    host = TlsIdentity.generate("host")
+    addresses = ckpt.expert_addresses()
+    splits = {"one": {"s0": addresses},
+              "two": {"s0": [a for a in addresses if a[1] % 2 == 0], "s1": [a for a in addresses if a[1] % 2]}}
+    for name, placement in splits.items():
+        servers, ids = {}, {}
+        try:
+            for peer, held in placement.items():
+                be = LocalExperts(spec, "cuda", torch.bfloat16)
+                load_experts(ckpt, be, held)
+                ids[peer] = TlsIdentity.generate(peer)
+                servers[peer] = ExpertServer(be, ids[peer], {"host": host.fingerprint}.get, limits).start()
+            addrs = {p: s.address for p, s in servers.items()}
+            pool = ChannelPool(host, {p: i.fingerprint for p, i in ids.items()}.get, addrs.get, limits)
+            owner = {a: [p] for p, held in placement.items() for a in held}
+            remote = RemoteExperts(limits, LocalExperts(spec, "cuda", torch.bfloat16),
+                                   lambda layer, e, owner=owner: owner[(layer, e)], pool)
+            gen = Generator(model, remote)
+            assert not gen.cuda_graphs
+            if name == "one":
+                assert gen.generate(prompt, greedy).token_ids == expected
+            else:
+                diff = (gen.logits(prompt) - local.logits(prompt)).abs().max().item()
+                print(f"two servers, bf16 on the wire: max |logit diff| {diff:.3g}")
+                assert diff < 0.1, diff
+                stats = remote.stats()
+                assert set(stats) == {"s0", "s1"} and all(s.round_trips > 0 for s in stats.values())
+            pool.close()
+        finally:
+            for s in servers.values():
+                s.stop()
