@@ -17,7 +17,8 @@ without a tokenizer; ``"return_token_ids": true`` adds the generated ids to the 
 (and to every streamed chunk, then sent even when its text is empty); ``"ignore_eos": true`` generates until
 ``max_tokens`` or a stop string.
 
-Invariants: request bodies are bounded (``MAX_BODY``) and validated before any generation starts; every error is a
+Invariants: request bodies are bounded (``MAX_BODY``) and validated before any generation starts; at most
+``max_active`` generations run at once (more get 429); every socket read and write has a deadline; every error is a
 JSON ``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status; a client that closes its connection
 mid-stream stops its generation at the next token; a stream always ends with ``data: [DONE]`` unless the client left.
 """
@@ -55,6 +56,8 @@ MAX_BODY = 4 << 20
 MAX_MESSAGES = 1024
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_PORT = 7734
+MAX_ACTIVE = 16  # generations at once; more are answered 429 at once (each one holds a thread and a KV cache)
+SOCKET_TIMEOUT_S = 60.0  # a client that stops sending its request, or stops reading its stream, is dropped
 
 
 class NotServingError(EkmeshError):
@@ -255,8 +258,11 @@ class ApiServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
+    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                 max_active: int = MAX_ACTIVE) -> None:
         self.engine = engine
+        self.max_active = max_active
+        self.slots = threading.BoundedSemaphore(max_active)
         try:
             super().__init__((host, port), _Handler)
         except OSError as exc:
@@ -282,6 +288,7 @@ class ApiServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    timeout = SOCKET_TIMEOUT_S
     server: ApiServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
@@ -365,6 +372,10 @@ class _Handler(BaseHTTPRequestHandler):
         except NotServingError as exc:
             self._error(503, str(exc), "server_error", "not_ready")
             return
+        if not self.server.slots.acquire(blocking=False):
+            self._error(429, f"this node is answering {self.server.max_active} requests already; try again shortly",
+                        "rate_limit_error", "busy")
+            return
         try:
             if body.get("stream"):
                 self._stream(run, chat, body)
@@ -372,6 +383,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._complete(run, chat, body)
         except _ClientGone:
             log.info("API client left; its generation stopped after %d tokens", run.tokens)
+        finally:
+            self.server.slots.release()
 
     def _complete(self, run: Run, chat: bool, body: dict[str, Any]) -> None:
         try:
