@@ -120,6 +120,7 @@ class Claimer:
         self.live, self.publish = live, publish
         self.prepare, self.load, self.unload = prepare, load, unload
         self.packaged = packaged_store()
+        self.dense = config.dense  # may be turned off by ``prepare`` (the node decides it cannot host attention)
         self.dense_ready = False
         self.identity = TlsIdentity.generate(peer_id)
         self.tls_fp = self.identity.fingerprint.hex()
@@ -271,7 +272,7 @@ class Claimer:
         live = self._refresh_peers()
         claiming = {pid: a for pid, a in live.items() if m.id in a.models or (pid == me and cfg.experts)}
         now = time.monotonic()
-        if cfg.dense and not self.dense_ready and now >= self._next_fetch:
+        if self.dense and not self.dense_ready and now >= self._next_fetch:
             await self._fetch_dense(m, [p for p in live if p != me and m.id in live[p].models])
         key = tuple(sorted((pid, a.memory_total, a.speed or 1.0) for pid, a in claiming.items()))
         if not key:
@@ -400,7 +401,7 @@ class Claimer:
             "model": self.model_id or self.config.model,
             "state": self.state,
             "ready_means": "verified in the store and loaded" if self.load else "verified in the store",
-            "dense_ready": self.dense_ready if self.config.dense else None,
+            "dense_ready": self.dense_ready if self.dense else None,
             "replicas": self.config.replicas,
             "experts": len(m.expert_ids()) if m is not None else None,
             "assigned": assigned,

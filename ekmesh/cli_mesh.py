@@ -42,8 +42,12 @@ def register(subparsers: Any) -> None:
                            "ready (a model id the store lacks: its manifest comes from a peer)")
     join.add_argument("--replicas", type=int, default=2, metavar="R",
                       help="copies of each expert the mesh keeps where memory allows (with --model; default 2)")
-    join.add_argument("--no-attention", action="store_true",
-                      help="do not host attention for --model (no dense part here; the API answers 503)")
+    attention = join.add_mutually_exclusive_group()
+    attention.add_argument("--attention", dest="attention", action="store_true", default=None,
+                           help="host attention for --model (default: when its dense part fits in half the free "
+                                "memory)")
+    attention.add_argument("--no-attention", dest="attention", action="store_false",
+                           help="do not host attention for --model (no dense part here; the API answers 503)")
     join.add_argument("--no-experts", action="store_true",
                       help="hold none of --model's experts (an attention host that uses the mesh's)")
     join.add_argument("--api-port", type=int, default=7734, metavar="PORT",
@@ -129,7 +133,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             mesh_key=MeshKey.from_options(args.mesh_key, args.mesh_key_file), name=args.name,
             memory_gib=args.memory, mdns=not args.no_mdns, dht=not args.no_dht, relay=not args.no_relay,
             relay_via=args.relay_via, reserve=not args.no_reserve, timeouts=timeouts, model=args.model,
-            replicas=args.replicas, attention=not args.no_attention, experts=not args.no_experts,
+            replicas=args.replicas, attention=args.attention, experts=not args.no_experts,
             api_port=None if args.no_api else args.api_port, device=args.device, dtype=args.dtype,
             exit_with_parent=args.exit_with_parent)
         node = Node(config, on_event=lambda ev: _print_event(ev, args.json))

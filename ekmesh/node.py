@@ -79,8 +79,9 @@ class NodeConfig:
     model: str | None = None
     """Claim a share of this model's experts (``ekmesh.claim``); None: claim nothing, serve no blobs."""
     replicas: int = 2
-    attention: bool = True
-    """Host attention for ``model`` (fetch and load its dense part, answer the API); off with ``--no-attention``."""
+    attention: bool | None = None
+    """Host attention for ``model`` (fetch and load its dense part, answer the API): True (``--attention``), False
+    (``--no-attention``) or None: when the dense part fits in half the free memory of the device."""
     experts: bool = True
     """Take a share of ``model``'s experts; off with ``--no-experts`` (an attention host that holds none)."""
     api_port: int | None = DEFAULT_PORT
@@ -118,12 +119,13 @@ class Node:
         self.serving: Serving | None = None
         self.api: ApiServer | None = None
         if config.model is not None:
-            if not (config.attention or config.experts):
+            if config.attention is False and not config.experts:
                 raise ConfigError("--no-attention with --no-experts leaves this node nothing to do for --model")
             from ekmesh.serving import Serving  # torch: only a node that serves a model loads it
 
             store = Store(config.home / "store")
-            claim_cfg = ClaimConfig(config.model, config.replicas, experts=config.experts, dense=config.attention)
+            claim_cfg = ClaimConfig(config.model, config.replicas, experts=config.experts,
+                                    dense=config.attention is not False)
             self.claimer = Claimer(self.peer_id, store, claim_cfg, self._live_adverts, self.set_models)
             serving = self.serving = Serving(self.peer_id, store, self.claimer.identity, config.attention,
                                              self.set_data_addr, config.device, config.dtype)

@@ -27,6 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+import torch
+
 from ekmesh.api import ServedModel, context_of
 from ekmesh.claim import Claimer, parse_blob_addr, parse_fp
 from ekmesh.core.errors import EkmeshError, ExpertUnavailableError
@@ -53,7 +56,7 @@ class Serving:
     """One model's serving on this node. ``prepare``/``load``/``unload`` are the ``Claimer``'s hooks (threads);
     ``refresh`` (the node's loop) re-reads the view; ``step`` (a thread) loads the attention part when it can."""
 
-    def __init__(self, peer_id: str, store: Store, identity: TlsIdentity, attention: bool,
+    def __init__(self, peer_id: str, store: Store, identity: TlsIdentity, attention: bool | None,
                  set_data_addr: Callable[[str | None], None], device: str | None = None,
                  dtype: str | None = None) -> None:
         self.peer_id, self.store, self.identity = peer_id, store, identity
@@ -90,8 +93,33 @@ class Serving:
         self.server = ExpertServer(self.local, self.identity, lambda p: self._pins.get(p), self.limits,
                                    host=self.bind_host).start()
         self.set_data_addr(f"{self.advertise_host}:{self.server.address[1]}")
+        if self.attention is None:
+            self.attention = self._dense_fits(m)
+        if self.claimer is not None:
+            self.claimer.dense = self.attention
         self.manifest = m
-        self.state = "loading the dense part" if self.attention else "serving experts"
+        if self.attention:
+            self.state = "loading the dense part"
+        elif self.state.startswith("no attention"):
+            pass
+        else:
+            self.state = "serving experts"
+
+    def _dense_fits(self, m: Manifest) -> bool:
+        """Auto ``--attention``: the dense part, at this node's compute dtype, takes at most half the free memory of
+        the device (stored weights are bf16 at the least: fp32 compute doubles them)."""
+        stored = sum(m.size(b) for b in set(m.dense_ids().values()))
+        need = stored * (2 if self.dtype == torch.float32 else 1)
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            free = psutil.virtual_memory().available
+        if need <= free // 2:
+            return True
+        self.state = (f"no attention: the dense part needs {need / 2**30:.1f} GiB, more than half of the "
+                      f"{free / 2**30:.1f} GiB free (force it with --attention)")
+        log.warning("model %s: %s", m.id, self.state)
+        return False
 
     def _read_expert(self, layer: int, expert: int) -> ExpertWeights:
         ck = self.checkpoint
@@ -154,7 +182,7 @@ class Serving:
     # -- attention host ---------------------------------------------------------------------------------------
 
     def can_load_attention(self) -> bool:
-        return (self.attention and self.model is None and not self.failed and self.manifest is not None
+        return (self.attention is True and self.model is None and not self.failed and self.manifest is not None
                 and self.claimer is not None and self.claimer.dense_ready)
 
     def load_attention(self) -> None:
@@ -216,7 +244,9 @@ class Serving:
         return [self.model] if self.model is not None else []
 
     def why_not(self) -> str:
-        if not self.attention:
+        if self.attention is False and self.state.startswith("no attention"):
+            return f"this node does not host attention ({self.state})"
+        if self.attention is False:
             return "this node does not host attention (it was started with --no-attention)"
         return f"this node is not ready to answer yet ({self.state})"
 
