@@ -65,6 +65,9 @@ class ClaimConfig:
     io_s: float = 10.0
     fetch_timeout_s: float = 120.0
     experts: bool = True  # take a share of the experts (False: an attention host holding none)
+    # A node started with bootstrap peers waits this long to meet one before placing alone (placing alone first
+    # would load every expert only to drop most of them a moment later).
+    meet_s: float = 0.0
     dense: bool = False  # also fetch the dense blobs and model files (this node hosts attention)
 
     def __post_init__(self) -> None:
@@ -142,6 +145,7 @@ class Claimer:
         self._pending: tuple[Any, ...] | None = None
         self._pending_since = 0.0
         self._next_fetch = 0.0
+        self._started = time.monotonic()
         try:
             self.model_id = store.resolve(config.model)
         except ShardMissingError:
@@ -192,6 +196,7 @@ class Claimer:
     # -- the loop ---------------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        self._started = time.monotonic()
         assert self._fetcher is not None, "run() before open()"
         try:
             while self.manifest is None:
@@ -279,6 +284,8 @@ class Claimer:
             return  # nobody claims experts yet (this node holds none)
         if key != self._pending:
             self._pending, self._pending_since = key, now
+        if self.placement is None and len(key) == 1 and now - self._started < cfg.meet_s:
+            return  # alone so far, but bootstrap peers were given: wait to meet one
         if self.placement is None or (key != self._key and now - self._pending_since >= cfg.debounce_s):
             self.placement = await trio.to_thread.run_sync(_place, m, key, cfg.replicas)
             self._key = key

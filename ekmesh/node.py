@@ -125,7 +125,8 @@ class Node:
 
             store = Store(config.home / "store")
             claim_cfg = ClaimConfig(config.model, config.replicas, experts=config.experts,
-                                    dense=config.attention is not False)
+                                    dense=config.attention is not False,
+                                    meet_s=10.0 if config.peers or config.relay_via else 0.0)
             self.claimer = Claimer(self.peer_id, store, claim_cfg, self._live_adverts, self.set_models)
             serving = self.serving = Serving(self.peer_id, store, self.claimer.identity, config.attention,
                                              self.set_data_addr, config.device, config.dtype)
