@@ -49,16 +49,26 @@ class ServingMesh:
                  extra: Sequence[str] = ()) -> None:
         self.nodes: list[NodeProc] = []
         self.claiming = sum(1 for role in roles if "--no-experts" not in role)  # nodes that take experts
+        self._args = [[*BASE, "--model", model, "--name", f"n{i}", *extra, *role] for i, role in enumerate(roles)]
         try:
-            for i, role in enumerate(roles):
+            for i in range(len(roles)):
                 home = tmp / f"n{i}"
                 if seeds is not None:
                     seed_identity(home, seeds[i])
                 boot = ["--peer", self.nodes[0].addrs[0]] if self.nodes else []
-                self.nodes.append(NodeProc(home, *BASE, "--model", model, "--name", f"n{i}", *extra, *role, *boot))
+                self.nodes.append(NodeProc(home, *self._args[i], *boot))
         except BaseException:
             self.close()
             raise
+
+    def restart(self, i: int) -> NodeProc:
+        """Node ``i`` again (same home: same identity and store), after it stopped or was killed; it bootstraps
+        from the first other node still running."""
+        old = self.nodes[i]
+        old.stop()
+        boot = next(n for j, n in enumerate(self.nodes) if j != i and n.proc.poll() is None)
+        self.nodes[i] = NodeProc(old.home, *self._args[i], "--peer", boot.addrs[0])
+        return self.nodes[i]
 
     def api(self, i: int = 0) -> str:
         url = self.nodes[i].hello["api_url"]
