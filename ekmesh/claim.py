@@ -367,7 +367,8 @@ class Claimer:
                     continue
                 except EkmeshError as exc:
                     log.warning("stored blob %s is bad (%s); fetching it again", bid, exc)
-            wanted[bid] = peers  # no peer: the Fetcher goes to the model's source
+            if peers or time.monotonic() - self._started >= max(self.config.meet_s, self.config.debounce_s):
+                wanted[bid] = peers  # no peer (once peers had time to show up): the Fetcher goes to the source
         if not wanted:
             return present
         start = time.monotonic()
