@@ -34,6 +34,34 @@ def seed_identity(home: Path, seed: str) -> None:
         os.close(fd)
 
 
+def peer_id_for(seed: str) -> str:
+    """The peer id ``seed_identity(home, seed)`` gives a node."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+
+    return ID.from_pubkey(create_new_key_pair(hashlib.sha256(seed.encode()).digest()).public_key).to_base58()
+
+
+def seeds_splitting_every_layer(m: Any, holders: int, replicas: int, memory_gib: float, prefix: str,
+                                tries: int = 200) -> list[str]:
+    """Identity seeds for ``holders`` expert holders (all with ``--memory memory_gib``) under which the placement
+    of model ``m`` gives every holder at least one expert in every MoE layer, so every layer uses all of them. The
+    placement depends on the model id (which records the import's path), so the seeds are chosen per run by
+    running the placement function the nodes run."""
+    from ekmesh.shard.placement import PeerCapacity, place
+
+    experts = m.expert_ids()
+    layers = {layer for layer, _ in experts}
+    sizes = {it: m.size(bid) for it, bid in experts.items()}
+    for t in range(tries):
+        seeds = [f"{prefix}-{t}-{i}" for i in range(holders)]
+        peers = [PeerCapacity(peer_id_for(sd), int(memory_gib * (1 << 30)), 1.0) for sd in seeds]
+        pl = place(m.id, list(experts), sizes, peers, replicas)
+        if all({layer for layer, _ in pl.assigned(p.peer_id)} == layers for p in peers):
+            return seeds
+    raise AssertionError(f"no identity seeds split every layer of {m.id} over {holders} holders in {tries} tries")
+
+
 def post(url: str, body: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -89,8 +117,12 @@ class ServingMesh:
             models = snap["models"].get(mid)
             # settled: every peer holds ready exactly what this node's placement assigns it (nothing kept)
             live = [p for p in snap["peers"] if p["state"] in ("self", "up")]
-            settled = len(live) == len(self.nodes) and all(p["assigned"].get(mid, 0) == (p["models"].get(mid) or 0) for p in snap["peers"])
-            return (models is not None and len(models["per_peer"]) == self.claiming
+            settled = len(live) == len(self.nodes) and all(
+                p["assigned"].get(mid, 0) == (p["models"].get(mid) or 0) for p in snap["peers"])
+            # ... under a placement over every claiming peer (each one has a share)
+            claimed = models is not None and all(
+                p["assigned"].get(mid, 0) > 0 for p in snap["peers"] if p["peer_id"] in models["per_peer"])
+            return (models is not None and len(models["per_peer"]) == self.claiming and claimed
                     and _min_holders(models) >= holders and settled)
 
         wait_until(ready, timeout, f"node {i} serving with every expert on >= {holders} ready holders",

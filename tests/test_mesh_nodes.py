@@ -25,7 +25,7 @@ import pytest
 
 from tests.infer.test_deepseek import make_tiny_deepseek
 from tests.infer.test_gpt_oss import make_tiny_gpt_oss
-from tests.servingmesh import ServingMesh, post
+from tests.servingmesh import ServingMesh, post, seeds_splitting_every_layer
 from tests.tiny_models import make_tiny, random_prompt
 
 BUILDERS: dict[str, Callable[[Path], Any]] = {
@@ -68,10 +68,12 @@ def test_three_nodes_equal_one_process(arch: str, tmp_path: Path) -> None:
     expected = _one_process(src, prompt, 24)
     assert len(set(expected)) > 2, f"{arch}: a constant generation would not test much"
 
-    # node 0 (its home has the import) starts first and the others bootstrap from it; node 1 hosts attention
+    # node 0 (its home has the import) starts first and the others bootstrap from it; node 1 hosts attention.
+    # The holders' identities are chosen so that the placement gives each of them experts in every MoE layer.
+    h0, h2 = seeds_splitting_every_layer(m, 2, 1, 4.0, arch)
     roles = [HOLDER, HOST, HOLDER]
-    with ServingMesh(tmp_path, model_id, roles, seeds=[f"{arch}-{i}" for i in range(3)],
-                     extra=["--replicas", "1"]) as mesh:
+    with ServingMesh(tmp_path, model_id, roles, seeds=[h0, f"{arch}-host", h2],
+                     extra=["--replicas", "1", "--memory", "4"]) as mesh:
         host = 1
         snap = mesh.wait_ready(host, timeout=90)
         holders = {p["peer_id"] for p in snap["peers"] if p["models"].get(model_id)}
