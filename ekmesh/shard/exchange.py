@@ -12,7 +12,11 @@ links the default way, over a direct TCP connection bound to peer ids with the p
 3. both ends send TLS close_notify (``unwrap``) and continue on the bare TCP socket with AES-256-GCM frames, one key
    per direction from HKDF-SHA256(client secret | server secret). The secrets crossed the authenticated TLS channel,
    so the keys are bound to both peer ids; Python's TLS reads one 16 KiB record per call, which halves throughput,
-   whereas 1 MiB AEAD frames reach ~0.7x a raw socket copy (docs/BENCHMARKS.md).
+   whereas 1 MiB AEAD frames cost little beyond the AES-GCM work itself (~10 GB/s a core here; docs/BENCHMARKS.md).
+
+Both ends set TCP_NODELAY: every message leaves in one ``sendall`` (length, ciphertext and tag together), and with
+Nagle's algorithm the small handshake and control messages waited for the peer's delayed ACK (45 ms a handshake
+instead of 4 ms here).
 
 Frames: ``u32 length | body``; sealed bodies are ciphertext + 16-byte tag, nonce = 4 zero bytes | u64 frame counter
 of that direction, associated data = the length bytes (so reordering, replay, truncation of a frame or a change of
@@ -197,11 +201,18 @@ def _hello(tls: ssl.SSLSocket, peer: str | None) -> bytes:
     return bytes(secret)
 
 
+def _no_delay(sock: socket.socket) -> None:
+    """No Nagle: it held small messages back until the peer's delayed ACK (see the module docstring)."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def client_link(raw: socket.socket, ctx: ssl.SSLContext, pins: Pins, peer_id: str, timeout: float) -> Link:
     """Authenticates a connected socket to ``peer_id`` (see module docstring) and returns its sealed link."""
     raw.settimeout(timeout)
     tls: socket.socket = raw
     try:
+        _no_delay(raw)
         tls = ctx.wrap_socket(raw, server_side=False)
         assert isinstance(tls, ssl.SSLSocket)
         check_peer_cert(tls, pins, peer_id)
@@ -223,6 +234,7 @@ def server_link(raw: socket.socket, ctx: ssl.SSLContext, pins: Pins, timeout: fl
     raw.settimeout(timeout)
     tls: socket.socket = raw
     try:
+        _no_delay(raw)
         tls = ctx.wrap_socket(raw, server_side=True)
         assert isinstance(tls, ssl.SSLSocket)
         peer = check_peer_cert(tls, pins)

@@ -9,8 +9,9 @@ Invariants:
 - bytes land in ``store/tmp/fetch-<hex>.part`` (flock-ed: one fetcher per blob per store) and become a blob only
   through ``Store.adopt``, which hashes the whole file against the id first; nothing unverified is ever stored;
 - resumable: ``fetch-<hex>.json`` records the blob's size and the byte ranges already written (saved every
-  ``record_every`` bytes and whenever a transfer ends), so a fetch cut by a dead peer or a dead process continues
-  where it stopped, in this run (another holder) or the next (the final hash check covers any stale record);
+  ``record_every`` bytes once a background data sync has put them on disk, and whenever a transfer ends), so a
+  fetch cut by a dead peer or a dead process continues where it stopped, in this run (another holder) or the next
+  (the final hash check covers any stale record);
 - a peer whose bytes fail the hash is reported (``on_bad_peer(peer, blob_id)``) and banned for ``ban_s`` (bans
   outlive one ``fetch`` call); when several peers filled a blob, it is refetched whole from one holder at a time
   (each attributable) and the ranges of the failed copy are compared with the good one to find the liar;

@@ -1,7 +1,7 @@
 """Blob exchange, fetching: several blobs (small and >= 8 MiB) from 2-3 serving stores, a ranged parallel fetch of
 one large blob from 3 holders, a corrupt holder detected / reported / banned, resume after a server process is
-SIGKILLed mid-transfer, BUSY and NOT_FOUND handled, and the source fallback. Real sockets on 127.0.0.1 port 0,
-real stores in tmp_path, pinned mutual TLS."""
+SIGKILLed mid-transfer, BUSY and NOT_FOUND handled, the source fallback, and resume records that never go back in
+time. Real sockets on 127.0.0.1 port 0, real stores in tmp_path, pinned mutual TLS."""
 
 from __future__ import annotations
 
@@ -287,3 +287,27 @@ def test_fallback_rebuilds_blobs_from_the_manifest_source(tmp_path: Path, ids) -
         assert report.stored == {b: "fallback" for b in wanted}
         for b in wanted:
             assert store.verify(b, manifest.size(b))
+
+
+@pytest.mark.timeout(30)
+def test_a_late_background_record_never_replaces_a_newer_one(tmp_path: Path) -> None:
+    """The syncer records ranges after their data sync, so its snapshot can arrive after a transfer's own record:
+    the newer record stays; and once the file is closed, nothing writes its record again."""
+    import json
+
+    from ekmesh.shard.fetchrun import Partial
+
+    part = Partial(Store(tmp_path / "s"), "blake3:" + "cd" * 32, 4 * MiB)
+    part.mark(0, MiB)
+    late = (part.done, part.version)  # what a background sync took before its fdatasync
+    part.mark(MiB, 3 * MiB)
+    part.save()  # a transfer's end
+    part.save(*late)
+    assert json.loads(part.rec.read_text())["done"] == [[0, 3 * MiB]]
+    part.sync()  # a current snapshot: nothing newer to write
+    assert json.loads(part.rec.read_text())["done"] == [[0, 3 * MiB]]
+    part.mark(3 * MiB, 4 * MiB)
+    part.close(keep=True)
+    part.sync()
+    part.save()
+    assert json.loads(part.rec.read_text())["done"] == [[0, 3 * MiB]]  # as it was when the file closed

@@ -1,18 +1,19 @@
 """Blob exchange, serving: answers on a raw authenticated link (OK with offset, NOT_FOUND, BAD_RANGE, BUSY),
-malformed requests close only their own link, and unauthenticated clients (plain TCP, unpinned certificate,
-wrong server pin) get nothing. Real sockets on 127.0.0.1 port 0."""
+malformed requests close only their own link, unauthenticated clients (plain TCP, unpinned certificate, wrong
+server pin) get nothing, and both ends of a link send without Nagle's delay. Real sockets on 127.0.0.1 port 0."""
 
 from __future__ import annotations
 
 import socket
 import struct
+import threading
 from pathlib import Path
 
 import pytest
 
 from ekmesh.core.errors import PeerClosedError, PeerError, PeerIdentityError
 from ekmesh.core.tls import TlsIdentity, make_context
-from ekmesh.shard.exchange import CHUNK, Link, ServerLimits, Status, TlsDialer, get
+from ekmesh.shard.exchange import CHUNK, Link, ServerLimits, Status, TlsDialer, client_link, get, server_link
 from tests.shard.test_exchange import NAMES, GatedServer, blob, mesh, put
 
 MiB = 1 << 20
@@ -160,3 +161,35 @@ def test_a_model_id_gets_its_checked_manifest(tmp_path: Path, ids) -> None:
             assert get(link, man.id, 0, 0, 10).status is Status.NOT_FOUND
         finally:
             link.close()
+
+
+@pytest.mark.timeout(30)
+def test_both_ends_of_a_link_send_without_nagle(ids) -> None:
+    """Every message leaves in one ``sendall``; with Nagle's algorithm the small handshake and control messages
+    waited for the peer's delayed ACK (~40 ms a handshake on Linux)."""
+    pins = {n: i.fingerprint for n, i in ids.items()}.get
+    with socket.create_server(("127.0.0.1", 0)) as lst:
+        served: list[Link] = []
+
+        def accept() -> None:
+            raw, _ = lst.accept()
+            served.append(server_link(raw, make_context(ids["s1"], server=True), pins, 10))
+
+        t = threading.Thread(target=accept, daemon=True)
+        t.start()
+        client = client_link(socket.create_connection(lst.getsockname(), timeout=10),
+                             make_context(ids["client"], server=False), pins, "s1", 10)
+        t.join(10)
+        assert served, "the server end of the handshake did not finish"
+        server = served[0]
+        try:
+            assert server.peer == "client"
+            for link in (client, server):
+                assert link.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            client.send(b"ping", 10)
+            assert server.recv(16, 10) == b"ping"
+            server.send(b"pong", 10)
+            assert client.recv(16, 10) == b"pong"
+        finally:
+            client.close()
+            server.close()
