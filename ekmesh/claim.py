@@ -187,6 +187,10 @@ class Claimer:
         except (OSError, ValueError) as exc:
             raise ShardMissingError(f"blob {blob_id}", f"the model's source is not reachable: {exc}") from exc
 
+    def banned(self) -> set[str]:
+        """Peers banned for serving bytes that do not hash to their blob id (their experts are not used either)."""
+        return set(self._fetcher.banned()) if self._fetcher is not None else set()
+
     def _pin(self, peer_id: str) -> bytes | None:
         return self._pins.get(peer_id)
 
@@ -312,7 +316,9 @@ class Claimer:
         if self.load is not None:
             to_load = (assigned & self._have) - self._loaded
             if to_load:
-                self._loaded |= await trio.to_thread.run_sync(self.load, to_load)
+                loaded = await trio.to_thread.run_sync(self.load, to_load)
+                self._loaded |= loaded
+                self._have -= to_load - loaded  # e.g. its blob failed the hash and was quarantined: fetch again
             ready = assigned & self._loaded
         else:
             ready = assigned & self._have

@@ -14,7 +14,8 @@ Not responsible for: placement and fetching (``claim``), the wire (``infer.datap
 
 Invariants: the holder map, pins and addresses are rebuilt from the live view every ``refresh`` and replaced whole
 (threads read consistent copies); only peers whose signed advert carries a data address and a TLS fingerprint are
-ever dialled or accepted; an expert is in the holder map only while its holder advertises it ready.
+ever dialled or accepted; an expert is in the holder map only while its holder advertises it ready and is not
+banned for serving blobs that failed their hash; every expert blob is hashed again right before it is loaded.
 """
 
 from __future__ import annotations
@@ -128,10 +129,16 @@ class Serving:
             return ck.family.read_expert(ck.reader, ck.config, layer, expert)  # type: ignore[no-any-return]
 
     def load(self, items: set[Item]) -> set[Item]:
-        assert self.local is not None
+        """Puts these experts on the device; returns those loaded. Each blob is hashed again first (not trusted
+        from its stat): weights that rotted on disk are quarantined here instead of served."""
+        assert self.local is not None and self.manifest is not None
+        m = self.manifest
+        ids = m.expert_ids()
         done = set()
         for layer, e in sorted(items):
             try:
+                bid = ids[(layer, e)]
+                self.store.verify(bid, m.size(bid), rehash=True)
                 self.local.add(layer, e, self._read_expert(layer, e))
             except EkmeshError as exc:
                 log.warning("could not load expert (layer=%d, expert=%d): %s", layer, e, exc)
@@ -150,6 +157,7 @@ class Serving:
 
     def refresh(self, adverts: list[Advert]) -> None:
         m = self.manifest
+        banned = self.claimer.banned() if self.claimer is not None else set()
         pins: dict[str, bytes] = {}
         addrs: dict[str, tuple[str, int]] = {}
         holders: dict[Item, list[str]] = {}
@@ -162,7 +170,7 @@ class Serving:
                 continue
             addrs[a.peer_id] = addr
             grid = a.models.get(m.id)
-            if grid is not None:
+            if grid is not None and a.peer_id not in banned:  # a peer that served rotten blobs: not its experts
                 for layer, es in grid.ready.items():
                     for e in es:
                         holders.setdefault((layer, e), []).append(a.peer_id)

@@ -7,10 +7,11 @@ blob, quarantines it and the server answers NOT_FOUND: a tamperer has to go thro
 leaves the stat as it was; the test reproduces exactly that state by flipping one byte of the tensor data of every
 expert blob in the "rotten" node's store and then recording the new stat as verified (``Store.mark_verified``, what
 the store itself does after a good hash), as a node whose disk rotted after verification, or whose owner lies, would
-be. The rotten node's copies still parse, load and advertise as ready; only their hashes are wrong.
+be. The rot happens while the node runs, after it loaded its experts (a node hashes every expert blob again before
+loading it, so rot present at start is caught there: checked at the end by restarting the rotten node).
 
-Order (each step waits for an observable state, never a sleep): the rotten node starts alone with the model; the
-fetcher joins through it and, knowing no other peer, asks it for every expert blob: the first copy fails the hash,
+Order (each step waits for an observable state, never a sleep): the rotten node starts alone with the model and
+loads every expert; its blobs rot; the fetcher joins through it and, knowing no other peer, asks it for every expert blob: the first copy fails the hash,
 the rotten node is banned (600 s) and listed in the fetcher's ``claim.bad_peers``; the model's source directory is
 gone, so nothing else can help yet. Then an honest seeded node joins; the fetcher gets every expert blob from it and
 never asks the banned node again. ``--replicas 3`` puts every expert on every node, so the fetcher needs every blob
@@ -92,10 +93,6 @@ def test_a_node_serving_rotten_blobs_is_banned_and_bypassed(tmp_path: Path) -> N
     expert_blobs = set(experts.values())
     shutil.copytree(honest.root, tmp_path / "rotten" / "store")
     rotten = Store(tmp_path / "rotten" / "store")
-    for bid in expert_blobs:
-        _rot(rotten, bid)
-        assert rotten.verify(bid) == rotten.blob_path(bid)  # the store trusts it: same stat as recorded
-        assert _hash_of(rotten.blob_path(bid)) != bid
     shutil.rmtree(src)  # no fallback to the model's source: good copies come from the honest peer only
 
     total = sum(m.size(b) for b in expert_blobs)
@@ -105,6 +102,12 @@ def test_a_node_serving_rotten_blobs_is_banned_and_bypassed(tmp_path: Path) -> N
     try:
         bad = NodeProc(tmp_path / "rotten", *common, "--name", "rotten")
         nodes.append(bad)
+        wait_until(lambda: bad.status()["claim"]["self"]["ready"] == len(experts), 60,
+                   "the rotten node to load and advertise every expert", interval=0.2)
+        for bid in expert_blobs:  # the disk rots under the running node
+            _rot(rotten, bid)
+            assert rotten.verify(bid) == rotten.blob_path(bid)  # the store trusts it: same stat as recorded
+            assert _hash_of(rotten.blob_path(bid)) != bid
         fetcher = NodeProc(tmp_path / "fetcher", *common, "--name", "fetcher", "--peer", bad.addrs[0])
         nodes.append(fetcher)
 
@@ -146,6 +149,16 @@ def test_a_node_serving_rotten_blobs_is_banned_and_bypassed(tmp_path: Path) -> N
             assert _hash_of(rotten.blob_path(bid)) != bid
         for n in nodes:
             assert n.proc.poll() is None
+
+        # Restarted, the rotten node hashes each expert blob before loading it: it quarantines its rotten copies,
+        # fetches good ones from its peers and serves those.
+        bad.stop()
+        bad = nodes[0] = NodeProc(tmp_path / "rotten", *common, "--name", "rotten", "--peer", good.addrs[0])
+        wait_until(lambda: bad.status()["claim"]["self"]["ready"] == len(experts), 60,
+                   "the restarted rotten node to repair and load every expert", interval=0.2)
+        for bid in expert_blobs:
+            assert _hash_of(rotten.blob_path(bid)) == bid
+        assert len(list((rotten.root / "quarantine").iterdir())) >= len(expert_blobs)
     finally:
         for n in nodes:
             n.stop()

@@ -194,14 +194,16 @@ class Store:
         tmp.write_text(_stamp(self.blob_path(blob_id).stat()))
         os.replace(tmp, marker)
 
-    def verify(self, blob_id: str, size: int | None = None) -> Path:
-        """The blob's path once its bytes are known to hash to ``blob_id``; quarantines and raises otherwise."""
+    def verify(self, blob_id: str, size: int | None = None, rehash: bool = False) -> Path:
+        """The blob's path once its bytes are known to hash to ``blob_id``; quarantines and raises otherwise.
+        ``rehash``: hash it now even if its stat matches the last good hash (catches rot that left the stat as it
+        was; a node does this before putting weights on its device)."""
         path = self.blob_path(blob_id)
         try:
             st = path.stat()
         except FileNotFoundError as exc:
             raise ShardMissingError(f"blob {blob_id}") from exc
-        if size is None or st.st_size == size:
+        if not rehash and (size is None or st.st_size == size):
             if self.read_only:
                 if self._verified.get(blob_id) == _stamp(st):
                     return path
