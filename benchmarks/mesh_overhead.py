@@ -1,19 +1,24 @@
 """Data-plane overhead: one MoE layer's dispatch + combine over the data plane vs a raw TCP round trip of the same
-bytes, measured in one run (part 1 of the Inference issue's mesh benchmark).
+bytes, measured in one run (part 1 of the Inference issue's mesh benchmark; parts 2 and 3, tokens/s of real nodes
+on loopback and on emulated links, are ``mesh_tokens.py``).
 
-Two server subprocesses on 127.0.0.1: a raw TCP server that reads a request of N bytes and answers M bytes, and
-an ``ExpertServer`` (TLS 1.3, pinned certificates) holding 8 experts of one layer with hidden 2048 and a tiny
-intermediate size. Activations travel as bf16; the experts compute in fp32 by default (``--expert-dtype bf16`` to
-change): on CPUs bf16 ``F.linear`` of these shapes is ~3× slower than fp32 (emulated without AMX / AVX512-BF16, and
-still 24 vs 7 µs on the AVX512-BF16 dev box), which a CPU peer would avoid. Expert compute is reported
-separately: the server's time inside the backend call only (``aux`` of each response). The client sends exactly
-the frame bytes ``RemoteExperts`` sends; the raw baseline moves the same N and M bytes.
+Three server subprocesses on 127.0.0.1: a raw TCP server that reads a request of N bytes and answers M bytes, the
+same over a pinned TLS 1.3 socket (the encryption floor: no framing, no validation, no compute), and an
+``ExpertServer`` (TLS 1.3, pinned certificates) holding every expert of one layer. The client sends exactly the
+frame bytes ``RemoteExperts`` sends; the baselines move the same N and M bytes. The three round trips alternate
+within each iteration, so they see the same load.
 
-    python benchmarks/mesh_overhead.py [--iters 2000] [--expert-dtype fp32|bf16]
+Shapes (``--shape``): ``wide`` (default): hidden 2048, bf16 on the wire, top-8 of 8 experts with a tiny intermediate
+size (16), fp32 expert compute (``--expert-dtype bf16`` to change: on CPUs bf16 ``F.linear`` of these shapes is ~3×
+slower than fp32, which a CPU peer would avoid); ``builtin``: the built-in model's experts (hidden 384, fp32 on the
+wire as a CPU node sends it, top-2 of 12, intermediate 160). Expert compute is reported separately: the server's
+time inside the backend call only (``aux`` of each response).
+
+    python benchmarks/mesh_overhead.py [--iters 2000] [--shape wide|builtin] [--expert-dtype fp32|bf16] [--json]
 
 Headline: ``median(dataplane - server compute) / median(raw)`` (differences taken per iteration), the plane's own
 overhead (routing bookkeeping, framing, TLS, validation, server hand-off, weighting, combine). Goal ≤ 1.5×. Also
-printed: ``dataplane / raw`` with compute.
+printed: the TLS-only round trip over raw, and ``dataplane / raw`` with compute.
 """
 
 from __future__ import annotations
@@ -28,27 +33,37 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-HIDDEN, INTER, EXPERTS, K = 2048, 16, 8, 8
 REPO = Path(__file__).resolve().parents[1]
+# hidden, intermediate, experts, top-k, wire dtype
+SHAPES: dict[str, tuple[int, int, int, int, torch.dtype]] = {
+    "wide": (2048, 16, 8, 8, torch.bfloat16), "builtin": (384, 160, 12, 2, torch.float32)}
 CASES = [("decode: 1 token", 1), ("prefill: 64 tokens", 64)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _limits():  # type: ignore[no-untyped-def]
+def _limits(shape: str):  # type: ignore[no-untyped-def]
     from ekmesh.infer.dataplane.frames import ModelLimits
 
-    return ModelLimits(num_layers=1, num_experts=EXPERTS, hidden=HIDDEN, moe_layers=(True,))
+    d, _, e, _, _ = SHAPES[shape]
+    return ModelLimits(num_layers=1, num_experts=e, hidden=d, moe_layers=(True,))
 
 
-def serve_raw() -> None:
-    """Reads (n, m) u32 then n bytes, answers m bytes; repeats."""
+def serve_raw(client_fp: str) -> None:
+    """Reads (n, m) u32 then n bytes, answers m bytes; repeats. Over pinned TLS 1.3 when ``client_fp`` is set."""
+    from ekmesh.core.tls import TlsIdentity, check_peer_cert, make_context
+
     srv = socket.create_server(("127.0.0.1", 0))
-    print(json.dumps({"port": srv.getsockname()[1]}), flush=True)
+    ident = TlsIdentity.generate("server")
+    print(json.dumps({"port": srv.getsockname()[1], "fingerprint": ident.fingerprint.hex()}), flush=True)
     conn, _ = srv.accept()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if client_fp:
+        conn = make_context(ident, server=True).wrap_socket(conn, server_side=True)
+        check_peer_cert(conn, {"client": bytes.fromhex(client_fp)}.get)  # type: ignore[arg-type]
     buf = bytearray(64 << 20)
     view = memoryview(buf)
     while True:
@@ -66,23 +81,24 @@ def serve_raw() -> None:
         conn.sendall(view[:m])
 
 
-def serve_experts(client_fp: str, dtype: torch.dtype) -> None:
+def serve_experts(client_fp: str, shape: str, dtype: torch.dtype) -> None:
     from ekmesh.infer.dataplane.channel import TlsIdentity
     from ekmesh.infer.dataplane.server import ExpertServer
     from ekmesh.infer.experts import ExpertSpec, ExpertWeights, LocalExperts
 
     torch.set_num_threads(1)
-    be = LocalExperts(ExpertSpec(HIDDEN, INTER, EXPERTS), dtype=dtype)
-    for e in range(EXPERTS):
-        be.add(0, e, ExpertWeights(torch.randn(2 * INTER, HIDDEN) * 0.02, torch.randn(HIDDEN, INTER) * 0.02))
+    d, inter, experts, _, _ = SHAPES[shape]
+    be = LocalExperts(ExpertSpec(d, inter, experts), dtype=dtype)
+    for e in range(experts):
+        be.add(0, e, ExpertWeights(torch.randn(2 * inter, d) * 0.02, torch.randn(d, inter) * 0.02))
     ident = TlsIdentity.generate("server")
-    srv = ExpertServer(be, ident, {"client": bytes.fromhex(client_fp)}.get, _limits()).start()
+    srv = ExpertServer(be, ident, {"client": bytes.fromhex(client_fp)}.get, _limits(shape)).start()
     print(json.dumps({"port": srv.address[1], "fingerprint": ident.fingerprint.hex()}), flush=True)
     sys.stdin.read()
     srv.stop()
 
 
-def _spawn(*args: str) -> tuple[subprocess.Popen[str], dict[str, object]]:
+def _spawn(*args: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          text=True, env=env)
@@ -90,71 +106,109 @@ def _spawn(*args: str) -> tuple[subprocess.Popen[str], dict[str, object]]:
     return p, json.loads(p.stdout.readline())
 
 
+def _connect(info: dict[str, Any], me: Any = None) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", int(info["port"])))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if me is None:
+        return sock
+    from ekmesh.core.tls import check_peer_cert, make_context
+
+    tls = make_context(me, server=False).wrap_socket(sock)
+    check_peer_cert(tls, {"server": bytes.fromhex(info["fingerprint"])}.get, "server")  # type: ignore[arg-type]
+    return tls
+
+
+def _round_trip(sock: socket.socket, n: int, m: int, buf: bytearray) -> None:
+    sock.sendall(struct.pack("<II", n, m) + bytes(n))
+    got = 0
+    while got < m:
+        got += sock.recv_into(memoryview(buf)[got:m])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--serve", choices=["raw", "experts"])
+    ap.add_argument("--serve", choices=["raw", "tls", "experts"])
     ap.add_argument("--client-fp", default="")
     ap.add_argument("--iters", type=int, default=2000)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="wide")
     ap.add_argument("--expert-dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if args.serve == "raw":
-        return serve_raw()
+    if args.serve in ("raw", "tls"):
+        return serve_raw(args.client_fp if args.serve == "tls" else "")
     if args.serve == "experts":
-        return serve_experts(args.client_fp, DTYPES[args.expert_dtype])
+        return serve_experts(args.client_fp, args.shape, DTYPES[args.expert_dtype])
 
     from ekmesh.infer.dataplane.channel import ChannelPool, TlsIdentity
     from ekmesh.infer.dataplane.remote import RemoteExperts
 
     torch.set_num_threads(1)
+    d, inter, experts, k, wire = SHAPES[args.shape]
     me = TlsIdentity.generate("client")
-    ep, einfo = _spawn("--serve", "experts", "--client-fp", me.fingerprint.hex(),
-                       "--expert-dtype", args.expert_dtype)
-    rp, rinfo = _spawn("--serve", "raw")
+    fp = me.fingerprint.hex()
+    procs = [_spawn("--serve", "experts", "--client-fp", fp, "--shape", args.shape,
+                    "--expert-dtype", args.expert_dtype), _spawn("--serve", "raw"),
+             _spawn("--serve", "tls", "--client-fp", fp)]
+    (_, einfo), (_, rinfo), (_, tinfo) = procs
+    results = []
     try:
         pins = {"server": bytes.fromhex(str(einfo["fingerprint"]))}.get
-        pool = ChannelPool(me, pins, lambda p: ("127.0.0.1", int(str(einfo["port"]))), _limits())
-        remote = RemoteExperts(_limits(), None, lambda layer, e: ["server"], pool)
-        raw = socket.create_connection(("127.0.0.1", int(str(rinfo["port"]))))
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pool = ChannelPool(me, pins, lambda p: ("127.0.0.1", int(str(einfo["port"]))), _limits(args.shape))
+        remote = RemoteExperts(_limits(args.shape), None, lambda layer, e: ["server"], pool)
+        raw, tls = _connect(rinfo), _connect(tinfo, me)
         rbuf = bytearray(64 << 20)
-        print(f"loopback, hidden {HIDDEN} bf16 on the wire, top-{K} of {EXPERTS} experts (intermediate {INTER}, "
-              f"{args.expert_dtype} compute), {args.iters} iterations, medians")
+        wname = str(wire).removeprefix("torch.")
+        if not args.json:
+            print(f"loopback, hidden {d} {wname} on the wire, top-{k} of {experts} experts (intermediate {inter}, "
+                  f"{args.expert_dtype} compute), {args.iters} iterations, medians")
         for name, t in CASES:
             g = torch.Generator().manual_seed(0)
-            hidden = torch.randn(t, HIDDEN, generator=g).to(torch.bfloat16)  # [T, D]
-            ids = torch.stack([torch.randperm(EXPERTS, generator=g)[:K] for _ in range(t)])  # [T, K]
-            w = torch.softmax(torch.randn(t, K, generator=g), -1).to(torch.bfloat16)  # [T, K]
-            n = 44 + t * K * 12 + t * HIDDEN * 2  # request frame bytes (all T*K pairs to the one peer)
-            m = 44 + t * HIDDEN * 2  # response frame bytes
-            dp, rw, cp = [], [], []  # per iteration: data plane, raw, server compute (seconds)
+            hidden = torch.randn(t, d, generator=g).to(wire)  # [T, D]
+            ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(t)])  # [T, K]
+            w = torch.softmax(torch.randn(t, k, generator=g), -1).to(wire)  # [T, K]
+            n = 44 + t * k * 12 + t * d * wire.itemsize  # request frame bytes (all T*K pairs to the one peer)
+            m = 44 + t * d * wire.itemsize  # response frame bytes
+            dp, rw, tl, cp = [], [], [], []  # per iteration: data plane, raw, TLS, server compute (seconds)
             for i in range(args.iters + 50):
                 c0 = remote.stats()["server"].server_compute_s if i else 0.0
                 t0 = time.perf_counter()
                 remote(0, hidden, ids, w)
                 t1 = time.perf_counter()
-                raw.sendall(struct.pack("<II", n, m) + bytes(n))
-                got = 0
-                while got < m:
-                    got += raw.recv_into(memoryview(rbuf)[got:m])
+                _round_trip(raw, n, m, rbuf)
                 t2 = time.perf_counter()
+                _round_trip(tls, n, m, rbuf)
+                t3 = time.perf_counter()
                 if i >= 50:  # warm-up excluded
                     dp.append(t1 - t0)
                     rw.append(t2 - t1)
+                    tl.append(t3 - t2)
                     cp.append(remote.stats()["server"].server_compute_s - c0)
             # medians of per-iteration values: the overhead is the median of (round trip - that trip's compute)
-            d, r, compute = statistics.median(dp), statistics.median(rw), statistics.median(cp)
+            dm, r, tm, compute = (statistics.median(x) for x in (dp, rw, tl, cp))
             over = statistics.median(x - c for x, c in zip(dp, cp, strict=True))
-            print(f"{name:20s} overhead ratio (compute excluded) {over / r:5.2f}× | raw {r * 1e6:7.1f} µs | "
-                  f"data plane {d * 1e6:7.1f} µs = overhead {over * 1e6:7.1f} + server compute "
-                  f"{compute * 1e6:7.1f} µs | with compute {d / r:5.2f}× | request {n} B, answer {m} B")
+            res = {"case": name, "tokens": t, "request_bytes": n, "answer_bytes": m, "raw_us": r * 1e6,
+                   "tls_us": tm * 1e6, "dataplane_us": dm * 1e6, "server_compute_us": compute * 1e6,
+                   "overhead_us": over * 1e6, "overhead_ratio": over / r, "tls_ratio": tm / r,
+                   "ratio_with_compute": dm / r}
+            results.append(res)
+            if not args.json:
+                print(f"{name:20s} overhead ratio (compute excluded) {over / r:5.2f}× | raw {r * 1e6:7.1f} µs | "
+                      f"TLS only {tm * 1e6:7.1f} µs ({tm / r:4.2f}×) | data plane {dm * 1e6:7.1f} µs = overhead "
+                      f"{over * 1e6:7.1f} + server compute {compute * 1e6:7.1f} µs | with compute {dm / r:5.2f}× | "
+                      f"request {n} B, answer {m} B")
         raw.close()
+        tls.close()
         pool.close()
     finally:
-        for p in (ep, rp):
+        for p, _ in procs:
             assert p.stdin is not None
             p.stdin.close()
             p.kill()
             p.wait()
+    if args.json:
+        print(json.dumps({"shape": args.shape, "hidden": d, "intermediate": inter, "experts": experts, "top_k": k,
+                          "wire": wname, "expert_dtype": args.expert_dtype, "iters": args.iters,
+                          "results": results}, indent=1))
 
 
 if __name__ == "__main__":

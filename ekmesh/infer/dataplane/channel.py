@@ -4,6 +4,8 @@ Identity binding (see DESIGN.md "Control plane vs data plane"): certificates, pi
 ``ekmesh.core.tls`` (shared with blob exchange) and are re-exported here for the data plane's users. A TLS 1.3 client finishes its handshake before the server has checked
 the client, so a fresh channel sends a PING and counts as open only once the PONG arrives; a server that refuses shows up there as ``PeerClosedError``.
 
+Reading: one ``FrameReader`` per connection (a reusable receive buffer: a small frame costs one read call).
+
 Invariants: blocking I/O in the caller's thread, TCP_NODELAY, a deadline on every wait (socket timeouts); one
 exchange at a time per channel (``begin`` takes the channel's lock, ``finish`` releases it; callers that hold
 several channels take them in sorted peer order); any I/O error or timeout closes the channel (so a late answer can
@@ -35,25 +37,37 @@ from ekmesh.infer.dataplane.frames import (
     encode_ping,
 )
 
+RECV_BUFFER = 1 << 16  # per-socket receive buffer of a FrameReader (a TLS record is at most 16 KiB)
+
+
+def _recv_some(sock: socket.socket, view: memoryview, deadline: float, peer: str | None) -> int:
+    """At least one byte into ``view`` before ``deadline`` (monotonic). EOF or timeout: PeerClosedError."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise PeerClosedError(f"timed out waiting for data from peer {peer}", peer)
+    sock.settimeout(left)
+    try:
+        r = sock.recv_into(view)
+    except TimeoutError as exc:
+        raise PeerClosedError(f"timed out waiting for data from peer {peer}", peer) from exc
+    except (OSError, ssl.SSLError) as exc:
+        raise PeerClosedError(f"connection to peer {peer} broke: {exc}", peer) from exc
+    if r == 0:
+        raise PeerClosedError(f"peer {peer} closed the connection", peer)
+    return r
+
+
+def _recv_into(sock: socket.socket, view: memoryview, deadline: float, peer: str | None) -> None:
+    """Fills ``view`` exactly before ``deadline``."""
+    got, n = 0, len(view)
+    while got < n:
+        got += _recv_some(sock, view[got:], deadline, peer)
+
 
 def recv_exact(sock: socket.socket, n: int, deadline: float, peer: str | None) -> bytearray:
     """Exactly ``n`` bytes before ``deadline`` (monotonic). EOF or timeout: PeerClosedError."""
     buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise PeerClosedError(f"timed out waiting for data from peer {peer}", peer)
-        sock.settimeout(left)
-        try:
-            r = sock.recv_into(view[got:], n - got)
-        except TimeoutError as exc:
-            raise PeerClosedError(f"timed out waiting for data from peer {peer}", peer) from exc
-        except (OSError, ssl.SSLError) as exc:
-            raise PeerClosedError(f"connection to peer {peer} broke: {exc}", peer) from exc
-        if r == 0:
-            raise PeerClosedError(f"peer {peer} closed the connection", peer)
-        got += r
+    _recv_into(sock, memoryview(buf), deadline, peer)
     return buf
 
 
@@ -66,6 +80,54 @@ def read_frame(sock: socket.socket, model: ModelLimits, limits: FrameLimits, dea
         deadline = time.monotonic() + body_timeout
     payload = recv_exact(sock, h.payload_len, deadline, peer) if h.payload_len else bytearray()
     return decode_body(h, payload, model)
+
+
+class FrameReader:
+    """Reads frames from one socket through a reusable buffer. A small frame usually arrives whole in one
+    ``recv_into`` (one TLS record: one read call instead of a header read and a payload read); a large payload is
+    read straight into its own buffer. Bytes past a frame stay buffered for the next ``read``. Each frame's payload
+    is a fresh buffer (its decoded tensors are views over it and outlive the next read). One reader per socket,
+    used by one thread at a time."""
+
+    def __init__(self, sock: socket.socket, model: ModelLimits, limits: FrameLimits, peer: str | None,
+                 size: int = RECV_BUFFER) -> None:
+        self.sock = sock
+        self.model = model
+        self.limits = limits
+        self.peer = peer
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0  # buffered bytes: _buf[_start:_end]
+
+    def read(self, deadline: float, body_timeout: float | None = None) -> Frame:
+        """One frame: its header is validated before its payload is allocated; the payload must arrive by
+        ``deadline``, or within ``body_timeout`` seconds of the header when given."""
+        while self._end - self._start < HEADER_SIZE:
+            self._fill(deadline)
+        start = self._start
+        h = decode_header(self._view[start:start + HEADER_SIZE], self.model, self.limits)
+        start += HEADER_SIZE
+        n = h.payload_len
+        have = min(n, self._end - start)
+        payload = bytearray(n)
+        if have:
+            payload[:have] = self._view[start:start + have]
+        start += have
+        self._start = start
+        if start == self._end:
+            self._start = self._end = 0
+        if have < n:
+            if body_timeout is not None:
+                deadline = time.monotonic() + body_timeout
+            _recv_into(self.sock, memoryview(payload)[have:], deadline, self.peer)
+        return decode_body(h, payload, self.model)
+
+    def _fill(self, deadline: float) -> None:
+        if self._start and len(self._buf) - self._start < HEADER_SIZE:  # too little room left: move to the front
+            n = self._end - self._start
+            self._buf[:n] = self._buf[self._start:self._end]
+            self._start, self._end = 0, n
+        self._end += _recv_some(self.sock, self._view[self._end:], deadline, self.peer)
 
 
 @dataclass(frozen=True)
@@ -88,6 +150,7 @@ class Channel:
         self.limits = limits
         self.timeouts = timeouts
         self._sock: ssl.SSLSocket | None = None
+        self._reader: FrameReader | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.connects = 0
@@ -95,7 +158,7 @@ class Channel:
     def next_id(self) -> int:
         return next(self._ids)
 
-    def _connect(self) -> ssl.SSLSocket:
+    def _connect(self) -> tuple[ssl.SSLSocket, FrameReader]:
         addr = self._address()
         if addr is None:
             raise PeerUnreachableError(f"no data-plane address known for peer {self.peer_id}", self.peer_id)
@@ -118,7 +181,8 @@ class Channel:
             rid = self.next_id()
             sock.settimeout(max(0.01, deadline - time.monotonic()))
             sock.sendall(encode_ping(rid))
-            pong = read_frame(sock, self.model, self.limits, deadline, self.peer_id)
+            reader = FrameReader(sock, self.model, self.limits, self.peer_id)
+            pong = reader.read(deadline)
             if pong.kind is not Kind.PONG or pong.request_id != rid:
                 raise ProtocolError(f"peer {self.peer_id} answered the first PING with {pong.kind.name}")
         except PeerClosedError as exc:
@@ -133,7 +197,7 @@ class Channel:
             sock.close()
             raise
         self.connects += 1
-        return sock
+        return sock, reader
 
     def begin(self, data: bytes | bytearray, deadline: float) -> None:
         """Takes the channel (waits at most ``timeouts.lock_s``), connects if needed and sends one frame.
@@ -141,10 +205,12 @@ class Channel:
         if not self._lock.acquire(timeout=min(self.timeouts.lock_s, max(0.0, deadline - time.monotonic()))):
             raise PeerClosedError(f"channel to peer {self.peer_id} stayed busy past the deadline", self.peer_id)
         try:
-            if self._sock is None:
-                self._sock = self._connect()
-            self._sock.settimeout(max(0.001, deadline - time.monotonic()))
-            self._sock.sendall(data)
+            sock = self._sock
+            if sock is None:
+                sock, self._reader = self._connect()
+                self._sock = sock
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            sock.sendall(data)
         except (OSError, ssl.SSLError) as exc:
             self._close_locked()
             self._lock.release()
@@ -157,8 +223,8 @@ class Channel:
     def finish(self, request_id: int, deadline: float) -> Frame:
         """Receives the answer to ``request_id`` and releases the channel. Any error closes the channel."""
         try:
-            assert self._sock is not None
-            f = read_frame(self._sock, self.model, self.limits, deadline, self.peer_id)
+            assert self._reader is not None
+            f = self._reader.read(deadline)
             if f.request_id != request_id:
                 raise ProtocolError(f"peer {self.peer_id} answered request {f.request_id}, expected {request_id}")
             return f
@@ -185,6 +251,7 @@ class Channel:
             except OSError:
                 pass
             self._sock = None
+            self._reader = None
 
     def close(self) -> None:
         with self._lock:
@@ -210,6 +277,9 @@ class ChannelPool:
         self._lock = threading.Lock()
 
     def get(self, peer_id: str) -> Channel:
+        ch = self._channels.get(peer_id)  # the common case, without the lock (a dict read is atomic)
+        if ch is not None:
+            return ch
         with self._lock:
             ch = self._channels.get(peer_id)
             if ch is None:

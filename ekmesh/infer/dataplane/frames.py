@@ -18,16 +18,20 @@ Invariants:
   equals the length the counts imply, so a reader allocates at most ``max_frame_bytes`` and only after the check;
   ``decode_body`` then checks the arrays (token indices < n_tokens, expert ids < num_experts, weights finite).
   Every refusal is a ``ProtocolError`` whose message names the field.
-- Decoded tensors are views over the received buffer (no copy); the host must be little-endian (as torch's
-  ``frombuffer`` reads native order).
+- Decoded arrays are views over the received buffer (no copy); the host must be little-endian (as torch's
+  ``frombuffer`` reads native order). A request's pair arrays are kept as numpy views and turned into tensors only
+  when asked for (``Frame.tokens`` etc.): on the hot path every torch call costs microseconds, more so on a core
+  that just woke up, so encoding, decoding and validation use as few of them as they can.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import struct
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -90,8 +94,7 @@ class FrameLimits:
 DEFAULT_LIMITS = FrameLimits()
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     kind: Kind
     dtype_code: int
     code: int
@@ -104,21 +107,45 @@ class Header:
     payload_len: int
 
 
-@dataclass
 class Frame:
-    """A decoded frame. Array fields are set for REQUEST (all) and RESPONSE (``hidden``)."""
+    """A decoded frame. A REQUEST carries its pairs (``pairs`` [2, P] int32 numpy: token indices, expert ids;
+    ``weights_np`` [P] fp32 numpy) and ``hidden`` [T, D]; a RESPONSE carries ``hidden``. ``tokens``, ``experts`` and
+    ``weights`` are torch views of the pair arrays, made when asked for."""
 
-    kind: Kind
-    request_id: int
-    layer: int = 0
-    dtype: torch.dtype = torch.bfloat16
-    tokens: torch.Tensor | None = None  # [P] int32
-    experts: torch.Tensor | None = None  # [P] int32
-    weights: torch.Tensor | None = None  # [P] fp32
-    hidden: torch.Tensor | None = None  # [T, D]
-    code: int = 0
-    aux: int = 0
-    message: str = field(default="")
+    __slots__ = ("kind", "request_id", "layer", "dtype", "hidden", "code", "aux", "message", "pairs", "weights_np")
+
+    def __init__(self, kind: Kind, request_id: int, layer: int = 0, dtype: torch.dtype = torch.bfloat16,
+                 hidden: torch.Tensor | None = None, code: int = 0, aux: int = 0, message: str = "",
+                 pairs: np.ndarray | None = None, weights_np: np.ndarray | None = None) -> None:
+        self.kind = kind
+        self.request_id = request_id
+        self.layer = layer
+        self.dtype = dtype
+        self.hidden = hidden  # [T, D]
+        self.code = code
+        self.aux = aux
+        self.message = message
+        self.pairs = pairs  # [2, P] int32
+        self.weights_np = weights_np  # [P] fp32
+
+    @property
+    def tokens(self) -> torch.Tensor | None:
+        """[P] int32 token index of each pair (REQUEST)."""
+        return None if self.pairs is None else torch.from_numpy(self.pairs[0])
+
+    @property
+    def experts(self) -> torch.Tensor | None:
+        """[P] int32 expert id of each pair (REQUEST)."""
+        return None if self.pairs is None else torch.from_numpy(self.pairs[1])
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        """[P] fp32 routing weight of each pair (REQUEST)."""
+        return None if self.weights_np is None else torch.from_numpy(self.weights_np)
+
+    @property
+    def n_pairs(self) -> int:
+        return 0 if self.pairs is None else int(self.pairs.shape[1])
 
 
 def _header(kind: Kind, request_id: int, *, dtype_code: int = 0, code: int = 0, layer: int = 0, n_tokens: int = 0,
@@ -127,12 +154,17 @@ def _header(kind: Kind, request_id: int, *, dtype_code: int = 0, code: int = 0, 
                        payload_len)
 
 
-def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
+SMALL_PAIRS = 64  # up to this many pairs, pair arrays are packed and checked with struct / memoryview built-ins
+_NP_WIRE = {torch.bfloat16: np.int16, torch.float16: np.float16, torch.float32: np.float32}  # numpy view per dtype
+
+
+def as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
     """A host numpy view of ``x`` (no copy for a contiguous CPU tensor; bf16 has no numpy dtype, so it is viewed as
-    raw 16-bit words, which is all a frame needs)."""
+    raw 16-bit words, which is all a frame needs). One or two torch calls on the CPU, no-grad path."""
     if isinstance(x, np.ndarray):
         return x
-    x = x.detach().cpu()
+    if not x.is_cpu or x.requires_grad:
+        x = x.detach().cpu()
     if x.dtype == torch.bfloat16:
         x = x.view(torch.int16)
     return x.numpy()
@@ -146,20 +178,32 @@ def encode_request(request_id: int, layer: int, tokens: torch.Tensor | np.ndarra
     Written into one buffer (header + payload, one allocation, no intermediate tensors) so that the channel sends it
     with a single ``sendall``."""
     p, (t, d) = tokens.shape[0], hidden.shape
-    if hidden.dtype not in DTYPE_CODES:
+    code = DTYPE_CODES.get(hidden.dtype)
+    if code is None:
         raise ProtocolError(f"hidden dtype {hidden.dtype} cannot go on the wire (bf16, fp16, fp32)")
     if isinstance(weights, torch.Tensor) and weights.dtype != torch.float32:
         weights = weights.float()
-    nh = t * d * hidden.element_size()
-    size = p * PAIR_BYTES + nh
+    n = t * d
+    size = p * PAIR_BYTES + n * hidden.itemsize
     buf = bytearray(HEADER_SIZE + size)
-    HEADER.pack_into(buf, 0, MAGIC, VERSION, Kind.REQUEST, DTYPE_CODES[hidden.dtype], 0, request_id, layer, t, p, d,
-                     0, size)
+    HEADER.pack_into(buf, 0, MAGIC, VERSION, Kind.REQUEST, code, 0, request_id, layer, t, p, d, 0, size)
     o = HEADER_SIZE
-    np.frombuffer(buf, np.int32, p, o)[:] = _np(tokens)  # casting assignment: any int dtype in
-    np.frombuffer(buf, np.int32, p, o + 4 * p)[:] = _np(experts)
-    np.frombuffer(buf, np.float32, p, o + 8 * p)[:] = _np(weights)
-    np.frombuffer(buf, np.uint8, nh, o + PAIR_BYTES * p)[:] = _np(hidden.contiguous().view(torch.uint8)).reshape(-1)
+    tok, exp, w = as_numpy(tokens), as_numpy(experts), as_numpy(weights)
+    if w.dtype != np.float32:
+        w = w.astype(np.float32)  # rounded as the wire will carry them (and never an overflow error below)
+    if p <= SMALL_PAIRS:  # one struct call (the values are exact: ints, and fp32 values through Python floats)
+        struct.pack_into(f"<{2 * p}i{p}f", buf, o, *tok.tolist(), *exp.tolist(), *w.tolist())
+    else:
+        ids = np.frombuffer(buf, np.int32, 2 * p, o)  # [2P]: tokens | experts
+        ids[:p] = tok  # casting assignment: any int dtype in
+        ids[p:] = exp
+        np.frombuffer(buf, np.float32, p, o + 8 * p)[:] = w
+    x = as_numpy(hidden)  # [T, D]
+    o += PAIR_BYTES * p
+    if x.flags.c_contiguous:
+        buf[o:] = x.data.cast("B")
+    else:
+        np.frombuffer(buf, _NP_WIRE[hidden.dtype], n, o).reshape(t, d)[:] = x
     return buf
 
 
@@ -192,6 +236,9 @@ def encode_ping(request_id: int, pong: bool = False) -> bytes:
     return _header(Kind.PONG if pong else Kind.PING, request_id)
 
 
+_KINDS = {int(k): k for k in Kind}
+
+
 def decode_header(buf: bytes | bytearray | memoryview, model: ModelLimits,
                   limits: FrameLimits = DEFAULT_LIMITS) -> Header:
     """Parses and validates a header (exactly ``HEADER_SIZE`` bytes). Raises ``ProtocolError``."""
@@ -202,9 +249,9 @@ def decode_header(buf: bytes | bytearray | memoryview, model: ModelLimits,
         raise ProtocolError(f"bad frame magic {bytes(magic)!r} (expected {MAGIC!r})")
     if version != VERSION:
         raise ProtocolError(f"unsupported frame version {version} (this peer speaks {VERSION})")
-    if kind not in Kind._value2member_map_:
+    k = _KINDS.get(kind)
+    if k is None:
         raise ProtocolError(f"unknown frame kind {kind}")
-    k = Kind(kind)
     if plen > limits.max_frame_bytes:
         raise ProtocolError(f"frame payload of {plen} bytes exceeds the limit of {limits.max_frame_bytes} bytes")
     if k in (Kind.REQUEST, Kind.RESPONSE):
@@ -237,37 +284,49 @@ def decode_body(h: Header, payload: bytes | bytearray | memoryview, model: Model
     """Builds a frame over ``payload`` (``h.payload_len`` bytes, views, no copy) and validates its arrays."""
     if len(payload) != h.payload_len:
         raise ProtocolError(f"payload is {len(payload)} bytes, header says {h.payload_len}")
-    f = Frame(h.kind, h.request_id, h.layer, code=h.code, aux=h.aux)
     if h.kind is Kind.ERROR:
-        f.message = bytes(payload).decode("utf-8", errors="replace")
-        return f
-    if h.kind not in (Kind.REQUEST, Kind.RESPONSE):
-        return f
-    f.dtype = DTYPES[h.dtype_code]
+        return Frame(h.kind, h.request_id, h.layer, code=h.code, aux=h.aux,
+                     message=bytes(payload).decode("utf-8", errors="replace"))
+    if h.kind is not Kind.REQUEST and h.kind is not Kind.RESPONSE:
+        return Frame(h.kind, h.request_id, h.layer, code=h.code, aux=h.aux)
+    dtype = DTYPES[h.dtype_code]
     readonly = isinstance(payload, bytes) or (isinstance(payload, memoryview) and payload.readonly)
     buf = bytearray(payload) if readonly else payload  # torch wants a writable buffer
     p, off = h.n_pairs, 0
+    pairs = weights = None
     if h.kind is Kind.REQUEST:
-        # numpy views and few calls (each costs microseconds when a ping-pong wakes this thread with cold caches):
-        # one reduction bounds tokens and experts at once (viewed as unsigned, a negative index is huge, so
-        # ``max() < n`` checks both ends), one more checks the weights. O(P), vectorised.
-        ids = np.frombuffer(buf, np.int32, 2 * p, 0)  # [2P]: tokens | experts
-        weights = np.frombuffer(buf, np.float32, p, 8 * p)
+        _check_pairs(buf, p, h.n_tokens, model.num_experts)
+        pairs = np.frombuffer(buf, np.int32, 2 * p, 0).reshape(2, p)  # [2, P]: tokens, experts
+        weights = np.frombuffer(buf, np.float32, p, 8 * p)  # [P]
         off = PAIR_BYTES * p
-        t_max, e_max = ids.view(np.uint32).reshape(2, p).max(axis=1).tolist()
-        if t_max >= h.n_tokens:
-            bad = ids[:p][(ids[:p] < 0) | (ids[:p] >= h.n_tokens)][0]
-            raise ProtocolError(f"token index {int(bad)} outside [0, {h.n_tokens})")
-        if e_max >= model.num_experts:
-            bad = ids[p:][(ids[p:] < 0) | (ids[p:] >= model.num_experts)][0]
-            raise ProtocolError(f"expert id {int(bad)} outside [0, {model.num_experts})")
-        if not np.isfinite(weights).all():
-            raise ProtocolError("routing weights must be finite")
-        both = torch.from_numpy(ids)
-        f.tokens, f.experts, f.weights = both[:p], both[p:], torch.from_numpy(weights)
-    n = h.n_tokens * h.hidden
-    f.hidden = torch.frombuffer(buf, dtype=f.dtype, count=n, offset=off).view(h.n_tokens, h.hidden)  # [T, D]
-    return f
+    hidden = torch.frombuffer(buf, dtype=dtype, count=h.n_tokens * h.hidden, offset=off).view(h.n_tokens, h.hidden)
+    return Frame(h.kind, h.request_id, h.layer, dtype, hidden, h.code, h.aux, "", pairs, weights)  # [T, D] hidden
+
+
+def _check_pairs(buf: bytes | bytearray | memoryview, p: int, n_tokens: int, num_experts: int) -> None:
+    """Token indices < n_tokens, expert ids < num_experts, weights finite; O(P). Viewed as unsigned, a negative
+    index is huge, so ``max() < n`` bounds both ends. Finite weights: a sum (in float64) of finite fp32 values
+    cannot overflow, and one inf or nan makes it non-finite. Few pairs (decode): memoryview built-ins, one call
+    each; many: numpy."""
+    if p <= SMALL_PAIRS:
+        mv = memoryview(buf)
+        ids = mv[:8 * p].cast("I")  # [2P] tokens | experts, unsigned
+        t_max, e_max = max(ids[:p]), max(ids[p:])
+        finite = math.isfinite(sum(mv[8 * p:12 * p].cast("f")))
+    else:
+        both = np.frombuffer(buf, np.uint32, 2 * p, 0).reshape(2, p)
+        t_max, e_max = both.max(axis=1).tolist()
+        finite = bool(np.isfinite(np.frombuffer(buf, np.float32, p, 8 * p)).all())
+    if t_max >= n_tokens or e_max >= num_experts or not finite:
+        ids_np = np.frombuffer(buf, np.int32, 2 * p, 0)
+        tok, exp = ids_np[:p], ids_np[p:]
+        if t_max >= n_tokens:
+            bad = tok[(tok < 0) | (tok >= n_tokens)][0]
+            raise ProtocolError(f"token index {int(bad)} outside [0, {n_tokens})")
+        if e_max >= num_experts:
+            bad = exp[(exp < 0) | (exp >= num_experts)][0]
+            raise ProtocolError(f"expert id {int(bad)} outside [0, {num_experts})")
+        raise ProtocolError("routing weights must be finite")
 
 
 def decode(data: bytes | bytearray | memoryview, model: ModelLimits, limits: FrameLimits = DEFAULT_LIMITS) -> Frame:

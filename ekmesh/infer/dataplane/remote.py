@@ -4,7 +4,8 @@ Per MoE layer call: every (token, expert) pair goes to one holder: this host whe
 else the live replica with the lowest measured latency × (1 + in-flight requests) among ``holders(layer,
 expert)`` (best first; ties keep that order). One REQUEST frame per remote peer carries that peer's pairs and only
 the hidden rows they use; all frames are sent, local experts computed while they are in flight, then the answers
-received and summed.
+received and summed. The per-call bookkeeping is numpy / plain Python over flat pair indices, and the hot path makes
+as few torch calls as it can (each costs microseconds, more on a core that has just woken up from waiting).
 
 Failure handling: each answer has a deadline of max(floor, multiple × the peer's latency EWMA) (a generous one
 before the first measurement). A timeout, a broken channel, a refused certificate, a malformed answer or an ERROR
@@ -34,7 +35,15 @@ import torch
 
 from ekmesh.core.errors import ConfigError, ExpertUnavailableError, PeerError, ProtocolError
 from ekmesh.infer.dataplane.channel import Channel, ChannelPool
-from ekmesh.infer.dataplane.frames import ErrorCode, Frame, Kind, ModelLimits, encode_request
+from ekmesh.infer.dataplane.frames import (
+    SMALL_PAIRS,
+    ErrorCode,
+    Frame,
+    Kind,
+    ModelLimits,
+    as_numpy,
+    encode_request,
+)
 from ekmesh.infer.experts import ExpertWeights, LocalExperts
 
 log = logging.getLogger(__name__)
@@ -73,7 +82,7 @@ class _Sent:
     peer: str
     channel: Channel
     request_id: int
-    pairs: np.ndarray  # [P] indices into the call's flat pairs
+    pairs: np.ndarray | None  # [P] indices into the call's flat pairs (None: all of them, in order)
     rows: np.ndarray | None  # [R] token rows sent, in frame order (None: all rows in order)
     n_rows: int  # R
     started: float
@@ -96,6 +105,7 @@ class RemoteExperts:
         self.fallback = fallback
         self.timeouts = timeouts
         self._stats: dict[str, PeerStats] = {}
+        self._tokens: dict[tuple[int, int], np.ndarray] = {}
         self._lock = threading.Lock()
 
     # --- stats and choice ---------------------------------------------------------------------------------------
@@ -140,12 +150,6 @@ class RemoteExperts:
         self.local.add(layer, expert, self.fallback(layer, expert))
         return LOCAL
 
-    def _deadline(self, peer: str, now: float) -> float:
-        with self._lock:
-            ewma = self._stat(peer).ewma_rtt_s
-        t = self.timeouts
-        return now + (t.first_s if ewma is None else max(t.floor_s, t.rtt_multiple * ewma))
-
     def _failed(self, peer: str, why: str) -> None:
         log.warning("data-plane request to peer %s failed (%s); trying another holder", peer, why)
         with self._lock:
@@ -153,16 +157,17 @@ class RemoteExperts:
             s.failures += 1
             s.down_until = time.monotonic() + self.timeouts.cooldown_s
 
-    # --- the backend ----------------------------------------------------------------------------------------------
+    # --- the backend ---------------------------------------------------------------------------------------------
     def __call__(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
         # Bookkeeping in numpy over flat pair indices (pair i = token i // k, choice i % k): a decode step's dispatch
-        # is a few microseconds of vectorised work instead of dozens of small torch ops.
+        # is a few microseconds of vectorised work instead of dozens of small torch ops (each of which costs
+        # microseconds, more on a core that just woke up from waiting for the previous answer).
         t, k = expert_ids.shape
-        exp = expert_ids.reshape(-1).cpu().numpy()  # [T*k]
-        w = weights.reshape(-1).float().cpu()  # [T*k]
+        exp = as_numpy(expert_ids).reshape(-1)  # [T*k]
+        w = as_numpy(weights if weights.dtype is torch.float32 else weights.float()).reshape(-1)  # [T*k] fp32
         acc: torch.Tensor | None = None  # [T, D] fp32, allocated at the first partial result
-        todo = np.arange(t * k)  # pair indices still to compute
+        todo: np.ndarray | None = None  # pair indices still to compute (None: all of them, in order)
         excluded: set[str] = set()
         for _ in range(self.timeouts.max_waves):
             groups = self._group(layer, exp, todo, excluded)
@@ -174,65 +179,91 @@ class RemoteExperts:
                 except (PeerError, ProtocolError) as exc:
                     self._failed(peer, str(exc))
                     excluded.add(peer)
-                    failed.append(groups[peer])
+                    failed.append(_indices(groups[peer], t * k))
             if LOCAL in groups:
                 try:
-                    acc = self._compute_local(layer, hidden, groups[LOCAL], k, exp, w, acc)
+                    acc = self._compute_local(layer, hidden, _indices(groups[LOCAL], t * k), k, exp, w, acc)
                 except BaseException:
                     for s in sent:
                         s.channel.abort()
                     raise
-            if acc is None and len(sent) == 1 and sent[0].rows is None:
-                # one peer computed every pair: its answer is the result (0 + x == x in fp32, and the wire dtype
-                # is hidden's, so the fp32 round trip of the general path would give back the same values)
+            if acc is None and not failed and len(sent) == 1 and sent[0].rows is None:
+                # one peer computes every pair left, and nothing was computed before (acc is None), so it computes
+                # every pair: its answer is the result (0 + x == x in fp32, and the wire dtype is hidden's, so the
+                # fp32 round trip of the general path would give back the same values)
                 try:
-                    return self._finish(sent[0]).to(hidden.device, hidden.dtype)
+                    out = self._finish(sent[0])
                 except (PeerError, ProtocolError) as exc:
                     self._failed(sent[0].peer, str(exc))
                     excluded.add(sent[0].peer)
-                    todo = sent[0].pairs
+                    todo = _indices(sent[0].pairs, t * k)
                     continue
+                if hidden.is_cpu:  # already hidden's dtype (the wire dtype) and on the host: no call at all
+                    return out
+                return out.to(hidden.device, hidden.dtype)
             for s in sent:
                 try:
-                    partial = self._finish(s).to(hidden.device, torch.float32)  # [R, D]
+                    partial = self._finish(s)  # [R, D]
+                    if partial.dtype is not torch.float32 or not hidden.is_cpu:
+                        partial = partial.to(hidden.device, torch.float32)
                 except (PeerError, ProtocolError) as exc:
                     self._failed(s.peer, str(exc))
                     excluded.add(s.peer)
-                    failed.append(s.pairs)
+                    failed.append(_indices(s.pairs, t * k))
                     continue
                 acc = self._add(acc, s.rows, partial, hidden)
             if not failed:
                 if acc is None:  # no pairs at all (T = 0)
                     return torch.zeros_like(hidden)
-                return acc.to(hidden.dtype)
+                return acc if acc.dtype is hidden.dtype else acc.to(hidden.dtype)
             todo = np.concatenate(failed)
-        e = int(exp[todo[0]])
+        e = int(exp[_indices(todo, t * k)[0]])
         raise ExpertUnavailableError(layer, e, f"every holder failed in {self.timeouts.max_waves} attempts")
 
-    def _group(self, layer: int, exp: np.ndarray, todo: np.ndarray, excluded: set[str]) -> dict[str, np.ndarray]:
-        """{holder: its pair indices (ascending)} for the pairs ``todo``, one holder per expert."""
-        sub = exp[todo]  # [N]
+    def _group(self, layer: int, exp: np.ndarray, todo: np.ndarray | None,
+               excluded: set[str]) -> dict[str, np.ndarray | None]:
+        """{holder: its pair indices (ascending; None: every pair)} for the pairs ``todo`` (None: every pair),
+        one holder per expert."""
+        sub = exp if todo is None else exp[todo]  # [N]
         if not len(sub):
             return {}
-        present = sorted(set(sub.tolist()))  # distinct experts (at most num_experts)
+        listed = sub.tolist()
+        present = set(listed)  # distinct experts (at most num_experts)
         holder = {e: self._holder(layer, e, excluded) for e in present}
-        names = sorted(set(holder.values()))
-        if len(names) == 1:
-            return {names[0]: todo}
-        code = {name: i for i, name in enumerate(names)}
-        lut = np.zeros(present[-1] + 1, dtype=np.int64)  # expert -> index of its holder in ``names``
-        lut[present] = [code[holder[e]] for e in present]
+        names = set(holder.values())
+        if len(names) == 1:  # one holder (the common decode case): no per-pair work at all
+            return {names.pop(): todo}
+        if len(listed) <= SMALL_PAIRS:  # a few pairs (decode): plain Python beats a dozen numpy calls
+            picked: dict[str, list[int]] = {}
+            for i, e in zip(range(len(exp)) if todo is None else todo.tolist(), listed, strict=True):
+                picked.setdefault(holder[e], []).append(i)
+            return {name: np.array(ids) for name, ids in picked.items()}
+        idx = np.arange(len(exp)) if todo is None else todo
+        code = {name: i for i, name in enumerate(sorted(names))}
+        ordered = sorted(present)
+        lut = np.zeros(ordered[-1] + 1, dtype=np.int64)  # expert -> index of its holder in ``code``
+        lut[ordered] = [code[holder[e]] for e in ordered]
         owner = lut[sub]  # [N]
-        return {name: todo[owner == i] for i, name in enumerate(names)}
+        return {name: idx[owner == i] for name, i in code.items()}
+
+    def _token_index(self, t: int, k: int) -> np.ndarray:
+        """[T*k] int32: the token of each pair when every pair goes in order (cached per shape)."""
+        tok = self._tokens.get((t, k))
+        if tok is None:
+            tok = self._tokens[(t, k)] = np.arange(t * k, dtype=np.int32) // k
+        return tok
 
     @staticmethod
     def _rows(pairs: np.ndarray, k: int, t: int) -> tuple[np.ndarray | None, np.ndarray]:
-        """(rows [R] sent in frame order, or None for all T rows in order; [P] row in the frame of each pair)."""
+        """(rows [R] sent in frame order, or None when the pairs use every token (all T rows go, in order);
+        [P] row in the frame of each pair)."""
         tok = pairs // k  # [P] token of each pair
-        if len(pairs) == t * k:  # every pair: every token, in order (the single-peer decode/prefill case)
+        if t == 1 or len(pairs) == t * k:  # every token is used
             return None, tok
         used = np.zeros(t, dtype=bool)
         used[tok] = True
+        if used.all():
+            return None, tok
         rows = np.flatnonzero(used)  # [R] ascending
         return rows, (np.cumsum(used) - 1)[tok]
 
@@ -240,69 +271,88 @@ class RemoteExperts:
     def _add(acc: torch.Tensor | None, rows: np.ndarray | None, part: torch.Tensor,
              like: torch.Tensor) -> torch.Tensor:
         """acc[rows] += part in fp32 (rows None: every row). The first full-rows partial becomes acc itself
-        (0 + x == x), saving a zero fill and an index_add_."""
+        (0 + x == x), saving a zero fill. On the CPU the scatter-add runs in numpy (``rows`` are distinct, so
+        ``a[rows] += p`` adds each row once, the same fp32 additions as ``index_add_``): torch's ``index_add_``
+        took milliseconds in a node whose other threads and processes kept the second core busy."""
         if rows is None:
             if acc is None:
                 return part
             return acc.add_(part)
         if acc is None:
             acc = torch.zeros(like.shape, dtype=torch.float32, device=like.device)  # [T, D]
+        if acc.is_cpu:
+            a = acc.numpy()
+            a[rows] += part.numpy()
+            return acc
         return acc.index_add_(0, torch.from_numpy(rows).to(acc.device), part)
 
     def _compute_local(self, layer: int, hidden: torch.Tensor, pairs: np.ndarray, k: int, exp: np.ndarray,
-                       w: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
+                       w: np.ndarray, acc: torch.Tensor | None) -> torch.Tensor:
         assert self.local is not None
         dev = hidden.device
-        idx = torch.from_numpy(pairs)
         rows = torch.from_numpy(pairs // k).to(dev)  # [P]
         ids = torch.from_numpy(exp[pairs]).to(dev, torch.long)[:, None]  # [P, 1]: one pair per row, weighted in fp32
         ones = torch.ones(ids.shape, dtype=hidden.dtype, device=dev)
         y = self.local(layer, hidden.index_select(0, rows), ids, ones)  # [P, D]
         if acc is None:
             acc = torch.zeros(hidden.shape, dtype=torch.float32, device=dev)  # [T, D]
-        return acc.index_add_(0, rows, y.float() * w[idx].to(dev)[:, None])
+        return acc.index_add_(0, rows, y.float() * torch.from_numpy(w[pairs]).to(dev)[:, None])
 
-    def _send(self, peer: str, layer: int, hidden: torch.Tensor, pairs: np.ndarray, k: int, exp: np.ndarray,
-              w: torch.Tensor) -> _Sent:
-        rows, inv = self._rows(pairs, k, hidden.shape[0])
+    def _send(self, peer: str, layer: int, hidden: torch.Tensor, pairs: np.ndarray | None, k: int,
+              exp: np.ndarray, w: np.ndarray) -> _Sent:
+        t = hidden.shape[0]
         ch = self.channels.get(peer)
         rid = ch.next_id()
-        if rows is None:  # every pair, in order: no gathers
-            data = encode_request(rid, layer, inv, exp, w.numpy(), hidden)
+        if pairs is None:  # every pair, in order: no gathers
+            rows = None
+            data = encode_request(rid, layer, self._token_index(t, k), exp, w, hidden)
         else:
-            sub = hidden.index_select(0, torch.from_numpy(rows).to(hidden.device))  # [R, D]
-            data = encode_request(rid, layer, inv, exp[pairs], w.numpy()[pairs], sub)
+            rows, inv = self._rows(pairs, k, t)
+            sub = hidden if rows is None else hidden.index_select(0, torch.from_numpy(rows).to(hidden.device))
+            data = encode_request(rid, layer, inv, exp[pairs], w[pairs], sub)  # sub: [R, D]
         now = time.monotonic()
-        deadline = self._deadline(peer, now)
+        t_ = self.timeouts
         with self._lock:
-            self._stat(peer).in_flight += 1
+            st = self._stat(peer)
+            ewma = st.ewma_rtt_s
+            st.in_flight += 1
+        deadline = now + (t_.first_s if ewma is None else max(t_.floor_s, t_.rtt_multiple * ewma))
         try:
             ch.begin(data, deadline)
         except BaseException:
             with self._lock:
                 self._stat(peer).in_flight -= 1
             raise
-        return _Sent(peer, ch, rid, pairs, rows, hidden.shape[0] if rows is None else len(rows), now, deadline)
+        return _Sent(peer, ch, rid, pairs, rows, t if rows is None else len(rows), now, deadline)
 
     def _finish(self, s: _Sent) -> torch.Tensor:
         try:
             f: Frame = s.channel.finish(s.request_id, s.deadline)
-        finally:
+        except BaseException:
             with self._lock:
                 self._stat(s.peer).in_flight -= 1
+            raise
+        ok = f.kind is Kind.RESPONSE and f.hidden is not None and f.hidden.shape[0] == s.n_rows
+        rtt = time.monotonic() - s.started
+        with self._lock:
+            st = self._stat(s.peer)
+            st.in_flight -= 1
+            if ok:
+                st.round_trips += 1
+                st.total_rtt_s += rtt
+                st.server_compute_s += f.aux * 1e-6
+                st.ewma_rtt_s = rtt if st.ewma_rtt_s is None else 0.8 * st.ewma_rtt_s + 0.2 * rtt
+                st.down_until = 0.0
         if f.kind is Kind.ERROR:
             if f.code == ErrorCode.PROTOCOL:
                 s.channel.close()  # the server closes its end after a PROTOCOL error
             what = ErrorCode(f.code).name if f.code in ErrorCode._value2member_map_ else str(f.code)
             raise PeerError(f"peer {s.peer} answered {what}: {f.message}", s.peer)
-        if f.kind is not Kind.RESPONSE or f.hidden is None or f.hidden.shape[0] != s.n_rows:
+        if not ok or f.hidden is None:
             raise ProtocolError(f"peer {s.peer} answered with a {f.kind.name} frame of the wrong shape")
-        rtt = time.monotonic() - s.started
-        with self._lock:
-            st = self._stat(s.peer)
-            st.round_trips += 1
-            st.total_rtt_s += rtt
-            st.server_compute_s += f.aux * 1e-6
-            st.ewma_rtt_s = rtt if st.ewma_rtt_s is None else 0.8 * st.ewma_rtt_s + 0.2 * rtt
-            st.down_until = 0.0
         return f.hidden  # [R, D]
+
+
+def _indices(pairs: np.ndarray | None, n: int) -> np.ndarray:
+    """Pair indices, ``None`` standing for all ``n`` pairs in order."""
+    return np.arange(n) if pairs is None else pairs

@@ -1,0 +1,488 @@
+"""Mesh tokens/s: three real ``ekmesh join`` nodes on the built-in model against one process, on loopback and on
+emulated links (parts 2 and 3 of the Inference issue's mesh benchmark; part 1 is ``mesh_overhead.py``).
+
+Mesh: an attention host that holds none of the experts (``--no-experts``) and two expert holders
+(``--no-attention``), R = 1, so every MoE layer of every decoded token makes one data-plane round trip (two frames
+in parallel when a token's experts sit on both holders). One process: ``python -m ekmesh.api --model builtin``.
+Both answer ``POST /v1/completions`` with the same text prompt, greedy, ``ignore_eos``; tokens/s is the server's
+own ``ekmesh.tokens_per_s`` (decode only: (tokens - 1) / (last token - first token)). Runs alternate (one process,
+mesh, one process, ...) so both sides of each ratio see the same load; medians are reported, and the generated
+token ids of the two sides must be equal.
+
+Links: ``loopback`` (127.0.0.1), ``lan`` (0.5 ms, 1 Gbit/s) and ``wifi`` (3 ms ± 1 ms, 300 Mbit/s). For the last
+two each node lives in a network namespace of its own, and the delay, jitter and rate apply to every packet a
+node sends (so a round trip between two nodes crosses two of them: ~1 ms on ``lan``, ~6 ms on ``wifi``). With
+``--emulator netem`` (the default when the kernel has it) the namespaces hang off a bridge through veth pairs with
+``tc qdisc add dev X root netem delay D J rate R``; otherwise (``tun``) each namespace gets a TUN device and a
+helper process forwards its IPv4 packets with the same model (delay + uniform jitter, serialised at the rate, in
+order per sender, as netem does with a rate); its own forwarding time is part of what the floor measures.
+
+Floor per token = (MoE layers that reach a remote peer per token) × RTT + one-process time per token, where RTT is
+the mean round trip of a plain TCP exchange of the data plane's decode frame sizes between the host's namespace
+and a holder's, measured through the same link in the same run. Goals: loopback mesh ≥ 0.7× one process; on the
+emulated links time per token ≤ 1.2× the floor.
+
+    python benchmarks/mesh_tokens.py [--links loopback,lan,wifi] [--tokens 64] [--repeats 3] [--json]
+
+Needs root, iproute2 and either sch_netem or /dev/net/tun for ``lan``/``wifi``. Creates and always deletes its own
+namespaces (``ekb<pid>…``) and temporary homes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import fcntl
+import heapq
+import json
+import os
+import queue
+import random
+import secrets
+import select
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+LINKS: dict[str, tuple[float, float, float] | None] = {  # per sending node: delay s, ± jitter s, rate bit/s
+    "loopback": None, "lan": (0.5e-3, 0.0, 1e9), "wifi": (3e-3, 1e-3, 300e6)}
+PROMPT = "And God said, Let there be light: and there was light. And God saw the light, that it was good:"
+NODES = ("host", "a", "b")  # the attention host, two expert holders
+ROLE = {"host": ["--no-experts"], "a": ["--no-attention"], "b": ["--no-attention"]}
+
+
+# -- processes ------------------------------------------------------------------------------------------------
+
+class Proc:
+    """A subprocess (optionally in a network namespace) whose stdout lines are read by a thread."""
+
+    def __init__(self, argv: list[str], ns: str | None = None, home: Path | None = None,
+                 log: Path | None = None) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if home is not None:
+            env["EKMESH_HOME"] = str(home)
+        prefix = ["ip", "netns", "exec", ns] if ns else []
+        self.name = " ".join(argv[1:3])
+        self.log, self._err = log, (open(log, "wb") if log else None)  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(prefix + argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._err or subprocess.DEVNULL, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def json(self, timeout: float) -> dict[str, Any]:
+        """The next stdout line that is a JSON object."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"{self.name} said nothing in {timeout:.0f} s{self.tail()}") from None
+            if line is None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.wait()}){self.tail()}")
+            if line.startswith("{"):
+                out = json.loads(line)
+                assert isinstance(out, dict)
+                return out
+
+    def ask(self, wait: float, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self.json(wait)
+
+    def tail(self) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        return ":\n  " + "\n  ".join(self.log.read_text(errors="replace").splitlines()[-15:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(2)  # SIGINT: a node leaves the mesh cleanly
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._err is not None:
+            self._err.close()
+
+
+def me(*args: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), *args]
+
+
+def post(url: str, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        out = json.loads(resp.read())
+    assert isinstance(out, dict)
+    return out
+
+
+def completion(tokens: int) -> dict[str, Any]:
+    return {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+
+
+# -- network namespaces ---------------------------------------------------------------------------------------
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, timeout=20)
+
+
+def netem_available() -> bool:
+    probe = f"ekb{os.getpid()}p"
+    try:
+        sh("ip", "netns", "add", probe)
+        return subprocess.run(["ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "lo", "root", "netem",
+                               "delay", "1ms"], capture_output=True, timeout=20).returncode == 0
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=20)
+
+
+class Net:
+    """Namespaces ekb<pid><link><node>, 10.<n>.0.<i>/24, joined by a bridge (netem) or by a TUN forwarder."""
+
+    def __init__(self, link: str, emulator: str, tmp: Path) -> None:
+        self.link, self.emulator = link, emulator
+        tag = f"ekb{os.getpid() % 100000}{link[0]}"
+        self.ns = {n: tag + n[0] for n in NODES}
+        self.sw = tag + "s"
+        net = f"10.{100 + os.getpid() % 100}.{list(LINKS).index(link)}"
+        self.ip = {n: f"{net}.{i + 1}" for i, n in enumerate(NODES)}
+        self.forwarder: Proc | None = None
+        self._tmp = tmp
+
+    def __enter__(self) -> Net:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _build(self) -> None:
+        delay, jitter, rate = LINKS[self.link]  # type: ignore[misc]
+        for n in NODES:
+            sh("ip", "netns", "add", self.ns[n])
+            sh("ip", "-n", self.ns[n], "link", "set", "lo", "up")
+        if self.emulator == "tun":
+            spec = [{"name": self.ns[n] + "t", "ns": self.ns[n], "ip": self.ip[n]} for n in NODES]
+            self.forwarder = Proc(me("--forward", json.dumps({"devs": spec, "delay": delay, "jitter": jitter,
+                                                               "rate": rate})), log=self._tmp / "forward.log")
+            self.forwarder.json(30)
+            return
+        sh("ip", "netns", "add", self.sw)
+        sh("ip", "-n", self.sw, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", self.sw, "link", "set", "br0", "up")
+        for n in NODES:
+            outer, inner = self.ns[n] + "0", self.ns[n] + "1"
+            sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
+            sh("ip", "link", "set", outer, "netns", self.sw)
+            sh("ip", "link", "set", inner, "netns", self.ns[n])
+            sh("ip", "-n", self.sw, "link", "set", outer, "master", "br0", "up")
+            sh("ip", "-n", self.ns[n], "addr", "add", self.ip[n] + "/24", "dev", inner)
+            sh("ip", "-n", self.ns[n], "link", "set", inner, "up")
+            sh("ip", "netns", "exec", self.ns[n], "tc", "qdisc", "add", "dev", inner, "root", "netem", "delay",
+               f"{delay * 1e3:g}ms", *([f"{jitter * 1e3:g}ms"] if jitter else []), "rate", f"{rate / 1e6:g}mbit")
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.stop()
+        for ns in [*self.ns.values(), self.sw]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+
+def forward(spec: dict[str, Any]) -> None:
+    """The TUN link emulator: one TUN device per namespace; every IPv4 packet a node sends leaves after its
+    sender's delay + uniform jitter, serialised at the sender's rate and in order per sender."""
+    fds: dict[bytes, int] = {}
+    for dev in spec["devs"]:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+        fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", dev["name"].encode(), 0x0001 | 0x1000))  # TUNSETIFF
+        sh("ip", "link", "set", dev["name"], "netns", dev["ns"])
+        sh("ip", "-n", dev["ns"], "addr", "add", dev["ip"] + "/24", "dev", dev["name"])
+        sh("ip", "-n", dev["ns"], "link", "set", dev["name"], "up")
+        fds[socket.inet_aton(dev["ip"])] = fd
+    delay, jitter, rate = spec["delay"], spec["jitter"], spec["rate"]
+    # a wire does not wait for a CPU: real-time priority (the forwarder needs little CPU), and a 1 µs timer slack
+    # instead of 50 µs so that packets leave on time
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(29, 1000)  # PR_SET_TIMERSLACK, ns
+    rng = random.Random(0)
+    last = dict.fromkeys(fds.values(), 0.0)  # per sender: departure of its previous packet
+    heap: list[tuple[float, int, int, bytes]] = []
+    seq = 0
+    print(json.dumps({"forwarding": len(fds)}), flush=True)
+    watch = [*fds.values(), sys.stdin.fileno()]
+    while True:
+        now = time.monotonic()
+        while heap and heap[0][0] <= now:
+            _, _, out, pkt = heapq.heappop(heap)
+            try:
+                os.write(out, pkt)
+            except OSError:
+                pass  # a full TUN queue drops, as a link would
+        timeout = max(0.0, heap[0][0] - now) if heap else None
+        ready, _, _ = select.select(watch, [], [], timeout)
+        now = time.monotonic()
+        for fd in ready:
+            if fd == sys.stdin.fileno():
+                return  # the benchmark closed our stdin
+            try:
+                pkt = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            dest = fds.get(pkt[16:20]) if pkt and pkt[0] >> 4 == 4 else None
+            if dest is None:
+                continue
+            go = max(now + max(0.0, delay + rng.uniform(-jitter, jitter)), last[fd]) + len(pkt) * 8 / rate
+            last[fd] = go
+            seq += 1
+            heapq.heappush(heap, (go, seq, dest, pkt))
+
+
+# -- helpers inside the namespaces ----------------------------------------------------------------------------
+
+def echo() -> None:
+    """Reads (n, m) u32 then n bytes, answers m bytes; one connection; prints its port first."""
+    srv = socket.create_server(("0.0.0.0", 0))
+    srv.settimeout(600)  # never outlives a benchmark that died (a process would keep its namespace alive)
+    print(json.dumps({"port": srv.getsockname()[1]}), flush=True)
+    conn, _ = srv.accept()
+    conn.settimeout(600)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray(1 << 20)
+    while True:
+        head = _recv(conn, 8)
+        if head is None:
+            return
+        n, m = struct.unpack("<II", head)
+        if _recv(conn, n) is None:
+            return
+        conn.sendall(memoryview(buf)[:m])
+
+
+def _recv(sock: socket.socket, n: int) -> bytes | None:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            return None
+        out += chunk
+    return out
+
+
+def drive(home: str) -> None:
+    """Runs in the attention host's namespace: answers JSON commands on stdin (ready, rtt, complete)."""
+    from ekmesh.core.errors import LocalNodeError
+    from ekmesh.discovery.control import get_json
+
+    api = ""
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "ready":
+            deadline = time.monotonic() + cmd["timeout"]
+            while True:
+                try:
+                    snap = get_json(Path(home), "/ekmesh/status", 5)
+                except LocalNodeError:
+                    snap = {}
+                if _ready(snap, cmd["nodes"]):
+                    api = snap["serving"]["api_url"]
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"mesh not ready: {json.dumps(snap.get('serving'))}")
+                time.sleep(0.3)
+            out: dict[str, Any] = {"api_url": api, "loaded_experts": snap["serving"]["loaded_experts"],
+                                   "dtype": snap["serving"]["dtype"]}
+        elif cmd["op"] == "rtt":
+            sock = socket.create_connection((cmd["ip"], cmd["port"]), timeout=10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            req, answer, times = struct.pack("<II", cmd["request"], cmd["answer"]) + bytes(cmd["request"]), [], []
+            for i in range(cmd["n"] + 10):
+                t0 = time.perf_counter()
+                sock.sendall(req)
+                if _recv(sock, cmd["answer"]) is None:
+                    raise RuntimeError("echo server closed")
+                answer.append(time.perf_counter() - t0)
+                if i >= 10:
+                    times.append(answer[-1])
+                time.sleep(0.002)
+            sock.close()
+            out = {"mean_s": statistics.fmean(times), "median_s": statistics.median(times)}
+        else:
+            out = post(api + "/completions", cmd["body"])["ekmesh"]
+        print(json.dumps(out), flush=True)
+
+
+def _ready(snap: dict[str, Any], nodes: int) -> bool:
+    """Every node live and settled (holding what placement assigns it), every expert ready somewhere, the host
+    serving."""
+    serving = snap.get("serving") or {}
+    if not serving.get("ready") or not serving.get("api_url"):
+        return False
+    mid = serving["model"]
+    peers = [p for p in snap.get("peers", []) if p.get("state") in ("self", "up")]
+    rows = [r for r in ((snap.get("models") or {}).get(mid) or {}).get("holders", []) if any(r)]
+    return (len(peers) == nodes and bool(rows) and min(min(r) for r in rows) >= 1
+            and all(p["assigned"].get(mid, 0) == (p["models"].get(mid) or 0) for p in peers))
+
+
+# -- the benchmark --------------------------------------------------------------------------------------------
+
+def model_facts() -> dict[str, int]:
+    """MoE layers, hidden size and top-k of the built-in model (from its packaged manifest)."""
+    from ekmesh.shard.store import packaged_store
+
+    store = packaged_store()
+    assert store is not None, "the built-in model is not packaged in this checkout"
+    m = store.load_manifest(store.aliases()["builtin"])
+    cfg = m.data["config"]
+    return {"moe_layers": len({layer for layer, _ in m.expert_ids()}), "hidden": cfg["hidden_size"],
+            "top_k": cfg["num_experts_per_tok"], "experts": cfg["num_local_experts"]}
+
+
+def run_link(link: str, args: argparse.Namespace, one: str, facts: dict[str, int], tmp: Path) -> dict[str, Any]:
+    key = tmp / f"{link}.key"
+    key.write_text(secrets.token_hex(32) + "\n")
+    procs: list[Proc] = []
+    with contextlib.ExitStack() as stack:
+        net = stack.enter_context(Net(link, args.emulator, tmp)) if LINKS[link] else None
+        stack.callback(_stop_all, procs)  # (runs before the namespaces go)
+        nodes: dict[str, Proc] = {}
+        first = ""
+        for n in NODES:
+            home = tmp / f"{link}-{n}"
+            home.mkdir(mode=0o700)
+            ip = net.ip[n] if net else "127.0.0.1"
+            argv = [sys.executable, "-m", "ekmesh.cli", "join", "--json", "--name", f"bench-{n}", "--model",
+                    "builtin", "--listen", f"/ip4/{ip}/tcp/0", "--no-mdns", "--no-dht", "--no-relay",
+                    "--no-reserve", "--exit-with-parent", "--mesh-key-file", str(key), "--api-port", "0",
+                    "--replicas", "1", "--advert-interval", "1", *ROLE[n], *(["--peer", first] if first else [])]
+            p = nodes[n] = Proc(argv, net.ns[n] if net else None, home, tmp / f"{link}-{n}.log")
+            procs.append(p)
+            hello = p.json(60)
+            if not first:
+                addr = str(hello["addrs"][0])
+                first = addr if "/p2p/" in addr else f"{addr}/p2p/{hello['peer_id']}"
+        host_ns = net.ns["host"] if net else None
+        driver = Proc(me("--drive", str(tmp / f"{link}-host")), host_ns, log=tmp / f"{link}-driver.log")
+        procs.append(driver)
+        ready = driver.ask(args.ready_timeout + 10, op="ready", nodes=len(NODES), timeout=args.ready_timeout)
+        assert ready["loaded_experts"] == 0, ready
+        echo_p = Proc(me("--echo"), net.ns["a"] if net else None, log=tmp / f"{link}-echo.log")
+        procs.append(echo_p)
+        port = echo_p.json(30)["port"]
+        d, k = facts["hidden"], facts["top_k"]
+        frame = 44 + d * (4 if ready["dtype"] == "float32" else 2)  # one decode token's answer (wire = node dtype)
+        rtt = driver.ask(120, op="rtt", ip=net.ip["a"] if net else "127.0.0.1", port=port, n=args.rtt_samples,
+                         request=frame + 12 * k, answer=frame)
+        post(one + "/completions", completion(8))  # warm-up, both sides
+        driver.ask(300, op="complete", body=completion(8))
+        mesh, local = [], []
+        for _ in range(args.repeats):
+            local.append(post(one + "/completions", completion(args.tokens))["ekmesh"])
+            mesh.append(driver.ask(600, op="complete", body=completion(args.tokens)))
+        return summarise(link, mesh, local, rtt, facts)
+
+
+def _stop_all(procs: list[Proc]) -> None:
+    for p in reversed(procs):
+        p.stop()
+
+
+def summarise(link: str, mesh: list[dict[str, Any]], local: list[dict[str, Any]], rtt: dict[str, float],
+              facts: dict[str, int]) -> dict[str, Any]:
+    m_tps = statistics.median(r["tokens_per_s"] for r in mesh)
+    l_tps = statistics.median(r["tokens_per_s"] for r in local)
+    floor = facts["moe_layers"] * rtt["mean_s"] + 1 / l_tps
+    return {
+        "link": link, "emulated": LINKS[link], "mesh_tok_s": m_tps, "one_process_tok_s": l_tps,
+        "ratio_mesh_vs_one": m_tps / l_tps, "rtt_mean_ms": rtt["mean_s"] * 1e3, "rtt_median_ms": rtt["median_s"] * 1e3,
+        "floor_ms_per_token": floor * 1e3, "mesh_ms_per_token": 1e3 / m_tps, "ratio_vs_floor": (1 / m_tps) / floor,
+        "mean_layer_rtt_ms": statistics.median(r["mean_layer_rtt_ms"] for r in mesh),
+        "ttft_s_mesh": statistics.median(r["ttft_s"] for r in mesh),
+        "ttft_s_one": statistics.median(r["ttft_s"] for r in local),
+        "mesh_runs_tok_s": [r["tokens_per_s"] for r in mesh], "one_runs_tok_s": [r["tokens_per_s"] for r in local],
+        "tokens_equal": all(r["token_ids"] == local[0]["token_ids"] for r in mesh + local),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--links", default="loopback,lan,wifi")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rtt-samples", type=int, default=200)
+    ap.add_argument("--emulator", choices=["auto", "netem", "tun"], default="auto")
+    ap.add_argument("--ready-timeout", type=float, default=180)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--forward", help=argparse.SUPPRESS)
+    ap.add_argument("--drive", help=argparse.SUPPRESS)
+    ap.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.forward:
+        return forward(json.loads(args.forward))
+    if args.drive:
+        return drive(args.drive)
+    if args.echo:
+        return echo()
+    links = args.links.split(",")
+    if any(LINKS[x] for x in links):
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            print("emulated links need root and iproute2: running loopback only", file=sys.stderr)
+            links = [x for x in links if not LINKS[x]]
+        elif args.emulator == "auto":
+            args.emulator = "netem" if netem_available() else "tun"
+    facts = model_facts()
+    tmp = Path(tempfile.mkdtemp(prefix="ekmesh-bench-"))
+    one = Proc([sys.executable, "-m", "ekmesh.api", "--model", "builtin", "--port", "0"], log=tmp / "one.log")
+    results = []
+    try:
+        url = one.json(120)["api_url"]
+        for link in links:
+            results.append(run_link(link, args, url, facts, tmp))
+            if not args.json:
+                report(results[-1], facts, args)
+    finally:
+        one.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps({"model": facts, "tokens": args.tokens, "repeats": args.repeats,
+                          "emulator": args.emulator, "results": results}, indent=1))
+
+
+def report(r: dict[str, Any], facts: dict[str, int], args: argparse.Namespace) -> None:
+    link = r["link"] if not r["emulated"] else f"{r['link']} ({args.emulator})"
+    print(f"{link}: mesh {r['mesh_tok_s']:.1f} tok/s vs one process {r['one_process_tok_s']:.1f} tok/s = "
+          f"{r['ratio_mesh_vs_one']:.2f}× | {r['mesh_ms_per_token']:.2f} ms/token vs floor "
+          f"{r['floor_ms_per_token']:.2f} ms ({facts['moe_layers']} × RTT {r['rtt_mean_ms']:.3f} ms + "
+          f"{1e3 / r['one_process_tok_s']:.2f} ms compute) = {r['ratio_vs_floor']:.2f}× | host's mean layer "
+          f"round trip {r['mean_layer_rtt_ms']:.3f} ms | TTFT {r['ttft_s_mesh'] * 1e3:.0f} vs "
+          f"{r['ttft_s_one'] * 1e3:.0f} ms | tokens equal: {r['tokens_equal']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
