@@ -200,7 +200,7 @@ class Node:
         self.addrs = hostlib.public_addrs(host)
         if self.claimer is not None:
             bind = cfg.listen[0].split("/")[2] if cfg.listen else "0.0.0.0"  # listen_addrs checked the form
-            advertise = self.addrs[0].split("/")[2]
+            advertise = _advertised_ip(bind, [a.split("/")[2] for a in self.addrs])
             await trio.to_thread.run_sync(self.claimer.open, bind, advertise)
             if self.serving is not None:
                 self.serving.bind_host, self.serving.advertise_host = bind, advertise
@@ -334,6 +334,22 @@ class Node:
         if method == "GET" and target.split("?")[0] == "/ekmesh/status":
             return 200, self.snapshot()
         return 404, {"error": f"no such endpoint: {method} {target}"}
+
+
+def _advertised_ip(bind: str, ips: list[str]) -> str:
+    """The IP other peers should dial for this node's blob and data-plane listeners (they advertise one address
+    each): the bound one, or for a wildcard bind the address of the interface that holds the default route when it
+    is one of ours (a machine's first interface by name may be a container bridge no peer can reach), else the
+    first of ``ips`` (non-loopback first)."""
+    if bind != "0.0.0.0":
+        return bind
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: picks the route, sends nothing
+            primary = s.getsockname()[0]
+    except OSError:
+        primary = None
+    return primary if primary in ips else ips[0]
 
 
 def _next_incarnation(home: Path) -> int:

@@ -20,8 +20,10 @@ banned for serving blobs that failed their hash; every expert blob is hashed aga
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -53,6 +55,21 @@ log = logging.getLogger(__name__)
 Item = tuple[int, int]
 
 
+def _keep_freed_memory() -> None:
+    """glibc returns big freed blocks to the OS and faults them back in on the next call: a prefill's few-MiB
+    temporaries cost twice the expert compute that way (benchmarks/mesh_overhead.py). Keep them (best effort, glibc
+    only): blocks up to 32 MiB come from the heap, and the heap is trimmed only above 1 GiB free."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+        libc.mallopt(m_mmap_threshold, 32 << 20)
+        libc.mallopt(m_trim_threshold, 1 << 30)
+    except (OSError, AttributeError):
+        pass
+
+
 class Serving:
     """One model's serving on this node. ``prepare``/``load``/``unload`` are the ``Claimer``'s hooks (threads);
     ``refresh`` (the node's loop) re-reads the view; ``step`` (a thread) loads the attention part when it can."""
@@ -65,6 +82,8 @@ class Serving:
         self.set_data_addr = set_data_addr
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
+        if self.device.type == "cpu":
+            _keep_freed_memory()
         self.bind_host, self.advertise_host = "127.0.0.1", "127.0.0.1"
         self.claimer: Claimer | None = None
         self.manifest: Manifest | None = None

@@ -199,3 +199,12 @@ def test_in_process_nodes_converge_and_leave(tmp_path):
     start = time.monotonic()
     trio.run(main)
     assert time.monotonic() - start < 30
+
+
+def test_the_advertised_ip_of_blob_and_data_listeners():
+    from ekmesh.node import _advertised_ip
+
+    assert _advertised_ip("10.1.2.3", ["192.168.1.4", "127.0.0.1"]) == "10.1.2.3"  # bound: as bound
+    # wildcard: the default-route interface when it is ours, else the first address (non-loopback first)
+    assert _advertised_ip("0.0.0.0", ["203.0.113.9", "127.0.0.1"]) == "203.0.113.9"
+    assert _advertised_ip("0.0.0.0", ["127.0.0.1"]) == "127.0.0.1"
