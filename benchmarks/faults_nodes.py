@@ -20,7 +20,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +29,7 @@ from ekmesh.infer.generate import SamplingParams  # noqa: E402
 from ekmesh.infer.session import LocalModel  # noqa: E402
 from ekmesh.registry import import_full  # noqa: E402
 from ekmesh.shard.store import Store  # noqa: E402
-from tests.servingmesh import ServingMesh  # noqa: E402
+from tests.servingmesh import ServingMesh, stream_token_ids  # noqa: E402
 from tests.tiny_models import make_tiny, random_prompt  # noqa: E402
 
 HOST = 3
@@ -38,27 +37,15 @@ HOST = 3
 
 def stream_and_kill(mesh: ServingMesh, prompt: list[int], n: int, kill_at: int) -> tuple[list[int], str, int]:
     """The answer's token ids, the victim's peer id, and after how many tokens it was killed."""
-    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "return_token_ids": True,
-            "stream": True}
-    req = urllib.request.Request(mesh.api(HOST) + "/completions", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
+    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True}
     got: list[int] = []
     victim, killed_at = "", -1
-    with urllib.request.urlopen(req, timeout=300) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            for c in chunk["choices"]:
-                got.extend(c.get("token_ids", []))
-            if not victim and len(got) >= kill_at:
-                used = mesh.nodes[HOST].status()["serving"]["peers"]
-                victim = max(used, key=lambda p: used[p]["round_trips"])
-                next(nd for nd in mesh.nodes if nd.peer_id == victim).signal(signal.SIGKILL)
-                killed_at = len(got)
+    for got in stream_token_ids(mesh.api(HOST), body):
+        if not victim and len(got) >= kill_at:
+            used = mesh.nodes[HOST].status()["serving"]["peers"]
+            victim = max(used, key=lambda p: used[p]["round_trips"])
+            next(nd for nd in mesh.nodes if nd.peer_id == victim).signal(signal.SIGKILL)
+            killed_at = len(got)
     return got, victim, killed_at
 
 

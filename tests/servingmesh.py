@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,26 @@ def post(url: str, body: dict[str, Any], timeout: float = 60.0) -> dict[str, Any
         out = json.loads(resp.read())
     assert isinstance(out, dict)
     return out
+
+
+def stream_token_ids(api_url: str, body: dict[str, Any], timeout: float = 300.0) -> Iterator[list[int]]:
+    """Streams ``POST {api_url}/completions`` (``body`` + stream, token ids returned); yields the ids received so
+    far after each chunk. An error event raises ``RuntimeError`` with its message."""
+    req = urllib.request.Request(api_url + "/completions",
+                                 json.dumps({**body, "stream": True, "return_token_ids": True}).encode(),
+                                 {"Content-Type": "application/json"})
+    got: list[int] = []
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            for c in chunk["choices"]:
+                got.extend(c.get("token_ids", []))
+            yield got
 
 
 class ServingMesh:

@@ -14,9 +14,7 @@ used most is SIGKILLed; the generation completes with exactly the tokens of the 
 from __future__ import annotations
 
 import functools
-import json
 import signal
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ import pytest
 
 from tests.infer.test_deepseek import make_tiny_deepseek
 from tests.infer.test_gpt_oss import make_tiny_gpt_oss
-from tests.servingmesh import ServingMesh, post, seeds_splitting_every_layer
+from tests.servingmesh import ServingMesh, post, seeds_splitting_every_layer, stream_token_ids
 from tests.tiny_models import make_tiny, random_prompt
 
 BUILDERS: dict[str, Callable[[Path], Any]] = {
@@ -115,26 +113,16 @@ def test_sigkill_a_holder_mid_generation(tmp_path: Path) -> None:
     with ServingMesh(tmp_path, model_id, roles, extra=["--replicas", "2"]) as mesh:
         host = mesh.nodes[3]
         mesh.wait_ready(3, timeout=90, holders=2)
-        body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "return_token_ids": True,
-                "stream": True}
-        req = urllib.request.Request(mesh.api(3) + "/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+        body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True}
         got: list[int] = []
         victim = None
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            for raw in resp:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                for c in chunk["choices"]:
-                    got.extend(c.get("token_ids", []))
-                if victim is None and len(got) >= 20:
-                    used = host.status()["serving"]["peers"]
-                    name = max(used, key=lambda p: used[p]["round_trips"])
-                    victim = next(nd for nd in mesh.nodes if nd.peer_id == name)
-                    victim.signal(signal.SIGKILL)
-                    killed_at = len(got)
+        for got in stream_token_ids(mesh.api(3), body, timeout=120):
+            if victim is None and len(got) >= 20:
+                used = host.status()["serving"]["peers"]
+                name = max(used, key=lambda p: used[p]["round_trips"])
+                victim = next(nd for nd in mesh.nodes if nd.peer_id == name)
+                victim.signal(signal.SIGKILL)
+                killed_at = len(got)
         assert victim is not None
         assert got == expected, f"diverged at token {next(i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b)}"
         assert killed_at < n - 50, "the kill should land well before the end"
