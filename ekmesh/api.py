@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ekmesh.core.errors import (
     ConfigError,
     EkmeshError,
-    ExpertUnavailableError,
     GenerationError,
     TokenizerError,
 )
@@ -389,7 +388,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _complete(self, run: Run, chat: bool, body: dict[str, Any]) -> None:
         try:
             text = "".join(ev.text for ev in run.events())
-        except (ExpertUnavailableError, EkmeshError) as exc:
+        except EkmeshError as exc:  # e.g. ExpertUnavailableError: an expert with no holder and no source
             self._error(503, f"generation failed: {exc}", "server_error", "mesh_unavailable")
             return
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -491,16 +490,15 @@ class LocalEngine:
 
     def __init__(self, model: str, device: str | None = None, dtype: str | None = None) -> None:
         from ekmesh.infer.session import LocalModel
-        from ekmesh.registry import open_model, resolve_store
+        from ekmesh.registry import aliases_of, open_model, resolve_store
 
         lm = LocalModel.open(open_model(model), device, dtype)
         mid, aliases = model, []
         try:
-            store = resolve_store(model)
-            mid = store.resolve(model)
-            aliases = sorted(a for a, t in store.aliases().items() if t == mid)
+            mid = resolve_store(model).resolve(model)
+            aliases = aliases_of(mid)
         except EkmeshError:
-            pass
+            pass  # a checkpoint directory: named by its path
         self.model = ServedModel(mid, aliases, lm.generator, lm.tokenizer, context_of(lm.checkpoint.hf_config),
                                  lock=threading.Lock() if lm.generator.cuda_graphs else None)
 

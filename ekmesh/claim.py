@@ -341,7 +341,7 @@ class Claimer:
         """Blocking (any thread): brings these blobs of the model into the store from any peer that may hold them,
         the package or the model's source; ``BlobUnavailableError`` if some could not be had."""
         assert self.manifest is not None
-        peers = [p for p in self._addrs]
+        peers = list(self._addrs)
         got = self._fetch({bid: peers for bid in blob_ids})
         if not set(blob_ids) <= got:
             raise BlobUnavailableError({bid: "no peer, package or source gave it" for bid in set(blob_ids) - got})

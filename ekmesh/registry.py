@@ -50,6 +50,12 @@ def assigned_from_mesh(m: Manifest, replicas: int = 2, timeout: float = 5.0) -> 
     return pl.assigned(str(me))
 
 
+def aliases_of(model_id: str, store: Store | None = None) -> list[str]:
+    """Every alias of ``model_id`` in ``store`` (default: the user's) and in the packaged store."""
+    stores = [store or Store()] + [s for s in [packaged_store()] if s is not None]
+    return sorted({a for s in stores for a, target in s.aliases().items() if target == model_id})
+
+
 def open_checkpoint(ref: str, store: Store | None = None) -> Checkpoint:
     """The stored model ``ref`` as a lazily-read ``Checkpoint`` (``ckpt.reader.source.opened`` lists the blobs)."""
     sm = open_store_model(ref, store)

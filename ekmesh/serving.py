@@ -46,6 +46,7 @@ from ekmesh.infer.experts import ExpertWeights, LocalExperts
 from ekmesh.infer.generate import Generator, pick_device, pick_dtype
 from ekmesh.infer.loader import Checkpoint, load_dense
 from ekmesh.infer.tokenizer import Tokenizer, eos_ids_in
+from ekmesh.registry import aliases_of
 from ekmesh.shard.manifest import Manifest
 from ekmesh.shard.reader import StoreTensors, open_store_model
 from ekmesh.shard.store import Store
@@ -95,6 +96,7 @@ class Serving:
         self.model: ServedModel | None = None
         self.state = "waiting for the manifest"
         self.failed = False
+        self.too_big: str | None = None  # why the automatic --attention decided against hosting attention
         self._pins: dict[str, bytes] = {}
         self._addrs: dict[str, tuple[str, int]] = {}
         self._holders: dict[Item, list[str]] = {}
@@ -114,20 +116,19 @@ class Serving:
                                    host=self.bind_host).start()
         self.set_data_addr(f"{self.advertise_host}:{self.server.address[1]}")
         if self.attention is None:
-            self.attention = self._dense_fits(m)
+            self.too_big = self._dense_too_big(m)
+            self.attention = self.too_big is None
         if self.claimer is not None:
             self.claimer.dense = self.attention
         self.manifest = m
         if self.attention:
             self.state = "loading the dense part"
-        elif self.state.startswith("no attention"):
-            pass
         else:
-            self.state = "serving experts"
+            self.state = f"no attention: {self.too_big}" if self.too_big else "serving experts"
 
-    def _dense_fits(self, m: Manifest) -> bool:
-        """Auto ``--attention``: the dense part, at this node's compute dtype, takes at most half the free memory of
-        the device (stored weights are bf16 at the least: fp32 compute doubles them)."""
+    def _dense_too_big(self, m: Manifest) -> str | None:
+        """Auto ``--attention``: None when the dense part, at this node's compute dtype, takes at most half the free
+        memory of the device (stored weights are bf16 at the least: fp32 compute doubles them), else why not."""
         stored = sum(m.size(b) for b in set(m.dense_ids().values()))
         need = stored * (2 if self.dtype == torch.float32 else 1)
         if self.device.type == "cuda":
@@ -135,11 +136,11 @@ class Serving:
         else:
             free = psutil.virtual_memory().available
         if need <= free // 2:
-            return True
-        self.state = (f"no attention: the dense part needs {need / 2**30:.1f} GiB, more than half of the "
-                      f"{free / 2**30:.1f} GiB free (force it with --attention)")
-        log.warning("model %s: %s", m.id, self.state)
-        return False
+            return None
+        why = (f"the dense part needs {need / 2**30:.1f} GiB, more than half of the {free / 2**30:.1f} GiB free "
+               "(force it with --attention)")
+        log.warning("model %s: no attention: %s", m.id, why)
+        return why
 
     def _read_expert(self, layer: int, expert: int) -> ExpertWeights:
         ck = self.checkpoint
@@ -230,17 +231,10 @@ class Serving:
         pool = ChannelPool(self.identity, lambda p: self._pins.get(p), lambda p: self._addrs.get(p), limits)
         self.remote = RemoteExperts(limits, local, self.holders, pool, self._fallback)
         gen = Generator(dense, self.remote, tok, default_stop_ids=() if tok else eos_ids_in(ck.path))
-        aliases = sorted({a for a, t in self.store.aliases().items() if t == m.id}
-                         | ({"builtin"} if self.claimer is not None and self.claimer.packaged is not None
-                            and self._packaged_alias(m.id) else set()))
-        self.model = ServedModel(m.id, aliases, gen, tok, context_of(sm.hf_config), peer_stats=self._peer_stats)
+        self.model = ServedModel(m.id, aliases_of(m.id, self.store), gen, tok, context_of(sm.hf_config), peer_stats=self._peer_stats)
         self._sm = sm  # keeps its files directory alive
         self.state = "serving"
         log.info("model %s: attention host ready on %s (%s)", m.id, self.device, str(self.dtype).split(".")[-1])
-
-    def _packaged_alias(self, model_id: str) -> bool:
-        assert self.claimer is not None and self.claimer.packaged is not None
-        return self.claimer.packaged.aliases().get("builtin") == model_id
 
     def _peer_stats(self) -> dict[str, tuple[int, float]]:
         if self.remote is None:
@@ -271,10 +265,9 @@ class Serving:
         return [self.model] if self.model is not None else []
 
     def why_not(self) -> str:
-        if self.attention is False and self.state.startswith("no attention"):
-            return f"this node does not host attention ({self.state})"
         if self.attention is False:
-            return "this node does not host attention (it was started with --no-attention)"
+            why = f"no attention: {self.too_big}" if self.too_big else "it was started with --no-attention"
+            return f"this node does not host attention ({why})"
         return f"this node is not ready to answer yet ({self.state})"
 
     def status(self) -> dict[str, Any]:
