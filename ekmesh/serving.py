@@ -12,8 +12,9 @@ the node's OpenAI API uses.
 
 Not responsible for: placement and fetching (``claim``), the wire (``infer.dataplane``), HTTP (``api``).
 
-Invariants: the holder map, pins and addresses are rebuilt from the live view every ``refresh`` and replaced whole
-(threads read consistent copies); only peers whose signed advert carries a data address and a TLS fingerprint are
+Invariants: the holder map, pins and addresses are rebuilt from the live view at a ``refresh`` that finds it changed
+(a live advert's incarnation or sequence number, the set of live peers, the banned peers, the placement or the
+manifest) and replaced whole (threads read consistent copies); only peers whose signed advert carries a data address and a TLS fingerprint are
 ever dialled or accepted; an expert is in the holder map only while its holder advertises it ready and is not
 banned for serving blobs that failed their hash; every expert blob is hashed again right before it is loaded.
 """
@@ -100,6 +101,7 @@ class Serving:
         self._pins: dict[str, bytes] = {}
         self._addrs: dict[str, tuple[str, int]] = {}
         self._holders: dict[Item, list[str]] = {}
+        self._view_key: object = None  # what the maps were last built from (``refresh``)
         self._read_lock = threading.Lock()
         self._files_dir = Path(tempfile.mkdtemp(prefix="ekmesh-serving-"))
 
@@ -178,6 +180,14 @@ class Serving:
     def refresh(self, adverts: list[Advert]) -> None:
         m = self.manifest
         banned = self.claimer.banned() if self.claimer is not None else set()
+        placement = self.claimer.placement if self.claimer is not None else None
+        # nothing changed since the last rebuild: keep the maps (a 30B-class model has thousands of items, and
+        # this runs in the node's loop every 0.2 s, holding the GIL the attention host's threads need)
+        key = (None if m is None else m.id, placement, frozenset(banned),
+               tuple(sorted((a.peer_id, a.incarnation, a.seq) for a in adverts)))
+        if key == self._view_key:  # (a placement compares by identity first: a new one is a new object)
+            return
+        self._view_key = key
         pins: dict[str, bytes] = {}
         addrs: dict[str, tuple[str, int]] = {}
         holders: dict[Item, list[str]] = {}
@@ -194,7 +204,6 @@ class Serving:
                 for layer, es in grid.ready.items():
                     for e in es:
                         holders.setdefault((layer, e), []).append(a.peer_id)
-        placement = self.claimer.placement if self.claimer is not None else None
         if placement is not None:
             for it, peers in holders.items():
                 rank = {p: i for i, p in enumerate(placement.holders.get(it, []))}

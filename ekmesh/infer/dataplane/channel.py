@@ -36,25 +36,14 @@ from ekmesh.infer.dataplane.frames import (
     decode_header,
     encode_ping,
 )
+from ekmesh.infer.dataplane.poll import recv_some
 
 RECV_BUFFER = 1 << 16  # per-socket receive buffer of a FrameReader (a TLS record is at most 16 KiB)
 
 
 def _recv_some(sock: socket.socket, view: memoryview, deadline: float, peer: str | None) -> int:
     """At least one byte into ``view`` before ``deadline`` (monotonic). EOF or timeout: PeerClosedError."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise PeerClosedError(f"timed out waiting for data from peer {peer}", peer)
-    sock.settimeout(left)
-    try:
-        r = sock.recv_into(view)
-    except TimeoutError as exc:
-        raise PeerClosedError(f"timed out waiting for data from peer {peer}", peer) from exc
-    except (OSError, ssl.SSLError) as exc:
-        raise PeerClosedError(f"connection to peer {peer} broke: {exc}", peer) from exc
-    if r == 0:
-        raise PeerClosedError(f"peer {peer} closed the connection", peer)
-    return r
+    return recv_some(sock, view, deadline, peer)
 
 
 def _recv_into(sock: socket.socket, view: memoryview, deadline: float, peer: str | None) -> None:
@@ -99,11 +88,12 @@ class FrameReader:
         self._view = memoryview(self._buf)
         self._start = self._end = 0  # buffered bytes: _buf[_start:_end]
 
-    def read(self, deadline: float, body_timeout: float | None = None) -> Frame:
+    def read(self, deadline: float, body_timeout: float | None = None, poll_s: float = 0.0) -> Frame:
         """One frame: its header is validated before its payload is allocated; the payload must arrive by
-        ``deadline``, or within ``body_timeout`` seconds of the header when given."""
+        ``deadline``, or within ``body_timeout`` seconds of the header when given. The wait for the frame's first
+        bytes busy-polls for up to ``poll_s`` seconds (``poll.recv_some``)."""
         while self._end - self._start < HEADER_SIZE:
-            self._fill(deadline)
+            self._fill(deadline, poll_s)
         start = self._start
         h = decode_header(self._view[start:start + HEADER_SIZE], self.model, self.limits)
         start += HEADER_SIZE
@@ -122,12 +112,12 @@ class FrameReader:
             _recv_into(self.sock, memoryview(payload)[have:], deadline, self.peer)
         return decode_body(h, payload, self.model)
 
-    def _fill(self, deadline: float) -> None:
+    def _fill(self, deadline: float, poll_s: float = 0.0) -> None:
         if self._start and len(self._buf) - self._start < HEADER_SIZE:  # too little room left: move to the front
             n = self._end - self._start
             self._buf[:n] = self._buf[self._start:self._end]
             self._start, self._end = 0, n
-        self._end += _recv_some(self.sock, self._view[self._end:], deadline, self.peer)
+        self._end += recv_some(self.sock, self._view[self._end:], deadline, self.peer, poll_s)
 
 
 @dataclass(frozen=True)
@@ -220,11 +210,12 @@ class Channel:
             self._lock.release()
             raise
 
-    def finish(self, request_id: int, deadline: float) -> Frame:
-        """Receives the answer to ``request_id`` and releases the channel. Any error closes the channel."""
+    def finish(self, request_id: int, deadline: float, poll_s: float = 0.0) -> Frame:
+        """Receives the answer to ``request_id`` (busy-polling for up to ``poll_s`` seconds first:
+        ``poll.recv_some``) and releases the channel. Any error closes the channel."""
         try:
             assert self._reader is not None
-            f = self._reader.read(deadline)
+            f = self._reader.read(deadline, poll_s=poll_s)
             if f.request_id != request_id:
                 raise ProtocolError(f"peer {self.peer_id} answered request {f.request_id}, expected {request_id}")
             return f

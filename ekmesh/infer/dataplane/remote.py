@@ -44,6 +44,7 @@ from ekmesh.infer.dataplane.frames import (
     as_numpy,
     encode_request,
 )
+from ekmesh.infer.dataplane.poll import MAX_POLL_S, Registration
 from ekmesh.infer.experts import ExpertWeights, LocalExperts
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,11 @@ class RemoteExperts:
     # --- the backend ---------------------------------------------------------------------------------------------
     def __call__(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
+        with Registration():  # while another data-plane call or connection of this process is active: no polling
+            return self._call(layer, hidden, expert_ids, weights)
+
+    def _call(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+              weights: torch.Tensor) -> torch.Tensor:
         # Bookkeeping in numpy over flat pair indices (pair i = token i // k, choice i % k): a decode step's dispatch
         # is a few microseconds of vectorised work instead of dozens of small torch ops (each of which costs
         # microseconds, more on a core that just woke up from waiting for the previous answer).
@@ -327,7 +333,7 @@ class RemoteExperts:
 
     def _finish(self, s: _Sent) -> torch.Tensor:
         try:
-            f: Frame = s.channel.finish(s.request_id, s.deadline)
+            f: Frame = s.channel.finish(s.request_id, s.deadline, poll_s=MAX_POLL_S)
         except BaseException:
             with self._lock:
                 self._stat(s.peer).in_flight -= 1

@@ -53,6 +53,7 @@ from ekmesh.infer.dataplane.frames import (
     encode_ping,
     response_buffer,
 )
+from ekmesh.infer.dataplane.poll import MAX_POLL_S, Registration
 from ekmesh.infer.experts import ExpertNotLoadedError, LocalExperts
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,9 @@ class ExpertServer:
     def __init__(self, backend: LocalExperts, identity: TlsIdentity, pins: Pins, limits: ModelLimits,
                  host: str = "127.0.0.1", port: int = 0, frame_limits: FrameLimits = DEFAULT_LIMITS,
                  timeouts: ServerTimeouts = ServerTimeouts(), max_pending: int = 64,
-                 max_batch_pairs: int = 1 << 16) -> None:
+                 max_batch_pairs: int = 1 << 16, poll_s: float = MAX_POLL_S) -> None:
         self.backend = backend
+        self.poll_s = poll_s
         self.identity = identity
         self.pins = pins
         self.model = limits
@@ -189,7 +191,7 @@ class ExpertServer:
             log.debug("data channel from peer %s (%s) open", conn.peer, conn.addr)
             if _same_host(conn.sock):
                 _no_wakeup_preemption()
-            with torch.inference_mode():  # once per connection thread (thread-local), not once per request
+            with torch.inference_mode(), Registration():  # inference mode: once per thread, not per request
                 self._read_loop(conn)
         finally:
             with self._cv:
@@ -211,8 +213,9 @@ class ExpertServer:
     def _read_loop(self, conn: _Conn) -> None:
         reader = FrameReader(conn.sock, self.model, self.frame_limits, conn.peer)
         while not self._stopping:
-            try:
-                f = reader.read(time.monotonic() + self.timeouts.idle_s, body_timeout=self.timeouts.body_s)
+            try:  # the next layer's frame is usually close behind an answer: poll for it a while (poll.py)
+                f = reader.read(time.monotonic() + self.timeouts.idle_s, body_timeout=self.timeouts.body_s,
+                                poll_s=self.poll_s)
                 if f.kind not in (Kind.REQUEST, Kind.PING):
                     raise ProtocolError(f"unexpected {f.kind.name} frame from a client")
             except ProtocolError as exc:

@@ -1,0 +1,131 @@
+"""Busy-polling for data-plane answers: waiting on a socket without letting the core go to sleep.
+
+A decode step makes one dependent round trip per MoE layer, and on a virtual machine most of a small round trip is
+the cost of waking sleeping cores, not moving bytes: on this project's 2-core VM a 4 KiB TCP echo between two
+processes takes ~100 µs when both block in ``recv`` and ~12 µs when both poll (``benchmarks/mesh_overhead.py``
+prints both baselines). So a thread that expects an answer soon polls its socket (non-blocking reads, yielding the
+core between them) for a bounded time before it blocks: the attention host while its frames are out, an expert
+server for a short while after each answer (the next layer's frame is usually a few hundred microseconds away).
+
+Polling costs CPU and, in Python, the GIL: a polling thread retakes the GIL after every read, so another thread of
+the same process that wants it can wait up to the interpreter's switch interval. Hence the rules:
+- only where the process has at most one *registered* data-plane thread (``Registration``: an attention-host call in
+  flight or an expert-server connection) — several conversations at once, or a node that hosts attention and serves
+  other peers' frames too, never poll;
+- never on a one-core machine (the thread we wait for would need the core we burn);
+- never past the caller's deadline nor past ``EKMESH_POLL_US`` microseconds (default 3000; 0 turns polling off).
+
+Invariants: ``recv_some`` returns at least one byte or raises exactly what a blocking read would (EOF, timeout,
+broken connection as ``PeerClosedError``); it leaves the socket with a timeout set (never non-blocking).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+
+from ekmesh.core.errors import ConfigError, PeerClosedError
+
+
+def budget(env: str | None = None, cpus: int | None = None) -> float:
+    """Seconds a wait may poll: ``EKMESH_POLL_US`` (default 3000) µs, 0 on a one-core machine."""
+    raw = os.environ.get("EKMESH_POLL_US", "3000") if env is None else env
+    try:
+        us = float(raw)
+    except ValueError:
+        us = -1.0
+    if not 0 <= us <= 1e6:  # also refuses nan
+        raise ConfigError(f"EKMESH_POLL_US must be a number of microseconds in [0, 1000000], got {raw!r}")
+    n = (os.cpu_count() or 1) if cpus is None else cpus
+    return us * 1e-6 if n >= 2 else 0.0
+
+
+MAX_POLL_S = budget()  # at most this long polling per wait (0: never)
+
+
+@dataclass
+class PollStats:
+    """How waits ended, process-wide (approximate under concurrency: plain increments)."""
+
+    polled: int = 0  # data arrived while polling
+    blocked: int = 0  # data arrived in a blocking read (polling not allowed, or its time ran out)
+
+
+STATS = PollStats()
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError)
+
+
+class _Registry:
+    """Counts the threads of this process that do data-plane I/O; polling is allowed while there is one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.count += n
+
+
+_REGISTRY = _Registry()
+
+
+class Registration:
+    """``with Registration():`` around a data-plane call or connection: while two overlap, neither polls."""
+
+    def __enter__(self) -> Registration:
+        _REGISTRY.add(1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _REGISTRY.add(-1)
+
+
+def may_poll() -> bool:
+    return MAX_POLL_S > 0 and _REGISTRY.count <= 1
+
+
+def recv_some(sock: socket.socket, view: memoryview, deadline: float, peer: str | None,
+              poll_s: float = 0.0) -> int:
+    """At least one byte into ``view`` before ``deadline`` (monotonic). Polls first for up to ``poll_s`` seconds
+    (bounded by ``MAX_POLL_S`` and the rules above), then blocks. EOF or timeout: ``PeerClosedError``."""
+    now = time.monotonic()
+    if poll_s > 0 and may_poll():
+        until = min(deadline, now + min(poll_s, MAX_POLL_S))
+        sock.settimeout(0.0)
+        try:
+            while True:
+                try:
+                    r = sock.recv_into(view)
+                except _WOULD_BLOCK:
+                    if time.monotonic() >= until or not may_poll():
+                        break
+                    os.sched_yield()  # lets a runnable thread of any process have this core
+                    continue
+                except (OSError, ssl.SSLError) as exc:
+                    raise PeerClosedError(f"connection to peer {peer} broke: {exc}", peer) from exc
+                if r == 0:
+                    raise PeerClosedError(f"peer {peer} closed the connection", peer)
+                STATS.polled += 1
+                return r
+        finally:
+            sock.settimeout(max(1e-3, deadline - time.monotonic()))
+        now = time.monotonic()
+    left = deadline - now
+    if left <= 0:
+        raise PeerClosedError(f"timed out waiting for data from peer {peer}", peer)
+    sock.settimeout(left)
+    try:
+        r = sock.recv_into(view)
+    except TimeoutError as exc:
+        raise PeerClosedError(f"timed out waiting for data from peer {peer}", peer) from exc
+    except (OSError, ssl.SSLError) as exc:
+        raise PeerClosedError(f"connection to peer {peer} broke: {exc}", peer) from exc
+    if r == 0:
+        raise PeerClosedError(f"peer {peer} closed the connection", peer)
+    STATS.blocked += 1
+    return r

@@ -1,0 +1,139 @@
+"""Busy-polling reads (``poll.recv_some``) on real sockets: plain TCP and pinned TLS 1.3 on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from ekmesh.core.errors import ConfigError, PeerClosedError
+from ekmesh.core.tls import TlsIdentity, make_context
+from ekmesh.infer.dataplane import poll
+
+
+@pytest.fixture
+def polling(monkeypatch):
+    monkeypatch.setattr(poll, "MAX_POLL_S", 0.5)
+    monkeypatch.setattr(poll, "_REGISTRY", poll._Registry())  # threads of other tests do not count
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    srv = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(srv.getsockname())
+    b, _ = srv.accept()
+    srv.close()
+    return a, b
+
+
+def later(delay: float, fn, *args) -> threading.Thread:
+    def run() -> None:
+        time.sleep(delay)
+        fn(*args)
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_budget_parses_and_refuses_garbage():
+    assert poll.budget("2500", cpus=4) == pytest.approx(2.5e-3)
+    assert poll.budget("0", cpus=4) == 0.0
+    assert poll.budget("2500", cpus=1) == 0.0  # one core: the peer we wait for would need it
+    for bad in ("abc", "-1", "nan", "2e6"):
+        with pytest.raises(ConfigError, match=r"EKMESH_POLL_US must be a number of microseconds in \[0, 1000000\]"):
+            poll.budget(bad, cpus=4)
+
+
+@pytest.mark.timeout(30)
+def test_polled_read_gets_the_bytes_and_leaves_a_blocking_socket(polling):
+    a, b = tcp_pair()
+    buf = bytearray(64)
+    before = poll.STATS.polled
+    t = later(0.02, b.sendall, b"hello")
+    n = poll.recv_some(a, memoryview(buf), time.monotonic() + 10, "peer", poll_s=0.4)
+    t.join()
+    assert bytes(buf[:n]) == b"hello"
+    assert poll.STATS.polled == before + 1
+    timeout = a.gettimeout()
+    assert timeout is not None and timeout > 0  # not left non-blocking
+    a.close()
+    b.close()
+
+
+@pytest.mark.timeout(30)
+def test_poll_time_runs_out_then_blocking_read_gets_the_bytes(polling):
+    a, b = tcp_pair()
+    buf = bytearray(64)
+    before = poll.STATS.blocked
+    t = later(0.2, b.sendall, b"late")
+    n = poll.recv_some(a, memoryview(buf), time.monotonic() + 10, "peer", poll_s=0.01)
+    t.join()
+    assert bytes(buf[:n]) == b"late"
+    assert poll.STATS.blocked == before + 1
+    a.close()
+    b.close()
+
+
+@pytest.mark.timeout(30)
+def test_eof_and_deadline_while_polling(polling):
+    a, b = tcp_pair()
+    buf = bytearray(8)
+    later(0.02, b.close).join()
+    with pytest.raises(PeerClosedError, match="peer p1 closed the connection"):
+        poll.recv_some(a, memoryview(buf), time.monotonic() + 10, "p1", poll_s=0.4)
+    a.close()
+    a, b = tcp_pair()
+    with pytest.raises(PeerClosedError, match="timed out waiting for data from peer p2"):
+        poll.recv_some(a, memoryview(buf), time.monotonic() + 0.05, "p2", poll_s=0.4)  # deadline inside the poll
+    a.close()
+    b.close()
+
+
+@pytest.mark.timeout(30)
+def test_two_registered_threads_never_poll(polling):
+    a, b = tcp_pair()
+    buf = bytearray(8)
+    before = (poll.STATS.polled, poll.STATS.blocked)
+    with poll.Registration():
+        assert poll.may_poll()
+        with poll.Registration():
+            assert not poll.may_poll()
+            t = later(0.02, b.sendall, b"x")
+            assert poll.recv_some(a, memoryview(buf), time.monotonic() + 10, "peer", poll_s=0.4) == 1
+            t.join()
+        assert poll.may_poll()
+    assert (poll.STATS.polled, poll.STATS.blocked) == (before[0], before[1] + 1)
+    a.close()
+    b.close()
+
+
+@pytest.mark.timeout(30)
+def test_polled_read_through_tls(polling):
+    """A TLS socket that has no whole record yet raises SSLWantReadError when non-blocking: polled past it."""
+    server_id, client_id = TlsIdentity.generate("server"), TlsIdentity.generate("client")
+    raw_a, raw_b = tcp_pair()
+    out: dict[str, socket.socket] = {}
+
+    def accept() -> None:
+        out["b"] = make_context(server_id, server=True).wrap_socket(raw_b, server_side=True)
+
+    t = threading.Thread(target=accept)
+    t.start()
+    a = make_context(client_id, server=False).wrap_socket(raw_a)
+    t.join()
+    a.sendall(b"ping")  # completes the server's side of the handshake
+    assert out["b"].recv(4) == b"ping"
+    buf = bytearray(1 << 16)
+    before = poll.STATS.polled
+    payload = bytes(range(256)) * 40  # 10 KiB: one TLS record
+    t = later(0.02, out["b"].sendall, payload)
+    got = bytearray()
+    while len(got) < len(payload):
+        n = poll.recv_some(a, memoryview(buf), time.monotonic() + 10, "server", poll_s=0.4)
+        got += buf[:n]
+    t.join()
+    assert bytes(got) == payload
+    assert poll.STATS.polled > before
+    a.close()
+    out["b"].close()
