@@ -2,10 +2,11 @@
 bytes, measured in one run (part 1 of the Inference issue's mesh benchmark; parts 2 and 3, tokens/s of real nodes
 on loopback and on emulated links, are ``mesh_tokens.py``).
 
-Three server subprocesses on 127.0.0.1: a raw TCP server that reads a request of N bytes and answers M bytes, the
-same over a pinned TLS 1.3 socket (the encryption floor: no framing, no validation, no compute), and an
-``ExpertServer`` (TLS 1.3, pinned certificates) holding every expert of one layer. The client sends exactly the
-frame bytes ``RemoteExperts`` sends; the baselines move the same N and M bytes. The three round trips alternate
+Four server subprocesses on 127.0.0.1: a raw TCP server that reads a request of N bytes and answers M bytes, the
+same over a pinned TLS 1.3 socket (the encryption floor: no framing, no validation, no compute), the raw server
+again with both of its ends waiting the way the data plane waits (busy-polling, ``infer/dataplane/poll.py``), and
+an ``ExpertServer`` (TLS 1.3, pinned certificates) holding every expert of one layer. The client sends exactly the
+frame bytes ``RemoteExperts`` sends; the baselines move the same N and M bytes. The four round trips alternate
 within each iteration, so they see the same load.
 
 Shapes (``--shape``): ``wide`` (default): hidden 2048, bf16 on the wire, top-8 of 8 experts with a tiny intermediate
@@ -18,7 +19,9 @@ time inside the backend call only (``aux`` of each response).
 
 Headline: ``median(dataplane - server compute) / median(raw)`` (differences taken per iteration), the plane's own
 overhead (routing bookkeeping, framing, TLS, validation, server hand-off, weighting, combine). Goal ≤ 1.5×. Also
-printed: the TLS-only round trip over raw, and ``dataplane / raw`` with compute.
+printed: the TLS-only round trip over raw, ``dataplane / raw`` with compute, and the overhead over the polled raw
+round trip (the data plane polls, so on a machine where waking a sleeping core is expensive, a blocking raw round
+trip carries wake-up costs the data plane avoids; this ratio leaves them out of both sides).
 """
 
 from __future__ import annotations
@@ -52,8 +55,18 @@ def _limits(shape: str):  # type: ignore[no-untyped-def]
     return ModelLimits(num_layers=1, num_experts=e, hidden=d, moe_layers=(True,))
 
 
-def serve_raw(client_fp: str) -> None:
-    """Reads (n, m) u32 then n bytes, answers m bytes; repeats. Over pinned TLS 1.3 when ``client_fp`` is set."""
+def _recv_into(sock: socket.socket, view: memoryview, polled: bool) -> int:
+    """One read; ``polled``: as the data plane waits (``poll.recv_some``: busy-polls up to ``EKMESH_POLL_US``)."""
+    if not polled:
+        return sock.recv_into(view)
+    from ekmesh.infer.dataplane.poll import MAX_POLL_S, recv_some
+
+    return recv_some(sock, view, time.monotonic() + 60, "bench", MAX_POLL_S)
+
+
+def serve_raw(client_fp: str, polled: bool = False) -> None:
+    """Reads (n, m) u32 then n bytes, answers m bytes; repeats. Over pinned TLS 1.3 when ``client_fp`` is set;
+    waiting for each request as the data plane does when ``polled``."""
     from ekmesh.core.tls import TlsIdentity, check_peer_cert, make_context
 
     srv = socket.create_server(("127.0.0.1", 0))
@@ -70,14 +83,17 @@ def serve_raw(client_fp: str) -> None:
         head = bytearray(8)
         got = 0
         while got < 8:
-            r = conn.recv_into(memoryview(head)[got:])
+            try:
+                r = _recv_into(conn, memoryview(head)[got:], polled)
+            except OSError:  # (PeerClosedError is one)
+                return
             if r == 0:
                 return
             got += r
         n, m = struct.unpack("<II", head)
         got = 0
         while got < n:
-            got += conn.recv_into(view[got:n])
+            got += _recv_into(conn, view[got:n], polled)
         conn.sendall(view[:m])
 
 
@@ -118,24 +134,24 @@ def _connect(info: dict[str, Any], me: Any = None) -> socket.socket:
     return tls
 
 
-def _round_trip(sock: socket.socket, n: int, m: int, buf: bytearray) -> None:
+def _round_trip(sock: socket.socket, n: int, m: int, buf: bytearray, polled: bool = False) -> None:
     sock.sendall(struct.pack("<II", n, m) + bytes(n))
     got = 0
     while got < m:
-        got += sock.recv_into(memoryview(buf)[got:m])
+        got += _recv_into(sock, memoryview(buf)[got:m], polled)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--serve", choices=["raw", "tls", "experts"])
+    ap.add_argument("--serve", choices=["raw", "polled", "tls", "experts"])
     ap.add_argument("--client-fp", default="")
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="wide")
     ap.add_argument("--expert-dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if args.serve in ("raw", "tls"):
-        return serve_raw(args.client_fp if args.serve == "tls" else "")
+    if args.serve in ("raw", "polled", "tls"):
+        return serve_raw(args.client_fp if args.serve == "tls" else "", polled=args.serve == "polled")
     if args.serve == "experts":
         return serve_experts(args.client_fp, args.shape, DTYPES[args.expert_dtype])
 
@@ -148,14 +164,14 @@ def main() -> None:
     fp = me.fingerprint.hex()
     procs = [_spawn("--serve", "experts", "--client-fp", fp, "--shape", args.shape,
                     "--expert-dtype", args.expert_dtype), _spawn("--serve", "raw"),
-             _spawn("--serve", "tls", "--client-fp", fp)]
-    (_, einfo), (_, rinfo), (_, tinfo) = procs
+             _spawn("--serve", "tls", "--client-fp", fp), _spawn("--serve", "polled")]
+    (_, einfo), (_, rinfo), (_, tinfo), (_, pinfo) = procs
     results = []
     try:
         pins = {"server": bytes.fromhex(str(einfo["fingerprint"]))}.get
         pool = ChannelPool(me, pins, lambda p: ("127.0.0.1", int(str(einfo["port"]))), _limits(args.shape))
         remote = RemoteExperts(_limits(args.shape), None, lambda layer, e: ["server"], pool)
-        raw, tls = _connect(rinfo), _connect(tinfo, me)
+        raw, tls, polled = _connect(rinfo), _connect(tinfo, me), _connect(pinfo)
         rbuf = bytearray(64 << 20)
         wname = str(wire).removeprefix("torch.")
         if not args.json:
@@ -168,7 +184,7 @@ def main() -> None:
             w = torch.softmax(torch.randn(t, k, generator=g), -1).to(wire)  # [T, K]
             n = 44 + t * k * 12 + t * d * wire.itemsize  # request frame bytes (all T*K pairs to the one peer)
             m = 44 + t * d * wire.itemsize  # response frame bytes
-            dp, rw, tl, cp = [], [], [], []  # per iteration: data plane, raw, TLS, server compute (seconds)
+            dp, rw, tl, cp, pl = [], [], [], [], []  # per iteration: data plane, raw, TLS, compute, raw polled (s)
             for i in range(args.iters + 50):
                 c0 = remote.stats()["server"].server_compute_s if i else 0.0
                 t0 = time.perf_counter()
@@ -178,18 +194,21 @@ def main() -> None:
                 t2 = time.perf_counter()
                 _round_trip(tls, n, m, rbuf)
                 t3 = time.perf_counter()
+                _round_trip(polled, n, m, rbuf, polled=True)
+                t4 = time.perf_counter()
                 if i >= 50:  # warm-up excluded
                     dp.append(t1 - t0)
                     rw.append(t2 - t1)
                     tl.append(t3 - t2)
+                    pl.append(t4 - t3)
                     cp.append(remote.stats()["server"].server_compute_s - c0)
             # medians of per-iteration values: the overhead is the median of (round trip - that trip's compute)
-            dm, r, tm, compute = (statistics.median(x) for x in (dp, rw, tl, cp))
+            dm, r, tm, compute, pm = (statistics.median(x) for x in (dp, rw, tl, cp, pl))
             over = statistics.median(x - c for x, c in zip(dp, cp, strict=True))
             res = {"case": name, "tokens": t, "request_bytes": n, "answer_bytes": m, "raw_us": r * 1e6,
                    "tls_us": tm * 1e6, "dataplane_us": dm * 1e6, "server_compute_us": compute * 1e6,
                    "overhead_us": over * 1e6, "overhead_ratio": over / r, "tls_ratio": tm / r,
-                   "ratio_with_compute": dm / r}
+                   "ratio_with_compute": dm / r, "raw_polled_us": pm * 1e6, "overhead_vs_polled": over / pm}
             results.append(res)
             if not args.json:
                 print(f"{name:20s} overhead ratio (compute excluded) {over / r:5.2f}× | raw {r * 1e6:7.1f} µs | "
@@ -198,6 +217,7 @@ def main() -> None:
                       f"request {n} B, answer {m} B")
         raw.close()
         tls.close()
+        polled.close()
         pool.close()
     finally:
         for p, _ in procs:

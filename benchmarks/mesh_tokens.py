@@ -22,7 +22,13 @@ the mean round trip of a plain TCP exchange of the data plane's decode frame siz
 and a holder's, measured through the same link in the same run. Goals: loopback mesh ≥ 0.7× one process; on the
 emulated links time per token ≤ 1.2× the floor.
 
-    python benchmarks/mesh_tokens.py [--links loopback,lan,wifi] [--tokens 64] [--repeats 3] [--json]
+    python benchmarks/mesh_tokens.py [--links loopback,lan,wifi] [--layout remote|spread] [--tokens 64]
+                                     [--repeats 3] [--json]
+
+``--layout spread`` gives the attention host its placement share of the experts too (a third, R = 1, as the demo
+does): it then computes its own pairs while its frames are out, and a token whose experts are all its own makes
+no round trip at that layer; the floor above still counts a round trip per MoE layer, so for this layout only the
+ratio to one process is meaningful.
 
 Needs root, iproute2 and either sch_netem or /dev/net/tun for ``lan``/``wifi``. Creates and always deletes its own
 namespaces (``ekb<pid>…``) and temporary homes.
@@ -59,7 +65,10 @@ LINKS: dict[str, tuple[float, float, float] | None] = {  # per sending node: del
     "loopback": None, "lan": (0.5e-3, 0.0, 1e9), "wifi": (3e-3, 1e-3, 300e6)}
 PROMPT = "And God said, Let there be light: and there was light. And God saw the light, that it was good:"
 NODES = ("host", "a", "b")  # the attention host, two expert holders
-ROLE = {"host": ["--no-experts"], "a": ["--no-attention"], "b": ["--no-attention"]}
+ROLES = {  # --layout: remote (the attention host holds no expert: every MoE layer goes out) or spread (the host also
+    # holds its placement share, a third, as in ``ekmesh demo``: it computes those pairs while the frames are out)
+    "remote": {"host": ["--no-experts"], "a": ["--no-attention"], "b": ["--no-attention"]},
+    "spread": {"host": ["--attention"], "a": ["--no-attention"], "b": ["--no-attention"]}}
 
 
 # -- processes ------------------------------------------------------------------------------------------------
@@ -380,7 +389,8 @@ def run_link(link: str, args: argparse.Namespace, one: str, facts: dict[str, int
             argv = [sys.executable, "-m", "ekmesh.cli", "join", "--json", "--name", f"bench-{n}", "--model",
                     "builtin", "--listen", f"/ip4/{ip}/tcp/0", "--no-mdns", "--no-dht", "--no-relay",
                     "--no-reserve", "--exit-with-parent", "--mesh-key-file", str(key), "--api-port", "0",
-                    "--replicas", "1", "--advert-interval", "1", *ROLE[n], *(["--peer", first] if first else [])]
+                    "--replicas", "1", "--advert-interval", "1", *ROLES[args.layout][n],
+                    *(["--peer", first] if first else [])]
             p = nodes[n] = Proc(argv, net.ns[n] if net else None, home, tmp / f"{link}-{n}.log")
             procs.append(p)
             hello = p.json(60)
@@ -391,7 +401,7 @@ def run_link(link: str, args: argparse.Namespace, one: str, facts: dict[str, int
         driver = Proc(me("--drive", str(tmp / f"{link}-host")), host_ns, log=tmp / f"{link}-driver.log")
         procs.append(driver)
         ready = driver.ask(args.ready_timeout + 10, op="ready", nodes=len(NODES), timeout=args.ready_timeout)
-        assert ready["loaded_experts"] == 0, ready
+        assert (ready["loaded_experts"] == 0) == (args.layout == "remote"), ready
         echo_p = Proc(me("--echo"), net.ns["a"] if net else None, log=tmp / f"{link}-echo.log")
         procs.append(echo_p)
         port = echo_p.json(30)["port"]
@@ -438,6 +448,7 @@ def main() -> None:
     ap.add_argument("--rtt-samples", type=int, default=200)
     ap.add_argument("--emulator", choices=["auto", "netem", "tun"], default="auto")
     ap.add_argument("--ready-timeout", type=float, default=180)
+    ap.add_argument("--layout", choices=sorted(ROLES), default="remote")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--forward", help=argparse.SUPPRESS)
     ap.add_argument("--drive", help=argparse.SUPPRESS)
@@ -470,12 +481,13 @@ def main() -> None:
         one.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
-        print(json.dumps({"model": facts, "tokens": args.tokens, "repeats": args.repeats,
+        print(json.dumps({"model": facts, "layout": args.layout, "tokens": args.tokens, "repeats": args.repeats,
                           "emulator": args.emulator, "results": results}, indent=1))
 
 
 def report(r: dict[str, Any], facts: dict[str, int], args: argparse.Namespace) -> None:
     link = r["link"] if not r["emulated"] else f"{r['link']} ({args.emulator})"
+    link += "" if args.layout == "remote" else f", {args.layout}"
     print(f"{link}: mesh {r['mesh_tok_s']:.1f} tok/s vs one process {r['one_process_tok_s']:.1f} tok/s = "
           f"{r['ratio_mesh_vs_one']:.2f}× | {r['mesh_ms_per_token']:.2f} ms/token vs floor "
           f"{r['floor_ms_per_token']:.2f} ms ({facts['moe_layers']} × RTT {r['rtt_mean_ms']:.3f} ms + "

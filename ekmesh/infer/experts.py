@@ -200,6 +200,9 @@ class LocalExperts:
             self._packs.pop(layer, None)
 
     def has(self, layer: int, expert: int) -> bool:
+        pack = self._packs.get(layer)  # a built pack is replaced whole, never changed: no lock (the hot path)
+        if pack is not None:
+            return expert in pack.index
         with self._lock:
             pack = self._packs.get(layer)
             if pack is not None:

@@ -52,6 +52,7 @@ from ekmesh.infer.dataplane.frames import (
     encode_error,
     encode_ping,
     response_buffer,
+    response_from,
 )
 from ekmesh.infer.dataplane.poll import MAX_POLL_S, Registration
 from ekmesh.infer.experts import ExpertNotLoadedError, LocalExperts
@@ -380,8 +381,11 @@ class ExpertServer:
         t0 = time.perf_counter()
         y = be(f.layer, x, e, w)  # [T, D]: per token, sum of weight * expert(x) over its pairs (fp32, then be.dtype)
         us = int((time.perf_counter() - t0) * 1e6)
-        job.answer, view = response_buffer(f.request_id, f.layer, t, d, f.dtype, us)
-        view.copy_(y)
+        if y.dtype is f.dtype and self._on_cpu and y.is_contiguous():
+            job.answer = response_from(f.request_id, f.layer, y, us)
+        else:
+            job.answer, view = response_buffer(f.request_id, f.layer, t, d, f.dtype, us)
+            view.copy_(y)  # cast to the wire dtype (and moved to the host) straight into the frame
         job.done = True
 
     def _compute_held(self, batch: list[_Job]) -> None:
