@@ -127,6 +127,11 @@ class _LayerPack:
 
     def __post_init__(self) -> None:
         self.index = {e: s for s, e in enumerate(self.experts)}  # global expert id -> slot, without a torch call
+        # per slot: views of its weights (gate_up [2I, D], down [D, I], biases or None), made once here so that
+        # a decode step does not index the stacks (a torch call each) on every pair
+        gb, db = self.gate_up_bias, self.down_bias
+        self.rows = [(self.gate_up[s], self.down[s], None if gb is None else gb[s], None if db is None else db[s])
+                     for s in range(len(self.experts))]
 
 
 class LocalExperts:
@@ -282,7 +287,7 @@ class LocalExperts:
         pack = self._pack(layer)
         t, k = expert_ids.shape
         if t * k <= SMALL_PAIRS and not self.graph_mode and not hidden.is_cuda:
-            return self._few(layer, pack, hidden, expert_ids, weights)
+            return self._few(layer, pack, hidden, expert_ids.tolist(), weights)
         flat = expert_ids.reshape(-1)  # [T*k]
         slots = pack.slot_of[flat]  # [T*k]
         if not self.graph_mode:
@@ -308,25 +313,36 @@ class LocalExperts:
         unsorted[order] = y  # [T*k, D] back in (token, choice) order
         return unsorted.view(t, k, -1).sum(dim=1).to(hidden.dtype)  # [T, D]
 
-    def _few(self, layer: int, pack: _LayerPack, hidden: torch.Tensor, expert_ids: torch.Tensor,
+    def few(self, layer: int, hidden: torch.Tensor, expert_rows: list[list[int]],
+            weights: torch.Tensor) -> torch.Tensor:
+        """What ``__call__`` returns for a few pairs on the CPU (``len(expert_rows) * k <= SMALL_PAIRS``), with the
+        expert ids of each token as Python lists (an expert server has them so: no tensor round trip)."""
+        return self._few(layer, self._pack(layer), hidden, expert_rows, weights)
+
+    def _few(self, layer: int, pack: _LayerPack, hidden: torch.Tensor, expert_rows: list[list[int]],
              weights: torch.Tensor) -> torch.Tensor:
         """A decode step on CPU (a few pairs): each pair's expert on its token row, without the sort, gathers and
         scatters of the grouped path (half the time at the built-in model's shape). An expert chosen by one pair
         gets the same ``F.linear`` calls on the same row as in ``_grouped_loop``, so decode results are bitwise
-        those of the grouped path; the weighting and the sum over k are the same ops."""
-        t, k = expert_ids.shape
+        those of the grouped path; the weighting and the sum over k are the same ops. Casts that would not
+        change the dtype are skipped (each is a torch call, and they return their input unchanged)."""
+        t, k = len(expert_rows), len(expert_rows[0])
         ys = []
-        for i, row in enumerate(expert_ids.tolist()):
-            x = hidden[i:i + 1]  # [1, D]
+        index, rows, spec = pack.index, pack.rows, self.spec
+        for i, row in enumerate(expert_rows):
+            x = hidden if t == 1 else hidden[i:i + 1]  # [1, D]
             for e in row:
-                s = pack.index.get(e)
+                s = index.get(e)
                 if s is None:
                     raise ExpertNotLoadedError(layer, e)
-                h = F.linear(x, pack.gate_up[s], None if pack.gate_up_bias is None else pack.gate_up_bias[s])
-                a = expert_activation(self.spec, h)  # [1, I]
-                ys.append(F.linear(a, pack.down[s], None if pack.down_bias is None else pack.down_bias[s]))
-        y = torch.cat(ys).float() * weights.reshape(-1, 1).float()  # [T*k, D] in (token, choice) order
-        return y.view(t, k, -1).sum(dim=1).to(hidden.dtype)  # [T, D]
+                gate_up, down, gate_up_bias, down_bias = rows[s]
+                a = expert_activation(spec, F.linear(x, gate_up, gate_up_bias))  # [1, I]
+                ys.append(F.linear(a, down, down_bias))
+        y = torch.cat(ys)  # [T*k, D] in (token, choice) order
+        w = weights.reshape(-1, 1)  # [T*k, 1]
+        y = (y if y.dtype is torch.float32 else y.float()) * (w if w.dtype is torch.float32 else w.float())
+        out = y.view(t, k, -1).sum(dim=1)  # [T, D] fp32
+        return out if out.dtype is hidden.dtype else out.to(hidden.dtype)
 
     def _gathered(self, pack: _LayerPack, x: torch.Tensor, slot_sorted: torch.Tensor) -> torch.Tensor:
         """Per pair, gathers its expert's weights and runs a batched matmul (few pairs: decode steps)."""

@@ -48,3 +48,19 @@ def test_few_pairs_name_a_missing_expert() -> None:
         be(3, torch.zeros(1, 32), torch.tensor([[1, 6]]), torch.ones(1, 2))
     assert "(layer=3, expert=6)" in str(info.value)
     assert be.has(3, 1) and not be.has(3, 6)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_few_with_list_ids_is_the_call_bit_for_bit(wdtype: torch.dtype) -> None:
+    """``LocalExperts.few`` (expert ids as Python lists, what an expert server has) returns exactly ``__call__``."""
+    spec = ExpertSpec(32, 16, 8, activation="gptoss", bias=True)
+    be = _backend(spec, list(range(8)))
+    g = torch.Generator().manual_seed(2)
+    for ids in ([[5, 2]], [[3]], [[1, 2], [2, 1], [1, 4]]):
+        x = torch.randn(len(ids), 32, generator=g)
+        w = torch.rand(len(ids), len(ids[0]), generator=g).to(wdtype)
+        want = be(3, x, torch.tensor(ids), w)
+        got = be.few(3, x, ids, w)
+        assert got.dtype == x.dtype and torch.equal(got, want), ids
+    with pytest.raises(ExpertNotLoadedError, match=r"\(layer=3, expert=6\)"):
+        _backend(spec, [0, 1]).few(3, torch.zeros(1, 32), [[0, 6]], torch.ones(1, 2))

@@ -55,6 +55,7 @@ from ekmesh.infer.dataplane.frames import (
     response_from,
 )
 from ekmesh.infer.dataplane.poll import MAX_POLL_S, Registration
+from ekmesh.infer.experts import SMALL_PAIRS as FEW_PAIRS
 from ekmesh.infer.experts import ExpertNotLoadedError, LocalExperts
 
 log = logging.getLogger(__name__)
@@ -372,14 +373,18 @@ class ExpertServer:
         t, d = f.hidden.shape
         k = f.pairs.shape[1] // t
         x = f.hidden  # [T, D]
-        e = torch.from_numpy(f.pairs[1].astype(np.int64).reshape(t, k))  # [T, k]
         w = torch.from_numpy(f.weights_np.reshape(t, k))  # [T, k] fp32
-        if not self._on_cpu:
-            e, w = e.to(be.device), w.to(be.device)
         if x.dtype is not be.dtype or not self._on_cpu:
             x = x.to(be.device, be.dtype)
+        few = self._on_cpu and t * k <= FEW_PAIRS and not be.graph_mode  # as ``be(...)`` decides
+        rows = f.pairs[1].reshape(t, k).tolist() if few else None  # decode: expert ids as lists, no tensor
+        if not few:
+            e = torch.from_numpy(f.pairs[1].astype(np.int64).reshape(t, k))  # [T, k]
+            if not self._on_cpu:
+                e, w = e.to(be.device), w.to(be.device)
         t0 = time.perf_counter()
-        y = be(f.layer, x, e, w)  # [T, D]: per token, sum of weight * expert(x) over its pairs (fp32, then be.dtype)
+        # [T, D]: per token, the sum of weight * expert(x) over its pairs (fp32, then be.dtype)
+        y = be.few(f.layer, x, rows, w) if rows is not None else be(f.layer, x, e, w)
         us = int((time.perf_counter() - t0) * 1e6)
         if y.dtype is f.dtype and self._on_cpu and y.is_contiguous():
             job.answer = response_from(f.request_id, f.layer, y, us)
