@@ -36,7 +36,7 @@ from ekmesh.infer.dataplane.frames import (
     decode_header,
     encode_ping,
 )
-from ekmesh.infer.dataplane.poll import recv_some
+from ekmesh.infer.dataplane.poll import Waits, recv_some
 
 RECV_BUFFER = 1 << 16  # per-socket receive buffer of a FrameReader (a TLS record is at most 16 KiB)
 
@@ -88,12 +88,16 @@ class FrameReader:
         self._view = memoryview(self._buf)
         self._start = self._end = 0  # buffered bytes: _buf[_start:_end]
 
-    def read(self, deadline: float, body_timeout: float | None = None, poll_s: float = 0.0) -> Frame:
+    def read(self, deadline: float, body_timeout: float | None = None, waits: Waits | None = None) -> Frame:
         """One frame: its header is validated before its payload is allocated; the payload must arrive by
-        ``deadline``, or within ``body_timeout`` seconds of the header when given. The wait for the frame's first
-        bytes busy-polls for up to ``poll_s`` seconds (``poll.recv_some``)."""
+        ``deadline``, or within ``body_timeout`` seconds of the header when given. With ``waits``, the wait for the
+        frame's first bytes busy-polls as long as they say and is recorded there (``poll.Waits``)."""
+        if waits is not None and self._end - self._start < HEADER_SIZE:
+            t0 = time.monotonic()
+            self._fill(deadline, waits.budget())
+            waits.note(time.monotonic() - t0)
         while self._end - self._start < HEADER_SIZE:
-            self._fill(deadline, poll_s)
+            self._fill(deadline)
         start = self._start
         h = decode_header(self._view[start:start + HEADER_SIZE], self.model, self.limits)
         start += HEADER_SIZE
@@ -210,12 +214,12 @@ class Channel:
             self._lock.release()
             raise
 
-    def finish(self, request_id: int, deadline: float, poll_s: float = 0.0) -> Frame:
-        """Receives the answer to ``request_id`` (busy-polling for up to ``poll_s`` seconds first:
-        ``poll.recv_some``) and releases the channel. Any error closes the channel."""
+    def finish(self, request_id: int, deadline: float, waits: Waits | None = None) -> Frame:
+        """Receives the answer to ``request_id`` (busy-polling first as ``waits`` say: ``poll.Waits``) and releases
+        the channel. Any error closes the channel."""
         try:
             assert self._reader is not None
-            f = self._reader.read(deadline, poll_s=poll_s)
+            f = self._reader.read(deadline, waits=waits)
             if f.request_id != request_id:
                 raise ProtocolError(f"peer {self.peer_id} answered request {f.request_id}, expected {request_id}")
             return f

@@ -7,13 +7,18 @@ prints both baselines). So a thread that expects an answer soon polls its socket
 core between them) for a bounded time before it blocks: the attention host while its frames are out, an expert
 server for a short while after each answer (the next layer's frame is usually a few hundred microseconds away).
 
+How long: each socket keeps its recent waits (``Waits``: the attention host's per peer, an expert server's per
+connection). When the typical (median) wait is longer than ``EKMESH_POLL_US`` (default 3000 µs) the thread blocks:
+waking a core costs little next to such a wait (a WiFi round trip), and the cores are better left to the peers'
+compute. Otherwise it polls for up to twice the typical wait (+ 0.2 ms), at most three times ``EKMESH_POLL_US``.
+
 Polling costs CPU and, in Python, the GIL: a polling thread retakes the GIL after every read, so another thread of
 the same process that wants it can wait up to the interpreter's switch interval. Hence the rules:
 - only where the process has at most one *registered* data-plane thread (``Registration``: an attention-host call in
   flight or an expert-server connection) — several conversations at once, or a node that hosts attention and serves
   other peers' frames too, never poll;
 - never on a one-core machine (the thread we wait for would need the core we burn);
-- never past the caller's deadline nor past ``EKMESH_POLL_US`` microseconds (default 3000; 0 turns polling off).
+- never past the caller's deadline nor past 3 × ``EKMESH_POLL_US``; ``EKMESH_POLL_US=0`` turns polling off.
 
 Invariants: ``recv_some`` returns at least one byte or raises exactly what a blocking read would (EOF, timeout,
 broken connection as ``PeerClosedError``); it leaves the socket with a timeout set (never non-blocking).
@@ -26,6 +31,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from ekmesh.core.errors import ConfigError, PeerClosedError
@@ -44,7 +50,8 @@ def budget(env: str | None = None, cpus: int | None = None) -> float:
     return us * 1e-6 if n >= 2 else 0.0
 
 
-MAX_POLL_S = budget()  # at most this long polling per wait (0: never)
+MAX_POLL_S = budget()  # the longest typical wait worth polling for (0: never poll)
+POLL_CAP_S = 3 * MAX_POLL_S  # the longest one wait polls
 
 
 @dataclass
@@ -85,6 +92,29 @@ class Registration:
         _REGISTRY.add(-1)
 
 
+class Waits:
+    """The recent waits (first byte of the next frame) on one socket, and how long the next one should poll."""
+
+    def __init__(self, n: int = 16, warmup: int = 4) -> None:
+        self._recent: deque[float] = deque(maxlen=n)
+        self.warmup = warmup
+
+    def note(self, seconds: float) -> None:
+        self._recent.append(seconds)
+
+    def budget(self) -> float:
+        """Seconds to poll before blocking (see the module docstring)."""
+        if MAX_POLL_S <= 0:
+            return 0.0
+        r = self._recent
+        if len(r) < self.warmup:
+            return MAX_POLL_S
+        typical = sorted(r)[len(r) // 2]
+        if typical > MAX_POLL_S:
+            return 0.0
+        return min(2 * typical + 2e-4, POLL_CAP_S)
+
+
 def may_poll() -> bool:
     return MAX_POLL_S > 0 and _REGISTRY.count <= 1
 
@@ -92,10 +122,10 @@ def may_poll() -> bool:
 def recv_some(sock: socket.socket, view: memoryview, deadline: float, peer: str | None,
               poll_s: float = 0.0) -> int:
     """At least one byte into ``view`` before ``deadline`` (monotonic). Polls first for up to ``poll_s`` seconds
-    (bounded by ``MAX_POLL_S`` and the rules above), then blocks. EOF or timeout: ``PeerClosedError``."""
+    (bounded by ``POLL_CAP_S`` and the rules above), then blocks. EOF or timeout: ``PeerClosedError``."""
     now = time.monotonic()
     if poll_s > 0 and may_poll():
-        until = min(deadline, now + min(poll_s, MAX_POLL_S))
+        until = min(deadline, now + min(poll_s, POLL_CAP_S))
         sock.settimeout(0.0)
         try:
             while True:

@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from ekmesh.infer.dataplane.frames import (
     as_numpy,
     encode_request,
 )
-from ekmesh.infer.dataplane.poll import MAX_POLL_S, Registration
+from ekmesh.infer.dataplane.poll import Registration, Waits
 from ekmesh.infer.experts import ExpertWeights, LocalExperts
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class PeerStats:
     server_compute_s: float = 0.0
     in_flight: int = 0
     down_until: float = 0.0
+    waits: Waits = field(default_factory=Waits)  # recent waits for this peer's answers: how long to poll
 
     @property
     def mean_rtt_s(self) -> float:
@@ -88,6 +89,7 @@ class _Sent:
     n_rows: int  # R
     started: float
     deadline: float
+    waits: Waits  # the peer's recent waits (polling budget)
 
 
 class RemoteExperts:
@@ -329,11 +331,11 @@ class RemoteExperts:
             with self._lock:
                 self._stat(peer).in_flight -= 1
             raise
-        return _Sent(peer, ch, rid, pairs, rows, t if rows is None else len(rows), now, deadline)
+        return _Sent(peer, ch, rid, pairs, rows, t if rows is None else len(rows), now, deadline, st.waits)
 
     def _finish(self, s: _Sent) -> torch.Tensor:
         try:
-            f: Frame = s.channel.finish(s.request_id, s.deadline, poll_s=MAX_POLL_S)
+            f: Frame = s.channel.finish(s.request_id, s.deadline, waits=s.waits)
         except BaseException:
             with self._lock:
                 self._stat(s.peer).in_flight -= 1

@@ -54,7 +54,7 @@ from ekmesh.infer.dataplane.frames import (
     response_buffer,
     response_from,
 )
-from ekmesh.infer.dataplane.poll import MAX_POLL_S, Registration
+from ekmesh.infer.dataplane.poll import Registration, Waits
 from ekmesh.infer.experts import SMALL_PAIRS as FEW_PAIRS
 from ekmesh.infer.experts import ExpertNotLoadedError, LocalExperts
 
@@ -106,9 +106,9 @@ class ExpertServer:
     def __init__(self, backend: LocalExperts, identity: TlsIdentity, pins: Pins, limits: ModelLimits,
                  host: str = "127.0.0.1", port: int = 0, frame_limits: FrameLimits = DEFAULT_LIMITS,
                  timeouts: ServerTimeouts = ServerTimeouts(), max_pending: int = 64,
-                 max_batch_pairs: int = 1 << 16, poll_s: float = MAX_POLL_S) -> None:
+                 max_batch_pairs: int = 1 << 16, poll: bool = True) -> None:
         self.backend = backend
-        self.poll_s = poll_s
+        self.poll = poll  # busy-poll for the next frame after an answer (``poll.py``)
         self.identity = identity
         self.pins = pins
         self.model = limits
@@ -214,10 +214,11 @@ class ExpertServer:
 
     def _read_loop(self, conn: _Conn) -> None:
         reader = FrameReader(conn.sock, self.model, self.frame_limits, conn.peer)
+        waits = Waits() if self.poll else None  # this connection's waits for its next frame
         while not self._stopping:
             try:  # the next layer's frame is usually close behind an answer: poll for it a while (poll.py)
                 f = reader.read(time.monotonic() + self.timeouts.idle_s, body_timeout=self.timeouts.body_s,
-                                poll_s=self.poll_s)
+                                waits=waits)
                 if f.kind not in (Kind.REQUEST, Kind.PING):
                     raise ProtocolError(f"unexpected {f.kind.name} frame from a client")
             except ProtocolError as exc:

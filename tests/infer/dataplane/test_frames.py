@@ -25,6 +25,7 @@ from ekmesh.infer.dataplane.frames import (
     encode_ping,
     encode_request,
     encode_response,
+    response_from,
 )
 
 MODEL = ModelLimits(num_layers=4, num_experts=8, hidden=16, moe_layers=(False, True, True, True))
@@ -48,7 +49,9 @@ def test_round_trip_exact(dtype):
     assert f.tokens.tolist() == tokens.tolist() and f.experts.tolist() == experts.tolist()
     assert torch.equal(f.weights, weights) and torch.equal(f.hidden, hidden)
     out = torch.randn(3, 16).to(dtype)
-    r = decode(encode_response(42, 2, out, compute_us=1234), MODEL)
+    data = encode_response(42, 2, out, compute_us=1234)
+    assert response_from(42, 2, out, compute_us=1234) == data  # the copying encoder writes the same bytes
+    r = decode(data, MODEL)
     assert (r.kind, r.aux, r.dtype) == (Kind.RESPONSE, 1234, dtype) and torch.equal(r.hidden, out)
     e = decode(encode_error(9, ErrorCode.NOT_HELD, "expert (layer=2, expert=5) is not held", 2, 5), MODEL)
     assert (e.kind, e.code, e.layer, e.aux, e.message) == (Kind.ERROR, ErrorCode.NOT_HELD, 2, 5,

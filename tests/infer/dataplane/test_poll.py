@@ -16,6 +16,7 @@ from ekmesh.infer.dataplane import poll
 @pytest.fixture
 def polling(monkeypatch):
     monkeypatch.setattr(poll, "MAX_POLL_S", 0.5)
+    monkeypatch.setattr(poll, "POLL_CAP_S", 1.5)
     monkeypatch.setattr(poll, "_REGISTRY", poll._Registry())  # threads of other tests do not count
 
 
@@ -43,6 +44,24 @@ def test_budget_parses_and_refuses_garbage():
     for bad in ("abc", "-1", "nan", "2e6"):
         with pytest.raises(ConfigError, match=r"EKMESH_POLL_US must be a number of microseconds in \[0, 1000000\]"):
             poll.budget(bad, cpus=4)
+
+
+def test_waits_poll_for_short_waits_and_block_for_long_ones(monkeypatch):
+    monkeypatch.setattr(poll, "MAX_POLL_S", 3e-3)
+    monkeypatch.setattr(poll, "POLL_CAP_S", 9e-3)
+    w = poll.Waits(n=8, warmup=4)
+    assert w.budget() == 3e-3  # nothing known yet: poll up to EKMESH_POLL_US
+    for s in (0.5e-3, 0.4e-3, 0.6e-3, 50.0):  # one long idle gap among short waits: the median ignores it
+        w.note(s)
+    assert w.budget() == pytest.approx(2 * 0.6e-3 + 0.2e-3)
+    for s in (2.9e-3,) * 8:  # a LAN-like wait: polls, capped at three times the setting
+        w.note(s)
+    assert w.budget() == pytest.approx(6e-3)
+    for s in (7e-3,) * 5:  # a WiFi-like wait: blocking costs little next to it
+        w.note(s)
+    assert w.budget() == 0.0
+    monkeypatch.setattr(poll, "MAX_POLL_S", 0.0)
+    assert poll.Waits().budget() == 0.0  # EKMESH_POLL_US=0: never
 
 
 @pytest.mark.timeout(30)
