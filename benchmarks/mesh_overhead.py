@@ -4,7 +4,8 @@ on loopback and on emulated links, are ``mesh_tokens.py``).
 
 Four server subprocesses on 127.0.0.1: a raw TCP server that reads a request of N bytes and answers M bytes, the
 same over a pinned TLS 1.3 socket (the encryption floor: no framing, no validation, no compute), the raw server
-again with both of its ends waiting the way the data plane waits (busy-polling, ``infer/dataplane/poll.py``), and
+again with both of its ends busy-polling for up to 3 ms before they block (as the data plane's waits do where they
+poll: ``infer/dataplane/poll.py``, on by default with 4 cores or more, ``EKMESH_POLL_US`` to force it), and
 an ``ExpertServer`` (TLS 1.3, pinned certificates) holding every expert of one layer. The client sends exactly the
 frame bytes ``RemoteExperts`` sends; the baselines move the same N and M bytes. The data plane, raw and TLS round
 trips alternate within each iteration, so they see the same load; the polled baseline runs on its own right after
@@ -41,8 +42,6 @@ from typing import Any
 
 import torch
 
-from ekmesh.core.errors import PeerClosedError
-
 REPO = Path(__file__).resolve().parents[1]
 # hidden, intermediate, experts, top-k, wire dtype
 SHAPES: dict[str, tuple[int, int, int, int, torch.dtype]] = {
@@ -58,13 +57,25 @@ def _limits(shape: str):  # type: ignore[no-untyped-def]
     return ModelLimits(num_layers=1, num_experts=e, hidden=d, moe_layers=(True,))
 
 
+POLL_S = 3e-3  # the polled baseline: busy-poll this long, then block
+
+
 def _recv_into(sock: socket.socket, view: memoryview, polled: bool) -> int:
-    """One read; ``polled``: as the data plane waits (``poll.recv_some``: busy-polls up to ``EKMESH_POLL_US``)."""
+    """One read; ``polled``: busy-polls (non-blocking reads, ``sched_yield`` between them, as the data plane does
+    where it polls: ``infer/dataplane/poll.py``) for up to ``POLL_S``, then blocks."""
     if not polled:
         return sock.recv_into(view)
-    from ekmesh.infer.dataplane.poll import MAX_POLL_S, recv_some
-
-    return recv_some(sock, view, time.monotonic() + 60, "bench", MAX_POLL_S)
+    until = time.monotonic() + POLL_S
+    sock.setblocking(False)
+    try:
+        while time.monotonic() < until:
+            try:
+                return sock.recv_into(view)
+            except BlockingIOError:
+                os.sched_yield()
+    finally:
+        sock.setblocking(True)
+    return sock.recv_into(view)
 
 
 def serve_raw(client_fp: str, polled: bool = False) -> None:
@@ -88,7 +99,7 @@ def serve_raw(client_fp: str, polled: bool = False) -> None:
         while got < 8:
             try:
                 r = _recv_into(conn, memoryview(head)[got:], polled)
-            except (OSError, PeerClosedError):
+            except OSError:
                 return
             if r == 0:
                 return

@@ -41,16 +41,11 @@ from ekmesh.infer.dataplane.poll import Waits, recv_some
 RECV_BUFFER = 1 << 16  # per-socket receive buffer of a FrameReader (a TLS record is at most 16 KiB)
 
 
-def _recv_some(sock: socket.socket, view: memoryview, deadline: float, peer: str | None) -> int:
-    """At least one byte into ``view`` before ``deadline`` (monotonic). EOF or timeout: PeerClosedError."""
-    return recv_some(sock, view, deadline, peer)
-
-
 def _recv_into(sock: socket.socket, view: memoryview, deadline: float, peer: str | None) -> None:
     """Fills ``view`` exactly before ``deadline``."""
     got, n = 0, len(view)
     while got < n:
-        got += _recv_some(sock, view[got:], deadline, peer)
+        got += recv_some(sock, view[got:], deadline, peer)
 
 
 def recv_exact(sock: socket.socket, n: int, deadline: float, peer: str | None) -> bytearray:

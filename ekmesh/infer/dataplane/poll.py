@@ -8,7 +8,7 @@ core between them) for a bounded time before it blocks: the attention host while
 server for a short while after each answer (the next layer's frame is usually a few hundred microseconds away).
 
 How long: each socket keeps its recent waits (``Waits``: the attention host's per peer, an expert server's per
-connection). When the typical (median) wait is longer than ``EKMESH_POLL_US`` (default 3000 µs) the thread blocks:
+connection). When the typical (median) wait is longer than ``EKMESH_POLL_US`` (3000 µs) the thread blocks:
 waking a core costs little next to such a wait (a WiFi round trip), and the cores are better left to the peers'
 compute. Otherwise it polls for up to twice the typical wait (+ 0.2 ms), at most three times ``EKMESH_POLL_US``.
 
@@ -17,7 +17,9 @@ the same process that wants it can wait up to the interpreter's switch interval.
 - only where the process has at most one *registered* data-plane thread (``Registration``: an attention-host call in
   flight or an expert-server connection) — several conversations at once, or a node that hosts attention and serves
   other peers' frames too, never poll;
-- never on a one-core machine (the thread we wait for would need the core we burn);
+- by default only on machines with at least 4 cores (``budget``): on a 2-core machine that runs several nodes, the
+  pollers take the cores the peers compute on (measured: no gain, sometimes a loss, in ``benchmarks/mesh_tokens.py``
+  with 3 nodes on 2 cores); ``EKMESH_POLL_US`` set explicitly applies on any machine with 2 cores or more;
 - never past the caller's deadline nor past 3 × ``EKMESH_POLL_US``; ``EKMESH_POLL_US=0`` turns polling off.
 
 Invariants: ``recv_some`` returns at least one byte or raises exactly what a blocking read would (EOF, timeout,
@@ -36,21 +38,27 @@ from dataclasses import dataclass
 
 from ekmesh.core.errors import ConfigError, PeerClosedError
 
+AUTO_MIN_CPUS = 4  # without EKMESH_POLL_US, poll only on machines with at least this many cores
+
 
 def budget(env: str | None = None, cpus: int | None = None) -> float:
-    """Seconds a wait may poll: ``EKMESH_POLL_US`` (default 3000) µs, 0 on a one-core machine."""
-    raw = os.environ.get("EKMESH_POLL_US", "3000") if env is None else env
+    """``MAX_POLL_S``: ``EKMESH_POLL_US`` µs when set (0: off). Unset: 3000 µs on a machine with at least
+    ``AUTO_MIN_CPUS`` cores, else 0 — several ekmesh processes polling on a 2-core machine (``ekmesh demo``, the
+    benchmarks) take the cores their peers compute on, which costs more than the wake-ups saved. Never on one
+    core. ``env``/``cpus`` stand in for the environment variable (``None``: unset) and ``os.cpu_count()``."""
+    n = (os.cpu_count() or 1) if cpus is None else cpus
+    if env is None:
+        return 3e-3 if n >= AUTO_MIN_CPUS else 0.0
     try:
-        us = float(raw)
+        us = float(env)
     except ValueError:
         us = -1.0
     if not 0 <= us <= 1e6:  # also refuses nan
-        raise ConfigError(f"EKMESH_POLL_US must be a number of microseconds in [0, 1000000], got {raw!r}")
-    n = (os.cpu_count() or 1) if cpus is None else cpus
+        raise ConfigError(f"EKMESH_POLL_US must be a number of microseconds in [0, 1000000], got {env!r}")
     return us * 1e-6 if n >= 2 else 0.0
 
 
-MAX_POLL_S = budget()  # the longest typical wait worth polling for (0: never poll)
+MAX_POLL_S = budget(os.environ.get("EKMESH_POLL_US"))  # the longest typical wait worth polling for (0: never poll)
 POLL_CAP_S = 3 * MAX_POLL_S  # the longest one wait polls
 
 

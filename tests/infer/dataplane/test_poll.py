@@ -39,8 +39,11 @@ def later(delay: float, fn, *args) -> threading.Thread:
 
 def test_budget_parses_and_refuses_garbage():
     assert poll.budget("2500", cpus=4) == pytest.approx(2.5e-3)
+    assert poll.budget("2500", cpus=2) == pytest.approx(2.5e-3)  # set explicitly: any machine with 2 cores
     assert poll.budget("0", cpus=4) == 0.0
     assert poll.budget("2500", cpus=1) == 0.0  # one core: the peer we wait for would need it
+    assert poll.budget(None, cpus=8) == pytest.approx(3e-3)  # unset: on by default where cores are plenty
+    assert poll.budget(None, cpus=2) == 0.0  # ... and off on a 2-core machine
     for bad in ("abc", "-1", "nan", "2e6"):
         with pytest.raises(ConfigError, match=r"EKMESH_POLL_US must be a number of microseconds in \[0, 1000000\]"):
             poll.budget(bad, cpus=4)
