@@ -67,7 +67,7 @@ class PollStats:
     """How waits ended, process-wide (approximate under concurrency: plain increments)."""
 
     polled: int = 0  # data arrived while polling
-    blocked: int = 0  # data arrived in a blocking read (polling not allowed, or its time ran out)
+    blocked: int = 0  # reads that blocked (no polling asked for or allowed, its time ran out, or a frame's rest)
 
 
 STATS = PollStats()
