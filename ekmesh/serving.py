@@ -39,6 +39,7 @@ from ekmesh.claim import Claimer, parse_blob_addr, parse_fp
 from ekmesh.core.errors import EkmeshError, ExpertUnavailableError
 from ekmesh.core.tls import TlsIdentity
 from ekmesh.discovery.advert import Advert
+from ekmesh.infer.dataplane import poll
 from ekmesh.infer.dataplane.channel import ChannelPool
 from ekmesh.infer.dataplane.frames import ModelLimits
 from ekmesh.infer.dataplane.remote import RemoteExperts
@@ -296,6 +297,9 @@ class Serving:
             "peers": {p: {"round_trips": s.round_trips, "mean_rtt_ms": round(1e3 * s.mean_rtt_s, 3),
                           "failures": s.failures}
                       for p, s in (self.remote.stats().items() if self.remote else [])},
+            # this process's data-plane reads: how many found data while busy-polling, how many blocked
+            "poll": {"max_us": round(poll.MAX_POLL_S * 1e6), "polled": poll.STATS.polled,
+                     "blocked": poll.STATS.blocked},
         }
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ used most is SIGKILLed; the generation completes with exactly the tokens of the 
 from __future__ import annotations
 
 import functools
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from ekmesh.infer.dataplane import poll
 from tests.infer.test_deepseek import make_tiny_deepseek
 from tests.infer.test_gpt_oss import make_tiny_gpt_oss
 from tests.servingmesh import ServingMesh, post, seeds_splitting_every_layer, stream_token_ids
@@ -89,6 +91,12 @@ def test_three_nodes_equal_one_process(arch: str, tmp_path: Path) -> None:
         # itself from its blob, which keeps the answer exact, so local experts after the run are not an error)
         after = mesh.nodes[host].status()["serving"]
         assert all(after["peers"][p]["round_trips"] > 0 for p in holders), after
+        # every answer was read, polled or blocking, as this machine's polling setting says
+        waited = after["poll"]
+        assert waited["max_us"] == round(poll.budget(os.environ.get("EKMESH_POLL_US")) * 1e6), waited
+        assert waited["polled"] + waited["blocked"] >= sum(after["peers"][p]["round_trips"] for p in holders)
+        if waited["max_us"] == 0:
+            assert waited["polled"] == 0, waited
 
 
 def _ready_layers(mesh: ServingMesh, holders: set[str]) -> dict[str, set[int]]:
