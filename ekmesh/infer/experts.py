@@ -286,7 +286,7 @@ class LocalExperts:
     ) -> torch.Tensor:
         pack = self._pack(layer)
         t, k = expert_ids.shape
-        if t * k <= SMALL_PAIRS and not self.graph_mode and not hidden.is_cuda:
+        if self.pair_by_pair(t * k, hidden):
             return self._few(layer, pack, hidden, expert_ids.tolist(), weights)
         flat = expert_ids.reshape(-1)  # [T*k]
         slots = pack.slot_of[flat]  # [T*k]
@@ -313,10 +313,15 @@ class LocalExperts:
         unsorted[order] = y  # [T*k, D] back in (token, choice) order
         return unsorted.view(t, k, -1).sum(dim=1).to(hidden.dtype)  # [T, D]
 
+    def pair_by_pair(self, n_pairs: int, hidden: torch.Tensor) -> bool:
+        """Whether a call with ``n_pairs`` (token, expert) pairs over ``hidden`` computes them one by one
+        (``_few``: a few pairs on the CPU, outside CUDA-graph mode); then ``few`` gives the same result."""
+        return n_pairs <= SMALL_PAIRS and not self.graph_mode and not hidden.is_cuda
+
     def few(self, layer: int, hidden: torch.Tensor, expert_rows: list[list[int]],
             weights: torch.Tensor) -> torch.Tensor:
-        """What ``__call__`` returns for a few pairs on the CPU (``len(expert_rows) * k <= SMALL_PAIRS``), with the
-        expert ids of each token as Python lists (an expert server has them so: no tensor round trip)."""
+        """What ``__call__`` returns where ``pair_by_pair`` holds, with the expert ids of each token as Python
+        lists (an expert server has them so: no tensor round trip)."""
         return self._few(layer, self._pack(layer), hidden, expert_rows, weights)
 
     def _few(self, layer: int, pack: _LayerPack, hidden: torch.Tensor, expert_rows: list[list[int]],

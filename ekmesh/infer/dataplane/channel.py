@@ -48,22 +48,12 @@ def _recv_into(sock: socket.socket, view: memoryview, deadline: float, peer: str
         got += recv_some(sock, view[got:], deadline, peer)
 
 
-def recv_exact(sock: socket.socket, n: int, deadline: float, peer: str | None) -> bytearray:
-    """Exactly ``n`` bytes before ``deadline`` (monotonic). EOF or timeout: PeerClosedError."""
-    buf = bytearray(n)
-    _recv_into(sock, memoryview(buf), deadline, peer)
-    return buf
-
-
 def read_frame(sock: socket.socket, model: ModelLimits, limits: FrameLimits, deadline: float,
                peer: str | None, body_timeout: float | None = None) -> Frame:
-    """One frame: header, validated before the payload is allocated and read. The payload must arrive by
-    ``deadline``, or within ``body_timeout`` seconds of the header when given (a server's idle wait is long)."""
-    h = decode_header(recv_exact(sock, HEADER_SIZE, deadline, peer), model, limits)
-    if body_timeout is not None:
-        deadline = time.monotonic() + body_timeout
-    payload = recv_exact(sock, h.payload_len, deadline, peer) if h.payload_len else bytearray()
-    return decode_body(h, payload, model)
+    """One frame and not a byte more (a ``FrameReader`` whose buffer holds just a header): header, validated
+    before the payload is allocated and read. The payload must arrive by ``deadline``, or within ``body_timeout``
+    seconds of the header when given."""
+    return FrameReader(sock, model, limits, peer, size=HEADER_SIZE).read(deadline, body_timeout)
 
 
 class FrameReader:

@@ -207,14 +207,20 @@ def encode_request(request_id: int, layer: int, tokens: torch.Tensor | np.ndarra
     return buf
 
 
-def response_buffer(request_id: int, layer: int, t: int, d: int, dtype: torch.dtype,
-                    compute_us: int = 0) -> tuple[bytearray, torch.Tensor]:
-    """A RESPONSE frame with its header written and a [T, D] ``dtype`` tensor over its payload, for the caller to
-    fill (e.g. ``view.copy_(fp32_result)``: the cast goes straight into the frame, no intermediate tensor)."""
+def _response_frame(request_id: int, layer: int, t: int, d: int, dtype: torch.dtype, compute_us: int) -> bytearray:
+    """A RESPONSE frame of a [T, D] ``dtype`` payload: header written, payload zeroed for the caller to fill."""
     size = t * d * dtype.itemsize
     buf = bytearray(HEADER_SIZE + size)
     HEADER.pack_into(buf, 0, MAGIC, VERSION, Kind.RESPONSE, DTYPE_CODES[dtype], 0, request_id, layer, t, 0, d,
                      min(compute_us, 0xFFFFFFFF), size)
+    return buf
+
+
+def response_buffer(request_id: int, layer: int, t: int, d: int, dtype: torch.dtype,
+                    compute_us: int = 0) -> tuple[bytearray, torch.Tensor]:
+    """A RESPONSE frame with its header written and a [T, D] ``dtype`` tensor over its payload, for the caller to
+    fill (e.g. ``view.copy_(fp32_result)``: the cast goes straight into the frame, no intermediate tensor)."""
+    buf = _response_frame(request_id, layer, t, d, dtype, compute_us)
     return buf, torch.frombuffer(buf, dtype=dtype, count=t * d, offset=HEADER_SIZE).view(t, d)  # [T, D]
 
 
@@ -222,10 +228,7 @@ def response_from(request_id: int, layer: int, out: torch.Tensor, compute_us: in
     """out [T, D], a contiguous CPU tensor already in the wire dtype -> one RESPONSE frame, its payload copied
     from ``out``'s memory (one torch call, where ``response_buffer`` + ``copy_`` take three)."""
     t, d = out.shape
-    size = t * d * out.dtype.itemsize
-    buf = bytearray(HEADER_SIZE + size)
-    HEADER.pack_into(buf, 0, MAGIC, VERSION, Kind.RESPONSE, DTYPE_CODES[out.dtype], 0, request_id, layer, t, 0, d,
-                     min(compute_us, 0xFFFFFFFF), size)
+    buf = _response_frame(request_id, layer, t, d, out.dtype, compute_us)
     buf[HEADER_SIZE:] = as_numpy(out).data.cast("B")
     return buf
 

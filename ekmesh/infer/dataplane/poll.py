@@ -127,6 +127,22 @@ def may_poll() -> bool:
     return MAX_POLL_S > 0 and _REGISTRY.count <= 1
 
 
+def _read(sock: socket.socket, view: memoryview, peer: str | None) -> int:
+    """One ``recv_into``: at least one byte; a would-block read raises as it came (``_WOULD_BLOCK``), the rest as
+    ``PeerClosedError`` (EOF, timeout, broken connection)."""
+    try:
+        r = sock.recv_into(view)
+    except _WOULD_BLOCK:
+        raise
+    except TimeoutError as exc:
+        raise PeerClosedError(f"timed out waiting for data from peer {peer}", peer) from exc
+    except (OSError, ssl.SSLError) as exc:
+        raise PeerClosedError(f"connection to peer {peer} broke: {exc}", peer) from exc
+    if r == 0:
+        raise PeerClosedError(f"peer {peer} closed the connection", peer)
+    return r
+
+
 def recv_some(sock: socket.socket, view: memoryview, deadline: float, peer: str | None,
               poll_s: float = 0.0) -> int:
     """At least one byte into ``view`` before ``deadline`` (monotonic). Polls first for up to ``poll_s`` seconds
@@ -138,16 +154,12 @@ def recv_some(sock: socket.socket, view: memoryview, deadline: float, peer: str 
         try:
             while True:
                 try:
-                    r = sock.recv_into(view)
+                    r = _read(sock, view, peer)
                 except _WOULD_BLOCK:
                     if time.monotonic() >= until or not may_poll():
                         break
                     os.sched_yield()  # lets a runnable thread of any process have this core
                     continue
-                except (OSError, ssl.SSLError) as exc:
-                    raise PeerClosedError(f"connection to peer {peer} broke: {exc}", peer) from exc
-                if r == 0:
-                    raise PeerClosedError(f"peer {peer} closed the connection", peer)
                 STATS.polled += 1
                 return r
         finally:
@@ -157,13 +169,6 @@ def recv_some(sock: socket.socket, view: memoryview, deadline: float, peer: str 
     if left <= 0:
         raise PeerClosedError(f"timed out waiting for data from peer {peer}", peer)
     sock.settimeout(left)
-    try:
-        r = sock.recv_into(view)
-    except TimeoutError as exc:
-        raise PeerClosedError(f"timed out waiting for data from peer {peer}", peer) from exc
-    except (OSError, ssl.SSLError) as exc:
-        raise PeerClosedError(f"connection to peer {peer} broke: {exc}", peer) from exc
-    if r == 0:
-        raise PeerClosedError(f"peer {peer} closed the connection", peer)
+    r = _read(sock, view, peer)
     STATS.blocked += 1
     return r

@@ -89,7 +89,6 @@ class _Sent:
     n_rows: int  # R
     started: float
     deadline: float
-    waits: Waits  # the peer's recent waits (polling budget)
 
 
 class RemoteExperts:
@@ -331,11 +330,11 @@ class RemoteExperts:
             with self._lock:
                 self._stat(peer).in_flight -= 1
             raise
-        return _Sent(peer, ch, rid, pairs, rows, t if rows is None else len(rows), now, deadline, st.waits)
+        return _Sent(peer, ch, rid, pairs, rows, t if rows is None else len(rows), now, deadline)
 
     def _finish(self, s: _Sent) -> torch.Tensor:
         try:
-            f: Frame = s.channel.finish(s.request_id, s.deadline, waits=s.waits)
+            f: Frame = s.channel.finish(s.request_id, s.deadline, waits=self._stats[s.peer].waits)  # (made by _send)
         except BaseException:
             with self._lock:
                 self._stat(s.peer).in_flight -= 1

@@ -55,7 +55,6 @@ from ekmesh.infer.dataplane.frames import (
     response_from,
 )
 from ekmesh.infer.dataplane.poll import Registration, Waits
-from ekmesh.infer.experts import SMALL_PAIRS as FEW_PAIRS
 from ekmesh.infer.experts import ExpertNotLoadedError, LocalExperts
 
 log = logging.getLogger(__name__)
@@ -377,7 +376,7 @@ class ExpertServer:
         w = torch.from_numpy(f.weights_np.reshape(t, k))  # [T, k] fp32
         if x.dtype is not be.dtype or not self._on_cpu:
             x = x.to(be.device, be.dtype)
-        few = self._on_cpu and t * k <= FEW_PAIRS and not be.graph_mode  # as ``be(...)`` decides
+        few = self._on_cpu and be.pair_by_pair(t * k, x)
         rows = f.pairs[1].reshape(t, k).tolist() if few else None  # decode: expert ids as lists, no tensor
         if not few:
             e = torch.from_numpy(f.pairs[1].astype(np.int64).reshape(t, k))  # [T, k]

@@ -68,31 +68,21 @@ def test_waits_poll_for_short_waits_and_block_for_long_ones(monkeypatch):
 
 
 @pytest.mark.timeout(30)
-def test_polled_read_gets_the_bytes_and_leaves_a_blocking_socket(polling):
+@pytest.mark.parametrize(("delay", "poll_s", "counter"), [
+    (0.02, 0.4, "polled"),  # the bytes come while polling
+    (0.2, 0.01, "blocked"),  # the poll time runs out first; a blocking read gets them
+])
+def test_read_gets_the_bytes_and_leaves_a_blocking_socket(polling, delay, poll_s, counter):
     a, b = tcp_pair()
     buf = bytearray(64)
-    before = poll.STATS.polled
-    t = later(0.02, b.sendall, b"hello")
-    n = poll.recv_some(a, memoryview(buf), time.monotonic() + 10, "peer", poll_s=0.4)
+    before = getattr(poll.STATS, counter)
+    t = later(delay, b.sendall, b"hello")
+    n = poll.recv_some(a, memoryview(buf), time.monotonic() + 10, "peer", poll_s=poll_s)
     t.join()
     assert bytes(buf[:n]) == b"hello"
-    assert poll.STATS.polled == before + 1
+    assert getattr(poll.STATS, counter) == before + 1
     timeout = a.gettimeout()
     assert timeout is not None and timeout > 0  # not left non-blocking
-    a.close()
-    b.close()
-
-
-@pytest.mark.timeout(30)
-def test_poll_time_runs_out_then_blocking_read_gets_the_bytes(polling):
-    a, b = tcp_pair()
-    buf = bytearray(64)
-    before = poll.STATS.blocked
-    t = later(0.2, b.sendall, b"late")
-    n = poll.recv_some(a, memoryview(buf), time.monotonic() + 10, "peer", poll_s=0.01)
-    t.join()
-    assert bytes(buf[:n]) == b"late"
-    assert poll.STATS.blocked == before + 1
     a.close()
     b.close()
 
