@@ -17,7 +17,12 @@ slower than fp32, which a CPU peer would avoid); ``builtin``: the built-in model
 wire as a CPU node sends it, top-2 of 12, intermediate 160). Expert compute is reported separately: the server's
 time inside the backend call only (``aux`` of each response).
 
-    python benchmarks/mesh_overhead.py [--iters 2000] [--shape wide|builtin] [--expert-dtype fp32|bf16] [--json]
+    python benchmarks/mesh_overhead.py [--iters 2000] [--shape wide|builtin] [--expert-dtype fp32|bf16]
+                                       [--gap-us 0] [--json]
+
+``--gap-us N``: before each timed round trip the client computes for N µs (small matrix-vector products, as an
+attention host does between two MoE layers), so the servers have been idle that long, as in a decode step, instead
+of answering back to back. Round trips after a gap cost more on machines whose idle cores lose their warm state.
 
 Headline: ``median(dataplane - server compute) / median(raw)`` (differences taken per iteration), the plane's own
 overhead (routing bookkeeping, framing, TLS, validation, server hand-off, weighting, combine). Goal ≤ 1.5×. Also
@@ -148,6 +153,14 @@ def _connect(info: dict[str, Any], me: Any = None) -> socket.socket:
     return tls
 
 
+def _busy(gap_s: float, a: torch.Tensor, x: torch.Tensor) -> None:
+    """Keeps this core busy with small matrix-vector products for ``gap_s`` seconds (an attention host's work
+    between two MoE layers)."""
+    until = time.perf_counter() + gap_s
+    while time.perf_counter() < until:
+        torch.nn.functional.linear(x, a)
+
+
 def _round_trip(sock: socket.socket, n: int, m: int, buf: bytearray, polled: bool = False) -> None:
     sock.sendall(struct.pack("<II", n, m) + bytes(n))
     got = 0
@@ -162,6 +175,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="wide")
     ap.add_argument("--expert-dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--gap-us", type=float, default=0.0, help="client compute before each round trip (µs)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.serve in ("raw", "polled", "tls"):
@@ -187,10 +201,13 @@ def main() -> None:
         remote = RemoteExperts(_limits(args.shape), None, lambda layer, e: ["server"], pool)
         raw, tls, polled = _connect(rinfo), _connect(tinfo, me), _connect(pinfo)
         rbuf = bytearray(64 << 20)
+        gap = args.gap_us * 1e-6
+        ga, gx = torch.randn(d, d) * (d ** -0.5), torch.randn(1, d)  # the gap's work: [D, D] @ [D]
         wname = str(wire).removeprefix("torch.")
         if not args.json:
             print(f"loopback, hidden {d} {wname} on the wire, top-{k} of {experts} experts (intermediate {inter}, "
-                  f"{args.expert_dtype} compute), {args.iters} iterations, medians")
+                  f"{args.expert_dtype} compute), {args.iters} iterations, {args.gap_us:.0f} µs of client compute "
+                  f"before each round trip, medians")
         for name, t in CASES:
             g = torch.Generator().manual_seed(0)
             hidden = torch.randn(t, d, generator=g).to(wire)  # [T, D]
@@ -201,26 +218,32 @@ def main() -> None:
             dp, rw, tl, cp, pl = [], [], [], [], []  # per iteration: data plane, raw, TLS, compute, raw polled (s)
             for i in range(args.iters + 50):
                 c0 = remote.stats()["server"].server_compute_s if i else 0.0
+                _busy(gap, ga, gx)
                 t0 = time.perf_counter()
                 remote(0, hidden, ids, w)
                 t1 = time.perf_counter()
-                _round_trip(raw, n, m, rbuf)
+                _busy(gap, ga, gx)
                 t2 = time.perf_counter()
-                _round_trip(tls, n, m, rbuf)
+                _round_trip(raw, n, m, rbuf)
                 t3 = time.perf_counter()
+                _busy(gap, ga, gx)
+                t4 = time.perf_counter()
+                _round_trip(tls, n, m, rbuf)
+                t5 = time.perf_counter()
                 if i >= 50:  # warm-up excluded
                     dp.append(t1 - t0)
-                    rw.append(t2 - t1)
-                    tl.append(t3 - t2)
+                    rw.append(t3 - t2)
+                    tl.append(t5 - t4)
                     cp.append(remote.stats()["server"].server_compute_s - c0)
             # the polled baseline on its own, once the expert server has stopped polling (its polling and this
             # server's would otherwise take both cores of a 2-core machine from the client)
             time.sleep(0.05)
             for i in range(args.iters + 50):
-                t3 = time.perf_counter()
+                _busy(gap, ga, gx)
+                t6 = time.perf_counter()
                 _round_trip(polled, n, m, rbuf, polled=True)
                 if i >= 50:
-                    pl.append(time.perf_counter() - t3)
+                    pl.append(time.perf_counter() - t6)
             time.sleep(0.05)
             # medians of per-iteration values: the overhead is the median of (round trip - that trip's compute)
             dm, r, tm, compute, pm = (statistics.median(x) for x in (dp, rw, tl, cp, pl))
@@ -247,7 +270,8 @@ def main() -> None:
             p.kill()
             p.wait()
     if args.json:
-        print(json.dumps({"shape": args.shape, "hidden": d, "intermediate": inter, "experts": experts, "top_k": k,
+        print(json.dumps({"shape": args.shape, "gap_us": args.gap_us, "hidden": d, "intermediate": inter,
+                          "experts": experts, "top_k": k,
                           "wire": wname, "expert_dtype": args.expert_dtype, "iters": args.iters,
                           "results": results}, indent=1))
 

@@ -22,13 +22,16 @@ the mean round trip of a plain TCP exchange of the data plane's decode frame siz
 and a holder's, measured through the same link in the same run. Goals: loopback mesh ≥ 0.7× one process; on the
 emulated links time per token ≤ 1.2× the floor.
 
-    python benchmarks/mesh_tokens.py [--links loopback,lan,wifi] [--layout remote|spread] [--tokens 64]
-                                     [--repeats 3] [--json]
+    python benchmarks/mesh_tokens.py [--links loopback,lan,wifi] [--layout remote|spread] [--holders 2|1]
+                                     [--tokens 64] [--repeats 3] [--json]
 
 ``--layout spread`` gives the attention host its placement share of the experts too (a third, R = 1, as the demo
 does): it then computes its own pairs while its frames are out, and a token whose experts are all its own makes
 no round trip at that layer; the floor above still counts a round trip per MoE layer, so for this layout only the
 ratio to one process is meaningful.
+
+``--holders 1`` runs the attention host with one expert holder instead of two (the holder then has every expert, so
+a layer is always one frame to one peer, never two frames whose slower answer sets the pace).
 
 Needs root, iproute2 and either sch_netem or /dev/net/tun for ``lan``/``wifi``. Creates and always deletes its own
 namespaces (``ekb<pid>…``) and temporary homes.
@@ -77,10 +80,11 @@ class Proc:
     """A subprocess (optionally in a network namespace) whose stdout lines are read by a thread."""
 
     def __init__(self, argv: list[str], ns: str | None = None, home: Path | None = None,
-                 log: Path | None = None) -> None:
+                 log: Path | None = None, env_extra: dict[str, str] | None = None) -> None:
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         if home is not None:
             env["EKMESH_HOME"] = str(home)
+        env.update(env_extra or {})
         prefix = ["ip", "netns", "exec", ns] if ns else []
         self.name = " ".join(argv[1:3])
         self.log, self._err = log, (open(log, "wb") if log else None)  # noqa: SIM115 (closed in stop)
@@ -325,7 +329,7 @@ def drive(home: str) -> None:
                     raise RuntimeError(f"mesh not ready: {json.dumps(snap.get('serving'))}")
                 time.sleep(0.3)
             out: dict[str, Any] = {"api_url": api, "loaded_experts": snap["serving"]["loaded_experts"],
-                                   "dtype": snap["serving"]["dtype"]}
+                                   "dtype": snap["serving"]["dtype"], "threads": snap["serving"]["threads"]}
         elif cmd["op"] == "rtt":
             sock = socket.create_connection((cmd["ip"], cmd["port"]), timeout=10)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -377,12 +381,13 @@ def run_link(link: str, args: argparse.Namespace, one: str, facts: dict[str, int
     key = tmp / f"{link}.key"
     key.write_text(secrets.token_hex(32) + "\n")
     procs: list[Proc] = []
+    names = NODES[:1 + args.holders]
     with contextlib.ExitStack() as stack:
         net = stack.enter_context(Net(link, args.emulator, tmp)) if LINKS[link] else None
         stack.callback(_stop_all, procs)  # (runs before the namespaces go)
         nodes: dict[str, Proc] = {}
         first = ""
-        for n in NODES:
+        for n in names:
             home = tmp / f"{link}-{n}"
             home.mkdir(mode=0o700)
             ip = net.ip[n] if net else "127.0.0.1"
@@ -391,7 +396,8 @@ def run_link(link: str, args: argparse.Namespace, one: str, facts: dict[str, int
                     "--no-reserve", "--exit-with-parent", "--mesh-key-file", str(key), "--api-port", "0",
                     "--replicas", "1", "--advert-interval", "1", *ROLES[args.layout][n],
                     *(["--peer", first] if first else [])]
-            p = nodes[n] = Proc(argv, net.ns[n] if net else None, home, tmp / f"{link}-{n}.log")
+            p = nodes[n] = Proc(argv, net.ns[n] if net else None, home, tmp / f"{link}-{n}.log",
+                                None if n == "host" else holder_env(args.holders))
             procs.append(p)
             hello = p.json(60)
             if not first:
@@ -400,7 +406,7 @@ def run_link(link: str, args: argparse.Namespace, one: str, facts: dict[str, int
         host_ns = net.ns["host"] if net else None
         driver = Proc(me("--drive", str(tmp / f"{link}-host")), host_ns, log=tmp / f"{link}-driver.log")
         procs.append(driver)
-        ready = driver.ask(args.ready_timeout + 10, op="ready", nodes=len(NODES), timeout=args.ready_timeout)
+        ready = driver.ask(args.ready_timeout + 10, op="ready", nodes=len(names), timeout=args.ready_timeout)
         assert (ready["loaded_experts"] == 0) == (args.layout == "remote"), ready
         echo_p = Proc(me("--echo"), net.ns["a"] if net else None, log=tmp / f"{link}-echo.log")
         procs.append(echo_p)
@@ -415,7 +421,20 @@ def run_link(link: str, args: argparse.Namespace, one: str, facts: dict[str, int
         for _ in range(args.repeats):
             local.append(post(one + "/completions", completion(args.tokens))["ekmesh"])
             mesh.append(driver.ask(600, op="complete", body=completion(args.tokens)))
-        return summarise(link, mesh, local, rtt, facts)
+        return {**summarise(link, mesh, local, rtt, facts), "host_threads": ready["threads"],
+                "holder_threads": holder_env(args.holders).get("EKMESH_THREADS", "as the host")}
+
+
+def holder_env(holders: int) -> dict[str, str]:
+    """The expert holders' torch operator threads: the attention host and the one-process reference take the
+    product's default (half the CPUs, ``core/threads.py``), as each would on a machine of its own; the holders of
+    this one machine share the other half (at least one thread each). ``EKMESH_THREADS`` or ``OMP_NUM_THREADS``
+    in the environment apply to every process instead."""
+    from ekmesh.core import threads
+
+    if os.environ.get(threads.ENV, "").strip() or os.environ.get("OMP_NUM_THREADS", "").strip():
+        return {}
+    return {threads.ENV: str(threads.auto_threads(threads.usable_cpus(), 2 * holders))}
 
 
 def _stop_all(procs: list[Proc]) -> None:
@@ -449,6 +468,7 @@ def main() -> None:
     ap.add_argument("--emulator", choices=["auto", "netem", "tun"], default="auto")
     ap.add_argument("--ready-timeout", type=float, default=180)
     ap.add_argument("--layout", choices=sorted(ROLES), default="remote")
+    ap.add_argument("--holders", type=int, choices=[1, 2], default=2)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--forward", help=argparse.SUPPRESS)
     ap.add_argument("--drive", help=argparse.SUPPRESS)
@@ -481,19 +501,21 @@ def main() -> None:
         one.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
-        print(json.dumps({"model": facts, "layout": args.layout, "tokens": args.tokens, "repeats": args.repeats,
+        print(json.dumps({"model": facts, "layout": args.layout, "holders": args.holders, "tokens": args.tokens, "repeats": args.repeats,
                           "emulator": args.emulator, "results": results}, indent=1))
 
 
 def report(r: dict[str, Any], facts: dict[str, int], args: argparse.Namespace) -> None:
     link = r["link"] if not r["emulated"] else f"{r['link']} ({args.emulator})"
     link += "" if args.layout == "remote" else f", {args.layout}"
+    link += "" if args.holders == 2 else ", 1 holder"
     print(f"{link}: mesh {r['mesh_tok_s']:.1f} tok/s vs one process {r['one_process_tok_s']:.1f} tok/s = "
           f"{r['ratio_mesh_vs_one']:.2f}× | {r['mesh_ms_per_token']:.2f} ms/token vs floor "
           f"{r['floor_ms_per_token']:.2f} ms ({facts['moe_layers']} × RTT {r['rtt_mean_ms']:.3f} ms + "
           f"{1e3 / r['one_process_tok_s']:.2f} ms compute) = {r['ratio_vs_floor']:.2f}× | host's mean layer "
           f"round trip {r['mean_layer_rtt_ms']:.3f} ms | TTFT {r['ttft_s_mesh'] * 1e3:.0f} vs "
-          f"{r['ttft_s_one'] * 1e3:.0f} ms | tokens equal: {r['tokens_equal']}", flush=True)
+          f"{r['ttft_s_one'] * 1e3:.0f} ms | tokens equal: {r['tokens_equal']} | torch threads: host "
+          f"{r['host_threads']}, holders {r['holder_threads']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -518,6 +518,14 @@ def main() -> None:
     ap.add_argument("--dtype")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    import torch
+
+    from ekmesh.core import threads
+
+    try:
+        threads.configure(torch)
+    except ConfigError as exc:
+        ap.error(str(exc))
     server = ApiServer(LocalEngine(args.model, args.device, args.dtype), port=args.port)
     print(json.dumps({"api_url": server.url}), flush=True)
     try:

@@ -31,10 +31,14 @@ def _parse_ids(text: str) -> list[int]:
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.mesh:
         return cli_chat.generate_via_api(args)
+    import torch
+
+    from ekmesh.core import threads
     from ekmesh.infer.generate import SamplingParams
     from ekmesh.infer.session import LocalModel
     from ekmesh.registry import open_model
 
+    n_threads = threads.configure(torch)
     lm = LocalModel.open(open_model(args.model), device=args.device, dtype=args.dtype)
     ids = args.prompt_ids if args.prompt_ids is not None else lm.encode_prompt(args.prompt, chat=args.chat,
                                                                                system=args.system)
@@ -52,6 +56,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "tokens_per_s": round(res.decode_tokens_per_s, 3),
             "device": str(lm.device),
             "dtype": str(lm.dtype).removeprefix("torch."),
+            "threads": n_threads,
         }
         print(json.dumps(out))
         return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -117,11 +118,13 @@ def cmd_join(args: argparse.Namespace) -> int:
 
     import trio
 
+    from ekmesh.core import threads
     from ekmesh.discovery.config import MeshKey, MeshTimeouts
     from ekmesh.node import Node, NodeConfig
 
     _tame_libp2p_logging(args.verbose)
     try:
+        threads.plan(os.environ, threads.usable_cpus())  # a bad EKMESH_THREADS fails here, not once serving starts
         overrides = {}
         if args.advert_interval is not None:
             overrides["advert_interval"] = args.advert_interval

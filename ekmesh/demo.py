@@ -42,6 +42,7 @@ from types import FrameType
 from typing import Any
 
 import ekmesh
+from ekmesh.core import threads
 from ekmesh.core.errors import EkmeshError, LocalNodeError
 from ekmesh.discovery.control import get_json
 
@@ -195,9 +196,12 @@ def ekmesh_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "ekmesh.cli", *args]
 
 
-def _child_env(home: Path) -> dict[str, str]:
+def _child_env(home: Path, peers: int = 1) -> dict[str, str]:
     env = dict(os.environ)
     env["EKMESH_HOME"] = str(home)
+    if peers > 1 and not env.get(threads.ENV, "").strip() and not env.get("OMP_NUM_THREADS", "").strip():
+        # peers of one machine share its CPUs: each gets its share of torch's operator threads (core/threads.py)
+        env[threads.ENV] = str(threads.auto_threads(threads.usable_cpus(), peers))
     # the children import the very ekmesh this process runs, installed or not
     src = str(Path(ekmesh.__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -208,7 +212,7 @@ class Peer:
     """One ``ekmesh join --json`` subprocess in its own session; a thread reads its stdout (one JSON event a
     line), stderr goes to ``log``."""
 
-    def __init__(self, index: int, home: Path, log: Path, argv: list[str]) -> None:
+    def __init__(self, index: int, home: Path, log: Path, argv: list[str], peers: int) -> None:
         self.index = index
         self.home = home
         self.log = log
@@ -216,7 +220,7 @@ class Peer:
         self._lines: queue.Queue[str | None] = queue.Queue()
         home.mkdir(mode=0o700)
         with open(log, "wb") as err:
-            self.proc = subprocess.Popen(argv, env=_child_env(home), stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(argv, env=_child_env(home, peers), stdin=subprocess.DEVNULL,
                                          stdout=subprocess.PIPE, stderr=err, start_new_session=True)
         threading.Thread(target=self._pump, name=f"demo-peer-{index}", daemon=True).start()
 
@@ -336,7 +340,7 @@ class Demo:
     def _spawn(self, index: int, key_file: Path, extra: list[str]) -> Peer:
         assert self.root is not None
         peer = Peer(index, self.root / f"peer-{index}", self.root / f"peer-{index}.log",
-                    self.join_argv(index, key_file, extra))
+                    self.join_argv(index, key_file, extra), self.config.peers)
         self.peers.append(peer)
         return peer
 

@@ -36,6 +36,7 @@ import torch
 
 from ekmesh.api import ServedModel, context_of
 from ekmesh.claim import Claimer, parse_blob_addr, parse_fp
+from ekmesh.core import threads
 from ekmesh.core.errors import EkmeshError, ExpertUnavailableError
 from ekmesh.core.tls import TlsIdentity
 from ekmesh.discovery.advert import Advert
@@ -85,6 +86,7 @@ class Serving:
         self.set_data_addr = set_data_addr
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
+        self.threads = threads.configure(torch)  # torch's CPU operator threads for this process (core/threads.py)
         if self.device.type == "cpu":
             _keep_freed_memory()
         self.bind_host, self.advertise_host = "127.0.0.1", "127.0.0.1"
@@ -291,6 +293,7 @@ class Serving:
             "missing_experts": len(missing) if missing is not None else None,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "threads": self.threads,
             "data_addr": f"{self.advertise_host}:{self.server.address[1]}" if self.server else None,
             "loaded_experts": sum(len(v) for v in held.values()),
             "loaded_by_layer": {str(layer): len(es) for layer, es in held.items()},

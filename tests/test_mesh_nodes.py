@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from ekmesh.core import threads
 from ekmesh.infer.dataplane import poll
 from tests.infer.test_deepseek import make_tiny_deepseek
 from tests.infer.test_gpt_oss import make_tiny_gpt_oss
@@ -97,6 +98,9 @@ def test_three_nodes_equal_one_process(arch: str, tmp_path: Path) -> None:
         assert waited["polled"] + waited["blocked"] >= sum(after["peers"][p]["round_trips"] for p in holders)
         if waited["max_us"] == 0:
             assert waited["polled"] == 0, waited
+        # torch's operator threads as core/threads.py plans them for this environment (None: OMP_NUM_THREADS rules)
+        planned = threads.plan(os.environ, threads.usable_cpus())
+        assert after["threads"] == (planned if planned is not None else after["threads"]) >= 1, after
 
 
 def _ready_layers(mesh: ServingMesh, holders: set[str]) -> dict[str, set[int]]:
