@@ -23,12 +23,18 @@ and a holder's, measured through the same link in the same run. Goals: loopback 
 emulated links time per token ≤ 1.2× the floor.
 
     python benchmarks/mesh_tokens.py [--links loopback,lan,wifi] [--layout remote|spread] [--holders 2|1]
-                                     [--tokens 64] [--repeats 3] [--json]
+                                     [--model builtin|wide] [--tokens 64] [--repeats 3] [--json]
 
 ``--layout spread`` gives the attention host its placement share of the experts too (a third, R = 1, as the demo
 does): it then computes its own pairs while its frames are out, and a token whose experts are all its own makes
 no round trip at that layer; the floor above still counts a round trip per MoE layer, so for this layout only the
 ratio to one process is meaningful.
+
+``--model wide``: instead of the built-in model (hidden 384, 12 experts, top-2: a decode step is ~4-9 ms of compute on
+a CPU, so a round trip per layer weighs heavily), a random Qwen3-MoE whose layers have Qwen3-30B-A3B's shapes (hidden
+2048, 32 query / 4 key-value heads of 128, experts of 768, top-8) but 4 layers and 32 experts (2.4 GB in fp32), built
+with transformers (``pip install -e .[dev]``), imported into one holder's store (the others fetch from it) and
+prompted with token ids.
 
 ``--holders 1`` runs the attention host with one expert holder instead of two (the holder then has every expert, so
 a layer is always one frame to one peer, never two frames whose slower answer sets the pace).
@@ -149,8 +155,39 @@ def post(url: str, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]
     return out
 
 
-def completion(tokens: int) -> dict[str, Any]:
-    return {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+def completion(tokens: int, prompt: str | list[int] = PROMPT) -> dict[str, Any]:
+    return {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+
+
+WIDE = dict(vocab_size=4096, hidden_size=2048, intermediate_size=6144, num_hidden_layers=4, num_attention_heads=32,
+            num_key_value_heads=4, head_dim=128, moe_intermediate_size=768, num_experts=32, num_experts_per_tok=8,
+            norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=4096,
+            initializer_range=0.02, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+            pad_token_id=None)
+WIDE_PROMPT = [(37 * i + 11) % 4096 for i in range(24)]  # token ids (the random model has no tokenizer)
+
+
+def make_wide(directory: Path) -> dict[str, int]:
+    """Writes the ``--model wide`` checkpoint (seeded random fp32 weights) and returns its facts."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3_moe", **WIDE), dtype=torch.float32)
+    model.save_pretrained(directory)
+    del model
+    return {"moe_layers": int(WIDE["num_hidden_layers"]), "hidden": int(WIDE["hidden_size"]),
+            "top_k": int(WIDE["num_experts_per_tok"]), "experts": int(WIDE["num_experts"])}
+
+
+def import_into(home: Path, source: Path) -> str:
+    """``ekmesh import SOURCE`` into ``home``'s store; returns the model id."""
+    env = dict(os.environ, EKMESH_HOME=str(home), PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "ekmesh.cli", "import", str(source), "--json"], env=env,
+                       capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        raise RuntimeError(f"import of {source} failed: {r.stderr[-2000:]}")
+    return str(json.loads(r.stdout)["model_id"])
 
 
 # -- network namespaces ---------------------------------------------------------------------------------------
@@ -387,12 +424,16 @@ def run_link(link: str, args: argparse.Namespace, one: str, facts: dict[str, int
         stack.callback(_stop_all, procs)  # (runs before the namespaces go)
         nodes: dict[str, Proc] = {}
         first = ""
-        for n in names:
-            home = tmp / f"{link}-{n}"
+        homes = {n: tmp / f"{link}-{n}" for n in names}
+        for home in homes.values():
             home.mkdir(mode=0o700)
+        # the wide model goes into one holder's store; the other nodes fetch the manifest and their blobs from it
+        model = import_into(homes["a"], args.wide_dir) if args.wide_dir else "builtin"
+        for n in names:
+            home = homes[n]
             ip = net.ip[n] if net else "127.0.0.1"
             argv = [sys.executable, "-m", "ekmesh.cli", "join", "--json", "--name", f"bench-{n}", "--model",
-                    "builtin", "--listen", f"/ip4/{ip}/tcp/0", "--no-mdns", "--no-dht", "--no-relay",
+                    model, "--listen", f"/ip4/{ip}/tcp/0", "--no-mdns", "--no-dht", "--no-relay",
                     "--no-reserve", "--exit-with-parent", "--mesh-key-file", str(key), "--api-port", "0",
                     "--replicas", "1", "--advert-interval", "1", *ROLES[args.layout][n],
                     *(["--peer", first] if first else [])]
@@ -415,12 +456,12 @@ def run_link(link: str, args: argparse.Namespace, one: str, facts: dict[str, int
         frame = 44 + d * (4 if ready["dtype"] == "float32" else 2)  # one decode token's answer (wire = node dtype)
         rtt = driver.ask(120, op="rtt", ip=net.ip["a"] if net else "127.0.0.1", port=port, n=args.rtt_samples,
                          request=frame + 12 * k, answer=frame)
-        post(one + "/completions", completion(8))  # warm-up, both sides
-        driver.ask(300, op="complete", body=completion(8))
+        post(one + "/completions", completion(8, args.prompt))  # warm-up, both sides
+        driver.ask(300, op="complete", body=completion(8, args.prompt))
         mesh, local = [], []
         for _ in range(args.repeats):
-            local.append(post(one + "/completions", completion(args.tokens))["ekmesh"])
-            mesh.append(driver.ask(600, op="complete", body=completion(args.tokens)))
+            local.append(post(one + "/completions", completion(args.tokens, args.prompt))["ekmesh"])
+            mesh.append(driver.ask(600, op="complete", body=completion(args.tokens, args.prompt)))
         return {**summarise(link, mesh, local, rtt, facts), "host_threads": ready["threads"],
                 "holder_threads": holder_env(args.holders).get("EKMESH_THREADS", "as the host")}
 
@@ -469,6 +510,7 @@ def main() -> None:
     ap.add_argument("--ready-timeout", type=float, default=180)
     ap.add_argument("--layout", choices=sorted(ROLES), default="remote")
     ap.add_argument("--holders", type=int, choices=[1, 2], default=2)
+    ap.add_argument("--model", choices=["builtin", "wide"], default="builtin")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--forward", help=argparse.SUPPRESS)
     ap.add_argument("--drive", help=argparse.SUPPRESS)
@@ -487,21 +529,30 @@ def main() -> None:
             links = [x for x in links if not LINKS[x]]
         elif args.emulator == "auto":
             args.emulator = "netem" if netem_available() else "tun"
-    facts = model_facts()
     tmp = Path(tempfile.mkdtemp(prefix="ekmesh-bench-"))
-    one = Proc([sys.executable, "-m", "ekmesh.api", "--model", "builtin", "--port", "0"], log=tmp / "one.log")
     results = []
+    one: Proc | None = None
     try:
+        if args.model == "wide":
+            args.wide_dir, args.prompt = tmp / "wide", WIDE_PROMPT
+            facts = make_wide(args.wide_dir)
+        else:
+            args.wide_dir, args.prompt = None, PROMPT
+            facts = model_facts()
+        one = Proc([sys.executable, "-m", "ekmesh.api", "--model", str(args.wide_dir or "builtin"), "--port", "0"],
+                   log=tmp / "one.log")
         url = one.json(120)["api_url"]
         for link in links:
             results.append(run_link(link, args, url, facts, tmp))
             if not args.json:
                 report(results[-1], facts, args)
     finally:
-        one.stop()
+        if one is not None:
+            one.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
-        print(json.dumps({"model": facts, "layout": args.layout, "holders": args.holders, "tokens": args.tokens, "repeats": args.repeats,
+        print(json.dumps({"model": args.model, "facts": facts, "layout": args.layout, "holders": args.holders,
+                          "tokens": args.tokens, "repeats": args.repeats,
                           "emulator": args.emulator, "results": results}, indent=1))
 
 
@@ -509,6 +560,7 @@ def report(r: dict[str, Any], facts: dict[str, int], args: argparse.Namespace) -
     link = r["link"] if not r["emulated"] else f"{r['link']} ({args.emulator})"
     link += "" if args.layout == "remote" else f", {args.layout}"
     link += "" if args.holders == 2 else ", 1 holder"
+    link += "" if args.model == "builtin" else f", {args.model} model"
     print(f"{link}: mesh {r['mesh_tok_s']:.1f} tok/s vs one process {r['one_process_tok_s']:.1f} tok/s = "
           f"{r['ratio_mesh_vs_one']:.2f}× | {r['mesh_ms_per_token']:.2f} ms/token vs floor "
           f"{r['floor_ms_per_token']:.2f} ms ({facts['moe_layers']} × RTT {r['rtt_mean_ms']:.3f} ms + "
