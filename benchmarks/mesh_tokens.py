@@ -82,15 +82,20 @@ ROLES = {  # --layout: remote (the attention host holds no expert: every MoE lay
 
 # -- processes ------------------------------------------------------------------------------------------------
 
+def child_env(home: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment, with this checkout importable, ``EKMESH_HOME`` = ``home`` when given, and ``extra``."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if home is not None:
+        env["EKMESH_HOME"] = str(home)
+    return {**env, **(extra or {})}
+
+
 class Proc:
     """A subprocess (optionally in a network namespace) whose stdout lines are read by a thread."""
 
     def __init__(self, argv: list[str], ns: str | None = None, home: Path | None = None,
                  log: Path | None = None, env_extra: dict[str, str] | None = None) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        if home is not None:
-            env["EKMESH_HOME"] = str(home)
-        env.update(env_extra or {})
+        env = child_env(home, env_extra)
         prefix = ["ip", "netns", "exec", ns] if ns else []
         self.name = " ".join(argv[1:3])
         self.log, self._err = log, (open(log, "wb") if log else None)  # noqa: SIM115 (closed in stop)
@@ -182,8 +187,7 @@ def make_wide(directory: Path) -> dict[str, int]:
 
 def import_into(home: Path, source: Path) -> str:
     """``ekmesh import SOURCE`` into ``home``'s store; returns the model id."""
-    env = dict(os.environ, EKMESH_HOME=str(home), PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-m", "ekmesh.cli", "import", str(source), "--json"], env=env,
+    r = subprocess.run([sys.executable, "-m", "ekmesh.cli", "import", str(source), "--json"], env=child_env(home),
                        capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
         raise RuntimeError(f"import of {source} failed: {r.stderr[-2000:]}")

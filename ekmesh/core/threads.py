@@ -1,13 +1,13 @@
 """How many threads torch's CPU operators use in an ekmesh process (intra-op parallelism), chosen on purpose.
 
 torch's own default is one thread per logical CPU. For decode-sized work that is the worst choice measured: on a
-16-CPU Xeon the built-in model generated 143 tok/s with 16 threads, 184 with 1, 287 with 4 and 306 with 8, and three
-nodes of one machine, each with 16 threads, made a mesh round trip take 0.65–21 ms instead of 0.4–0.5 ms
-(docs/BENCHMARKS.md, 2026-11-27). Operator threads that busy-wait between operators take the cores that the
-process's own data-plane, network and API threads, the SMT sibling of each compute core, and other ekmesh processes
-of the same machine need. Wide matrix work (a 30B-class model's experts) still gains from more threads, so the
-default is half the CPUs this process may run on: 8 of 16 was the best there for the built-in model and within 1.7×
-of 16 for 2048-wide fp32 experts.
+16-CPU Xeon the built-in model generated 143 tok/s with 16 threads, 184 with 1, 287 with 4 and 306 with 8, and nodes
+of one machine with 16 threads each took 0.65–0.87 ms per layer round trip with two holders and 12–22 ms with one,
+against 0.37–0.59 ms with fewer threads (docs/BENCHMARKS.md, 2026-11-27). Operator threads that busy-wait between
+operators take the cores that the process's own data-plane, network and API threads, the SMT sibling of each compute
+core, and other ekmesh processes of the same machine need. Wide matrix work (a 30B-class model's experts) still gains
+from more threads, so the default is half the CPUs this process may run on: 8 of 16 was the best there for the
+built-in model and within 1.7× of 16 for 2048-wide fp32 experts.
 
 ``EKMESH_THREADS`` (a count, or ``auto``) overrides the default; a process that runs several peers on one machine
 (``ekmesh demo``) hands each its share through it. Without it, an ``OMP_NUM_THREADS`` that the user set is left to
@@ -38,7 +38,7 @@ def usable_cpus() -> int:
 
 
 def auto_threads(cpus: int, processes: int = 1) -> int:
-    """The default for one of ``processes`` ekmesh processes sharing ``cpus`` CPUs: half of their share, at least 1."""
+    """The default for one of ``processes`` ekmesh processes sharing ``cpus`` CPUs: half its share, at least 1."""
     return max(1, cpus // (2 * max(1, processes)))
 
 
