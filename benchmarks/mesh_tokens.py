@@ -423,6 +423,7 @@ def run_link(link: str, args: argparse.Namespace, one: str, facts: dict[str, int
     key.write_text(secrets.token_hex(32) + "\n")
     procs: list[Proc] = []
     names = NODES[:1 + args.holders]
+    holders = holder_env(args.holders)
     with contextlib.ExitStack() as stack:
         net = stack.enter_context(Net(link, args.emulator, tmp)) if LINKS[link] else None
         stack.callback(_stop_all, procs)  # (runs before the namespaces go)
@@ -442,7 +443,7 @@ def run_link(link: str, args: argparse.Namespace, one: str, facts: dict[str, int
                     "--replicas", "1", "--advert-interval", "1", *ROLES[args.layout][n],
                     *(["--peer", first] if first else [])]
             p = nodes[n] = Proc(argv, net.ns[n] if net else None, home, tmp / f"{link}-{n}.log",
-                                None if n == "host" else holder_env(args.holders))
+                                None if n == "host" else holders)
             procs.append(p)
             hello = p.json(60)
             if not first:
@@ -467,7 +468,7 @@ def run_link(link: str, args: argparse.Namespace, one: str, facts: dict[str, int
             local.append(post(one + "/completions", completion(args.tokens, args.prompt))["ekmesh"])
             mesh.append(driver.ask(600, op="complete", body=completion(args.tokens, args.prompt)))
         return {**summarise(link, mesh, local, rtt, facts), "host_threads": ready["threads"],
-                "holder_threads": holder_env(args.holders).get("EKMESH_THREADS", "as the host")}
+                "holder_threads": holders.get("EKMESH_THREADS", "as the host")}
 
 
 def holder_env(holders: int) -> dict[str, str]:
@@ -477,7 +478,7 @@ def holder_env(holders: int) -> dict[str, str]:
     in the environment apply to every process instead."""
     from ekmesh.core import threads
 
-    if os.environ.get(threads.ENV, "").strip() or os.environ.get("OMP_NUM_THREADS", "").strip():
+    if threads.user_chose(os.environ):
         return {}
     return {threads.ENV: str(threads.auto_threads(threads.usable_cpus(), 2 * holders))}
 

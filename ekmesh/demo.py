@@ -199,7 +199,7 @@ def ekmesh_argv(*args: str) -> list[str]:
 def _child_env(home: Path, peers: int = 1) -> dict[str, str]:
     env = dict(os.environ)
     env["EKMESH_HOME"] = str(home)
-    if peers > 1 and not env.get(threads.ENV, "").strip() and not env.get("OMP_NUM_THREADS", "").strip():
+    if peers > 1 and not threads.user_chose(env):
         # peers of one machine share its CPUs: each gets its share of torch's operator threads (core/threads.py)
         env[threads.ENV] = str(threads.auto_threads(threads.usable_cpus(), peers))
     # the children import the very ekmesh this process runs, installed or not

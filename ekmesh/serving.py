@@ -15,8 +15,9 @@ Not responsible for: placement and fetching (``claim``), the wire (``infer.datap
 Invariants: the holder map, pins and addresses are rebuilt from the live view at a ``refresh`` that finds it changed
 (a live advert's incarnation or sequence number, the set of live peers, the banned peers, the placement or the
 manifest) and replaced whole (threads read consistent copies); only peers whose signed advert carries a data
-address and a TLS fingerprint are ever dialled or accepted; an expert is in the holder map only while its holder advertises it ready and is not
-banned for serving blobs that failed their hash; every expert blob is hashed again right before it is loaded.
+address and a TLS fingerprint are ever dialled or accepted; an expert is in the holder map only while its holder
+advertises it ready and is not banned for serving blobs that failed their hash; every expert blob is hashed again
+right before it is loaded.
 """
 
 from __future__ import annotations

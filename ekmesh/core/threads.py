@@ -42,12 +42,17 @@ def auto_threads(cpus: int, processes: int = 1) -> int:
     return max(1, cpus // (2 * max(1, processes)))
 
 
+def user_chose(environ: Mapping[str, str]) -> bool:
+    """Whether ``environ`` sets a thread count (``EKMESH_THREADS`` or ``OMP_NUM_THREADS``, non-empty)."""
+    return bool(environ.get(ENV, "").strip() or environ.get("OMP_NUM_THREADS", "").strip())
+
+
 def plan(environ: Mapping[str, str], cpus: int) -> int | None:
     """The thread count to set, or ``None`` to leave torch's own (``OMP_NUM_THREADS`` set, ``EKMESH_THREADS`` not).
     Raises ``ConfigError`` naming ``EKMESH_THREADS`` when its value is not ``auto`` or a count in [1, 1024]."""
-    raw = environ.get(ENV)
-    if raw is None or not raw.strip():
-        return None if environ.get("OMP_NUM_THREADS", "").strip() else auto_threads(cpus)
+    raw = environ.get(ENV, "")
+    if not raw.strip():
+        return None if user_chose(environ) else auto_threads(cpus)  # (OMP_NUM_THREADS is set: torch's)
     value = raw.strip()
     if value.lower() == "auto":
         return auto_threads(cpus)
