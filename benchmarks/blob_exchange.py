@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from ekmesh.core.tls import TlsIdentity, make_context  # noqa: E402
 from ekmesh.shard.exchange import BlobListener, BlobServer, TlsDialer  # noqa: E402
-from ekmesh.shard.fetch import Fetcher  # noqa: E402
+from ekmesh.shard.fetch.fetcher import Fetcher  # noqa: E402
 from ekmesh.shard.store import Store  # noqa: E402
 
 CHUNK = 1 << 20

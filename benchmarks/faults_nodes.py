@@ -27,9 +27,9 @@ sys.path.insert(0, str(REPO))
 
 from ekmesh.infer.generate import SamplingParams  # noqa: E402
 from ekmesh.infer.session import LocalModel  # noqa: E402
-from ekmesh.registry import import_full  # noqa: E402
+from ekmesh.registry.imports import import_full  # noqa: E402
 from ekmesh.shard.store import Store  # noqa: E402
-from tests.servingmesh import ServingMesh, stream_token_ids  # noqa: E402
+from tests.node.servingmesh import ServingMesh, stream_token_ids  # noqa: E402
 from tests.tiny_models import make_tiny, random_prompt  # noqa: E402
 
 HOST = 3

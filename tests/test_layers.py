@@ -19,20 +19,16 @@ ROOT = Path(__file__).resolve().parents[1] / "ekmesh"
 
 # package -> ekmesh packages and third-party roots it must not import
 RULES: dict[str, tuple[set[str], set[str]]] = {
-    "core": ({"infer", "shard", "discovery", "node", "registry", "cli_registry", "api", "cli", "cli_mesh", "tui"}, {"torch", "libp2p", "trio"}),
-    "discovery": ({"infer", "shard", "node", "registry", "cli_registry", "api", "cli", "cli_mesh", "tui"}, {"torch"}),
-    "infer": ({"shard", "discovery", "node", "registry", "cli_registry", "api", "cli", "cli_mesh", "tui"}, {"libp2p", "trio"}),
-    "shard": ({"infer", "discovery", "node", "registry", "cli_registry", "api", "cli", "cli_mesh", "tui"}, set()),
-    "node": ({"cli", "cli_mesh", "cli_registry", "tui"}, set()),
-    "registry": ({"cli", "cli_mesh", "cli_registry", "tui", "node"}, set()),
-    "claim": ({"cli", "cli_mesh", "cli_registry", "tui", "node", "registry", "infer"}, {"torch"}),
-    "tui": ({"infer", "shard", "discovery", "node", "registry", "api", "serving", "demo"}, {"torch", "libp2p", "trio"}),
-    "api": ({"cli", "cli_mesh", "cli_registry", "cli_chat", "cli_demo", "tui", "node", "serving", "demo"}, set()),
-    "serving": ({"cli", "cli_mesh", "cli_registry", "cli_chat", "cli_demo", "tui", "node", "demo"}, set()),
-    "demo": ({"cli", "cli_mesh", "cli_registry", "cli_chat", "cli_demo", "tui", "infer", "shard", "serving",
-              "node", "claim", "api"}, {"torch", "libp2p", "trio"}),
+    "core": ({"infer", "shard", "discovery", "node", "registry", "api", "cli", "tui"}, {"torch", "libp2p", "trio"}),
+    "discovery": ({"infer", "shard", "node", "registry", "api", "cli", "tui"}, {"torch"}),
+    "infer": ({"shard", "discovery", "node", "registry", "api", "cli", "tui"}, {"libp2p", "trio"}),
+    "shard": ({"infer", "discovery", "node", "registry", "api", "cli", "tui"}, set()),
+    "registry": ({"cli", "tui", "node", "api"}, set()),
+    "node": ({"cli", "tui"}, set()),
+    "tui": ({"infer", "shard", "discovery", "node", "registry", "api"}, {"torch", "libp2p", "trio"}),
+    "api": ({"cli", "tui", "node"}, set()),
 }
-TOP_LEVEL_ONLY = {m: {"torch", "libp2p", "trio"} for m in ("cli", "cli_mesh", "cli_registry", "cli_chat", "cli_demo")}
+TOP_LEVEL_ONLY = {"cli": {"torch", "libp2p", "trio"}}
 
 
 def _package(path: Path) -> str:

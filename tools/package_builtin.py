@@ -63,7 +63,8 @@ def heldout_loss(source: Any, windows: list[list[int]], batch: int = 16) -> floa
 
 
 def package(checkpoint: Path, data: Path, report: Path | None) -> dict[str, Any]:
-    from ekmesh.registry import import_full, open_checkpoint
+    from ekmesh.registry.imports import import_full
+    from ekmesh.registry.lookup import open_checkpoint
     from ekmesh.shard.store import Store
 
     if STORE.exists():

@@ -1,7 +1,7 @@
 """Configuration of the mesh layer: every network deadline and period, and the mesh key.
 
 ``MeshTimeouts`` is the one place where the mesh layer's waits get their deadlines: no network wait in
-``ekmesh.discovery`` or ``ekmesh.node`` uses a number that does not come from it.
+``ekmesh.discovery`` or ``ekmesh.node.node`` uses a number that does not come from it.
 
 ``MeshKey`` turns the user's ``--mesh-key`` secret into three unrelated values with domain-separated hashes:
 the libp2p private-network key (``psk``; a peer without it cannot even finish a handshake), a public rendezvous

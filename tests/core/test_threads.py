@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ekmesh import demo
+from ekmesh.cli import localmesh as demo
 from ekmesh.core import threads
 from ekmesh.core.errors import ConfigError
 

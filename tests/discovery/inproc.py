@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ekmesh.node import Node
+from ekmesh.node.node import Node
 
 
 @asynccontextmanager

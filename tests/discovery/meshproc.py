@@ -19,7 +19,7 @@ from ekmesh.discovery.control import get_json
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Runs the `join`/`status` subcommands exactly as `ekmesh` does, through ekmesh.cli_mesh.register.
+# Runs the `join`/`status` subcommands exactly as `ekmesh` does, through ekmesh.cli.mesh.register.
 
 FAST = ["--advert-interval", "0.5", "--down-after", "5"]
 

@@ -25,7 +25,7 @@ from ekmesh.discovery import host as hostlib
 from ekmesh.discovery.config import MeshKey, MeshTimeouts
 from ekmesh.discovery.membership import SYNC_PROTOCOL
 from ekmesh.discovery.relay import Relay, split_circuit
-from ekmesh.node import Node, NodeConfig
+from ekmesh.node.node import Node, NodeConfig
 from tests.discovery.inproc import running, until
 
 T = MeshTimeouts(connect_timeout=1.5, stream_timeout=1.5, ping_timeout=1.0, advert_interval=0.3, down_after=3.0,

@@ -17,7 +17,7 @@ import pytest
 from ekmesh.core.errors import BlobUnavailableError, ShardError
 from ekmesh.core.tls import TlsIdentity, make_context
 from ekmesh.shard.exchange import BlobListener, BlobServer, ServerLimits, Status, TlsDialer
-from ekmesh.shard.fetch import FetchConfig, Fetcher, source_fallback
+from ekmesh.shard.fetch.fetcher import FetchConfig, Fetcher, source_fallback
 from ekmesh.shard.store import Store
 from tests.shard.blob_proc import BlobProc
 
@@ -272,7 +272,7 @@ def test_not_found_and_unreachable_holders_are_skipped(tmp_path: Path, ids) -> N
 
 @pytest.mark.timeout(120)
 def test_fallback_rebuilds_blobs_from_the_manifest_source(tmp_path: Path, ids) -> None:
-    from ekmesh.registry import import_full
+    from ekmesh.registry.imports import import_full
     from tests.shard.checkpoints import make_sharded
 
     ck = make_sharded(tmp_path / "ck")[0]
@@ -295,7 +295,7 @@ def test_a_late_background_record_never_replaces_a_newer_one(tmp_path: Path) -> 
     the newer record stays; and once the file is closed, nothing writes its record again."""
     import json
 
-    from ekmesh.shard.fetchrun import Partial
+    from ekmesh.shard.fetch.run import Partial
 
     part = Partial(Store(tmp_path / "s"), "blake3:" + "cd" * 32, 4 * MiB)
     part.mark(0, MiB)

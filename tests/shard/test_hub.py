@@ -13,7 +13,8 @@ from ekmesh.core.errors import ShardError
 from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.generate import Generator
 from ekmesh.infer.loader import load_all, load_dense, load_experts
-from ekmesh.registry import import_full, import_partial, open_checkpoint
+from ekmesh.registry.imports import import_full, import_partial
+from ekmesh.registry.lookup import open_checkpoint
 from ekmesh.shard.blobfmt import parts_for, payload_size
 from ekmesh.shard.importer import parse_experts
 from ekmesh.shard.manifest import Manifest

@@ -18,7 +18,8 @@ from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.generate import Generator, SamplingParams
 from ekmesh.infer.loader import load_all, load_dense, load_experts
 from ekmesh.infer.session import LocalModel
-from ekmesh.registry import import_full, import_partial, open_checkpoint
+from ekmesh.registry.imports import import_full, import_partial
+from ekmesh.registry.lookup import open_checkpoint
 from ekmesh.shard.importer import parse_experts
 from ekmesh.shard.store import Store
 from tests.infer.test_deepseek import FP8_BLOCK, _quantize_fp8, _read_all, _write, make_tiny_deepseek

@@ -42,7 +42,7 @@ def empty_home(tmp_path, monkeypatch):
 def test_generate_builtin_offline_matches_one_process(empty_home):
     from ekmesh.infer.generate import SamplingParams
     from ekmesh.infer.session import LocalModel
-    from ekmesh.registry import open_model
+    from ekmesh.registry.lookup import open_model
 
     before = _tree(PACKAGED_ROOT)
     env = {**os.environ, "EKMESH_HOME": str(empty_home), "HF_HUB_OFFLINE": "1"}
@@ -67,7 +67,7 @@ def test_generate_builtin_offline_matches_one_process(empty_home):
 
 @pytest.mark.slow
 def test_heldout_loss_at_or_below_card(empty_home):
-    from ekmesh.registry import open_checkpoint
+    from ekmesh.registry.lookup import open_checkpoint
     from tools.package_builtin import heldout_loss
 
     windows = json.loads(WINDOWS.read_text())
@@ -92,7 +92,7 @@ def test_card_matches_store():
 
 
 def test_user_store_alias_wins(empty_home, tmp_path):
-    from ekmesh.registry import resolve_store
+    from ekmesh.registry.lookup import resolve_store
 
     assert resolve_store("builtin").read_only
     user = Store()

@@ -14,8 +14,8 @@ CHECK = "import sys, {mod}; bad = [m for m in sys.modules if m.split('.')[0] in 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mod,banned", [
     ("ekmesh.tui.status", ("libp2p", "torch", "trio")),
-    ("ekmesh.cli_mesh", ("libp2p", "torch")),
-    ("ekmesh.node", ("torch",)),
+    ("ekmesh.cli.mesh", ("libp2p", "torch")),
+    ("ekmesh.node.node", ("torch",)),
 ])
 def test_imports_stay_in_their_layer(mod, banned):
     res = subprocess.run([sys.executable, "-c", CHECK.format(mod=mod, banned=banned)], capture_output=True,

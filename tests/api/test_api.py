@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.discovery.meshproc import NodeProc
-from tests.servingmesh import BASE, ServingMesh, post
+from tests.node.servingmesh import BASE, ServingMesh, post
 
 PROMPTS = ["Genesis 1", "Psalms 23", "The LORD is my shepherd"]
 
@@ -24,7 +24,7 @@ PROMPTS = ["Genesis 1", "Psalms 23", "The LORD is my shepherd"]
 def reference() -> Any:
     from ekmesh.infer.generate import SamplingParams
     from ekmesh.infer.session import LocalModel
-    from ekmesh.registry import open_model
+    from ekmesh.registry.lookup import open_model
 
     lm = LocalModel.open(open_model("builtin"), "cpu", "fp32")
 

@@ -12,17 +12,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from ekmesh import api
+from ekmesh.api import local
+from ekmesh.api import server as api
 from tests.discovery.meshproc import wait_until
 
 
 @pytest.fixture(scope="module")
-def engine() -> api.LocalEngine:
-    return api.LocalEngine("builtin", "cpu", "fp32")
+def engine() -> local.LocalEngine:
+    return local.LocalEngine("builtin", "cpu", "fp32")
 
 
 @pytest.fixture
-def server(engine: api.LocalEngine, monkeypatch: pytest.MonkeyPatch) -> Iterator[api.ApiServer]:
+def server(engine: local.LocalEngine, monkeypatch: pytest.MonkeyPatch) -> Iterator[api.ApiServer]:
     monkeypatch.setattr(api._Handler, "timeout", 1.0)
     srv = api.ApiServer(engine, port=0, max_active=1).start()
     try:

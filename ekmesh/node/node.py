@@ -4,9 +4,9 @@ For now a node is: a persistent identity, a Noise-only libp2p host, discovery (`
 Kademlia rendezvous), circuit relay (relaying for others, reserving a slot on its bootstrap and ``--relay-via``
 peers and advertising the ``/p2p-circuit`` addresses, dialing peers through relays: see ``discovery.relay``),
 membership (signed adverts, failure detection, leave on shutdown) and the local control endpoint that
-``ekmesh status`` talks to; with ``--model``, claiming (``ekmesh.claim``: this node's share of the model's experts,
+``ekmesh status`` talks to; with ``--model``, claiming (``ekmesh.node.claim``: this node's share of the model's experts,
 fetched from peers over blob exchange, loaded on the device and only then advertised ready) and serving
-(``ekmesh.serving``: the expert server for them and, as attention host, generation over the mesh); and on every
+(``ekmesh.node.serving``: the expert server for them and, as attention host, generation over the mesh); and on every
 node the OpenAI-compatible API on localhost (``ekmesh.api``; its URL is in node.json as ``api_url``).
 
 Lifecycle: ``run`` locks ``EKMESH_HOME`` (one node per home), starts everything, reports ``started`` (peer id and
@@ -34,8 +34,8 @@ import trio
 from libp2p.peer.id import ID
 
 from ekmesh import __version__
-from ekmesh.api import DEFAULT_PORT, ApiServer, ServedModel
-from ekmesh.claim import ClaimConfig, Claimer
+from ekmesh.api.server import DEFAULT_PORT, ApiServer
+from ekmesh.api.types import ServedModel
 from ekmesh.core.errors import ConfigError
 from ekmesh.discovery import host as hostlib
 from ekmesh.discovery.advert import MAX_ADDRS, Advert, Device, ModelReady, SignedAdvert, sign_advert
@@ -48,10 +48,11 @@ from ekmesh.discovery.relay import Relay
 from ekmesh.discovery.rendezvous import Rendezvous
 from ekmesh.discovery.snapshot import build_snapshot
 from ekmesh.discovery.view import MeshView, ViewEvent
+from ekmesh.node.claim import ClaimConfig, Claimer
 from ekmesh.shard.store import Store
 
 if TYPE_CHECKING:
-    from ekmesh.serving import Serving
+    from ekmesh.node.serving import Serving
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class NodeConfig:
     """Reserve a slot on the bootstrap and ``relay_via`` peers and advertise the circuit addresses."""
     timeouts: MeshTimeouts = field(default_factory=MeshTimeouts)
     model: str | None = None
-    """Claim a share of this model's experts (``ekmesh.claim``); None: claim nothing, serve no blobs."""
+    """Claim a share of this model's experts (``ekmesh.node.claim``); None: claim nothing, serve no blobs."""
     replicas: int = 2
     attention: bool | None = None
     """Host attention for ``model`` (fetch and load its dense part, answer the API): True (``--attention``), False
@@ -121,7 +122,7 @@ class Node:
         if config.model is not None:
             if config.attention is False and not config.experts:
                 raise ConfigError("--no-attention with --no-experts leaves this node nothing to do for --model")
-            from ekmesh.serving import Serving  # torch: only a node that serves a model loads it
+            from ekmesh.node.serving import Serving  # torch: only a node that serves a model loads it
 
             store = Store(config.home / "store")
             claim_cfg = ClaimConfig(config.model, config.replicas, experts=config.experts,

@@ -27,10 +27,10 @@ from typing import Any
 
 import pytest
 
-from ekmesh import cli
-from ekmesh.demo import DemoConfig, DemoError, readiness, replicas_for
+from ekmesh.cli import main as cli
+from ekmesh.cli.localmesh import DemoConfig, DemoError, readiness, replicas_for
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPT = "Genesis 1"  # a chapter request: the shape the built-in model was trained to answer (BUILTIN_MODEL.md)
 needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds processes through /proc")
 
@@ -355,7 +355,7 @@ class FakePeersDemo:
     def make(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: str, **config: Any) -> Any:
         import tempfile
 
-        from ekmesh.demo import Demo
+        from ekmesh.cli.localmesh import Demo
 
         monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 

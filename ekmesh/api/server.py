@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API every node serves on localhost: ``/v1/models``, ``/v1/chat/completions`` and
+"""The HTTP server of the OpenAI-compatible API every node serves on localhost: ``/v1/models``, ``/v1/chat/completions`` and
 ``/v1/completions``, streaming (Server-Sent Events) or not.
 
 Role: translate HTTP requests into generation on an ``Engine`` (the node's attention host over the mesh, or a
@@ -25,19 +25,17 @@ mid-stream stops its generation at the next token; a stream always ends with ``d
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from collections.abc import Generator as Gen
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+from ekmesh.api.types import BadRequestError, Engine, NotServingError, ServedModel, UnknownModelError, resolve
 from ekmesh.core.errors import (
     ConfigError,
     EkmeshError,
@@ -46,8 +44,7 @@ from ekmesh.core.errors import (
 )
 
 if TYPE_CHECKING:  # torch is imported only where a model is served: a node without one never loads it
-    from ekmesh.infer.generate import Generator, SamplingParams, TokenEvent
-    from ekmesh.infer.tokenizer import Tokenizer
+    from ekmesh.infer.generate import SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -57,68 +54,6 @@ DEFAULT_MAX_TOKENS = 256
 DEFAULT_PORT = 7734
 MAX_ACTIVE = 16  # generations at once; more are answered 429 at once (each one holds a thread and a KV cache)
 SOCKET_TIMEOUT_S = 60.0  # a client that stops sending its request, or stops reading its stream, is dropped
-
-
-class NotServingError(EkmeshError):
-    """This node cannot answer now (no model, or its experts are not all reachable yet)."""
-
-
-class UnknownModelError(EkmeshError):
-    """The request names a model this node does not serve."""
-
-
-class BadRequestError(EkmeshError):
-    """The request body is not a valid request."""
-
-
-@dataclass
-class ServedModel:
-    """What the API needs of one model: ids, tokenizer, a generator, and (on a mesh) per-peer round-trip counters
-    ``peer_stats() -> {peer: (round_trips, total_rtt_s)}``."""
-
-    model_id: str
-    aliases: list[str]
-    generator: Generator
-    tokenizer: Tokenizer | None
-    context: int
-    created: int = field(default_factory=lambda: int(time.time()))
-    peer_stats: Callable[[], dict[str, tuple[int, float]]] | None = None
-    lock: threading.Lock | None = None  # held around a whole generation when the generator is not re-entrant
-
-    def names(self) -> set[str]:
-        return {self.model_id, *self.aliases}
-
-
-class Engine(Protocol):
-    def served(self) -> list[ServedModel]:
-        """The models this node can answer with now (may be empty)."""
-        ...
-
-    def why_not(self) -> str:
-        """Why ``served()`` is empty (shown to clients)."""
-        ...
-
-
-def resolve(engine: Engine, name: str | None) -> ServedModel:
-    models = engine.served()
-    if not models:
-        raise NotServingError(engine.why_not())
-    if not name:
-        return models[0]
-    for m in models:
-        if name in m.names():
-            return m
-    matches = [m for m in models if len(name) >= 6 and m.model_id.startswith(name)]
-    if len(matches) == 1:
-        return matches[0]
-    raise UnknownModelError(f"model {name!r} is not served here (serving: "
-                            f"{', '.join(sorted(n for m in models for n in m.names()))})")
-
-
-def context_of(hf_config: dict[str, Any]) -> int:
-    """The longest sequence (prompt + answer) served for a model with this HF config."""
-    n = hf_config.get("max_position_embeddings")
-    return n if isinstance(n, int) and n > 0 else 4096
 
 
 # -- request parsing -------------------------------------------------------------------------------------------
@@ -480,61 +415,3 @@ def _stats(run: Run, body: dict[str, Any]) -> dict[str, Any]:
     if body.get("return_token_ids") is True:
         stats["token_ids"] = list(run.token_ids)
     return stats
-
-
-# -- one process: ``python -m ekmesh.api --model builtin`` ------------------------------------------------------
-
-class LocalEngine:
-    """An ``Engine`` over a one-process model (every expert local): for development and as the exactness
-    reference of the mesh API."""
-
-    def __init__(self, model: str, device: str | None = None, dtype: str | None = None) -> None:
-        from ekmesh.infer.session import LocalModel
-        from ekmesh.registry import aliases_of, open_model, resolve_store
-
-        lm = LocalModel.open(open_model(model), device, dtype)
-        mid, aliases = model, []
-        try:
-            mid = resolve_store(model).resolve(model)
-            aliases = aliases_of(mid)
-        except EkmeshError:
-            pass  # a checkpoint directory: named by its path
-        self.model = ServedModel(mid, aliases, lm.generator, lm.tokenizer, context_of(lm.checkpoint.hf_config),
-                                 lock=threading.Lock() if lm.generator.cuda_graphs else None)
-
-    def served(self) -> list[ServedModel]:
-        return [self.model]
-
-    def why_not(self) -> str:
-        return ""
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m ekmesh.api", description="Serve one model in this process over "
-                                 "the OpenAI-compatible API (a node serves the same API over the mesh).")
-    ap.add_argument("--model", required=True, help="checkpoint directory, model id or alias (e.g. builtin)")
-    ap.add_argument("--port", type=int, default=DEFAULT_PORT)
-    ap.add_argument("--device")
-    ap.add_argument("--dtype")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    import torch
-
-    from ekmesh.core import threads
-
-    try:
-        threads.configure(torch)
-    except ConfigError as exc:
-        ap.error(str(exc))
-    server = ApiServer(LocalEngine(args.model, args.device, args.dtype), port=args.port)
-    print(json.dumps({"api_url": server.url}), flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-
-
-if __name__ == "__main__":
-    main()

@@ -81,7 +81,7 @@ def test_flipping_bytes_in_place_is_caught_even_with_the_mtime_restored(tmp_path
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_node_serving_rotten_blobs_is_banned_and_bypassed(tmp_path: Path) -> None:
-    from ekmesh.registry import import_full
+    from ekmesh.registry.imports import import_full
     from ekmesh.shard.store import Store
     from tests.tiny_models import make_tiny
 

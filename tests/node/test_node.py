@@ -27,7 +27,7 @@ from ekmesh.discovery.advert import Advert, sign_advert
 from ekmesh.discovery.config import MeshKey, MeshTimeouts
 from ekmesh.discovery.control import get_json, read_control_file
 from ekmesh.discovery.membership import SYNC_PROTOCOL
-from ekmesh.node import Node, NodeConfig
+from ekmesh.node.node import Node, NodeConfig
 from tests.discovery.inproc import running, until
 
 T = MeshTimeouts(connect_timeout=1.5, stream_timeout=1.5, ping_timeout=1.0, advert_interval=0.3, down_after=3.0,
@@ -202,7 +202,7 @@ def test_in_process_nodes_converge_and_leave(tmp_path):
 
 
 def test_the_advertised_ip_of_blob_and_data_listeners():
-    from ekmesh.node import _advertised_ip
+    from ekmesh.node.node import _advertised_ip
 
     assert _advertised_ip("10.1.2.3", ["192.168.1.4", "127.0.0.1"]) == "10.1.2.3"  # bound: as bound
     # wildcard: the default-route interface when it is ours, else the first address (non-loopback first)

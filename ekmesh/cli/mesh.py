@@ -1,6 +1,6 @@
 """The ``join`` and ``status`` subcommands (registered into ``ekmesh.cli`` by ``register``).
 
-This module imports neither libp2p nor torch at import time: ``ekmesh.node`` is imported inside the ``join``
+This module imports neither libp2p nor torch at import time: ``ekmesh.node.node`` is imported inside the ``join``
 handler, and ``status`` only talks HTTP to the running node's local control endpoint.
 
 ``ekmesh join`` prints the peer id and full listen multiaddrs first (``--json``: one line
@@ -120,7 +120,7 @@ def cmd_join(args: argparse.Namespace) -> int:
 
     from ekmesh.core import threads
     from ekmesh.discovery.config import MeshKey, MeshTimeouts
-    from ekmesh.node import Node, NodeConfig
+    from ekmesh.node.node import Node, NodeConfig
 
     _tame_libp2p_logging(args.verbose)
     try:

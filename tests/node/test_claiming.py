@@ -34,7 +34,7 @@ def _holders(snap: dict[str, Any], model_id: str, experts: Iterable[tuple[int, i
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_four_nodes_claim_replicate_and_heal_after_a_kill(tmp_path: Path) -> None:
-    from ekmesh.registry import import_full
+    from ekmesh.registry.imports import import_full
     from ekmesh.shard.store import Store
     from tests.tiny_models import make_tiny
 

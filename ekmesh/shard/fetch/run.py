@@ -2,7 +2,7 @@
 
 Role: the state of each blob being fetched (``Partial``: its file and record in ``store/tmp``; ``Job``: its holders,
 ranges to do, ranges in flight and who wrote what) and the loop that hands units to workers, runs transfers,
-hash-checks complete files and finds the peer that lied. ``ekmesh.shard.fetch`` documents the behaviour.
+hash-checks complete files and finds the peer that lied. ``ekmesh.shard.fetch.fetcher`` documents the behaviour.
 
 Invariants: all shared state (jobs, per-peer counters, bans, the report) changes only under the fetcher's
 condition variable, and no network or disk wait happens while it is held (except the small record file); a job
@@ -42,7 +42,7 @@ from ekmesh.shard.exchange import CHUNK, Status, get
 from ekmesh.shard.store import Store
 
 if TYPE_CHECKING:
-    from ekmesh.shard.fetch import Fetcher, FetchReport
+    from ekmesh.shard.fetch.fetcher import Fetcher, FetchReport
 
 log = logging.getLogger(__name__)
 

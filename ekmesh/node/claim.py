@@ -45,7 +45,7 @@ from ekmesh.core.errors import BlobUnavailableError, ConfigError, EkmeshError, S
 from ekmesh.core.tls import TlsIdentity, make_context
 from ekmesh.discovery.advert import Advert, ModelReady
 from ekmesh.shard.exchange import BlobListener, BlobServer, Status, TlsDialer, get
-from ekmesh.shard.fetch import FetchConfig, Fetcher, source_fallback
+from ekmesh.shard.fetch.fetcher import FetchConfig, Fetcher, source_fallback
 from ekmesh.shard.manifest import ID_RE, Manifest
 from ekmesh.shard.placement import Item, PeerCapacity, Placement, place
 from ekmesh.shard.store import Store, packaged_store

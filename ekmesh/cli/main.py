@@ -8,13 +8,16 @@ one clear line on stderr), 2 bad usage (argparse).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import sys
 from collections.abc import Sequence
 
-from ekmesh import __version__, cli_chat, cli_registry
+from ekmesh import __version__
+from ekmesh.cli import chat as cli_chat
+from ekmesh.cli import demo as cli_demo
+from ekmesh.cli import mesh as cli_mesh
+from ekmesh.cli import registry as cli_registry
 from ekmesh.core.errors import EkmeshError
 
 
@@ -36,7 +39,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ekmesh.core import threads
     from ekmesh.infer.generate import SamplingParams
     from ekmesh.infer.session import LocalModel
-    from ekmesh.registry import open_model
+    from ekmesh.registry.lookup import open_model
 
     n_threads = threads.configure(torch)
     lm = LocalModel.open(open_model(args.model), device=args.device, dtype=args.dtype)
@@ -103,10 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_registry.register(sub)
     cli_chat.register(sub)
-    importlib.import_module("ekmesh.cli_demo").register(sub)
-    if importlib.util.find_spec("ekmesh.cli_mesh") is not None:
-        cli_mesh = importlib.import_module("ekmesh.cli_mesh")
-        cli_mesh.register(sub)
+    cli_demo.register(sub)
+    cli_mesh.register(sub)
     return p
 
 
@@ -122,6 +123,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -74,7 +74,7 @@ class _RichProgress:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from ekmesh.registry import import_full, import_partial
+    from ekmesh.registry.imports import import_full, import_partial
 
     prog = _RichProgress(f"import {args.source}") if (args.progress or sys.stderr.isatty()) else None
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servingmesh import ServingMesh, post
+from tests.node.servingmesh import ServingMesh, post
 from tests.shard.hubstub import HubStub
 from tests.tiny_models import make_tiny, random_prompt
 
@@ -24,7 +24,7 @@ REPO = "tiny-org/tiny-moe"
 def test_a_lone_peer_with_only_the_manifest_claims_from_the_hub(tmp_path: Path, monkeypatch) -> None:
     from ekmesh.infer.generate import SamplingParams
     from ekmesh.infer.session import LocalModel
-    from ekmesh.registry import import_full
+    from ekmesh.registry.imports import import_full
     from ekmesh.shard.store import Store
 
     src, _ = make_tiny("qwen3_moe", tmp_path / "ckpt")

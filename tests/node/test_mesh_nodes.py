@@ -26,7 +26,7 @@ from ekmesh.core import threads
 from ekmesh.infer.dataplane import poll
 from tests.infer.test_deepseek import make_tiny_deepseek
 from tests.infer.test_gpt_oss import make_tiny_gpt_oss
-from tests.servingmesh import ServingMesh, post, seeds_splitting_every_layer, stream_token_ids
+from tests.node.servingmesh import ServingMesh, post, seeds_splitting_every_layer, stream_token_ids
 from tests.tiny_models import make_tiny, random_prompt
 
 BUILDERS: dict[str, Callable[[Path], Any]] = {
@@ -40,7 +40,7 @@ HOLDER = ["--no-attention"]
 
 
 def _import(src: Path, home: Path) -> str:
-    from ekmesh.registry import import_full
+    from ekmesh.registry.imports import import_full
     from ekmesh.shard.store import Store
 
     return import_full(str(src), store=Store(home / "store")).model_id

@@ -35,8 +35,7 @@ from typing import Any
 import psutil
 import torch
 
-from ekmesh.api import ServedModel, context_of
-from ekmesh.claim import Claimer, parse_blob_addr, parse_fp
+from ekmesh.api.types import ServedModel, context_of
 from ekmesh.core import threads
 from ekmesh.core.errors import EkmeshError, ExpertUnavailableError
 from ekmesh.core.tls import TlsIdentity
@@ -50,7 +49,8 @@ from ekmesh.infer.experts import ExpertWeights, LocalExperts
 from ekmesh.infer.generate import Generator, pick_device, pick_dtype
 from ekmesh.infer.loader import Checkpoint, load_dense
 from ekmesh.infer.tokenizer import Tokenizer, eos_ids_in
-from ekmesh.registry import aliases_of
+from ekmesh.node.claim import Claimer, parse_blob_addr, parse_fp
+from ekmesh.registry.lookup import aliases_of
 from ekmesh.shard.manifest import Manifest
 from ekmesh.shard.reader import StoreTensors, open_store_model
 from ekmesh.shard.store import Store

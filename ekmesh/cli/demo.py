@@ -2,14 +2,14 @@
 
 ``ekmesh demo [--peers N] [--prompt TEXT] [--temperature T] [--max-tokens N] [--seed S] [--keep]`` starts N peers
 on 127.0.0.1 that divide the built-in model's experts, waits until they can answer, and opens ``ekmesh chat`` on
-one of them (``ekmesh.demo`` does the work). Progress goes to stderr, one line per step; stdout carries only what
+one of them (``ekmesh.cli.localmesh`` does the work). Progress goes to stderr, one line per step; stdout carries only what
 the chat prints, so ``ekmesh demo --prompt ... > answer.txt`` captures the answer alone.
 
 Exit codes: the chat's (0 after an answer or a normal end of the chat), 1 when the demo fails (``ekmesh demo:
 <message>``, and where the peers' logs were kept), 130 on Ctrl-C, 128 + N on signal N (SIGTERM, SIGHUP). Every
 process the demo started is stopped and its temporary state removed in each case.
 
-Imports nothing heavy at import time (``ekmesh --help`` stays instant); ``ekmesh.demo`` itself avoids torch and
+Imports nothing heavy at import time (``ekmesh --help`` stays instant); ``ekmesh.cli.localmesh`` itself avoids torch and
 libp2p, so the demo's own process starts in a fraction of a second.
 """
 
@@ -44,7 +44,7 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ekmesh.demo import Demo, DemoConfig, DemoInterrupted
+    from ekmesh.cli.localmesh import Demo, DemoConfig, DemoInterrupted
 
     def progress(text: str) -> None:
         print(f"ekmesh demo: {text}", file=sys.stderr, flush=True)

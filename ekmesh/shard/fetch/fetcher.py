@@ -37,7 +37,7 @@ from ekmesh.core.errors import (
 )
 from ekmesh.shard.blobfmt import parts_for, stream_blob
 from ekmesh.shard.exchange import Link
-from ekmesh.shard.fetchrun import Job, Partial, Run
+from ekmesh.shard.fetch.run import Job, Partial, Run
 from ekmesh.shard.importer import source_of
 from ekmesh.shard.manifest import ID_RE, Manifest
 from ekmesh.shard.source import Source, TensorEntry

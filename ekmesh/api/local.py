@@ -1,0 +1,34 @@
+"""The one-process engine: an ``Engine`` over a model whose experts are all local, for development and as the
+exactness reference of the mesh API (``python -m ekmesh.api --model builtin``)."""
+
+from __future__ import annotations
+
+import threading
+
+from ekmesh.api.types import ServedModel, context_of
+from ekmesh.core.errors import EkmeshError
+
+
+class LocalEngine:
+    """An ``Engine`` over a one-process model (every expert local): for development and as the exactness
+    reference of the mesh API."""
+
+    def __init__(self, model: str, device: str | None = None, dtype: str | None = None) -> None:
+        from ekmesh.infer.session import LocalModel
+        from ekmesh.registry.lookup import aliases_of, open_model, resolve_store
+
+        lm = LocalModel.open(open_model(model), device, dtype)
+        mid, aliases = model, []
+        try:
+            mid = resolve_store(model).resolve(model)
+            aliases = aliases_of(mid)
+        except EkmeshError:
+            pass  # a checkpoint directory: named by its path
+        self.model = ServedModel(mid, aliases, lm.generator, lm.tokenizer, context_of(lm.checkpoint.hf_config),
+                                 lock=threading.Lock() if lm.generator.cuda_graphs else None)
+
+    def served(self) -> list[ServedModel]:
+        return [self.model]
+
+    def why_not(self) -> str:
+        return ""

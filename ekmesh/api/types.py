@@ -1,0 +1,82 @@
+"""What the API serves, apart from HTTP: a served model, the engine that lists them, how a request's model name is
+resolved, and the API's errors.
+
+The node (an attention host over the mesh) and the one-process engine (``api.local``) produce these; the HTTP
+server (``api.server``) consumes them. Nothing here imports torch at run time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ekmesh.core.errors import EkmeshError
+
+if TYPE_CHECKING:  # torch is imported only where a model is served: a node without one never loads it
+    from ekmesh.infer.generate import Generator
+    from ekmesh.infer.tokenizer import Tokenizer
+
+
+class NotServingError(EkmeshError):
+    """This node cannot answer now (no model, or its experts are not all reachable yet)."""
+
+
+class UnknownModelError(EkmeshError):
+    """The request names a model this node does not serve."""
+
+
+class BadRequestError(EkmeshError):
+    """The request body is not a valid request."""
+
+
+@dataclass
+class ServedModel:
+    """What the API needs of one model: ids, tokenizer, a generator, and (on a mesh) per-peer round-trip counters
+    ``peer_stats() -> {peer: (round_trips, total_rtt_s)}``."""
+
+    model_id: str
+    aliases: list[str]
+    generator: Generator
+    tokenizer: Tokenizer | None
+    context: int
+    created: int = field(default_factory=lambda: int(time.time()))
+    peer_stats: Callable[[], dict[str, tuple[int, float]]] | None = None
+    lock: threading.Lock | None = None  # held around a whole generation when the generator is not re-entrant
+
+    def names(self) -> set[str]:
+        return {self.model_id, *self.aliases}
+
+
+class Engine(Protocol):
+    def served(self) -> list[ServedModel]:
+        """The models this node can answer with now (may be empty)."""
+        ...
+
+    def why_not(self) -> str:
+        """Why ``served()`` is empty (shown to clients)."""
+        ...
+
+
+def resolve(engine: Engine, name: str | None) -> ServedModel:
+    models = engine.served()
+    if not models:
+        raise NotServingError(engine.why_not())
+    if not name:
+        return models[0]
+    for m in models:
+        if name in m.names():
+            return m
+    matches = [m for m in models if len(name) >= 6 and m.model_id.startswith(name)]
+    if len(matches) == 1:
+        return matches[0]
+    raise UnknownModelError(f"model {name!r} is not served here (serving: "
+                            f"{', '.join(sorted(n for m in models for n in m.names()))})")
+
+
+def context_of(hf_config: dict[str, Any]) -> int:
+    """The longest sequence (prompt + answer) served for a model with this HF config."""
+    n = hf_config.get("max_position_embeddings")
+    return n if isinstance(n, int) and n > 0 else 4096

@@ -1,0 +1,59 @@
+"""Finding stored models: which store knows a name, its aliases, and a stored model opened as a ``Checkpoint``.
+
+``open_model`` is what ``ekmesh generate MODEL`` uses: a directory stays a path, anything else is a model id, id
+prefix or alias in the store. A name the user's store does not know is looked up in the read-only store shipped
+inside the package (``shard.store.packaged_store``), so ``ekmesh generate builtin`` works offline on a fresh machine;
+the user's store wins where both know a name.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ekmesh.core.errors import CheckpointError, ShardMissingError
+from ekmesh.infer.loader import Checkpoint
+from ekmesh.shard.reader import open_store_model
+from ekmesh.shard.store import Store, packaged_store
+
+
+def aliases_of(model_id: str, store: Store | None = None) -> list[str]:
+    """Every alias of ``model_id`` in ``store`` (default: the user's) and in the packaged store."""
+    stores = [store or Store()] + [s for s in [packaged_store()] if s is not None]
+    return sorted({a for s in stores for a, target in s.aliases().items() if target == model_id})
+
+
+def open_checkpoint(ref: str, store: Store | None = None) -> Checkpoint:
+    """The stored model ``ref`` as a lazily-read ``Checkpoint`` (``ckpt.reader.source.opened`` lists the blobs)."""
+    sm = open_store_model(ref, store)
+    return Checkpoint.from_source(sm.files_dir, sm.hf_config, sm.tensors, sm.label)
+
+
+def resolve_store(model: str) -> Store:
+    """The store that knows ``model`` (model id, id prefix or alias): the user's, else the packaged one."""
+    store = Store()
+    try:
+        store.resolve(model)
+        return store
+    except ShardMissingError:
+        packaged = packaged_store()
+        if packaged is None:
+            raise
+        try:
+            packaged.resolve(model)
+        except ShardMissingError:
+            pass
+        else:
+            return packaged
+        raise
+
+
+def open_model(model: str) -> str | Checkpoint:
+    """A checkpoint directory path as given, or the store's ``Checkpoint`` for a model id / alias."""
+    if os.path.isdir(model):
+        return model
+    try:
+        store = resolve_store(model)
+    except ShardMissingError as exc:
+        raise CheckpointError(f"{model} is not a checkpoint directory, nor a model id or alias in the store "
+                              f"(see `ekmesh models`)") from exc
+    return open_checkpoint(model, store)
