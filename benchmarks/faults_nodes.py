@@ -73,7 +73,8 @@ def main() -> None:
             try:
                 got, victim, killed_at = stream_and_kill(mesh, prompt, args.tokens, kill_at)
                 ok = got == expected
-                why = "" if ok else f"tokens differ from {next(i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b)}"
+                first = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), None)
+                why = "" if ok else f"tokens differ from {first}"
             except (OSError, RuntimeError, ValueError) as exc:
                 ok, victim, killed_at, why = False, "", -1, f"error: {exc}"
             failures += not ok

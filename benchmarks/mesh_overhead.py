@@ -179,9 +179,11 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.serve in ("raw", "polled", "tls"):
-        return serve_raw(args.client_fp if args.serve == "tls" else "", polled=args.serve == "polled")
+        serve_raw(args.client_fp if args.serve == "tls" else "", polled=args.serve == "polled")
+        return
     if args.serve == "experts":
-        return serve_experts(args.client_fp, args.shape, DTYPES[args.expert_dtype])
+        serve_experts(args.client_fp, args.shape, DTYPES[args.expert_dtype])
+        return
 
     from ekmesh.infer.dataplane.channel import ChannelPool, TlsIdentity
     from ekmesh.infer.dataplane.remote import RemoteExperts

@@ -350,6 +350,7 @@ def _recv(sock: socket.socket, n: int) -> bytes | None:
 
 def drive(home: str) -> None:
     """Runs in the attention host's namespace: answers JSON commands on stdin (ready, rtt, complete)."""
+    from ekmesh.core.constants import STATUS_PATH
     from ekmesh.core.errors import LocalNodeError
     from ekmesh.discovery.control import get_json
 
@@ -360,7 +361,7 @@ def drive(home: str) -> None:
             deadline = time.monotonic() + cmd["timeout"]
             while True:
                 try:
-                    snap = get_json(Path(home), "/ekmesh/status", 5)
+                    snap = get_json(Path(home), STATUS_PATH, 5)
                 except LocalNodeError:
                     snap = {}
                 if _ready(snap, cmd["nodes"]):
@@ -522,11 +523,14 @@ def main() -> None:
     ap.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.forward:
-        return forward(json.loads(args.forward))
+        forward(json.loads(args.forward))
+        return
     if args.drive:
-        return drive(args.drive)
+        drive(args.drive)
+        return
     if args.echo:
-        return echo()
+        echo()
+        return
     links = args.links.split(",")
     if any(LINKS[x] for x in links):
         if os.geteuid() != 0 or shutil.which("ip") is None:

@@ -208,7 +208,7 @@ def train(args: argparse.Namespace) -> None:
     # Tracking during training may use a fixed subset (every k-th window); the final figure is always the full set.
     track = windows[:: max(1, len(windows) // args.eval_windows)] if args.eval_windows else windows
     train_probe = train_windows(stream, args.train_eval_windows, args.seq_len, args.seed + 1)
-    n_tokens, L, B = stream.numel(), args.seq_len, args.batch
+    n_tokens, seq_len, batch_size = stream.numel(), args.seq_len, args.batch
     log(f"device {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}), "
         f"torch {torch.__version__}, {n_tokens} training tokens, {len(windows)} held-out windows "
         f"({len(track)} tracked every {args.eval_every} steps)")
@@ -251,7 +251,7 @@ def train(args: argparse.Namespace) -> None:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
     gen = torch.Generator().manual_seed(args.seed)
-    offsets = torch.arange(L + 1, device=device)
+    offsets = torch.arange(seq_len + 1, device=device)
     use_amp = device.startswith("cuda")
     losses: list[float] = []
     curve: list[dict[str, float]] = []  # one entry per evaluation
@@ -296,8 +296,8 @@ def train(args: argparse.Namespace) -> None:
                 f"(replay with --steps {total_steps})")
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        starts = torch.randint(0, n_tokens - L - 1, (B,), generator=gen).to(device)
-        batch = stream[starts[:, None] + offsets]  # [B, L+1]
+        starts = torch.randint(0, n_tokens - seq_len - 1, (batch_size,), generator=gen).to(device)
+        batch = stream[starts[:, None] + offsets]  # [batch_size, seq_len + 1]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             out = model(input_ids=batch[:, :-1], use_cache=False, output_router_logits=True)
             ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), batch[:, 1:].reshape(-1))
@@ -312,7 +312,7 @@ def train(args: argparse.Namespace) -> None:
             if step % args.log_every == 0 or step == total_steps:
                 el = time.time() - t_train
                 log(f"step {step:5d}  ce {ce.item():.4f}  aux {out.aux_loss.item():.3f}  lr {lr_at(step - 1):.2e}  "
-                    f"{step * B * L / el / 1e3:.0f}k tok/s  {el:.0f}s")
+                    f"{step * batch_size * seq_len / el / 1e3:.0f}k tok/s  {el:.0f}s")
     train_time = time.time() - t_train
     log(f"stopped after {steps_done} steps ({stop}); best held-out {best['loss']:.4f} at step {best['step']}")
 
@@ -340,8 +340,9 @@ def train(args: argparse.Namespace) -> None:
     report = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "transformers": __import__("transformers").__version__,
               "experts_impl": impl, "params": n_params, "checkpoint_bytes": size, "seed": args.seed,
-              "steps": steps_done, "best_step": best["step"], "stop": stop, "batch": B, "seq_len": L,
-              "tokens_seen": steps_done * B * L, "tokens_at_best": best["step"] * B * L, "lr": args.lr,
+              "steps": steps_done, "best_step": best["step"], "stop": stop, "batch": batch_size, "seq_len": seq_len,
+              "tokens_seen": steps_done * batch_size * seq_len,
+              "tokens_at_best": best["step"] * batch_size * seq_len, "lr": args.lr,
               "warmup": warmup, "weight_decay": args.weight_decay, "dropout": args.dropout,
               "train_loss_at_best": train_loss, "train_eval_windows": len(train_probe), "train_curve": losses,
               "eval_curve": curve, "heldout_loss": held, "heldout_tokens": held_tokens,

@@ -8,7 +8,8 @@ import json
 import logging
 
 from ekmesh.api.local import LocalEngine
-from ekmesh.api.server import DEFAULT_PORT, ApiServer
+from ekmesh.api.server import ApiServer
+from ekmesh.core.constants import API_PORT
 from ekmesh.core.errors import ConfigError
 
 
@@ -16,7 +17,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m ekmesh.api", description="Serve one model in this process over "
                                  "the OpenAI-compatible API (a node serves the same API over the mesh).")
     ap.add_argument("--model", required=True, help="checkpoint directory, model id or alias (e.g. builtin)")
-    ap.add_argument("--port", type=int, default=DEFAULT_PORT)
+    ap.add_argument("--port", type=int, default=API_PORT)
     ap.add_argument("--device")
     ap.add_argument("--dtype")
     args = ap.parse_args()

@@ -1,5 +1,5 @@
-"""The HTTP server of the OpenAI-compatible API every node serves on localhost: ``/v1/models``, ``/v1/chat/completions`` and
-``/v1/completions``, streaming (Server-Sent Events) or not.
+"""The HTTP server of the OpenAI-compatible API every node serves on localhost: ``/v1/models``,
+``/v1/chat/completions`` and ``/v1/completions``, streaming (Server-Sent Events) or not.
 
 Role: translate HTTP requests into generation on an ``Engine`` (the node's attention host over the mesh, or a
 one-process model for ``python -m ekmesh.api``) and stream the tokens back. One thread per request
@@ -35,12 +35,16 @@ from collections.abc import Generator as Gen
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from ekmesh.api.types import BadRequestError, Engine, NotServingError, ServedModel, UnknownModelError, resolve
+from ekmesh.api.types import Engine, ServedModel, resolve
+from ekmesh.core.constants import API_PORT
 from ekmesh.core.errors import (
+    BadRequestError,
     ConfigError,
     EkmeshError,
     GenerationError,
+    NotServingError,
     TokenizerError,
+    UnknownModelError,
 )
 
 if TYPE_CHECKING:  # torch is imported only where a model is served: a node without one never loads it
@@ -51,7 +55,6 @@ log = logging.getLogger(__name__)
 MAX_BODY = 4 << 20
 MAX_MESSAGES = 1024
 DEFAULT_MAX_TOKENS = 256
-DEFAULT_PORT = 7734
 MAX_ACTIVE = 16  # generations at once; more are answered 429 at once (each one holds a thread and a KV cache)
 SOCKET_TIMEOUT_S = 60.0  # a client that stops sending its request, or stops reading its stream, is dropped
 
@@ -107,10 +110,11 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
             raise BadRequestError(f"messages[{i}] needs a 'role' of system, developer, user or assistant")
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text is understood
-            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
+            parts = [p["text"] for p in content
+                     if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)]
+            if len(parts) != len(content):
                 raise BadRequestError(f"messages[{i}].content: only text parts are supported")
-            content = "".join(parts)  # type: ignore[arg-type]
+            content = "".join(parts)
         if not isinstance(content, str):
             raise BadRequestError(f"messages[{i}].content must be a string")
         role = "system" if m["role"] == "developer" else m["role"]
@@ -184,15 +188,15 @@ class Run:
 
 # -- HTTP ----------------------------------------------------------------------------------------------------
 
-class _ClientGone(Exception):
-    pass
+class _ClientGone(Exception):  # noqa: N818 (not an error: control flow inside this module)
+    """The client closed its connection mid-answer: stop generating for it."""
 
 
 class ApiServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = API_PORT,
                  max_active: int = MAX_ACTIVE) -> None:
         self.engine = engine
         self.max_active = max_active

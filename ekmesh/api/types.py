@@ -1,5 +1,5 @@
 """What the API serves, apart from HTTP: a served model, the engine that lists them, how a request's model name is
-resolved, and the API's errors.
+resolved (the API's errors are in ``core.errors`` under ``ApiError``).
 
 The node (an attention host over the mesh) and the one-process engine (``api.local``) produce these; the HTTP
 server (``api.server``) consumes them. Nothing here imports torch at run time.
@@ -13,23 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ekmesh.core.errors import EkmeshError
+from ekmesh.core.errors import NotServingError, UnknownModelError
 
 if TYPE_CHECKING:  # torch is imported only where a model is served: a node without one never loads it
     from ekmesh.infer.generate import Generator
     from ekmesh.infer.tokenizer import Tokenizer
-
-
-class NotServingError(EkmeshError):
-    """This node cannot answer now (no model, or its experts are not all reachable yet)."""
-
-
-class UnknownModelError(EkmeshError):
-    """The request names a model this node does not serve."""
-
-
-class BadRequestError(EkmeshError):
-    """The request body is not a valid request."""
 
 
 @dataclass

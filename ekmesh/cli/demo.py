@@ -2,7 +2,7 @@
 
 ``ekmesh demo [--peers N] [--prompt TEXT] [--temperature T] [--max-tokens N] [--seed S] [--keep]`` starts N peers
 on 127.0.0.1 that divide the built-in model's experts, waits until they can answer, and opens ``ekmesh chat`` on
-one of them (``ekmesh.cli.localmesh`` does the work). Progress goes to stderr, one line per step; stdout carries only what
+one of them (``cli.localmesh`` does the work). Progress goes to stderr, one line per step; stdout carries only what
 the chat prints, so ``ekmesh demo --prompt ... > answer.txt`` captures the answer alone.
 
 Exit codes: the chat's (0 after an answer or a normal end of the chat), 1 when the demo fails (``ekmesh demo:

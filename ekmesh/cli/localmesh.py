@@ -43,19 +43,15 @@ from typing import Any
 
 import ekmesh
 from ekmesh.core import threads
-from ekmesh.core.errors import EkmeshError, LocalNodeError
+from ekmesh.core.constants import STATUS_PATH
+from ekmesh.core.errors import DemoError, EkmeshError, LocalNodeError
 from ekmesh.discovery.control import get_json
 
 MODEL = "builtin"
-STATUS_PATH = "/ekmesh/status"
 MAX_PEERS = 16
 LOG_TAIL_LINES = 12
 
 Progress = Callable[[str], None]
-
-
-class DemoError(EkmeshError):
-    """The demo mesh could not be started or did not become ready in time (``Demo.logs_kept``: the peers' logs)."""
 
 
 class DemoInterrupted(KeyboardInterrupt):

@@ -19,10 +19,9 @@ import sys
 import time
 from typing import Any
 
+from ekmesh.core.constants import API_PORT, P2P_PORT, STATUS_PATH
 from ekmesh.core.errors import EkmeshError
 from ekmesh.core.paths import ekmesh_home
-
-STATUS_PATH = "/ekmesh/status"
 
 
 def register(subparsers: Any) -> None:
@@ -30,7 +29,8 @@ def register(subparsers: Any) -> None:
         "join", help="run a peer of the mesh in the foreground",
         description="Run a peer: discover the mesh, advertise this node, keep a live view of who is up.")
     join.add_argument("--listen", action="append", default=[], metavar="MULTIADDR",
-                      help="address to listen on (repeatable; default /ip4/0.0.0.0/tcp/7733, a free port if taken)")
+                      help=f"address to listen on (repeatable; default /ip4/0.0.0.0/tcp/{P2P_PORT}, a free port if "
+                           "taken)")
     join.add_argument("--peer", action="append", default=[], metavar="MULTIADDR",
                       help="bootstrap peer, a full address as `ekmesh join` prints it (repeatable)")
     key = join.add_mutually_exclusive_group()
@@ -51,8 +51,8 @@ def register(subparsers: Any) -> None:
                            help="do not host attention for --model (no dense part here; the API answers 503)")
     join.add_argument("--no-experts", action="store_true",
                       help="hold none of --model's experts (an attention host that uses the mesh's)")
-    join.add_argument("--api-port", type=int, default=7734, metavar="PORT",
-                      help="port of the OpenAI-compatible API on 127.0.0.1 (default 7734; 0: any free port; "
+    join.add_argument("--api-port", type=int, default=API_PORT, metavar="PORT",
+                      help=f"port of the OpenAI-compatible API on 127.0.0.1 (default {API_PORT}; 0: any free port; "
                            "a taken port falls back to a free one)")
     join.add_argument("--no-api", action="store_true", help="do not serve the OpenAI-compatible API")
     join.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")

@@ -1,7 +1,8 @@
 """The registry subcommands ``import``, ``models`` and ``gc`` (registered into ``ekmesh.cli`` by ``register``).
 
-No torch at import time: ``ekmesh.registry`` (which wires shard to the loader) is imported inside the handlers. Output: ``import`` prints the model id (``--json``: one object with model_id, alias, bytes, blobs,
-experts_present, experts_total, fetched, stored, skipped); ``models`` prints one line per model (``--json``: a list);
+No torch at import time: ``ekmesh.registry`` (which wires shard to the loader) is imported inside the handlers.
+Output: ``import`` prints the model id (``--json``: one object with model_id, alias, bytes, blobs, experts_present,
+experts_total, fetched, stored, skipped); ``models`` prints one line per model (``--json``: a list);
 ``models rm`` and ``gc`` print what they removed. Progress bars (bytes, rate, ETA) go to stderr when it is a
 terminal, or with ``--progress``.
 """

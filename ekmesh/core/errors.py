@@ -23,9 +23,18 @@ json, tokenizers, jinja2) are translated once, at the boundary of the package th
     │   └── PeerIdentityError        the peer's data-plane certificate does not match the pin for its peer id
     ├── ProtocolError                a peer sent bytes that break a protocol (oversized, malformed, bad signature)
     ├── ExpertUnavailableError       a routed expert has no live holder and no source to fetch it from
-    └── LocalNodeError               the node of this EKMESH_HOME cannot be reached or started
-        ├── NodeNotRunningError      no node is running for this EKMESH_HOME
-        └── NodeAlreadyRunningError  another node already runs for this EKMESH_HOME
+    ├── ExpertNotLoadedError         a token was routed to an expert the backend asked does not hold (names it)
+    ├── ApiError                     an API request cannot be answered (the HTTP server maps each to a status)
+    │   ├── BadRequestError          the request is not a valid request (400)
+    │   ├── UnknownModelError        the request names a model this node does not serve (404)
+    │   └── NotServingError          this node cannot answer now: no model, or not ready yet (503)
+    ├── LocalNodeError               the node of this EKMESH_HOME cannot be reached or started
+    │   ├── NodeNotRunningError      no node is running for this EKMESH_HOME
+    │   └── NodeAlreadyRunningError  another node already runs for this EKMESH_HOME
+    └── DemoError                    `ekmesh demo`'s local mesh could not start or become ready in time
+
+Exceptions that are not errors stay where they are used and private (``_ClientGone``, ``_Skip``: control flow
+inside one module), or are interrupts (``DemoInterrupted`` is a ``KeyboardInterrupt``).
 """
 
 from __future__ import annotations
@@ -146,6 +155,31 @@ class ExpertUnavailableError(EkmeshError):
                          + (f" ({detail})" if detail else ""))
 
 
+class ExpertNotLoadedError(EkmeshError):
+    """A token was routed to expert (``layer``, ``expert``), which the backend asked does not hold."""
+
+    def __init__(self, layer: int, expert: int) -> None:
+        self.layer = layer
+        self.expert = expert
+        super().__init__(f"expert (layer={layer}, expert={expert}) is not loaded in this backend")
+
+
+class ApiError(EkmeshError):
+    """An API request cannot be answered; the HTTP server answers each kind with its own status."""
+
+
+class BadRequestError(ApiError):
+    """The request body is not a valid request (HTTP 400)."""
+
+
+class UnknownModelError(ApiError):
+    """The request names a model this node does not serve (HTTP 404)."""
+
+
+class NotServingError(ApiError):
+    """This node cannot answer now: it serves no model, or its experts are not all reachable yet (HTTP 503)."""
+
+
 class LocalNodeError(EkmeshError):
     """The node that runs for this ``EKMESH_HOME`` cannot be reached, or a second one cannot start."""
 
@@ -156,3 +190,8 @@ class NodeNotRunningError(LocalNodeError):
 
 class NodeAlreadyRunningError(LocalNodeError):
     """Another node already runs for this ``EKMESH_HOME``; two nodes must not share one identity."""
+
+
+class DemoError(EkmeshError):
+    """``ekmesh demo``'s local mesh could not be started or did not become ready in time (``Demo.logs_kept`` names
+    the directory where the peers' logs were kept)."""

@@ -27,13 +27,18 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ekmesh.core.errors import PeerIdentityError
+
+if TYPE_CHECKING:  # for annotations only: cryptography is imported where a certificate is made
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 Pins = Callable[[str], "bytes | None"]
 
 
-def _issuer() -> tuple[bytes, object, object]:
+def _issuer() -> tuple[bytes, Ed25519PrivateKey, x509.Name]:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -50,11 +55,11 @@ def _issuer() -> tuple[bytes, object, object]:
     return cert.public_bytes(serialization.Encoding.PEM), key, name
 
 
-_ISSUER: tuple[bytes, object, object] | None = None
+_ISSUER: tuple[bytes, Ed25519PrivateKey, x509.Name] | None = None
 _ISSUER_LOCK = threading.Lock()
 
 
-def issuer() -> tuple[bytes, object, object]:
+def issuer() -> tuple[bytes, Ed25519PrivateKey, x509.Name]:
     """(PEM, key, name) of the public issuer (see module docstring), built once per process."""
     global _ISSUER
     with _ISSUER_LOCK:
@@ -88,12 +93,12 @@ class TlsIdentity:
         now = datetime.datetime.now(datetime.timezone.utc)
         cert = (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, peer_id)]))
-                .issuer_name(iname).public_key(key.public_key())  # type: ignore[arg-type]
+                .issuer_name(iname).public_key(key.public_key())
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(hours=1))  # tolerate clock skew between peers
                 .not_valid_after(now + datetime.timedelta(seconds=valid_for_s))
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .sign(ikey, None))  # type: ignore[arg-type]
+                .sign(ikey, None))
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
         return cls(cert.public_bytes(serialization.Encoding.PEM), key_pem, peer_id)

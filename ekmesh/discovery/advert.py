@@ -11,7 +11,8 @@ advert changes nothing. ``state`` is ``"up"`` or ``"left"`` (sent once on clean 
 
 Adverts stay small (gossip-friendly): the experts a peer holds ready travel as one bitmap per model
 (``layers`` half-open × ``experts`` bits, row-major), e.g. 48 layers × 128 experts = 768 bytes. Every field is
-bounded and checked before use.
+bounded and checked before use, and parsed once here into typed values: ``data_addr`` and ``blob_addr`` are
+``Endpoint``s, ``tls_fp`` a ``Fingerprint``; an advert with a malformed one is rejected whole.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from libp2p.crypto.keys import PrivateKey
 from libp2p.peer.id import ID
 
 from ekmesh.core.errors import ProtocolError
+from ekmesh.core.ids import Endpoint, Fingerprint, PeerId
 
 DOMAIN = b"ekmesh/advert/v1\x00"
 MAX_BODY = 64 * 1024
@@ -109,7 +111,7 @@ class Device:
 class Advert:
     """What a peer says about itself. Memory figures are bytes; ``load`` is 0 (idle) and up."""
 
-    peer_id: str
+    peer_id: PeerId
     incarnation: int
     seq: int
     name: str
@@ -119,14 +121,16 @@ class Advert:
     memory_total: int = 0
     memory_free: int = 0
     speed: float | None = None
-    data_addr: str | None = None
+    data_addr: Endpoint | None = None
+    """The peer's data-plane listener (its expert server; absent while it serves no experts)."""
     models: Mapping[str, ModelReady] = field(default_factory=dict)
     load: float = 0.0
     state: str = "up"
-    blob_addr: str | None = None
-    """``host:port`` of the peer's blob-exchange listener (absent in adverts of peers that serve no blobs)."""
-    tls_fp: str | None = None
-    """Hex SHA-256 fingerprint of the peer's TLS certificate (``core.tls``), pinned by direct connections."""
+    blob_addr: Endpoint | None = None
+    """The peer's blob-exchange listener (absent in adverts of peers that serve no blobs)."""
+    tls_fp: Fingerprint | None = None
+    """SHA-256 fingerprint of the peer's TLS certificate (``core.tls``; hex on the wire), pinned by direct
+    connections (blob exchange and the data plane)."""
 
     @property
     def order(self) -> tuple[int, int]:
@@ -146,14 +150,15 @@ class Advert:
             "memory_total": self.memory_total,
             "memory_free": self.memory_free,
             "speed": self.speed,
-            "data_addr": self.data_addr,
+            "data_addr": None if self.data_addr is None else str(self.data_addr),
             "models": {k: m.to_json() for k, m in sorted(self.models.items())},
             "load": self.load,
         }
         # Optional fields appear only when set, so the adverts of nodes that do not use them stay as they were.
-        for key, value in (("blob_addr", self.blob_addr), ("tls_fp", self.tls_fp)):
-            if value is not None:
-                obj[key] = value
+        if self.blob_addr is not None:
+            obj["blob_addr"] = str(self.blob_addr)
+        if self.tls_fp is not None:
+            obj["tls_fp"] = self.tls_fp.hex()
         return obj
 
     @classmethod
@@ -171,7 +176,7 @@ class Advert:
         speed, data_addr = obj.get("speed"), obj.get("data_addr")
         blob_addr, tls_fp = obj.get("blob_addr"), obj.get("tls_fp")
         return cls(
-            peer_id=_text(obj.get("peer_id"), "peer_id"),
+            peer_id=PeerId(_text(obj.get("peer_id"), "peer_id")),
             incarnation=_nonneg(obj.get("incarnation"), "incarnation"),
             seq=_nonneg(obj.get("seq"), "seq"),
             state=state,
@@ -182,11 +187,11 @@ class Advert:
             memory_total=_nonneg(obj.get("memory_total"), "memory_total"),
             memory_free=_nonneg(obj.get("memory_free"), "memory_free"),
             speed=None if speed is None else _number(speed, "speed"),
-            data_addr=None if data_addr is None else _text(data_addr, "data_addr"),
+            data_addr=None if data_addr is None else _endpoint(data_addr, "data_addr"),
             models={_text(k, "model id"): ModelReady.from_json(m) for k, m in models.items()},
             load=_number(obj.get("load"), "load"),
-            blob_addr=None if blob_addr is None else _text(blob_addr, "blob_addr"),
-            tls_fp=None if tls_fp is None else _text(tls_fp, "tls_fp"),
+            blob_addr=None if blob_addr is None else _endpoint(blob_addr, "blob_addr"),
+            tls_fp=None if tls_fp is None else _fingerprint(tls_fp, "tls_fp"),
         )
 
 
@@ -251,6 +256,20 @@ def _text(x: Any, what: str) -> str:
     if not isinstance(x, str) or len(x) > MAX_TEXT:
         raise ProtocolError(f"advert {what!r} must be a string of at most {MAX_TEXT} characters")
     return x
+
+
+def _endpoint(x: Any, what: str) -> Endpoint:
+    try:
+        return Endpoint.parse(_text(x, what))
+    except ValueError as exc:
+        raise ProtocolError(f"advert {what!r}: {exc}") from exc
+
+
+def _fingerprint(x: Any, what: str) -> Fingerprint:
+    try:
+        return Fingerprint.from_hex(_text(x, what))
+    except ValueError as exc:
+        raise ProtocolError(f"advert {what!r}: {exc}") from exc
 
 
 def _list(x: Any, what: str, limit: int) -> list[Any]:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from ekmesh.core.errors import ConfigError
 
-DEFAULT_PORT = 7733
 """The TCP port ``ekmesh join`` listens on by default; a free port is used instead when it is taken."""
 
 

@@ -34,8 +34,9 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from multiaddr.protocols import P_P2P
 
+from ekmesh.core.constants import P2P_PORT
 from ekmesh.core.errors import ConfigError, PeerClosedError, PeerError, PeerUnreachableError, ProtocolError
-from ekmesh.discovery.config import DEFAULT_PORT, MeshKey, MeshTimeouts
+from ekmesh.discovery.config import MeshKey, MeshTimeouts
 
 MAX_FRAME = 1 << 20
 NET_ERRORS = (BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError, EOFError)
@@ -63,7 +64,7 @@ def parse_multiaddr(text: str, what: str) -> multiaddr.Multiaddr:
 
 
 def listen_addrs(listen: Sequence[str]) -> list[multiaddr.Multiaddr]:
-    """``--listen`` values, or all IPv4 interfaces on ``DEFAULT_PORT``, falling back to a free port if taken."""
+    """``--listen`` values, or all IPv4 interfaces on ``P2P_PORT``, falling back to a free port if taken."""
     if listen:
         addrs = [parse_multiaddr(a, "--listen") for a in listen]
         for addr in addrs:
@@ -74,7 +75,7 @@ def listen_addrs(listen: Sequence[str]) -> list[multiaddr.Multiaddr]:
             if port and not _port_free(port, ip):
                 raise ConfigError(f"--listen {text}: port {port} is in use")
         return addrs
-    port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else 0
+    port = P2P_PORT if _port_free(P2P_PORT) else 0
     return [multiaddr.Multiaddr(f"/ip4/0.0.0.0/tcp/{port}")]
 
 
@@ -167,19 +168,21 @@ async def connect(host: IHost, peer_id: ID, addrs: Sequence[multiaddr.Multiaddr]
                 errors.append(f"{addr}: {exc or type(exc).__name__}")
     if scope.cancelled_caught:
         errors.append(f"no direct answer within {timeouts.connect_timeout:g}s")
-    if relayed and dial_circuit is None:
-        errors.append("relayed addresses not dialed (no relay dialer)")
-    for addr in relayed if dial_circuit is not None else []:
-        if is_connected(host, peer_id):
-            return
-        with trio.move_on_after(timeouts.connect_timeout) as scope:
-            try:
-                await dial_circuit(peer_id, addr)  # type: ignore[misc]  # mypy loses the narrowing in the loop
+    if dial_circuit is None:
+        if relayed:
+            errors.append("relayed addresses not dialed (no relay dialer)")
+    else:
+        for addr in relayed:
+            if is_connected(host, peer_id):
                 return
-            except (PeerError, ProtocolError, *NET_ERRORS) as exc:
-                errors.append(f"{addr}: {exc or type(exc).__name__}")
-        if scope.cancelled_caught:
-            errors.append(f"{addr}: no answer through the relay within {timeouts.connect_timeout:g}s")
+            with trio.move_on_after(timeouts.connect_timeout) as scope:
+                try:
+                    await dial_circuit(peer_id, addr)
+                    return
+                except (PeerError, ProtocolError, *NET_ERRORS) as exc:
+                    errors.append(f"{addr}: {exc or type(exc).__name__}")
+            if scope.cancelled_caught:
+                errors.append(f"{addr}: no answer through the relay within {timeouts.connect_timeout:g}s")
     if is_connected(host, peer_id):  # it dialed us meanwhile
         return
     detail = "; ".join(errors) or f"no answer within {timeouts.connect_timeout:g}s (down, or another mesh key?)"

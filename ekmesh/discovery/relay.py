@@ -75,7 +75,7 @@ def is_relayed(conn: INetConn) -> bool:
     """Whether a swarm connection runs through a relay (either end tags it with its circuit address)."""
     if getattr(conn, "get_connection_type", lambda: None)() == ConnectionType.RELAYED:
         return True
-    return any(is_circuit(a) for a in getattr(conn, "get_transport_addresses", lambda: [])())
+    return any(is_circuit(a) for a in getattr(conn, "get_transport_addresses", list)())
 
 
 def split_circuit(addr: multiaddr.Multiaddr) -> tuple[ID, multiaddr.Multiaddr]:

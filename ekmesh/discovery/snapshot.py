@@ -53,7 +53,8 @@ def build_snapshot(view: MeshView, addrs: list[str], mesh_open: bool, key_id: st
         a = e.signed.advert
         peers.append({
             "peer_id": a.peer_id, "name": a.name, "version": a.version, "state": e.state, "reason": e.reason,
-            "addrs": list(a.addrs), "data_addr": a.data_addr, "devices": [d.to_json() for d in a.devices],
+            "addrs": list(a.addrs), "data_addr": None if a.data_addr is None else str(a.data_addr),
+            "devices": [d.to_json() for d in a.devices],
             "memory_total": a.memory_total, "memory_free": a.memory_free, "speed": a.speed, "load": a.load,
             "rtt_ms": e.rtt_ms, "last_seen_s": round(max(0.0, now - e.last_heard), 3),
             "incarnation": a.incarnation, "seq": a.seq,

@@ -23,19 +23,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ekmesh.core.errors import ConfigError, EkmeshError, TensorShapeError
+from ekmesh.core.errors import ConfigError, ExpertNotLoadedError, TensorShapeError
 from ekmesh.infer.fusion import fusable
 
 SMALL_PAIRS = 8  # up to this many (token, expert) pairs, the CPU path computes pair by pair (``_few``)
-
-
-class ExpertNotLoadedError(EkmeshError):
-    """A token was routed to an expert this backend does not hold."""
-
-    def __init__(self, layer: int, expert: int) -> None:
-        self.layer = layer
-        self.expert = expert
-        super().__init__(f"expert (layer={layer}, expert={expert}) is not loaded in this backend")
 
 
 @dataclass(frozen=True)
@@ -114,6 +105,15 @@ def expert_forward(spec: ExpertSpec, x: torch.Tensor, w: ExpertWeights) -> torch
     """One expert over [N, D] tokens -> [N, D]. The reference the grouped paths must agree with."""
     h = F.linear(x, w.gate_up, w.gate_up_bias)  # [N, 2I]
     return F.linear(expert_activation(spec, h), w.down, w.down_bias)  # [N, D]
+
+
+def _stack_present(ts: list[torch.Tensor | None], name: str) -> torch.Tensor:
+    """``torch.stack`` of one tensor per expert, each present: ``add`` checks biases against a biased spec, but
+    ``set_layer`` may have installed experts without them."""
+    present = [t for t in ts if t is not None]
+    if len(present) != len(ts):
+        raise TensorShapeError(name, "a tensor for every expert", None)
+    return torch.stack(present)
 
 
 @dataclass
@@ -275,8 +275,10 @@ class LocalExperts:
             empty + (2 * self.spec.intermediate, self.spec.hidden), device=self.device, dtype=self.dtype)
         down = torch.stack([w.down for w in ws]) if ws else torch.empty(
             empty + (self.spec.hidden, self.spec.intermediate), device=self.device, dtype=self.dtype)
-        gub = torch.stack([w.gate_up_bias for w in ws]) if ws and self.spec.bias else None  # type: ignore[misc]
-        db = torch.stack([w.down_bias for w in ws]) if ws and self.spec.bias else None  # type: ignore[misc]
+        gub = db = None
+        if ws and self.spec.bias:
+            gub = _stack_present([w.gate_up_bias for w in ws], f"layer {layer} gate_up_bias")  # [n, 2I]
+            db = _stack_present([w.down_bias for w in ws], f"layer {layer} down_bias")  # [n, D]
         pack = _LayerPack(slot_of, ids, gate_up, down, gub, db)
         self._packs[layer] = pack
         return pack

@@ -14,12 +14,13 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import ParamSpec, TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _enabled = False
 
@@ -50,16 +51,16 @@ def _allow_specialisations() -> None:
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4096)
 
 
-def fusable(fn: F) -> F:
-    compiled: list[Callable[..., Any]] = []
+def fusable(fn: Callable[P, R]) -> Callable[P, R]:
+    compiled: list[Callable[P, R]] = []
 
     @functools.wraps(fn)
-    def wrapper(*args: Any) -> Any:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         if _enabled and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
             if not compiled:
                 _allow_specialisations()
                 compiled.append(torch.compile(fn, fullgraph=True, dynamic=False))
-            return compiled[0](*args)
-        return fn(*args)
+            return compiled[0](*args, **kwargs)
+        return fn(*args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper

@@ -24,7 +24,6 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Protocol
 
 import torch
@@ -34,6 +33,7 @@ from ekmesh.core.errors import CheckpointError, ConfigError, MissingTensorError,
 from ekmesh.infer.experts import ExpertSpec, ExpertWeights, LocalExperts
 from ekmesh.infer.models import family_for
 from ekmesh.infer.models.common import CausalLM
+from ekmesh.infer.models.family import Family, ModelConfig
 from ekmesh.infer.quant import dequant_fp8_block, fp8_block_size
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class DirectorySource:
             if not files:
                 raise CheckpointError(f"no safetensors files in {self.path}")
             for fname in files:
-                for name in self._open(fname).keys():
+                for name in self._open(fname).keys():  # noqa: SIM118  (a safe_open handle is not iterable)
                     self._where[name] = fname
 
     def _open(self, fname: str) -> Any:
@@ -181,7 +181,7 @@ class DirectorySource:
             raise CheckpointError(f"cannot read tensor {name!r}: {exc}") from exc
 
 
-def _family_config(hf: dict[str, Any], where: str) -> tuple[ModuleType, Any]:
+def _family_config(hf: dict[str, Any], where: str) -> tuple[Family[Any], ModelConfig]:
     fam = family_for(hf)
     try:
         return fam, fam.Config.from_hf_config(hf)
@@ -200,8 +200,8 @@ class Checkpoint:
 
     path: Path
     hf_config: dict[str, Any]
-    family: ModuleType
-    config: Any
+    family: Family[Any]  # Any: the family of this checkpoint's ``config`` (see models/family.py)
+    config: ModelConfig
     reader: CheckpointReader
     label: str = ""
 
@@ -238,7 +238,7 @@ def load_dense(ckpt: Checkpoint, device: torch.device | str = "cpu",
     with torch.device("meta"):
         model = ckpt.family.build(ckpt.config)
     state: dict[str, torch.Tensor] = {}
-    tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
+    tied = ckpt.config.tie_word_embeddings
     for name, param in model.named_parameters():
         if tied and name == "lm_head.weight":
             continue
@@ -249,7 +249,7 @@ def load_dense(ckpt: Checkpoint, device: torch.device | str = "cpu",
         shape = ckpt.reader.shape(found)
         if tuple(shape) != tuple(param.shape):
             raise TensorShapeError(found, tuple(param.shape), tuple(shape))
-        keep32 = any(name.endswith(s) for s in getattr(ckpt.family, "KEEP_FP32", ()))
+        keep32 = any(name.endswith(s) for s in ckpt.family.KEEP_FP32)
         state[name] = ckpt.reader.get(found).to(device=device, dtype=torch.float32 if keep32 else dtype)
     if tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]

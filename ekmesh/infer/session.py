@@ -51,8 +51,7 @@ class LocalModel:
         if chat:
             msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
             return self.tokenizer.encode_chat(msgs, add_generation_prompt=True)
-        ids = self.tokenizer.encode(text, add_special_tokens=True)
-        return ids
+        return self.tokenizer.encode(text, add_special_tokens=True)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer else ""

@@ -4,14 +4,16 @@ Role (``ekmesh join --model ID_OR_ALIAS``): compute this node's assignment with 
 live peers that claim the same model (budget = the memory each advertises, ``memory_total``), bring the expert blobs
 it lacks into the local store from peers over blob exchange (``shard.fetch.Fetcher``; every peer that claims runs a
 ``BlobListener`` and puts its ``blob_addr`` and TLS certificate fingerprint ``tls_fp`` in its signed advert, which
-is what connections are pinned on), and only then advertise them ready (``Node.set_models``). A node started with a
-model id it has no manifest for gets the manifest from a peer that advertises the model: a GET of the model id over
+is what connections are pinned on), and only then advertise them ready (``publish``: the node's advert). A node
+started with a model id it has no manifest for gets the manifest from a peer that advertises the model: a GET of the
+model id over
 blob exchange, checked against the id (the id is the hash of the manifest's bytes).
 
-"Ready" means *verified in the store and loaded*: with a ``load`` hook (the node's ``Serving``), an expert is
-advertised only once the hook has put it on this node's device; ``unload`` runs when the node stops advertising it.
-With ``ClaimConfig.dense`` the dense blobs and model files are fetched too (an attention host needs them);
-``dense_ready`` says when they are all verified here. With ``experts=False`` the node takes no part in the placement
+"Ready" means *verified in the store and loaded*: with ``hooks`` (``ClaimHooks``; the node's ``Serving``), an
+expert is advertised only once ``hooks.load`` has put it on this node's device; ``hooks.unload`` runs when the node
+stops advertising it. With ``ClaimConfig.dense`` the dense blobs and model files are fetched too (an attention host
+needs them), unless ``hooks.prepare`` answers that this node will not host attention; ``dense_ready`` says when
+they are all verified here. With ``experts=False`` the node takes no part in the placement
 (an attention host that holds no experts). A model the user's store does not know but the package ships (the
 built-in model) is copied blob by blob from the packaged read-only store, as from a local peer. A blob no peer can
 give is rebuilt from the model's source (hub or directory, ``shard.fetch.source_fallback``) when that source is
@@ -37,22 +39,25 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 import trio
 
 from ekmesh.core.errors import BlobUnavailableError, ConfigError, EkmeshError, ShardMissingError
+from ekmesh.core.ids import Endpoint, ExpertKey, Fingerprint
 from ekmesh.core.tls import TlsIdentity, make_context
 from ekmesh.discovery.advert import Advert, ModelReady
 from ekmesh.shard.exchange import BlobListener, BlobServer, Status, TlsDialer, get
-from ekmesh.shard.fetch.fetcher import FetchConfig, Fetcher, source_fallback
+from ekmesh.shard.fetch.fetcher import FetchConfig, Fetcher, FetchReport, source_fallback
 from ekmesh.shard.manifest import ID_RE, Manifest
-from ekmesh.shard.placement import Item, PeerCapacity, Placement, place
+from ekmesh.shard.placement import PeerCapacity, Placement, place
 from ekmesh.shard.store import Store, packaged_store
 
 log = logging.getLogger(__name__)
 
 MAX_MANIFEST = 64 << 20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -83,19 +88,22 @@ class ClaimStats:
     bad_peers: list[tuple[str, str]] = field(default_factory=list)
 
 
-def parse_blob_addr(text: str | None) -> tuple[str, int] | None:
-    if not text or ":" not in text:
-        return None
-    host, _, port = text.rpartition(":")
-    return (host, int(port)) if port.isdigit() and 0 < int(port) < 65536 and host else None
+class ClaimHooks(Protocol):
+    """What a ``Claimer`` asks of the part that puts claimed experts to use (the node's ``Serving``). Each runs in a
+    worker thread."""
 
+    def prepare(self, manifest: Manifest) -> bool:
+        """The manifest is known, before anything is published. Returns whether this node hosts attention (then the
+        claimer also fetches the dense part, if its config asks for it)."""
+        ...
 
-def parse_fp(text: str | None) -> bytes | None:
-    try:
-        fp = bytes.fromhex(text or "")
-    except ValueError:
-        return None
-    return fp if len(fp) == 32 else None
+    def load(self, items: set[ExpertKey]) -> set[ExpertKey]:
+        """Puts these experts on the device; returns the ones it loaded."""
+        ...
+
+    def unload(self, items: set[ExpertKey]) -> None:
+        """Drops these experts from the device."""
+        ...
 
 
 def grid_of(m: Manifest) -> tuple[tuple[int, int], int]:
@@ -110,37 +118,32 @@ def grid_of(m: Manifest) -> tuple[tuple[int, int], int]:
 class Claimer:
     """One model's claiming on this node. ``open`` binds the blob listener (before the node's first advert), ``run``
     claims until cancelled. ``live()`` gives the live peers' adverts (self included), ``publish`` sets this node's
-    ``models`` advert field."""
+    ``models`` advert field; ``identity`` is this node's TLS certificate (blob exchange is pinned on it)."""
 
-    def __init__(self, peer_id: str, store: Store, config: ClaimConfig, live: Callable[[], list[Advert]],
-                 publish: Callable[[dict[str, ModelReady]], None],
-                 prepare: Callable[[Manifest], None] | None = None,
-                 load: Callable[[set[Item]], set[Item]] | None = None,
-                 unload: Callable[[set[Item]], None] | None = None) -> None:
-        """``prepare(manifest)`` runs (in a thread) once the manifest is known, before anything is published;
-        ``load(items)`` (in a thread) returns the items it put on the device; ``unload(items)`` drops them."""
+    def __init__(self, peer_id: str, store: Store, config: ClaimConfig, identity: TlsIdentity,
+                 live: Callable[[], list[Advert]], publish: Callable[[dict[str, ModelReady]], None],
+                 hooks: ClaimHooks | None = None) -> None:
         self.peer_id, self.store, self.config = peer_id, store, config
-        self.live, self.publish = live, publish
-        self.prepare, self.load, self.unload = prepare, load, unload
+        self.live, self.publish, self.hooks = live, publish, hooks
         self.packaged = packaged_store()
-        self.dense = config.dense  # may be turned off by ``prepare`` (the node decides it cannot host attention)
+        self.dense = config.dense  # turned off when ``hooks.prepare`` answers that this node hosts no attention
         self.dense_ready = False
-        self.identity = TlsIdentity.generate(peer_id)
-        self.tls_fp = self.identity.fingerprint.hex()
-        self.blob_addr: str | None = None
+        self.identity = identity
+        self.tls_fp = Fingerprint(identity.fingerprint)
+        self.blob_addr: Endpoint | None = None
         self.manifest: Manifest | None = None
         self.model_id: str | None = None
         self.placement: Placement | None = None
         self.stats = ClaimStats()
         self.state = "starting"
-        self._pins: Mapping[str, bytes] = {}
-        self._addrs: Mapping[str, tuple[str, int]] = {}
+        self._pins: Mapping[str, Fingerprint] = {}
+        self._addrs: Mapping[str, Endpoint] = {}
         self._listener: BlobListener | None = None
         self._fetcher: Fetcher | None = None
-        self._have: set[Item] = set()  # assigned experts verified in the store
-        self._loaded: set[Item] = set()  # ... and put on the device by ``load``
+        self._have: set[ExpertKey] = set()  # assigned experts verified in the store
+        self._loaded: set[ExpertKey] = set()  # ... and put on the device by ``load``
         self._source_fallback: Callable[[str], None] | None = None
-        self._ready: set[Item] = set()  # advertised ready
+        self._ready: set[ExpertKey] = set()  # advertised ready
         self._key: tuple[Any, ...] | None = None
         self._pending: tuple[Any, ...] | None = None
         self._pending_since = 0.0
@@ -164,7 +167,7 @@ class Claimer:
     def open(self, bind_host: str, advertise_host: str) -> None:
         server = BlobServer(self.store)
         self._listener = BlobListener(server, make_context(self.identity, server=True), self._pin, bind_host)
-        self.blob_addr = f"{advertise_host}:{self._listener.address[1]}"
+        self.blob_addr = Endpoint(advertise_host, self._listener.address[1])
         dialer = TlsDialer(make_context(self.identity, server=False), self._pin, self._addr, self.config.io_s)
         self._fetcher = Fetcher(self.store, dialer, FetchConfig(io_s=self.config.io_s),
                                 on_bad_peer=lambda p, b: self.stats.bad_peers.append((p, b)),
@@ -191,10 +194,10 @@ class Claimer:
         """Peers banned for serving bytes that do not hash to their blob id (their experts are not used either)."""
         return set(self._fetcher.banned()) if self._fetcher is not None else set()
 
-    def _pin(self, peer_id: str) -> bytes | None:
+    def _pin(self, peer_id: str) -> Fingerprint | None:
         return self._pins.get(peer_id)
 
-    def _addr(self, peer_id: str) -> tuple[str, int] | None:
+    def _addr(self, peer_id: str) -> Endpoint | None:
         return self._addrs.get(peer_id)
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -211,8 +214,9 @@ class Claimer:
                     await trio.sleep(self.config.retry_s)
             self.model_id = self.manifest.id
             self._source_fallback = source_fallback(self.store, self.manifest)
-            if self.prepare is not None:
-                await trio.to_thread.run_sync(self.prepare, self.manifest)
+            if self.hooks is not None:
+                attention = await trio.to_thread.run_sync(self.hooks.prepare, self.manifest)
+                self.dense = self.dense and attention
             self.state = "claiming"
             if self.config.experts:
                 self._publish()  # an empty grid: this node now takes part in the placement
@@ -224,12 +228,12 @@ class Claimer:
                 await trio.to_thread.run_sync(self.close)
 
     def _refresh_peers(self) -> dict[str, Advert]:
-        live = {a.peer_id: a for a in self.live()}
-        pins, addrs = {}, {}
+        live: dict[str, Advert] = {a.peer_id: a for a in self.live()}
+        pins: dict[str, Fingerprint] = {}
+        addrs: dict[str, Endpoint] = {}
         for pid, a in live.items():
-            fp, addr = parse_fp(a.tls_fp), parse_blob_addr(a.blob_addr)
-            if fp is not None and addr is not None and pid != self.peer_id:
-                pins[pid], addrs[pid] = fp, addr
+            if a.tls_fp is not None and a.blob_addr is not None and pid != self.peer_id:
+                pins[pid], addrs[pid] = a.tls_fp, a.blob_addr
         self._pins, self._addrs = pins, addrs  # replaced whole: threads read a consistent copy
         return live
 
@@ -247,8 +251,7 @@ class Claimer:
         for a in self.live():
             if mid in a.models and a.peer_id in self._addrs:
                 try:
-                    m = await trio.to_thread.run_sync(  # mypy mis-reads Unpack[Ts] + a keyword
-                        self._get_manifest, a.peer_id, mid, abandon_on_cancel=True)  # type: ignore[call-arg]
+                    m = await _abandoning(partial(self._get_manifest, a.peer_id, mid))
                 except EkmeshError as exc:
                     log.warning("could not get the manifest of %s from peer %s: %s", mid, a.peer_id, exc)
                     continue
@@ -308,15 +311,14 @@ class Claimer:
                 others = [p for p, r in ready_at.items() if it in r and p not in first]
                 rest = [p for p in claiming if p != me and p not in first and p not in others]  # may have it stored
                 holders[experts[it]] = [p for p in first + others + rest if p in self._addrs]
-            got = await trio.to_thread.run_sync(  # mypy mis-reads Unpack[Ts] + a keyword
-                self._fetch, holders, abandon_on_cancel=True)  # type: ignore[call-arg]
+            got = await _abandoning(partial(self._fetch, holders))
             self._have |= {it for it in todo if experts[it] in got}  # two experts may share a blob
             if todo - self._have:
                 self._next_fetch = time.monotonic() + cfg.retry_s
-        if self.load is not None:
+        if self.hooks is not None:
             to_load = (assigned & self._have) - self._loaded
             if to_load:
-                loaded = await trio.to_thread.run_sync(self.load, to_load)
+                loaded = await trio.to_thread.run_sync(self.hooks.load, to_load)
                 self._loaded |= loaded
                 self._have -= to_load - loaded  # e.g. its blob failed the hash and was quarantined: fetch again
             ready = assigned & self._loaded
@@ -330,11 +332,10 @@ class Claimer:
             dropped, added = self._ready - ready, ready - self._ready
             self._ready = ready
             self._publish()
-            if self.load is not None and dropped:
+            if self.hooks is not None and dropped:
                 self._loaded -= dropped
                 self._have -= dropped
-                if self.unload is not None:
-                    await trio.to_thread.run_sync(self.unload, dropped)
+                await trio.to_thread.run_sync(self.hooks.unload, dropped)
             log.info("model %s: %d experts ready here (+%d, -%d)", m.id, len(ready), len(added), len(dropped))
 
     def fetch_now(self, blob_ids: list[str]) -> None:
@@ -348,9 +349,8 @@ class Claimer:
 
     async def _fetch_dense(self, m: Manifest, peers: list[str]) -> None:
         wanted = sorted(set(m.dense_ids().values()) | set(m.file_ids().values()))
-        holders = {bid: [p for p in peers if p in self._addrs] for bid in wanted}
-        got = await trio.to_thread.run_sync(  # mypy mis-reads Unpack[Ts] + a keyword
-            self._fetch, holders, abandon_on_cancel=True)  # type: ignore[call-arg]
+        holders: dict[str, list[str]] = {bid: [p for p in peers if p in self._addrs] for bid in wanted}
+        got = await _abandoning(partial(self._fetch, holders))
         if got >= set(wanted):
             self.dense_ready = True
             log.info("model %s: dense part verified here (%d blobs)", m.id, len(wanted))
@@ -379,10 +379,11 @@ class Claimer:
             return present
         start = time.monotonic()
         sizes = {bid: self.manifest.size(bid) for bid in wanted}
+        report: FetchReport | None
         try:
             report = self._fetcher.fetch(wanted, sizes, timeout=self.config.fetch_timeout_s)
         except BlobUnavailableError as exc:
-            report = exc.report  # type: ignore[assignment]
+            report = exc.report if isinstance(exc.report, FetchReport) else None
             log.info("%d expert blob(s) not fetched yet: %s", len(exc.failures), exc)
         self.stats.fetch_seconds += time.monotonic() - start
         if report is not None:
@@ -414,7 +415,7 @@ class Claimer:
         return {
             "model": self.model_id or self.config.model,
             "state": self.state,
-            "ready_means": "verified in the store and loaded" if self.load else "verified in the store",
+            "ready_means": "verified in the store and loaded" if self.hooks else "verified in the store",
             "dense_ready": self.dense_ready if self.dense else None,
             "replicas": self.config.replicas,
             "experts": len(m.expert_ids()) if m is not None else None,
@@ -427,8 +428,14 @@ class Claimer:
             "blobs_fetched": s.fetched_blobs,
             "rate_bps": round(s.fetched_bytes / s.fetch_seconds) if s.fetch_seconds > 0 else None,
             "bad_peers": [list(x) for x in s.bad_peers[-16:]],
-            "blob_addr": self.blob_addr,
+            "blob_addr": None if self.blob_addr is None else str(self.blob_addr),
         }
+
+
+async def _abandoning(fn: Callable[[], T]) -> T:
+    """``fn()`` in a worker thread that a cancelled caller stops waiting for (trio's ``abandon_on_cancel``)."""
+    # mypy (2.4) loses run_sync's keyword-only parameters behind trio's ``enable_ki_protection`` decorator
+    return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)  # type: ignore[call-arg]
 
 
 def _place(m: Manifest, key: tuple[tuple[str, int, float], ...], replicas: int) -> Placement:
@@ -438,9 +445,9 @@ def _place(m: Manifest, key: tuple[tuple[str, int, float], ...], replicas: int) 
     return place(m.id, list(experts), {it: m.size(bid) for it, bid in experts.items()}, peers, replicas)
 
 
-def _ready_by_peer(model_id: str, adverts: Mapping[str, Advert], me: str) -> dict[str, set[Item]]:
+def _ready_by_peer(model_id: str, adverts: Mapping[str, Advert], me: str) -> dict[str, set[ExpertKey]]:
     """The experts each other peer advertises ready for ``model_id``."""
-    out: dict[str, set[Item]] = {}
+    out: dict[str, set[ExpertKey]] = {}
     for pid, a in adverts.items():
         grid = a.models.get(model_id)
         if pid != me and grid is not None:

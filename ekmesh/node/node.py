@@ -4,10 +4,16 @@ For now a node is: a persistent identity, a Noise-only libp2p host, discovery (`
 Kademlia rendezvous), circuit relay (relaying for others, reserving a slot on its bootstrap and ``--relay-via``
 peers and advertising the ``/p2p-circuit`` addresses, dialing peers through relays: see ``discovery.relay``),
 membership (signed adverts, failure detection, leave on shutdown) and the local control endpoint that
-``ekmesh status`` talks to; with ``--model``, claiming (``ekmesh.node.claim``: this node's share of the model's experts,
+``ekmesh status`` talks to; with ``--model``, claiming (``node.claim``: this node's share of the model's experts,
 fetched from peers over blob exchange, loaded on the device and only then advertised ready) and serving
-(``ekmesh.node.serving``: the expert server for them and, as attention host, generation over the mesh); and on every
+(``node.serving``: the expert server for them and, as attention host, generation over the mesh); and on every
 node the OpenAI-compatible API on localhost (``ekmesh.api``; its URL is in node.json as ``api_url``).
+
+Wiring: every part gets its collaborators as constructor arguments, built in dependency order (the TLS identity,
+then ``Serving``, then the ``Claimer`` with ``Serving`` as its hooks); none is handed to another by assigning an
+attribute, and no two parts hold each other. What one part needs of another at run time, the node's own loops pass
+as arguments (``Serving.refresh(adverts, placement, banned)``, ``load_attention(claimer.fetch_now)``). The parts
+that listen learn their addresses through ``open(bind_host, advertise_host)`` once the libp2p host has started.
 
 Lifecycle: ``run`` locks ``EKMESH_HOME`` (one node per home), starts everything, reports ``started`` (peer id and
 full listen addresses) through ``on_event``, then runs until SIGINT/SIGTERM (or ``stop()``), announces its leave
@@ -34,9 +40,12 @@ import trio
 from libp2p.peer.id import ID
 
 from ekmesh import __version__
-from ekmesh.api.server import DEFAULT_PORT, ApiServer
+from ekmesh.api.server import ApiServer
 from ekmesh.api.types import ServedModel
+from ekmesh.core.constants import API_PORT, STATUS_PATH
 from ekmesh.core.errors import ConfigError
+from ekmesh.core.ids import Endpoint, PeerId
+from ekmesh.core.tls import TlsIdentity
 from ekmesh.discovery import host as hostlib
 from ekmesh.discovery.advert import MAX_ADDRS, Advert, Device, ModelReady, SignedAdvert, sign_advert
 from ekmesh.discovery.config import MeshKey, MeshTimeouts
@@ -78,14 +87,14 @@ class NodeConfig:
     """Reserve a slot on the bootstrap and ``relay_via`` peers and advertise the circuit addresses."""
     timeouts: MeshTimeouts = field(default_factory=MeshTimeouts)
     model: str | None = None
-    """Claim a share of this model's experts (``ekmesh.node.claim``); None: claim nothing, serve no blobs."""
+    """Claim a share of this model's experts (``node.claim``); None: claim nothing, serve no blobs."""
     replicas: int = 2
     attention: bool | None = None
     """Host attention for ``model`` (fetch and load its dense part, answer the API): True (``--attention``), False
     (``--no-attention``) or None: when the dense part fits in half the free memory of the device."""
     experts: bool = True
     """Take a share of ``model``'s experts; off with ``--no-experts`` (an attention host that holds none)."""
-    api_port: int | None = DEFAULT_PORT
+    api_port: int | None = API_PORT
     """Port of the OpenAI-compatible API on 127.0.0.1 (0: any free port; taken: any free port; None: no API)."""
     device: str | None = None
     dtype: str | None = None
@@ -106,11 +115,11 @@ class Node:
             if "/p2p-circuit" in str(addr):
                 raise ConfigError(f"--relay-via {addr}/p2p/{peer_id}: a relay must be reachable directly")
         self.key_pair = load_or_create_identity(config.home)
-        self.peer_id = peer_id_of(self.key_pair).to_base58()
+        self.peer_id = PeerId(peer_id_of(self.key_pair).to_base58())
         self.name = config.name or socket.gethostname()
         self.addrs: list[str] = []
         self.models: dict[str, ModelReady] = {}
-        self.data_addr: str | None = None
+        self.data_addr: Endpoint | None = None
         self.speed: float | None = None
         total = psutil.virtual_memory().total
         self.devices = [Device("cpu", platform.processor() or platform.machine(), total)]
@@ -128,12 +137,11 @@ class Node:
             claim_cfg = ClaimConfig(config.model, config.replicas, experts=config.experts,
                                     dense=config.attention is not False,
                                     meet_s=10.0 if config.peers or config.relay_via else 0.0)
-            self.claimer = Claimer(self.peer_id, store, claim_cfg, self._live_adverts, self.set_models)
-            serving = self.serving = Serving(self.peer_id, store, self.claimer.identity, config.attention,
-                                             self.set_data_addr, config.device, config.dtype)
-            serving.claimer = self.claimer
-            self.claimer.prepare, self.claimer.load, self.claimer.unload = \
-                serving.prepare, serving.load, serving.unload
+            identity = TlsIdentity.generate(self.peer_id)  # blob exchange and the data plane are pinned on it
+            self.serving = Serving(self.peer_id, store, identity, config.attention, self.set_data_addr,
+                                   config.device, config.dtype)
+            self.claimer = Claimer(self.peer_id, store, claim_cfg, identity, self._live_adverts, self.set_models,
+                                   hooks=self.serving)
         self._membership: Membership | None = None
         self._incarnation = 0
         self._seq = 0
@@ -144,7 +152,7 @@ class Node:
     def set_models(self, models: dict[str, ModelReady]) -> None:
         self.models = dict(models)
 
-    def set_data_addr(self, addr: str | None) -> None:
+    def set_data_addr(self, addr: Endpoint | None) -> None:
         self.data_addr = addr
 
     def snapshot(self) -> dict[str, Any]:
@@ -204,7 +212,7 @@ class Node:
             advertise = _advertised_ip(bind, [a.split("/")[2] for a in self.addrs])
             await trio.to_thread.run_sync(self.claimer.open, bind, advertise)
             if self.serving is not None:
-                self.serving.bind_host, self.serving.advertise_host = bind, advertise
+                self.serving.open(bind, advertise)
         if cfg.api_port is not None:
             self.api = ApiServer(self, port=cfg.api_port).start()
         try:
@@ -239,8 +247,8 @@ class Node:
                 nursery.start_soon(rendezvous.run)
             if self.claimer is not None:
                 nursery.start_soon(self.claimer.run)
-            if self.serving is not None:
-                nursery.start_soon(self._serve_loop, self.serving)
+            if self.serving is not None and self.claimer is not None:
+                nursery.start_soon(self._serve_loop, self.serving, self.claimer)
             if cfg.exit_with_parent:
                 nursery.start_soon(self._watch_parent, os.getppid())
             if cfg.mdns:
@@ -258,12 +266,13 @@ class Node:
             await membership.announce_leave()
             nursery.cancel_scope.cancel()
 
-    async def _serve_loop(self, serving: Serving) -> None:
-        """Keeps the serving holder map in step with the view; loads the attention part once it can."""
+    async def _serve_loop(self, serving: Serving, claimer: Claimer) -> None:
+        """Keeps the serving holder map in step with the view and the claim (placement, banned peers); loads the
+        attention part once the dense blobs are verified here."""
         while True:
-            serving.refresh(self._live_adverts())
-            if serving.can_load_attention():
-                await trio.to_thread.run_sync(serving.load_attention)
+            serving.refresh(self._live_adverts(), claimer.placement, claimer.banned())
+            if serving.can_load_attention(claimer.dense_ready):
+                await trio.to_thread.run_sync(serving.load_attention, claimer.fetch_now)
             await trio.sleep(0.2)
 
     async def _watch_parent(self, parent: int) -> None:
@@ -332,7 +341,7 @@ class Node:
             self.on_event({"event": ev.kind, "peer_id": ev.peer_id, "name": ev.name, "detail": ev.detail})
 
     async def _control(self, method: str, target: str, body: bytes) -> tuple[int, dict[str, Any]]:
-        if method == "GET" and target.split("?")[0] == "/ekmesh/status":
+        if method == "GET" and target.split("?")[0] == STATUS_PATH:
             return 200, self.snapshot()
         return 404, {"error": f"no such endpoint: {method} {target}"}
 

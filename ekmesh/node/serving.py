@@ -1,14 +1,18 @@
 """Serving: what a node with ``--model`` does with the experts it claimed and, as attention host, with the mesh.
 
-Role (node level: wires ``infer`` to ``shard`` and to the view): ``Claimer`` hooks put claimed experts on this node's
-device (``load``) before they are advertised ready, and drop them (``unload``) after make-before-break; an
+Role (node level: wires ``infer`` to ``shard`` and to the view): as the ``Claimer``'s ``ClaimHooks`` it puts claimed
+experts on this node's device (``load``) before they are advertised ready, and drops them (``unload``) after
+make-before-break; an
 ``ExpertServer`` answers data-plane frames for them (its address is this node's ``data_addr``; connections are
 pinned both ways to the TLS fingerprints in signed adverts, the same certificate as blob exchange). As attention
 host (``--attention``, the default), once the dense blobs are verified here, it loads the dense part and a
 ``Generator`` over ``RemoteExperts``: local experts first, else the live peers advertising the expert ready
 (best first in placement order; the backend then prefers the lowest measured latency), else — no live holder —
-the expert's blob is fetched (peers, package, model source) and computed here. ``served()`` is the ``api.Engine``
-the node's OpenAI API uses.
+the expert's blob is fetched (peers, package, model source: the ``fetch_blobs`` the node hands to
+``load_attention``) and computed here. ``served()`` is the ``api.Engine`` the node's OpenAI API uses.
+
+It holds no reference to the claimer: what it needs of claiming (the placement, banned peers, whether the dense part
+is verified, a way to fetch a blob) the node passes into ``refresh``, ``can_load_attention`` and ``load_attention``.
 
 Not responsible for: placement and fetching (``claim``), the wire (``infer.dataplane``), HTTP (``api``).
 
@@ -38,6 +42,7 @@ import torch
 from ekmesh.api.types import ServedModel, context_of
 from ekmesh.core import threads
 from ekmesh.core.errors import EkmeshError, ExpertUnavailableError
+from ekmesh.core.ids import Endpoint, ExpertKey, Fingerprint
 from ekmesh.core.tls import TlsIdentity
 from ekmesh.discovery.advert import Advert
 from ekmesh.infer.dataplane import poll
@@ -49,15 +54,13 @@ from ekmesh.infer.experts import ExpertWeights, LocalExperts
 from ekmesh.infer.generate import Generator, pick_device, pick_dtype
 from ekmesh.infer.loader import Checkpoint, load_dense
 from ekmesh.infer.tokenizer import Tokenizer, eos_ids_in
-from ekmesh.node.claim import Claimer, parse_blob_addr, parse_fp
 from ekmesh.registry.lookup import aliases_of
 from ekmesh.shard.manifest import Manifest
+from ekmesh.shard.placement import Placement
 from ekmesh.shard.reader import StoreTensors, open_store_model
 from ekmesh.shard.store import Store
 
 log = logging.getLogger(__name__)
-
-Item = tuple[int, int]
 
 
 def _keep_freed_memory() -> None:
@@ -76,11 +79,13 @@ def _keep_freed_memory() -> None:
 
 
 class Serving:
-    """One model's serving on this node. ``prepare``/``load``/``unload`` are the ``Claimer``'s hooks (threads);
-    ``refresh`` (the node's loop) re-reads the view; ``step`` (a thread) loads the attention part when it can."""
+    """One model's serving on this node. ``open`` names the host its expert server binds (once the node knows its
+    addresses, before the manifest); ``prepare``/``load``/``unload`` are the ``Claimer``'s hooks (threads);
+    ``refresh`` (the node's loop) re-reads the view; ``load_attention`` (a thread) loads the attention part once
+    ``can_load_attention``."""
 
     def __init__(self, peer_id: str, store: Store, identity: TlsIdentity, attention: bool | None,
-                 set_data_addr: Callable[[str | None], None], device: str | None = None,
+                 set_data_addr: Callable[[Endpoint | None], None], device: str | None = None,
                  dtype: str | None = None) -> None:
         self.peer_id, self.store, self.identity = peer_id, store, identity
         self.attention = attention
@@ -91,7 +96,6 @@ class Serving:
         if self.device.type == "cpu":
             _keep_freed_memory()
         self.bind_host, self.advertise_host = "127.0.0.1", "127.0.0.1"
-        self.claimer: Claimer | None = None
         self.manifest: Manifest | None = None
         self.checkpoint: Checkpoint | None = None
         self.local: LocalExperts | None = None
@@ -102,17 +106,23 @@ class Serving:
         self.state = "waiting for the manifest"
         self.failed = False
         self.too_big: str | None = None  # why the automatic --attention decided against hosting attention
-        self._pins: dict[str, bytes] = {}
-        self._addrs: dict[str, tuple[str, int]] = {}
-        self._holders: dict[Item, list[str]] = {}
+        self._pins: dict[str, Fingerprint] = {}
+        self._addrs: dict[str, Endpoint] = {}
+        self._fetch_blobs: Callable[[list[str]], None] | None = None
+        self._holders: dict[ExpertKey, list[str]] = {}
         self._view_key: object = None  # what the maps were last built from (``refresh``)
         self._read_lock = threading.Lock()
         self._files_dir = Path(tempfile.mkdtemp(prefix="ekmesh-serving-"))
 
+    def open(self, bind_host: str, advertise_host: str) -> None:
+        """The expert server will bind ``bind_host`` and be advertised at ``advertise_host`` (as ``Claimer.open``)."""
+        self.bind_host, self.advertise_host = bind_host, advertise_host
+
     # -- claimer hooks (worker threads) ---------------------------------------------------------------------
 
-    def prepare(self, m: Manifest) -> None:
-        """The manifest is known: the experts' reader, the device backend and the expert server."""
+    def prepare(self, m: Manifest) -> bool:
+        """The manifest is known: the experts' reader, the device backend and the expert server. Returns whether
+        this node hosts attention (decided here when ``attention`` was left automatic)."""
         self.checkpoint = Checkpoint.from_source(self._files_dir, m.data["config"], StoreTensors(self.store, m),
                                                  m.id)
         cfg = self.checkpoint.config
@@ -120,17 +130,16 @@ class Serving:
         self.limits = ModelLimits.from_config(cfg)
         self.server = ExpertServer(self.local, self.identity, lambda p: self._pins.get(p), self.limits,
                                    host=self.bind_host).start()
-        self.set_data_addr(f"{self.advertise_host}:{self.server.address[1]}")
+        self.set_data_addr(Endpoint(self.advertise_host, self.server.address[1]))
         if self.attention is None:
             self.too_big = self._dense_too_big(m)
             self.attention = self.too_big is None
-        if self.claimer is not None:
-            self.claimer.dense = self.attention
         self.manifest = m
         if self.attention:
             self.state = "loading the dense part"
         else:
             self.state = f"no attention: {self.too_big}" if self.too_big else "serving experts"
+        return self.attention
 
     def _dense_too_big(self, m: Manifest) -> str | None:
         """Auto ``--attention``: None when the dense part, at this node's compute dtype, takes at most half the free
@@ -152,9 +161,9 @@ class Serving:
         ck = self.checkpoint
         assert ck is not None
         with self._read_lock:
-            return ck.family.read_expert(ck.reader, ck.config, layer, expert)  # type: ignore[no-any-return]
+            return ck.family.read_expert(ck.reader, ck.config, layer, expert)
 
-    def load(self, items: set[Item]) -> set[Item]:
+    def load(self, items: set[ExpertKey]) -> set[ExpertKey]:
         """Puts these experts on the device; returns those loaded. Each blob is hashed again first (not trusted
         from its stat): weights that rotted on disk are quarantined here instead of served."""
         assert self.local is not None and self.manifest is not None
@@ -173,7 +182,7 @@ class Serving:
         log.info("loaded %d experts on %s", len(done), self.device)
         return done
 
-    def unload(self, items: set[Item]) -> None:
+    def unload(self, items: set[ExpertKey]) -> None:
         assert self.local is not None
         for layer, e in items:
             self.local.remove(layer, e)
@@ -181,10 +190,10 @@ class Serving:
 
     # -- the view (the node's trio loop; cheap) ---------------------------------------------------------------
 
-    def refresh(self, adverts: list[Advert]) -> None:
+    def refresh(self, adverts: list[Advert], placement: Placement | None, banned: set[str]) -> None:
+        """Re-reads the live view: ``placement`` orders each expert's holders, peers in ``banned`` (served blobs
+        that failed their hash) are not used for their experts."""
         m = self.manifest
-        banned = self.claimer.banned() if self.claimer is not None else set()
-        placement = self.claimer.placement if self.claimer is not None else None
         # nothing changed since the last rebuild: keep the maps (a 30B-class model has thousands of items, and
         # this runs in the node's loop every 0.2 s, holding the GIL the attention host's threads need)
         key = (None if m is None else m.id, placement, frozenset(banned),
@@ -192,11 +201,11 @@ class Serving:
         if key == self._view_key:  # (a placement compares by identity first: a new one is a new object)
             return
         self._view_key = key
-        pins: dict[str, bytes] = {}
-        addrs: dict[str, tuple[str, int]] = {}
-        holders: dict[Item, list[str]] = {}
+        pins: dict[str, Fingerprint] = {}
+        addrs: dict[str, Endpoint] = {}
+        holders: dict[ExpertKey, list[str]] = {}
         for a in adverts:
-            fp, addr = parse_fp(a.tls_fp), parse_blob_addr(a.data_addr)
+            fp, addr = a.tls_fp, a.data_addr
             if a.peer_id == self.peer_id or fp is None:
                 continue
             pins[a.peer_id] = fp  # may dial us (attention host) or serve us
@@ -222,12 +231,15 @@ class Serving:
 
     # -- attention host ---------------------------------------------------------------------------------------
 
-    def can_load_attention(self) -> bool:
+    def can_load_attention(self, dense_ready: bool) -> bool:
+        """Whether ``load_attention`` should run now; ``dense_ready``: the dense blobs are verified in the store."""
         return (self.attention is True and self.model is None and not self.failed and self.manifest is not None
-                and self.claimer is not None and self.claimer.dense_ready)
+                and dense_ready)
 
-    def load_attention(self) -> None:
-        """Blocking: the dense part on the device, the tokenizer and the generator over ``RemoteExperts``."""
+    def load_attention(self, fetch_blobs: Callable[[list[str]], None]) -> None:
+        """Blocking: the dense part on the device, the tokenizer and the generator over ``RemoteExperts``.
+        ``fetch_blobs(ids)`` brings blobs into the store from anywhere they can be had (raises an ``EkmeshError``
+        otherwise): an expert with no live holder is fetched with it and computed here."""
         m, local, limits = self.manifest, self.local, self.limits
         assert m is not None and local is not None and limits is not None
         try:
@@ -241,10 +253,12 @@ class Serving:
             self.state = f"cannot host attention: {exc}"
             log.error("model %s: %s", m.id, self.state)
             return
+        self._fetch_blobs = fetch_blobs
         pool = ChannelPool(self.identity, lambda p: self._pins.get(p), lambda p: self._addrs.get(p), limits)
         self.remote = RemoteExperts(limits, local, self.holders, pool, self._fallback)
         gen = Generator(dense, self.remote, tok, default_stop_ids=() if tok else eos_ids_in(ck.path))
-        self.model = ServedModel(m.id, aliases_of(m.id, self.store), gen, tok, context_of(sm.hf_config), peer_stats=self._peer_stats)
+        self.model = ServedModel(m.id, aliases_of(m.id, self.store), gen, tok, context_of(sm.hf_config),
+                                 peer_stats=self._peer_stats)
         self._sm = sm  # keeps its files directory alive
         self.state = "serving"
         log.info("model %s: attention host ready on %s (%s)", m.id, self.device, str(self.dtype).split(".")[-1])
@@ -256,11 +270,11 @@ class Serving:
 
     def _fallback(self, layer: int, expert: int) -> ExpertWeights:
         """No live holder: the blob comes here (store, package, peers that may store it, the model's source)."""
-        m, claimer = self.manifest, self.claimer
-        assert m is not None and claimer is not None
+        m, fetch_blobs = self.manifest, self._fetch_blobs
+        assert m is not None and fetch_blobs is not None
         bid = m.expert_ids()[(layer, expert)]
         try:
-            claimer.fetch_now([bid])
+            fetch_blobs([bid])
             return self._read_expert(layer, expert)
         except EkmeshError as exc:
             raise ExpertUnavailableError(layer, expert, f"no live holder, and its blob could not be had: {exc}") \
@@ -268,7 +282,7 @@ class Serving:
 
     # -- what the node shows -------------------------------------------------------------------------------------
 
-    def missing(self) -> list[Item]:
+    def missing(self) -> list[ExpertKey]:
         m, local = self.manifest, self.local
         if m is None or local is None:
             return []
@@ -295,7 +309,7 @@ class Serving:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "threads": self.threads,
-            "data_addr": f"{self.advertise_host}:{self.server.address[1]}" if self.server else None,
+            "data_addr": str(Endpoint(self.advertise_host, self.server.address[1])) if self.server else None,
             "loaded_experts": sum(len(v) for v in held.values()),
             "loaded_by_layer": {str(layer): len(es) for layer, es in held.items()},
             "peers": {p: {"round_trips": s.round_trips, "mean_rtt_ms": round(1e3 * s.mean_rtt_s, 3),

@@ -8,6 +8,7 @@ loader reads of each tensor); a partial import asks the node running for this ``
 
 from __future__ import annotations
 
+from ekmesh.core.constants import STATUS_PATH
 from ekmesh.core.paths import ekmesh_home
 from ekmesh.discovery import control
 from ekmesh.infer.readplan import read_plan
@@ -32,7 +33,7 @@ def import_partial(ref: str, spec: str, revision: str | None = None, alias: str 
 def assigned_from_mesh(m: Manifest, replicas: int = 2, timeout: float = 5.0) -> list[tuple[int, int]]:
     """The experts the placement over the live mesh (as the running node of this EKMESH_HOME sees it) gives
     this node: budgets are the memory each live peer offers (its advertised ``memory_total``)."""
-    snap = control.get_json(ekmesh_home(), "/ekmesh/status", timeout)
+    snap = control.get_json(ekmesh_home(), STATUS_PATH, timeout)
     me = snap.get("self")
     live = [p for p in snap.get("peers", []) if p.get("state") in ("self", "up")]
     peers = [PeerCapacity(str(p["peer_id"]), int(p.get("memory_total") or 0), float(p.get("speed") or 1.0))

@@ -53,7 +53,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import BinaryIO
+from io import FileIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -405,7 +405,7 @@ class BlobServer:
             with self._lock:
                 self._active[link.peer] -= 1
 
-    def _open(self, blob_id: str) -> BinaryIO:
+    def _open(self, blob_id: str) -> FileIO:
         """A verified blob, else a stored manifest: a model id is the hash of its manifest's bytes, so a peer gets
         a manifest with a GET of the model id and checks it like any blob (manifest spread)."""
         try:
@@ -416,9 +416,9 @@ class BlobServer:
             self.store.load_manifest(blob_id)  # checks the bytes against the id
             return open(self.store.manifest_path(blob_id), "rb", buffering=0)
 
-    def _fill(self, f: object, view: memoryview, blob_id: str, offset: int) -> int:
+    def _fill(self, f: FileIO, view: memoryview, blob_id: str, offset: int) -> int:
         """Reads the next bytes of the blob into ``view`` (a test subclass overrides it to serve corrupt bytes)."""
-        return f.readinto(view)  # type: ignore[attr-defined,no-any-return]
+        return f.readinto(view)
 
     def _take(self, peer: str) -> bool:
         with self._lock:

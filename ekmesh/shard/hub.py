@@ -2,8 +2,9 @@
 
 Role: resolve ``repo`` at ``revision`` to a commit (``/api/models/<repo>/revision/<rev>``), then read byte ranges
 of ``/<repo>/resolve/<commit>/<file>`` through huggingface_hub's session and headers. Environment: ``HF_ENDPOINT``
-(read at call time, so a stand-in server works in-process too; likewise HF_HOME / HF_HUB_CACHE), ``HF_TOKEN`` (via ``build_hf_headers``),
-``HF_HUB_OFFLINE`` (no network: the repo's snapshot in the local HF cache, read as a directory).
+(read at call time, so a stand-in server works in-process too; likewise HF_HOME / HF_HUB_CACHE), ``HF_TOKEN``
+(via ``build_hf_headers``), ``HF_HUB_OFFLINE`` (no network: the repo's snapshot in the local HF cache, read as a
+directory).
 
 Invariants: every request has a deadline (``HTTP_TIMEOUT_S``); a Range request must come back 206 with exactly the
 asked length (or 200 for a range that is the whole file) — a server that ignores Range is refused, so a partial

@@ -37,6 +37,7 @@ from typing import Any
 import blake3
 
 from ekmesh.core.errors import ManifestError
+from ekmesh.core.ids import BlobId, ExpertKey, ModelId
 
 SCHEMA = 1
 ID_RE = re.compile(r"^blake3:[0-9a-f]{64}$")
@@ -148,12 +149,12 @@ class Manifest:
     """A validated manifest and its id (``blake3:`` of its canonical bytes)."""
 
     data: dict[str, Any]
-    id: str
+    id: ModelId
 
     @classmethod
     def build(cls, data: dict[str, Any]) -> Manifest:
         validate(data)
-        return cls(data, hash_id(canonical(data)))
+        return cls(data, ModelId(hash_id(canonical(data))))
 
     @classmethod
     def parse(cls, raw: bytes, expected_id: str | None = None, where: str = "manifest") -> Manifest:
@@ -168,7 +169,7 @@ class Manifest:
             raise ManifestError(f"{where}: its bytes hash to {got}, not to its id {expected_id}")
         if canonical(data) != raw:
             raise ManifestError(f"{where} is not in canonical form (sorted keys, no whitespace, UTF-8)")
-        return cls(data, got)
+        return cls(data, ModelId(got))
 
     def bytes(self) -> bytes:
         return canonical(self.data)
@@ -177,17 +178,17 @@ class Manifest:
     def architecture(self) -> str:
         return str(self.data["architecture"])
 
-    def expert_ids(self) -> dict[tuple[int, int], str]:
-        return {(layer, e): bid for layer, row in enumerate(self.data["experts"]) if row
+    def expert_ids(self) -> dict[ExpertKey, BlobId]:
+        return {(layer, e): BlobId(bid) for layer, row in enumerate(self.data["experts"]) if row
                 for e, bid in enumerate(row)}
 
-    def dense_ids(self) -> dict[str, str]:
+    def dense_ids(self) -> dict[str, BlobId]:
         return dict(self.data["dense"])
 
-    def file_ids(self) -> dict[str, str]:
+    def file_ids(self) -> dict[str, BlobId]:
         return dict(self.data["files"])
 
-    def blob_ids(self) -> set[str]:
+    def blob_ids(self) -> set[BlobId]:
         return set(self.data["blobs"])
 
     def size(self, blob_id: str) -> int:

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ekmesh.core.errors import ConfigError
-
-Item = tuple[int, int]  # (layer, expert)
+from ekmesh.core.ids import ExpertKey
 
 _MASK64 = (1 << 64) - 1
 
@@ -48,19 +47,19 @@ class PeerCapacity:
 class Placement:
     """holders[(layer, expert)] = peer ids, most preferred first."""
 
-    holders: dict[Item, list[str]]
+    holders: dict[ExpertKey, list[str]]
     replicas: int
     load_bytes: dict[str, int] = field(default_factory=dict)
 
-    def assigned(self, peer_id: str) -> list[Item]:
+    def assigned(self, peer_id: str) -> list[ExpertKey]:
         return sorted(item for item, hs in self.holders.items() if peer_id in hs)
 
     @property
-    def under_replicated(self) -> list[Item]:
+    def under_replicated(self) -> list[ExpertKey]:
         return sorted(item for item, hs in self.holders.items() if len(hs) < self.replicas)
 
     @property
-    def uncovered(self) -> list[Item]:
+    def uncovered(self) -> list[ExpertKey]:
         return sorted(item for item, hs in self.holders.items() if not hs)
 
 
@@ -75,11 +74,10 @@ def _mix(x: np.ndarray) -> np.ndarray:
         x = x * np.uint64(0xBF58476D1CE4E5B9)
         x = x ^ (x >> np.uint64(27))
         x = x * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return x
+        return x ^ (x >> np.uint64(31))
 
 
-def preference(model_id: str, items: Sequence[Item], peers: Sequence[PeerCapacity]) -> np.ndarray:
+def preference(model_id: str, items: Sequence[ExpertKey], peers: Sequence[PeerCapacity]) -> np.ndarray:
     """[len(items), len(peers)] peer indices, each row ordered from most to least preferred."""
     item_keys = np.array([_h64(f"{model_id}/{layer}/{expert}".encode()) for layer, expert in items],
                          dtype=np.uint64)  # [N]
@@ -91,7 +89,7 @@ def preference(model_id: str, items: Sequence[Item], peers: Sequence[PeerCapacit
     return np.argsort(-score, axis=1, kind="stable")
 
 
-def place(model_id: str, items: Iterable[Item], item_bytes: dict[Item, int] | int,
+def place(model_id: str, items: Iterable[ExpertKey], item_bytes: dict[ExpertKey, int] | int,
           peers: Iterable[PeerCapacity], replicas: int = 2) -> Placement:
     """The placement of ``items`` (with their sizes) over ``peers`` with up to ``replicas`` copies each."""
     if replicas < 1:
@@ -101,7 +99,7 @@ def place(model_id: str, items: Iterable[Item], item_bytes: dict[Item, int] | in
     if len({p.peer_id for p in peers}) != len(peers):
         raise ConfigError("duplicate peer id in placement input")
     size = (lambda it: item_bytes) if isinstance(item_bytes, int) else (lambda it: item_bytes[it])
-    holders: dict[Item, list[str]] = {it: [] for it in items}
+    holders: dict[ExpertKey, list[str]] = {it: [] for it in items}
     room = {p.peer_id: p.budget_bytes for p in peers}
     if not items or not peers:
         return Placement(holders, replicas, {p.peer_id: 0 for p in peers})

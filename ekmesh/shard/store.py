@@ -169,7 +169,10 @@ class Store:
         try:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-                h, at = (hasher, hasher_at) if hasher is not None else (blake3.blake3(max_threads=blake3.blake3.AUTO), 0)
+                if hasher is None:
+                    h, at = blake3.blake3(max_threads=blake3.blake3.AUTO), 0
+                else:
+                    h, at = hasher, hasher_at
                 f.seek(at)
                 while chunk := f.read(_HASH_CHUNK):
                     h.update(chunk)

@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 
 from ekmesh.cli import main as cli
-from ekmesh.cli.localmesh import DemoConfig, DemoError, readiness, replicas_for
+from ekmesh.cli.localmesh import DemoConfig, readiness, replicas_for
+from ekmesh.core.errors import DemoError
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "Genesis 1"  # a chapter request: the shape the built-in model was trained to answer (BUILTIN_MODEL.md)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ekmesh.core.constants import STATUS_PATH
 from ekmesh.core.errors import NodeNotRunningError
 from ekmesh.discovery.control import get_json
 
@@ -94,7 +95,7 @@ class NodeProc:
                 return self.events
 
     def status(self) -> dict[str, Any]:
-        return get_json(self.home, "/ekmesh/status", timeout=5)
+        return get_json(self.home, STATUS_PATH, timeout=5)
 
     def states(self) -> dict[str, str]:
         return {p["peer_id"]: p["state"] for p in self.status()["peers"]}

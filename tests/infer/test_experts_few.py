@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ekmesh.core.errors import ExpertNotLoadedError
 from ekmesh.infer import experts as experts_mod
-from ekmesh.infer.experts import ExpertNotLoadedError, ExpertSpec, ExpertWeights, LocalExperts
+from ekmesh.infer.experts import ExpertSpec, ExpertWeights, LocalExperts
 
 
 def _backend(spec: ExpertSpec, held: list[int]) -> LocalExperts:

@@ -64,7 +64,8 @@ def test_stop_id_ends_generation(gen):
 def test_stream_yields_each_token_and_marks_the_last(gen):
     evs = list(gen.stream(PROMPT, SamplingParams(max_tokens=5, stop_ids=frozenset())))
     assert [e.finish for e in evs] == [None, None, None, None, "length"]
-    assert [e.token_id for e in evs] == gen.generate(PROMPT, SamplingParams(max_tokens=5, stop_ids=frozenset())).token_ids
+    whole = gen.generate(PROMPT, SamplingParams(max_tokens=5, stop_ids=frozenset()))
+    assert [e.token_id for e in evs] == whole.token_ids
 
 
 def test_stop_string_filter_holds_back_prefixes():

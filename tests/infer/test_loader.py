@@ -12,11 +12,12 @@ from safetensors.torch import load_file, save_file
 from ekmesh.core.errors import (
     CheckpointError,
     ConfigError,
+    ExpertNotLoadedError,
     MissingTensorError,
     TensorShapeError,
     UnsupportedArchitectureError,
 )
-from ekmesh.infer.experts import ExpertNotLoadedError, LocalExperts, expert_forward
+from ekmesh.infer.experts import LocalExperts, expert_forward
 from ekmesh.infer.generate import Generator
 from ekmesh.infer.loader import Checkpoint, load_all, load_dense, load_experts
 from tests.tiny_models import make_tiny
@@ -30,7 +31,8 @@ def _split_experts_into_own_shard(src, dst):
     experts = {k: v for k, v in sd.items() if ".experts." in k}
     save_file(dense, str(dst / "model-00001-of-00002.safetensors"))
     save_file(experts, str(dst / "model-00002-of-00002.safetensors"))
-    wm = {k: "model-00001-of-00002.safetensors" for k in dense} | {k: "model-00002-of-00002.safetensors" for k in experts}
+    wm = ({k: "model-00001-of-00002.safetensors" for k in dense}
+          | {k: "model-00002-of-00002.safetensors" for k in experts})
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
     shutil.copy(src / "config.json", dst / "config.json")
     return dense, experts
@@ -75,7 +77,8 @@ def test_expert_subset_loads_alone(tiny):
     assert load_experts(ckpt, backend, want) == 2
     assert backend.held() == {0: [3], 2: [5]}
     assert sorted(ckpt.reader.read_log) == sorted(
-        f"model.layers.{layer}.mlp.experts.{e}.{p}.weight" for layer, e in want for p in ("gate_proj", "up_proj", "down_proj"))
+        f"model.layers.{layer}.mlp.experts.{e}.{p}.weight"
+        for layer, e in want for p in ("gate_proj", "up_proj", "down_proj"))
     # the loaded expert computes what the reference expert computes
     x = torch.randn(5, 32)
     ref_e = ref.model.layers[2].mlp.experts

@@ -11,11 +11,11 @@ be. The rot happens while the node runs, after it loaded its experts (a node has
 loading it, so rot present at start is caught there: checked at the end by restarting the rotten node).
 
 Order (each step waits for an observable state, never a sleep): the rotten node starts alone with the model and
-loads every expert; its blobs rot; the fetcher joins through it and, knowing no other peer, asks it for every expert blob: the first copy fails the hash,
-the rotten node is banned (600 s) and listed in the fetcher's ``claim.bad_peers``; the model's source directory is
-gone, so nothing else can help yet. Then an honest seeded node joins; the fetcher gets every expert blob from it and
-never asks the banned node again. ``--replicas 3`` puts every expert on every node, so the fetcher needs every blob
-(the one that failed included) whatever the placement.
+loads every expert; its blobs rot; the fetcher joins through it and, knowing no other peer, asks it for every expert
+blob: the first copy fails the hash, the rotten node is banned (600 s) and listed in the fetcher's
+``claim.bad_peers``; the model's source directory is gone, so nothing else can help yet. Then an honest seeded node
+joins; the fetcher gets every expert blob from it and never asks the banned node again. ``--replicas 3`` puts every
+expert on every node, so the fetcher needs every blob (the one that failed included) whatever the placement.
 """
 
 from __future__ import annotations

@@ -136,7 +136,8 @@ def test_sigkill_a_holder_mid_generation(tmp_path: Path) -> None:
                 victim.signal(signal.SIGKILL)
                 killed_at = len(got)
         assert victim is not None
-        assert got == expected, f"diverged at token {next(i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b)}"
+        first = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), None)
+        assert got == expected, f"diverged at token {first}"
         assert killed_at < n - 50, "the kill should land well before the end"
         stats = host.status()["serving"]["peers"]
         assert stats[victim.peer_id]["failures"] >= 1 or stats[victim.peer_id]["round_trips"] > 0

@@ -21,6 +21,7 @@ from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
+from ekmesh.core.constants import STATUS_PATH
 from ekmesh.core.errors import NodeAlreadyRunningError, PeerError
 from ekmesh.discovery import host as hostlib
 from ekmesh.discovery.advert import Advert, sign_advert
@@ -157,12 +158,12 @@ def test_control_endpoint_lock_and_token(tmp_path):
         async with running(a):
             info = read_control_file(a.config.home)
             assert (a.config.home / "node.json").stat().st_mode & 0o777 == 0o600
-            snap = await trio.to_thread.run_sync(lambda: get_json(a.config.home, "/ekmesh/status", 5))
+            snap = await trio.to_thread.run_sync(lambda: get_json(a.config.home, STATUS_PATH, 5))
             assert snap["self"] == a.peer_id and snap["peers"][0]["memory_total"] == int(1.5 * (1 << 30))
 
             def no_token():
                 try:
-                    urllib.request.urlopen(info["url"] + "/ekmesh/status", timeout=5)
+                    urllib.request.urlopen(info["url"] + STATUS_PATH, timeout=5)
                 except urllib.error.HTTPError as exc:
                     return exc.code
                 return 200

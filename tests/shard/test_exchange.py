@@ -295,7 +295,7 @@ def test_a_late_background_record_never_replaces_a_newer_one(tmp_path: Path) -> 
     the newer record stays; and once the file is closed, nothing writes its record again."""
     import json
 
-    from ekmesh.shard.fetch.run import Partial
+    from ekmesh.shard.fetch.partial import Partial
 
     part = Partial(Store(tmp_path / "s"), "blake3:" + "cd" * 32, 4 * MiB)
     part.mark(0, MiB)

@@ -14,6 +14,7 @@ CHECK = "import sys, {mod}; bad = [m for m in sys.modules if m.split('.')[0] in 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mod,banned", [
     ("ekmesh.tui.status", ("libp2p", "torch", "trio")),
+    ("ekmesh.cli.main", ("libp2p", "torch")),  # `ekmesh --help`
     ("ekmesh.cli.mesh", ("libp2p", "torch")),
     ("ekmesh.node.node", ("torch",)),
 ])

@@ -1,8 +1,9 @@
 """Data-plane channels: one TLS 1.3 TCP connection per peer pair, mutually authenticated by pinned certificates.
 
 Identity binding (see DESIGN.md "Control plane vs data plane"): certificates, pins and the pin check live in
-``ekmesh.core.tls`` (shared with blob exchange) and are re-exported here for the data plane's users. A TLS 1.3 client finishes its handshake before the server has checked
-the client, so a fresh channel sends a PING and counts as open only once the PONG arrives; a server that refuses shows up there as ``PeerClosedError``.
+``ekmesh.core.tls`` (shared with blob exchange) and are re-exported here for the data plane's users. A TLS 1.3
+client finishes its handshake before the server has checked the client, so a fresh channel sends a PING and counts
+as open only once the PONG arrives; a server that refuses shows up there as ``PeerClosedError``.
 
 Reading: one ``FrameReader`` per connection (a reusable receive buffer: a small frame costs one read call).
 

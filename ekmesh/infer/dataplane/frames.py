@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ekmesh.core.errors import ProtocolError
+from ekmesh.infer.models.family import ModelConfig
 
 MAGIC = b"EKDP"
 VERSION = 1
@@ -75,10 +76,10 @@ class ModelLimits:
     moe_layers: tuple[bool, ...]
 
     @classmethod
-    def from_config(cls, cfg: object) -> ModelLimits:
+    def from_config(cls, cfg: ModelConfig) -> ModelLimits:
         """From a model family config (``num_layers``, ``num_experts``, ``hidden_size``, ``moe_layers``)."""
-        return cls(int(cfg.num_layers), int(cfg.num_experts), int(cfg.hidden_size),  # type: ignore[attr-defined]
-                   tuple(bool(m) for m in cfg.moe_layers))  # type: ignore[attr-defined]
+        return cls(int(cfg.num_layers), int(cfg.num_experts), int(cfg.hidden_size),
+                   tuple(bool(m) for m in cfg.moe_layers))
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ekmesh.core.errors import PeerClosedError, PeerIdentityError, ProtocolError
+from ekmesh.core.errors import ExpertNotLoadedError, PeerClosedError, PeerIdentityError, ProtocolError
 from ekmesh.infer.dataplane.channel import FrameReader, Pins, TlsIdentity, check_peer_cert, make_context
 from ekmesh.infer.dataplane.frames import (
     DEFAULT_LIMITS,
@@ -55,7 +55,7 @@ from ekmesh.infer.dataplane.frames import (
     response_from,
 )
 from ekmesh.infer.dataplane.poll import Registration, Waits
-from ekmesh.infer.experts import ExpertNotLoadedError, LocalExperts
+from ekmesh.infer.experts import LocalExperts
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class ExpertServer:
                 conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn.sock.settimeout(self.timeouts.handshake_s)
                 conn.sock = self._ctx.wrap_socket(conn.sock, server_side=True)
-                conn.peer = check_peer_cert(conn.sock, self.pins)  # type: ignore[arg-type]
+                conn.peer = check_peer_cert(conn.sock, self.pins)
             except PeerIdentityError as exc:
                 self.stats.refused += 1
                 log.warning("refused data channel from %s: %s", conn.addr, exc)
@@ -228,11 +228,7 @@ class ExpertServer:
             except PeerClosedError as exc:
                 log.debug("data channel from peer %s closed: %s", conn.peer, exc)
                 return
-            answer: bytes | bytearray
-            if f.kind is Kind.PING:
-                answer = encode_ping(f.request_id, pong=True)
-            else:
-                answer = self._submit(conn, f)
+            answer = encode_ping(f.request_id, pong=True) if f.kind is Kind.PING else self._submit(conn, f)
             if not self._send(conn, answer):
                 return
 

@@ -51,6 +51,7 @@ from ekmesh.infer.models.common import (
     call_experts,
     require,
 )
+from ekmesh.infer.models.family import ExpertReader
 
 ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
@@ -239,10 +240,8 @@ class MLAttention(nn.Module):
         c = self.cfg
         b, t, _ = x.shape
         h, dn, dr, dv = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-        if c.q_lora_rank is None:
-            q = self.q_proj(x)  # [B, T, H*(dn+dr)]
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # [B, T, H*(dn+dr)]
+        q = (self.q_proj(x) if c.q_lora_rank is None
+             else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))))  # [B, T, H*(dn+dr)]
         q = q.view(b, t, h, dn + dr).transpose(1, 2)  # [B, H, T, dn+dr]
         q_nope, q_rot = torch.split(q, [dn, dr], dim=-1)  # [B, H, T, dn], [B, H, T, dr]
         compressed = self.kv_a_proj_with_mqa(x)  # [B, T, r+dr]
@@ -340,5 +339,5 @@ def checkpoint_names(name: str) -> list[str]:
     return [name]
 
 
-def read_expert(reader: Any, cfg: Config, layer: int, expert: int) -> ExpertWeights:
+def read_expert(reader: ExpertReader, cfg: Config, layer: int, expert: int) -> ExpertWeights:
     return reader.swiglu_expert(f"model.layers.{layer}.mlp.experts", expert, cfg.expert_spec())

@@ -44,11 +44,13 @@ from ekmesh.infer.models.common import (
     Step,
     call_experts,
 )
+from ekmesh.infer.models.family import ExpertReader
 from ekmesh.infer.models.standard import StandardConfig, standard_fields
 from ekmesh.infer.quant import MXFP4_BLOCK, dequant_mxfp4
 
 ARCHITECTURES = ("GptOssForCausalLM",)
 MODEL_TYPES = ("gpt_oss",)
+KEEP_FP32 = ()  # every parameter loads in the model dtype
 
 # transformers' GptOssConfig defaults, applied when config.json leaves a field out.
 _DEFAULT_ROPE: dict[str, Any] = {
@@ -147,13 +149,13 @@ def checkpoint_names(name: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- experts
 
 
-def _check_shape(reader: Any, name: str, expected: tuple[int, ...]) -> None:
+def _check_shape(reader: ExpertReader, name: str, expected: tuple[int, ...]) -> None:
     got = tuple(reader.shape(name))
     if got != expected:
         raise TensorShapeError(name, list(expected), list(got))
 
 
-def _mxfp4_weight(reader: Any, name: str, num_experts: int, rows: int, cols: int, expert: int) -> torch.Tensor:
+def _mxfp4_weight(reader: ExpertReader, name: str, num_experts: int, rows: int, cols: int, expert: int) -> torch.Tensor:
     """One expert's ``[rows, cols]`` Linear-layout weight from ``{name}_blocks`` / ``{name}_scales``."""
     groups, rem = divmod(cols, MXFP4_BLOCK)
     if rem:
@@ -170,7 +172,7 @@ def _deinterleave(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t[0::2], t[1::2]], dim=0)  # [2I, ...]
 
 
-def read_expert(reader: Any, cfg: Config, layer: int, expert: int) -> ExpertWeights:
+def read_expert(reader: ExpertReader, cfg: Config, layer: int, expert: int) -> ExpertWeights:
     """One expert of one layer, in the linear de-interleaved layout (see the module docstring)."""
     spec = cfg.expert_spec()
     e, d, i = spec.num_experts, spec.hidden, spec.intermediate

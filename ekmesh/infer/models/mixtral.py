@@ -12,10 +12,12 @@ from typing import Any
 
 from ekmesh.infer.experts import ExpertSpec, ExpertWeights
 from ekmesh.infer.models.common import AttentionSpec, CausalLM, SoftmaxMoE
+from ekmesh.infer.models.family import ExpertReader
 from ekmesh.infer.models.standard import StandardConfig, build_decoder, standard_fields
 
 ARCHITECTURES = ("MixtralForCausalLM",)
 MODEL_TYPES = ("mixtral",)
+KEEP_FP32 = ()  # every parameter loads in the model dtype
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ def checkpoint_names(name: str) -> list[str]:
     return [name]
 
 
-def read_expert(reader: Any, cfg: Config, layer: int, expert: int) -> ExpertWeights:
+def read_expert(reader: ExpertReader, cfg: Config, layer: int, expert: int) -> ExpertWeights:
     spec = cfg.expert_spec()
     prefix = f"model.layers.{layer}.block_sparse_moe.experts"
     if reader.has(f"{prefix}.{expert}.w1.weight"):

@@ -9,10 +9,12 @@ from typing import Any
 
 from ekmesh.infer.experts import ExpertSpec, ExpertWeights
 from ekmesh.infer.models.common import AttentionSpec, CausalLM, SoftmaxMoE
+from ekmesh.infer.models.family import ExpertReader
 from ekmesh.infer.models.standard import StandardConfig, build_decoder, standard_fields
 
 ARCHITECTURES = ("OlmoeForCausalLM",)
 MODEL_TYPES = ("olmoe",)
+KEEP_FP32 = ()  # every parameter loads in the model dtype
 
 
 @dataclass(frozen=True)
@@ -44,5 +46,5 @@ def checkpoint_names(name: str) -> list[str]:
     return [name]
 
 
-def read_expert(reader: Any, cfg: Config, layer: int, expert: int) -> ExpertWeights:
+def read_expert(reader: ExpertReader, cfg: Config, layer: int, expert: int) -> ExpertWeights:
     return reader.swiglu_expert(f"model.layers.{layer}.mlp.experts", expert, cfg.expert_spec())

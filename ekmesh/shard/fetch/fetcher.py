@@ -19,15 +19,17 @@ Invariants:
   (other holders keep working); NOT_FOUND, BAD_RANGE or ``max_failures`` broken transfers skip that holder for
   that blob; when no holder is left the ``fallback`` (e.g. ``source_fallback``: the hub partial-import path)
   rebuilds the blob, else ``BlobUnavailableError`` names every blob that failed and why; every wait has a deadline.
+
+Structure: a ``Fetcher`` owns one ``peers.PeerSlots`` (caps, BUSY hold-backs, bans, idle links and ``dial``),
+shared by all its ``fetch`` calls, and builds one ``run.Run`` per call, handing it that state, the store, the config
+and the hooks. ``FetchConfig`` and ``FetchReport`` live in ``config`` and are importable from here.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 from ekmesh.core.errors import (
     BlobHashMismatchError,
@@ -36,65 +38,36 @@ from ekmesh.core.errors import (
     ShardMissingError,
 )
 from ekmesh.shard.blobfmt import parts_for, stream_blob
-from ekmesh.shard.exchange import Link
-from ekmesh.shard.fetch.run import Job, Partial, Run
+from ekmesh.shard.fetch.config import FetchConfig, FetchReport
+from ekmesh.shard.fetch.partial import Partial
+from ekmesh.shard.fetch.peers import Dial, PeerSlots
+from ekmesh.shard.fetch.run import Job, Run
 from ekmesh.shard.importer import source_of
 from ekmesh.shard.manifest import ID_RE, Manifest
 from ekmesh.shard.source import Source, TensorEntry
 from ekmesh.shard.store import Store
 
-log = logging.getLogger(__name__)
-Dial = Callable[[str], Link]
-
-
-@dataclass(frozen=True)
-class FetchConfig:
-    max_per_peer: int = 2
-    max_total: int = 8
-    split_at: int = 8 << 20  # blobs at least this big are fetched by ranges from several holders
-    range_size: int = 8 << 20
-    ban_s: float = 600.0
-    io_s: float = 30.0  # one message
-    record_every: int = 8 << 20
-    max_failures: int = 2  # broken transfers of one blob from one peer before that peer is skipped for it
-    max_blob: int = 1 << 40
-
-
-@dataclass
-class FetchReport:
-    stored: dict[str, str] = field(default_factory=dict)  # blob id -> "present" | "peers" | "fallback"
-    received: dict[str, int] = field(default_factory=dict)  # data bytes per peer
-    requests: list[tuple[str, str, int, int, str]] = field(default_factory=list)  # peer, blob, offset, len, status
-    bad_peers: list[tuple[str, str]] = field(default_factory=list)  # (peer, blob id) that served corrupt bytes
+_DEFAULT_CONFIG = FetchConfig()
 
 
 class Fetcher:
     """Fetches blobs into ``store`` over links from ``dial``. Thread-safe; caps and bans span all ``fetch`` calls."""
 
-    def __init__(self, store: Store, dial: Dial, config: FetchConfig = FetchConfig(),
+    def __init__(self, store: Store, dial: Dial, config: FetchConfig = _DEFAULT_CONFIG,
                  on_bad_peer: Callable[[str, str], None] | None = None,
                  on_progress: Callable[[str, str, int], None] | None = None,
                  fallback: Callable[[str], None] | None = None) -> None:
         self.store, self.dial, self.config = store, dial, config
         self.on_bad_peer, self.on_progress, self.fallback = on_bad_peer, on_progress, fallback
-        self._cv = threading.Condition()
-        self._active: dict[str, int] = {}
-        self._busy_until: dict[str, float] = {}
-        self._bans: dict[str, float] = {}
-        self._idle: dict[str, list[Link]] = {}
+        self._peers = PeerSlots(dial, config)  # caps, bans and idle links: shared by every ``fetch`` call
 
     def banned(self) -> dict[str, float]:
         """Banned peers and the seconds left on their bans."""
-        now = time.monotonic()
-        with self._cv:
-            return {p: t - now for p, t in self._bans.items() if t > now}
+        return self._peers.banned()
 
     def close(self) -> None:
-        with self._cv:
-            links = [ln for lst in self._idle.values() for ln in lst]
-            self._idle.clear()
-        for ln in links:
-            ln.close()
+        """Closes the idle links."""
+        self._peers.close()
 
     def fetch(self, holders: Mapping[str, Sequence[str]], sizes: Mapping[str, int] | None = None,
               timeout: float = 600.0) -> FetchReport:
@@ -114,42 +87,12 @@ class Fetcher:
             size = (sizes or {}).get(bid, Partial.recorded_size(self.store, bid))
             jobs.append(Job(bid, list(dict.fromkeys(peers)), size))
         if jobs:
-            Run(self, jobs, report, time.monotonic() + timeout).run()
+            Run(self.store, self._peers, self.config, jobs, report, time.monotonic() + timeout,
+                on_progress=self.on_progress, on_bad_peer=self.on_bad_peer, fallback=self.fallback).run()
         failed = {j.blob_id: j.error for j in jobs if j.state != "done"}
         if failed:
             raise BlobUnavailableError(failed, report)
         return report
-
-    # -- shared state, used by the scheduler under ``_cv``
-
-    def _usable(self, peer: str, now: float) -> bool:
-        return self._bans.get(peer, 0.0) <= now
-
-    def _ban(self, peer: str, blob_id: str, report: FetchReport) -> bool:
-        """Bans ``peer`` (under ``_cv``); True if it was not banned already (the caller then reports it)."""
-        now = time.monotonic()
-        fresh = self._bans.get(peer, 0.0) <= now
-        self._bans[peer] = now + self.config.ban_s
-        if (peer, blob_id) not in report.bad_peers:
-            report.bad_peers.append((peer, blob_id))
-        log.warning("peer %s served bytes that do not hash to blob %s; banned for %.0f s", peer, blob_id,
-                    self.config.ban_s)
-        return fresh
-
-    def _take_link(self, peer: str) -> Link:
-        with self._cv:
-            pool = self._idle.get(peer)
-            if pool:
-                return pool.pop()
-        return self.dial(peer)
-
-    def _give_link(self, link: Link) -> None:
-        with self._cv:
-            pool = self._idle.setdefault(link.peer, [])
-            if len(pool) < self.config.max_per_peer:
-                pool.append(link)
-                return
-        link.close()
 
 
 def source_fallback(store: Store, manifest: Manifest, source: Source | None = None) -> Callable[[str], None]:

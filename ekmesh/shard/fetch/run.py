@@ -1,13 +1,15 @@
 """Blob exchange, the client's scheduler: one ``Fetcher.fetch`` call as worker threads over (blob, peer, range) units.
 
-Role: the state of each blob being fetched (``Partial``: its file and record in ``store/tmp``; ``Job``: its holders,
-ranges to do, ranges in flight and who wrote what) and the loop that hands units to workers, runs transfers,
-hash-checks complete files and finds the peer that lied. ``ekmesh.shard.fetch.fetcher`` documents the behaviour.
+Role: the state of each blob being fetched (``Job``: its holders, its ``Partial`` file, ranges to do, ranges in
+flight and who wrote what) and the loop that hands units to workers, runs transfers, hash-checks complete files and
+finds the peer that lied. Per-peer caps, BUSY hold-backs, bans and links are the ``Fetcher``'s ``PeerSlots``
+(``peers``), handed to the constructor and used only through its public methods. ``ekmesh.shard.fetch.fetcher``
+documents the behaviour.
 
-Invariants: all shared state (jobs, per-peer counters, bans, the report) changes only under the fetcher's
-condition variable, and no network or disk wait happens while it is held (except the small record file); a job
-is "finishing" or "fallback" only with no transfer in flight, so a file is never reset under a writer; every
-transfer that ends (well or not) records the bytes it wrote before its range is handed out again.
+Invariants: all shared state (jobs, per-peer counters, bans, the report) changes only under ``PeerSlots.cv``, and
+no network or disk wait happens while it is held (except the small record file); a job is "finishing" or
+"fallback" only with no transfer in flight, so a file is never reset under a writer; every transfer that ends (well
+or not) records the bytes it wrote and releases its peer slot before its range is handed out again.
 
 Speed: in-order bytes are hashed from the frame just written (one holder streams a blob in order), so they are
 never read back; each partial file is data-synced in the background every ``record_every`` bytes (``Run._syncer``,
@@ -17,16 +19,14 @@ to write, and the receiving loop never waits for the disk.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import blake3
 
@@ -39,115 +39,12 @@ from ekmesh.core.errors import (
     ShardError,
 )
 from ekmesh.shard.exchange import CHUNK, Status, get
+from ekmesh.shard.fetch.config import FetchConfig, FetchReport
+from ekmesh.shard.fetch.partial import Partial
+from ekmesh.shard.fetch.peers import PeerSlots
 from ekmesh.shard.store import Store
 
-if TYPE_CHECKING:
-    from ekmesh.shard.fetch.fetcher import Fetcher, FetchReport
-
 log = logging.getLogger(__name__)
-
-
-class Partial:
-    """``tmp/fetch-<hex>.part`` (the bytes) and ``.json`` (size, ranges written) of one blob being fetched.
-
-    ``done`` changes under the fetcher's condition variable; the record is written by ``save`` (a transfer's end,
-    ``reset``) and by ``sync`` (in the background, after a data sync, so it claims only bytes on disk), never an
-    older state over a newer one (``version`` counts the changes of ``done``)."""
-
-    def __init__(self, store: Store, blob_id: str, size: int) -> None:
-        base = store.root / "tmp" / f"fetch-{blob_id.split(':', 1)[1]}"
-        self.path, self.rec, self.suspect = base.with_suffix(".part"), base.with_suffix(".json"), None
-        self.size, self.done = size, list[tuple[int, int]]()
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        self.version = self._saved = 0
-        self._lock = threading.Lock()  # the descriptor and the record, between the workers and the syncer
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(self.fd)
-            raise ShardError(f"blob {blob_id} is being fetched by another process ({self.path})") from exc
-        try:
-            rec = json.loads(self.rec.read_text())
-            if rec["size"] == size and os.fstat(self.fd).st_size == size:
-                self.done = [(int(a), int(b)) for a, b in rec["done"] if 0 <= int(a) < int(b) <= size]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        if not self.done:
-            os.ftruncate(self.fd, 0)
-        os.ftruncate(self.fd, size)
-        self.resumed = sum(b - a for a, b in self.done)
-
-    @staticmethod
-    def recorded_size(store: Store, blob_id: str) -> int | None:
-        try:
-            size = json.loads((store.root / "tmp" / f"fetch-{blob_id.split(':', 1)[1]}.json").read_text())["size"]
-            return size if isinstance(size, int) and size >= 0 else None
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def mark(self, a: int, b: int) -> None:
-        if a >= b:
-            return
-        out: list[tuple[int, int]] = []
-        for s, e in sorted([*self.done, (a, b)]):
-            if out and s <= out[-1][1]:
-                out[-1] = (out[-1][0], max(out[-1][1], e))
-            else:
-                out.append((s, e))
-        self.done = out
-        self.version += 1
-
-    def save(self, done: list[tuple[int, int]] | None = None, version: int = 0) -> None:
-        """Writes the record of ``done`` as of ``version`` (default: as it is now), unless a newer one is written
-        or the file is closed (a closed file's record stays as it was, or is gone)."""
-        with self._lock:
-            if done is None:
-                done, version = self.done, self.version
-            if self.fd < 0 or version <= self._saved:
-                return
-            tmp = self.rec.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"size": self.size, "done": done}))
-            os.replace(tmp, self.rec)
-            self._saved = version
-
-    def gaps(self) -> list[tuple[int, int]]:
-        out, at = [], 0
-        for s, e in self.done:
-            if s > at:
-                out.append((at, s))
-            at = e
-        return out + ([(at, self.size)] if at < self.size else [])
-
-    def reset(self) -> None:
-        os.ftruncate(self.fd, 0)
-        os.ftruncate(self.fd, self.size)
-        self.done, self.resumed = [], 0
-        self.version += 1
-        self.save()
-
-    def sync(self) -> None:
-        """From the background (``Run._syncer``): writes the bytes so far to disk, then records the ranges they
-        fill. Early work only (the fsync of ``Store.adopt`` is what makes the blob durable): the disk writes while
-        the network reads, and the hot loop writes no record. Syncs its own descriptor, so ``close`` never waits for
-        the disk."""
-        with self._lock:
-            if self.fd < 0:
-                return
-            fd, done, version = os.dup(self.fd), self.done, self.version
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        self.save(done, version)
-
-    def close(self, keep: bool) -> None:
-        with self._lock:
-            if self.fd >= 0:
-                os.close(self.fd)
-            self.fd = -1
-        if not keep:
-            self.path.unlink(missing_ok=True)
-            self.rec.unlink(missing_ok=True)
 
 
 @dataclass
@@ -178,16 +75,23 @@ class Job:
         self.hasher, self.hash_at = blake3.blake3(), 0
 
 
-class _Skip(Exception):
+class _Skip(Exception):  # noqa: N818 (not an error: control flow inside this module)
     """This peer cannot serve this blob (for the rest of this fetch)."""
 
 
 class Run:
-    """One ``fetch`` call: worker threads take (blob, peer, range) units under the fetcher's condition variable."""
+    """One ``fetch`` call: worker threads take (blob, peer, range) units under ``peers.cv``.
 
-    def __init__(self, f: Fetcher, jobs: list[Job], report: FetchReport, deadline: float) -> None:
-        self.f, self.jobs, self.report, self.deadline = f, jobs, report, deadline
-        self.cfg = f.config
+    ``store``, ``peers``, ``config`` and the hooks are the ``Fetcher``'s (``peers`` outlives this call: its caps
+    and bans span all of them); ``jobs`` and ``report`` are this call's; ``deadline`` is a ``time.monotonic()``."""
+
+    def __init__(self, store: Store, peers: PeerSlots, config: FetchConfig, jobs: list[Job], report: FetchReport,
+                 deadline: float, on_progress: Callable[[str, str, int], None] | None = None,
+                 on_bad_peer: Callable[[str, str], None] | None = None,
+                 fallback: Callable[[str], None] | None = None) -> None:
+        self.store, self.peers, self.cfg = store, peers, config
+        self.jobs, self.report, self.deadline = jobs, report, deadline
+        self.on_progress, self.on_bad_peer, self.fallback = on_progress, on_bad_peer, fallback
         self._to_sync: queue.SimpleQueue[Partial | None] = queue.SimpleQueue()
 
     def run(self) -> None:
@@ -219,10 +123,10 @@ class Run:
     def _worker(self) -> None:
         buf = memoryview(bytearray(CHUNK))
         while True:
-            with self.f._cv:
+            with self.peers.cv:
                 while True:
                     if all(j.state in ("done", "failed") for j in self.jobs):
-                        self.f._cv.notify_all()
+                        self.peers.cv.notify_all()
                         return
                     now = time.monotonic()
                     if now >= self.deadline:
@@ -232,7 +136,7 @@ class Run:
                     work, wait = self._next(now)
                     if work is not None:
                         break
-                    self.f._cv.wait(max(0.005, min(wait, self.deadline - now, 1.0)))
+                    self.peers.cv.wait(max(0.005, min(wait, self.deadline - now, 1.0)))
             job, kind, peer, a, b = work
             if kind.startswith("get"):
                 self._transfer(job, peer, a, b, buf, kind == "get+hash")
@@ -244,7 +148,7 @@ class Run:
     # -- under the lock
 
     def _next(self, now: float) -> tuple[tuple[Job, str, str, int, int] | None, float]:
-        wait, f = 1.0, self.f
+        wait, peers = 1.0, self.peers
         for j in self.jobs:
             if j.state != "active":
                 continue
@@ -253,17 +157,17 @@ class Run:
                     self._fail(j, f"its size {j.size} exceeds the limit {self.cfg.max_blob}")
                     continue
                 try:
-                    j.part = Partial(f.store, j.blob_id, j.size)
+                    j.part = Partial(self.store, j.blob_id, j.size)
                 except (ShardError, OSError) as exc:
                     self._fail(j, str(exc))
                     continue
             if j.part is not None and not j.inflight and not j.part.gaps():
                 j.state = "finishing"
                 return (j, "finish", "", 0, 0), 0.0
-            usable = [p for p in j.holders if p not in j.skipped and f._usable(p, now)]
+            usable = [p for p in j.holders if p not in j.skipped and peers.usable(p, now)]
             if not usable:
                 if not j.inflight:
-                    if f.fallback is not None:
+                    if self.fallback is not None:
                         j.state = "fallback"
                         return (j, "fallback", "", 0, 0), 0.0
                     self._fail(j, "no holder left")
@@ -271,17 +175,16 @@ class Run:
             unit = self._unit(j, len(usable))
             if unit is None:
                 continue
-            free = [p for p in usable if f._active.get(p, 0) < self.cfg.max_per_peer
-                    and f._busy_until.get(p, 0.0) <= now]
-            if not free or sum(f._active.values()) >= self.cfg.max_total:
-                wait = min([wait] + [f._busy_until[p] - now for p in usable if f._busy_until.get(p, 0.0) > now])
+            free = [p for p in usable if peers.free(p, now)]
+            if not free or peers.full():
+                wait = min([wait] + [peers.busy_until(p) - now for p in usable if peers.busy_until(p) > now])
                 continue
             serving = [s[2] for s in j.sources]
-            peer = min(free, key=lambda p: (f._active.get(p, 0), serving.count(p), j.holders.index(p)))
+            peer = min(free, key=lambda p: (peers.active(p), serving.count(p), j.holders.index(p)))
             if j.todo and unit == j.todo[0]:
                 j.todo.pop(0)
             j.inflight += 1
-            f._active[peer] = f._active.get(peer, 0) + 1
+            peers.acquire(peer)
             hashing = unit[0] == j.hash_at and not j.hash_busy
             j.hash_busy |= hashing
             return (j, "get" if not hashing else "get+hash", peer, unit[0], unit[1]), 0.0
@@ -314,30 +217,30 @@ class Run:
     # -- outside the lock
 
     def _transfer(self, j: Job, peer: str, start: int, end: int, buf: memoryview, hashing: bool) -> None:
-        f, at, mark, link, requeue = self.f, start, start, None, True
+        peers, at, mark, link, requeue = self.peers, start, start, None, True
         try:
-            link = f._take_link(peer)
+            link = peers.take_link(peer)
             ans = get(link, j.blob_id, start, end - start, self._io())
-            with f._cv:
+            with peers.cv:
                 self.report.requests.append((peer, j.blob_id, start, ans.length, ans.status.name))
             if ans.status is Status.BUSY:
-                with f._cv:
-                    f._busy_until[peer] = time.monotonic() + max(0.02, ans.retry_s)
-                f._give_link(link)
+                with peers.cv:
+                    peers.hold_back(peer, time.monotonic() + max(0.02, ans.retry_s))
+                peers.give_link(link)
                 link = None
                 return
             if ans.status is not Status.OK:
-                f._give_link(link)
+                peers.give_link(link)
                 link = None
                 raise _Skip(f"answered {ans.status.name}: {ans.message}")
             if j.size is None:
                 if ans.size > self.cfg.max_blob:
                     raise _Skip(f"says the blob has {ans.size} bytes, over the limit")
-                with f._cv:
+                with peers.cv:
                     j.size = ans.size
-                    j.part = Partial(f.store, j.blob_id, ans.size)
+                    j.part = Partial(self.store, j.blob_id, ans.size)
                     j.part.mark(0, 0)
-                    usable = sum(1 for p in j.holders if p not in j.skipped and f._usable(p, time.monotonic()))
+                    usable = sum(1 for p in j.holders if p not in j.skipped and peers.usable(p, time.monotonic()))
                     j.todo = self._split([(end, ans.size)], ans.size, usable) if end < ans.size else []
                     requeue = False
             elif ans.size != j.size:
@@ -355,32 +258,32 @@ class Run:
                 if hashing:
                     j.hasher.update(buf[:n])
                 at += n
-                if f.on_progress is not None:
-                    f.on_progress(j.blob_id, peer, n)
+                if self.on_progress is not None:
+                    self.on_progress(j.blob_id, peer, n)
                 if at - mark >= self.cfg.record_every:
-                    with f._cv:
+                    with peers.cv:
                         self._record(j, peer, mark, at, save=False)
                     self._to_sync.put(j.part)  # syncs, then saves the record
                     mark = at
-            f._give_link(link)
+            peers.give_link(link)
             link = None
         except _Skip as exc:
-            with f._cv:
+            with peers.cv:
                 j.skipped[peer] = str(exc)
         except (PeerError, ProtocolError) as exc:
-            with f._cv:
+            with peers.cv:
                 j.failures[peer] = j.failures.get(peer, 0) + 1
                 if isinstance(exc, (ProtocolError, PeerUnreachableError)) or \
                         j.failures[peer] >= self.cfg.max_failures:
                     j.skipped[peer] = str(exc)
             log.info("fetching blob %s from peer %s stopped at byte %d: %s", j.blob_id, peer, at, exc)
         except (OSError, ShardError) as exc:
-            with f._cv:
+            with peers.cv:
                 self._fail(j, f"cannot write it here: {exc}")
         finally:
             if link is not None:
                 link.close()
-            with f._cv:
+            with peers.cv:
                 if j.part is not None:
                     self._record(j, peer, mark, at)
                     if requeue and at < end and not j.single:
@@ -388,9 +291,9 @@ class Run:
                 if hashing:
                     j.hash_at, j.hash_busy = at, False
                 j.inflight -= 1
-                f._active[peer] -= 1
+                peers.release(peer)
                 self.report.received[peer] = self.report.received.get(peer, 0) + at - start
-                f._cv.notify_all()
+                peers.cv.notify_all()
 
     def _record(self, j: Job, peer: str, a: int, b: int, save: bool = True) -> None:
         if j.part is None:
@@ -406,36 +309,36 @@ class Run:
         assert part is not None
         try:
             if 2 * j.hash_at >= part.size:  # mostly hashed as it arrived: hash the rest the same way
-                self.f.store.adopt(part.path, j.blob_id, j.hasher, j.hash_at)
+                self.store.adopt(part.path, j.blob_id, j.hasher, j.hash_at)
             else:  # mostly out of order (ranges from several holders, a resumed fetch): read it all back, threaded
-                self.f.store.adopt(part.path, j.blob_id)
+                self.store.adopt(part.path, j.blob_id)
         except BlobHashMismatchError as exc:
-            with self.f._cv:
+            with self.peers.cv:
                 bad = self._mismatch(j, part, exc)
-                self.f._cv.notify_all()
+                self.peers.cv.notify_all()
             for p in bad:
                 self._report_bad(p, j.blob_id)
             return
         except ShardError as exc:
-            with self.f._cv:
+            with self.peers.cv:
                 self._fail(j, str(exc))
-                self.f._cv.notify_all()
+                self.peers.cv.notify_all()
             return
         part.close(keep=False)
         if j.suspect is not None:
             for p in self._blame(j.blob_id, *j.suspect):
                 self._report_bad(p, j.blob_id)
-        with self.f._cv:
+        with self.peers.cv:
             j.part, j.state = None, "done"
             self.report.stored[j.blob_id] = "peers"
-            self.f._cv.notify_all()
+            self.peers.cv.notify_all()
 
     def _mismatch(self, j: Job, part: Partial, exc: BlobHashMismatchError) -> list[str]:
         peers, bad = {s[2] for s in j.sources}, []
         j.tries += 1
         if len(peers) == 1 and not part.resumed:
             p = peers.pop()
-            if self.f._ban(p, j.blob_id, self.report):
+            if self.peers.ban(p, j.blob_id, self.report):
                 bad.append(p)
             j.skipped[p] = "served bytes that do not hash to the blob's id"
             part.reset()
@@ -444,7 +347,7 @@ class Run:
             os.replace(part.path, suspect)
             part.close(keep=False)
             j.suspect, j.single = (suspect, list(j.sources)), True
-            j.part = Partial(self.f.store, j.blob_id, part.size)
+            j.part = Partial(self.store, j.blob_id, part.size)
         else:
             part.reset()
         j.sources, j.todo, j.state = [], [], "active"
@@ -458,15 +361,15 @@ class Run:
         """Peers whose ranges of the failed copy differ from the good blob now in the store."""
         bad: list[str] = []
         try:
-            with open(suspect, "rb") as s, open(self.f.store.blob_path(blob_id), "rb") as g:
+            with open(suspect, "rb") as s, open(self.store.blob_path(blob_id), "rb") as g:
                 for a, b, peer in sources:
                     s.seek(a)
                     g.seek(a)
                     for at in range(a, b, CHUNK):
                         n = min(CHUNK, b - at)
                         if s.read(n) != g.read(n):
-                            with self.f._cv:
-                                if self.f._ban(peer, blob_id, self.report) and peer not in bad:
+                            with self.peers.cv:
+                                if self.peers.ban(peer, blob_id, self.report) and peer not in bad:
                                     bad.append(peer)
                             break
         except OSError as exc:
@@ -476,23 +379,23 @@ class Run:
         return bad
 
     def _report_bad(self, peer: str, blob_id: str) -> None:
-        if self.f.on_bad_peer is not None:
-            self.f.on_bad_peer(peer, blob_id)
+        if self.on_bad_peer is not None:
+            self.on_bad_peer(peer, blob_id)
 
     def _fallback(self, j: Job) -> None:
-        assert self.f.fallback is not None
+        assert self.fallback is not None
         try:
-            self.f.fallback(j.blob_id)
-            self.f.store.verify(j.blob_id, j.size)
+            self.fallback(j.blob_id)
+            self.store.verify(j.blob_id, j.size)
         except EkmeshError as exc:
-            with self.f._cv:
+            with self.peers.cv:
                 self._fail(j, f"no holder left, and the fallback failed: {exc}")
-                self.f._cv.notify_all()
+                self.peers.cv.notify_all()
             return
-        with self.f._cv:
+        with self.peers.cv:
             if j.part is not None:
                 j.part.close(keep=False)
                 j.part = None
             j.state = "done"
             self.report.stored[j.blob_id] = "fallback"
-            self.f._cv.notify_all()
+            self.peers.cv.notify_all()

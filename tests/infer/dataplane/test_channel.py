@@ -107,10 +107,10 @@ def test_plaintext_client_gets_nothing_and_others_are_served(ids, server, caplog
         # a TLS client without a certificate is refused too
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-        with socket.create_connection(server.address, timeout=5) as s, pytest.raises((ssl.SSLError, OSError)):
-            with ctx.wrap_socket(s) as tls:
-                tls.sendall(b"x" * 64)
-                assert tls.recv(10) == b""
+        with socket.create_connection(server.address, timeout=5) as s, pytest.raises((ssl.SSLError, OSError)), \
+                ctx.wrap_socket(s) as tls:
+            tls.sendall(b"x" * 64)
+            assert tls.recv(10) == b""
     assert "failed its TLS handshake" in caplog.text
     pool = pool_for(ids["client"], server, {"server": ids["server"].fingerprint})
     try:

@@ -1,0 +1,15 @@
+"""Names and numbers that several parts of ekmesh must agree on, defined once.
+
+A path or port written out in two places drifts; every user of these imports them from here.
+"""
+
+from __future__ import annotations
+
+P2P_PORT = 7733
+"""The libp2p listen port a node tries first (a free one if it is taken)."""
+
+API_PORT = 7734
+"""The OpenAI-compatible API's port on 127.0.0.1 (a free one if it is taken)."""
+
+STATUS_PATH = "/ekmesh/status"
+"""The local control endpoint's path that answers a node's status snapshot (``ekmesh status --json``)."""
