@@ -1,7 +1,7 @@
 """Ship a trained built-in checkpoint as the read-only registry store inside the package (docs/BUILTIN_MODEL.md).
 
 Role: the step after ``tools/train_builtin.py train``. It imports a Hugging Face checkpoint directory with the
-registry's own full import (``ekmesh.registry.import_full``: the same blobs, manifest and model id as
+registry's own full import (``ekmesh.registry.imports.import_full``: the same blobs, manifest and model id as
 ``ekmesh import DIR --alias builtin``) into ``ekmesh/builtin/store``, removes what only a writable store keeps
 (``verified/``, ``tmp/``, ``quarantine/``, ``imports/``), re-hashes every blob through a read-only ``Store``, then
 measures the held-out loss of the stored blobs with ekmesh's own model code and writes ``ekmesh/builtin/card.json``
