@@ -2,14 +2,13 @@
 
 Role (node level: wires ``infer`` to ``shard`` and to the view): as the ``Claimer``'s ``ClaimHooks`` it puts claimed
 experts on this node's device (``load``) before they are advertised ready, and drops them (``unload``) after
-make-before-break; an
-``ExpertServer`` answers data-plane frames for them (its address is this node's ``data_addr``; connections are
-pinned both ways to the TLS fingerprints in signed adverts, the same certificate as blob exchange). As attention
-host (``--attention``, the default), once the dense blobs are verified here, it loads the dense part and a
-``Generator`` over ``RemoteExperts``: local experts first, else the live peers advertising the expert ready
-(best first in placement order; the backend then prefers the lowest measured latency), else — no live holder —
-the expert's blob is fetched (peers, package, model source: the ``fetch_blobs`` the node hands to
-``load_attention``) and computed here. ``served()`` is the ``api.Engine`` the node's OpenAI API uses.
+make-before-break; an ``ExpertServer`` answers data-plane frames for them (its address is this node's ``data_addr``;
+connections are pinned both ways to the TLS fingerprints in signed adverts, the same certificate as blob exchange).
+As attention host (``--attention``, the default), once the dense blobs are verified here, it loads the dense part
+and a ``Generator`` over ``RemoteExperts``: local experts first, else the live peers advertising the expert ready
+(best first in placement order; the backend then prefers the lowest measured latency), else — no live holder — the
+expert's blob is fetched (peers, package, model source: the ``fetch_blobs`` the node hands to ``load_attention``)
+and computed here. ``served()`` is the ``api.Engine`` the node's OpenAI API uses.
 
 It holds no reference to the claimer: what it needs of claiming (the placement, banned peers, whether the dense part
 is verified, a way to fetch a blob) the node passes into ``refresh``, ``can_load_attention`` and ``load_attention``.
