@@ -7,19 +7,35 @@ N+1 and 1 tokens, divided by N, so prefill cancels out.
 
     python benchmarks/local_decode.py                                  # CPU, a small shape
     python benchmarks/local_decode.py --shape qwen3-30b-a3b --device cuda   # the lent GPU, all 48 layers
+
+``--quantize q8 q4`` measures instead the routed-expert compute of one decode step (every MoE layer of the shape,
+k experts for one token, through ``LocalExperts``) with float experts (today's path: fp32 on the CPU, the device's
+dtype elsewhere) and with the same experts quantized, in one run, with the same torch threads for every side: the
+median over repeats (the sides interleaved) and the ratio to float. Each layer holds exactly the k experts its
+token is routed to, all distinct, so every step streams the same bytes a real model's step would (fp32 at
+qwen3-30b-a3b: 7.2 GB). Before timing, every quantized output is checked against a float computation with the
+dequantized weights (fp32, ``expert_forward``): a difference beyond ``QUANT_TOL`` of the output's magnitude fails
+the run (exit status 1).
+
+    python benchmarks/local_decode.py --shape qwen3-30b-a3b --quantize q8 q4              # CPU
+    python benchmarks/local_decode.py --shape qwen3-30b-a3b --quantize q4 --device cuda    # bf16 vs q4 on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import sys
 import time
 
 import torch
 
-from ekmesh.infer.experts import LocalExperts
+from ekmesh.infer.experts import ExpertSpec, ExpertWeights, LocalExperts, expert_forward, quantize_expert
 from ekmesh.infer.generate import Generator, SamplingParams, pick_device, pick_dtype
 from ekmesh.infer.models import qwen3_moe
+from ekmesh.infer.qtensor import QuantizedTensor
 
 SHAPES = {
     # Qwen/Qwen3-30B-A3B's config.json
@@ -117,6 +133,106 @@ def profile_step(gen: Generator, ids: list[int]) -> dict:
             "top_kernels_ms": {k: round(v, 3) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:8]}}
 
 
+def capture(fn, experts: LocalExperts) -> torch.cuda.CUDAGraph:
+    """``fn`` captured in a CUDA graph with ``experts`` in graph mode (as ``cuda_graph.GraphDecoder`` does)."""
+    experts.graph_mode = True
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()  # warm-up
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    finally:
+        experts.graph_mode = False
+    return graph
+
+
+QUANT_TOL = 3e-2  # max |quantized - dequantized reference| / max |reference| per layer output (tests: the same)
+
+
+def expert_compute(shape: dict, formats: list[str], device: torch.device, dtype: torch.dtype, repeats: int,
+                   steps: int, seed: int) -> dict:
+    """Routed-expert compute of one decode step, float vs each quantized format (see the module docstring)."""
+    d, inter, k = shape["hidden_size"], shape["moe_intermediate_size"], shape["num_experts_per_tok"]
+    n_layers, n_experts = shape["num_hidden_layers"], shape["num_experts"]
+    spec = ExpertSpec(d, inter, n_experts)
+    g = torch.Generator().manual_seed(seed)
+    gd = torch.Generator(device=device).manual_seed(seed)
+    sides = {"float": LocalExperts(spec, device, dtype)} | {f: LocalExperts(spec, device, dtype) for f in formats}
+    inputs, worst, qerr = [], dict.fromkeys(formats, 0.0), dict.fromkeys(formats, 0.0)
+    refs: dict[str, list[torch.Tensor]] = {f: [] for f in formats}
+    for layer in range(n_layers):
+        chosen = torch.randperm(n_experts, generator=g)[:k].tolist()
+        x = torch.randn(1, d, generator=gd, device=device).to(dtype)  # [1, D]
+        w = torch.softmax(torch.randn(1, k, generator=gd, device=device), dim=-1)  # [1, k]
+        inputs.append((x, torch.tensor([chosen], device=device), w))
+        ref = {f: torch.zeros(1, d, device=device) for f in formats}
+        for j, e in enumerate(chosen):
+            fw = ExpertWeights(torch.randn(2 * inter, d, generator=gd, device=device).mul_(0.02).to(dtype),
+                               torch.randn(d, inter, generator=gd, device=device).mul_(0.02).to(dtype))
+            sides["float"].add(layer, e, fw)
+            for f in formats:
+                q = quantize_expert(fw, f)
+                sides[f].add(layer, e, q)
+                assert isinstance(q.gate_up, QuantizedTensor) and isinstance(q.down, QuantizedTensor)
+                deq = ExpertWeights(q.gate_up.dequantize().to(device), q.down.dequantize().to(device))
+                ref[f] += w[0, j] * expert_forward(spec, x.float(), deq)  # [1, D] fp32
+        for f in formats:
+            refs[f].append(ref[f])
+    with torch.inference_mode():
+        for f in formats:  # correctness first: a quantized side that disagrees is not worth timing
+            for layer, (x, ids, w) in enumerate(inputs):
+                got = sides[f](layer, x, ids, w).float()
+                scale = refs[f][layer].abs().max().item()
+                worst[f] = max(worst[f], (got - refs[f][layer]).abs().max().item() / scale)
+                exact = sides["float"](layer, x, ids, w).float()  # the unquantized experts
+                qerr[f] = max(qerr[f], (got - exact).abs().max().item() / exact.abs().max().item())
+
+        def step(be: LocalExperts) -> None:
+            for layer, (x, ids, w) in enumerate(inputs):
+                be(layer, x, ids, w)
+
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        names = list(sides)
+        for name in names:
+            step(sides[name])  # warm-up (packs built, kernels chosen)
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+                t = timed(lambda name=name: [step(sides[name]) for _ in range(steps)], device)
+                times[name].append(t / steps)
+        graph_ms = {}
+        if device.type == "cuda":  # how a decode step runs there: captured in a CUDA graph (graph-mode paths)
+            for name, be in sides.items():
+                graph = capture(lambda be=be: step(be), be)
+                graph.replay()
+                reps = [timed(lambda graph=graph: [graph.replay() for _ in range(steps)], device) / steps
+                        for _ in range(repeats)]
+                graph_ms[name] = round(statistics.median(reps) * 1000, 3)
+                del graph
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    graphs = {} if not graph_ms else {
+        "ms_per_step_cuda_graph_median": graph_ms,
+        "graph_speedup_vs_float": {f: round(graph_ms["float"] / graph_ms[f], 2) for f in formats}}
+    return graphs | {
+        "mode": "expert compute per decode step", "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "nproc": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "float_dtype": str(dtype).removeprefix("torch."), "layers": n_layers, "k": k, "hidden": d,
+        "moe_intermediate": inter, "repeats": repeats, "steps_per_repeat": steps,
+        "ms_per_step_median": {n: round(v * 1000, 2) for n, v in med.items()},
+        "ms_per_step_min": {n: round(min(ts) * 1000, 2) for n, ts in times.items()},
+        "speedup_vs_float": {f: round(med["float"] / med[f], 2) for f in formats},
+        "held_gib": {n: round(be.nbytes() / 2**30, 3) for n, be in sides.items()},
+        "max_rel_diff_vs_dequantized_ref": {f: float(f"{v:.3g}") for f, v in worst.items()},
+        "tolerance": QUANT_TOL,
+        "max_rel_diff_vs_unquantized": {f: float(f"{v:.3g}") for f, v in qerr.items()},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -128,13 +244,29 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--quantize", nargs="+", choices=["q8", "q4"], default=None,
+                    help="measure routed-expert compute per decode step: float vs these formats")
+    ap.add_argument("--steps", type=int, default=3, help="--quantize: decode steps per timing")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     shape = dict(SHAPES[args.shape])
     if args.layers:
         shape["num_hidden_layers"] = args.layers
+    if args.quantize:
+        report = expert_compute(shape, args.quantize, device, dtype, args.repeats, args.steps, args.seed)
+        report["shape"] = args.shape
+        print(json.dumps(report) if args.json else "\n".join(f"{k:34s} {v}" for k, v in report.items()))
+        bad = {f: v for f, v in report["max_rel_diff_vs_dequantized_ref"].items() if not v <= QUANT_TOL}
+        if bad:
+            print(f"FAIL: quantized outputs differ from the dequantized reference beyond {QUANT_TOL}: {bad}",
+                  file=sys.stderr)
+            sys.exit(1)
+        return
     torch.manual_seed(args.seed)
     hf, ours, experts = build_pair(shape, device, dtype, args.seed)
     prompt = torch.randint(0, shape["vocab_size"], (1, args.prompt), device=device)

@@ -17,6 +17,7 @@ from ekmesh import __version__
 from ekmesh.cli import chat as cli_chat
 from ekmesh.cli import demo as cli_demo
 from ekmesh.cli import mesh as cli_mesh
+from ekmesh.cli import plan as cli_plan
 from ekmesh.cli import registry as cli_registry
 from ekmesh.core.errors import EkmeshError
 
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_chat.register(sub)
     cli_demo.register(sub)
     cli_mesh.register(sub)
+    cli_plan.register(sub)
     return p
 
 

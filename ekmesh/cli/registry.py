@@ -2,7 +2,9 @@
 
 No torch at import time: ``ekmesh.registry`` (which wires shard to the loader) is imported inside the handlers.
 Output: ``import`` prints the model id (``--json``: one object with model_id, alias, bytes, blobs, experts_present,
-experts_total, fetched, stored, skipped); ``models`` prints one line per model (``--json``: a list);
+experts_total, fetched, stored, skipped, format); ``import --quantize q8|q4`` makes a derived model whose experts
+are quantized (``registry.quantize``); ``models`` prints one line per model with its experts' format (``--json``: a
+list);
 ``models rm`` and ``gc`` print what they removed. Progress bars (bytes, rate, ETA) go to stderr when it is a
 terminal, or with ``--progress``.
 """
@@ -12,9 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ekmesh.core.errors import ConfigError, ShardMissingError
 from ekmesh.tui.status import human_bytes
+
+if TYPE_CHECKING:
+    from ekmesh.shard.importer import ImportResult
 
 
 def register(sub: Any) -> None:
@@ -28,6 +34,13 @@ def register(sub: Any) -> None:
     imp.add_argument("--alias", help="short name for the model (default: the hub id or directory name)")
     imp.add_argument("--experts", metavar="SPEC", help="partial import: LAYER:EXPERT,... , a fraction like "
                                                        "0.25, or 'assigned'")
+    imp.add_argument("--quantize", choices=["q8", "q4"],
+                     help="store the routed experts quantized, as a new model derived from SOURCE (a model id or "
+                          "alias in the store, e.g. builtin; a directory or hub id is imported in full first): q8 = "
+                          "int8 with one scale per output row, q4 = 4-bit with a scale and zero per group")
+    imp.add_argument("--group-size", type=int, metavar="G",
+                     help="q4 group size, 32/64/128/256 (default: per tensor, the largest of 128/64/32 that divides "
+                          "its input dimension)")
     imp.add_argument("--json", action="store_true", help="print one JSON object")
     imp.add_argument("--progress", action="store_true", help="draw progress bars even if stderr is not a terminal")
     imp.set_defaults(func=cmd_import)
@@ -77,11 +90,18 @@ class _RichProgress:
 def cmd_import(args: argparse.Namespace) -> int:
     from ekmesh.registry.imports import import_full, import_partial
 
+    if args.quantize is None and args.group_size is not None:
+        raise ConfigError("--group-size goes with --quantize q4")
+    if args.quantize is not None and args.experts is not None:
+        raise ConfigError("--quantize makes a new model from a whole one: import it without --experts (peers then "
+                          "fetch their share of the quantized model)")
     prog = _RichProgress(f"import {args.source}") if (args.progress or sys.stderr.isatty()) else None
     try:
         if args.experts is not None:
             res = import_partial(args.source, args.experts, revision=args.revision, alias=args.alias,
                                  progress=prog)
+        elif args.quantize is not None:
+            res = _import_quantized(args, prog)
         else:
             res = import_full(args.source, revision=args.revision, alias=args.alias, progress=prog)
     finally:
@@ -91,9 +111,24 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(json.dumps(res.as_json()))
     else:
         print(res.model_id)
-        print(f"alias {res.alias}: {res.blobs} blobs, {human_bytes(res.bytes)}, experts {res.experts_present}/"
+        print(f"alias {res.alias}: {res.blobs} blobs, {human_bytes(res.bytes)}, experts ({res.format}) "
+              f"{res.experts_present}/"
               f"{res.experts_total} ({res.stored} stored, {res.skipped} already present)", file=sys.stderr)
     return 0
+
+
+def _import_quantized(args: argparse.Namespace, prog: _RichProgress | None) -> ImportResult:
+    """``--quantize``: from a stored model as it is, else from SOURCE imported in full first."""
+    from ekmesh.registry.imports import import_full
+    from ekmesh.registry.lookup import resolve_store
+    from ekmesh.registry.quantize import import_quantized
+
+    parent = args.source
+    try:
+        resolve_store(args.source)
+    except ShardMissingError:
+        parent = import_full(args.source, revision=args.revision, progress=prog).model_id
+    return import_quantized(parent, args.quantize, args.group_size, alias=args.alias, progress=prog)
 
 
 def model_rows() -> list[dict[str, Any]]:
@@ -109,6 +144,7 @@ def model_rows() -> list[dict[str, Any]]:
         ex = m.expert_ids()
         rows.append({"model_id": mid, "aliases": sorted(a for a, v in aliases.items() if v == mid),
                      "architecture": m.architecture, "source": m.data["source"],
+                     "format": m.experts_format_name(), "derived_from": (m.experts_format or {}).get("derived_from"),
                      "bytes_total": m.data["sizes"]["total"], "bytes_present": sum(m.size(b) for b in present),
                      "experts_present": sum(1 for b in ex.values() if b in present), "experts_total": len(ex)})
     return rows
@@ -132,7 +168,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     for r in rows:
         print(f"{r['model_id'][:23]}  {','.join(r['aliases']) or '-':<28} {r['architecture']:<26} "
-              f"{human_bytes(r['bytes_present'])}/{human_bytes(r['bytes_total'])}  "
+              f"{r['format']:<9} {human_bytes(r['bytes_present'])}/{human_bytes(r['bytes_total'])}  "
               f"experts {r['experts_present']}/{r['experts_total']}")
     return 0
 

@@ -12,19 +12,44 @@ Invariants of ``LocalExperts``:
 - compute is grouped: tokens are sorted by expert and each present expert runs once over all its tokens
   (one ``torch._grouped_mm`` for all experts of a layer on CUDA, a loop over present experts elsewhere);
 - asking for an expert that is not loaded raises ``ExpertNotLoadedError`` naming (layer, expert).
+
+Quantized experts (``qtensor.py``): ``gate_up`` / ``down`` of an ``ExpertWeights`` may be ``QuantizedTensor``s
+(biases stay float). ``LocalExperts.add`` keeps them quantized on its device, in a kernel's layout
+(``qtensor.pack``; no float copy), and computes them with ``qtensor.qlinear`` (bf16 activations on CPU and
+CUDA, results in the backend's dtype). One backend holds one kind of expert: float, or one quantized format and
+group sizes (fixed by the first expert added); anything else is refused with ``ConfigError``. A quantized layer
+runs pair by pair (``_few``), per present expert (``_grouped_loop_q``, CUDA included) or, in CUDA-graph mode, per
+pair with the experts' packed weights gathered on the device (``_gathered_q``); never through ``_grouped_mm`` or
+the float gathers. Its results equal those of a float backend holding ``QuantizedTensor.dequantize()`` weights
+within the bf16 rounding of the activations (tests: 3e-2 of the output's largest magnitude).
+
+Serialisation of one quantized expert (``expert_tensors`` / ``expert_from_tensors``): ``{p}.gate_up.qweight``,
+``{p}.gate_up.scale`` (and ``.zero`` for q4), the same under ``{p}.down``, and, for a biased spec,
+``{p}.gate_up_bias`` float32 [2I] and ``{p}.down_bias`` float32 [D].
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from ekmesh.core.errors import ConfigError, ExpertNotLoadedError, TensorShapeError
+from ekmesh.core.errors import ConfigError, ExpertNotLoadedError, MissingTensorError, TensorShapeError
 from ekmesh.infer.fusion import fusable
+from ekmesh.infer.qtensor import (
+    PackedWeight,
+    QuantizedTensor,
+    kernel_dtype,
+    pack,
+    qlinear,
+    quantize,
+    stack_packed,
+    stored_group_size,
+)
 
 SMALL_PAIRS = 8  # up to this many (token, expert) pairs, the CPU path computes pair by pair (``_few``)
 
@@ -48,12 +73,23 @@ class ExpertSpec:
 
 @dataclass
 class ExpertWeights:
-    """The tensors of one routed expert in linear layout (see module docstring)."""
+    """The tensors of one routed expert in linear layout (see module docstring); the two projections may be
+    quantized (both or neither)."""
 
-    gate_up: torch.Tensor  # [2I, D]
-    down: torch.Tensor  # [D, I]
+    gate_up: torch.Tensor | QuantizedTensor  # [2I, D]
+    down: torch.Tensor | QuantizedTensor  # [D, I]
     gate_up_bias: torch.Tensor | None = None  # [2I]
     down_bias: torch.Tensor | None = None  # [D]
+
+    def quantization(self) -> str | None:
+        """The format of a quantized expert, None for a float one; ``ConfigError`` where the two projections are
+        not both float or both of one format."""
+        gu, d = self.gate_up, self.down
+        if not isinstance(gu, QuantizedTensor) and not isinstance(d, QuantizedTensor):
+            return None
+        if not isinstance(gu, QuantizedTensor) or not isinstance(d, QuantizedTensor) or gu.fmt != d.fmt:
+            raise ConfigError("an expert's gate_up and down must be both float or both of one quantized format")
+        return gu.fmt
 
     def check(self, spec: ExpertSpec, name: str) -> None:
         expect: dict[str, tuple[int, ...]] = {
@@ -101,10 +137,72 @@ def _clamped_glu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Ten
     return (up + 1) * glu
 
 
+def _linear(x: torch.Tensor, w: torch.Tensor | QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(w, QuantizedTensor):  # packed per call: a reference helper, not a hot path
+        return qlinear(x, pack(w, x.device, kernel_dtype(x.device, x.dtype)), bias)
+    return F.linear(x, w, bias)
+
+
 def expert_forward(spec: ExpertSpec, x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
-    """One expert over [N, D] tokens -> [N, D]. The reference the grouped paths must agree with."""
-    h = F.linear(x, w.gate_up, w.gate_up_bias)  # [N, 2I]
-    return F.linear(expert_activation(spec, h), w.down, w.down_bias)  # [N, D]
+    """One expert over [N, D] tokens -> [N, D]. The reference the grouped paths must agree with (quantized
+    weights: the kernel ``LocalExperts`` would use on x's device)."""
+    h = _linear(x, w.gate_up, w.gate_up_bias)  # [N, 2I]
+    return _linear(expert_activation(spec, h), w.down, w.down_bias)  # [N, D]
+
+
+def quantize_expert(w: ExpertWeights, fmt: str, group_size: int | None = None) -> ExpertWeights:
+    """``w`` with both projections quantized to ``fmt`` (biases kept as they are). q4: ``group_size`` for both
+    projections, or None for each its own default (the first of 128, 64, 32 dividing its input size). q8 has one
+    scale per output row and takes no group size (None)."""
+    if isinstance(w.gate_up, QuantizedTensor) or isinstance(w.down, QuantizedTensor):
+        raise ConfigError("quantize_expert: the expert is already quantized")
+    if fmt == "q8" and group_size is not None:
+        raise ConfigError(f"q8 has one scale per output row: no group size ({group_size} given)")
+    return ExpertWeights(quantize(w.gate_up, fmt, group_size, "gate_up"), quantize(w.down, fmt, group_size, "down"),
+                         w.gate_up_bias, w.down_bias)
+
+
+def expert_tensors(w: ExpertWeights, prefix: str) -> dict[str, torch.Tensor]:
+    """The canonical stored tensors of one quantized expert (names in the module docstring); biases float32."""
+    if not isinstance(w.gate_up, QuantizedTensor) or not isinstance(w.down, QuantizedTensor):
+        raise ConfigError(f"{prefix}: expert_tensors stores quantized experts; quantize_expert it first")
+    w.quantization()  # both of one format
+    out = w.gate_up.to_tensors(f"{prefix}.gate_up") | w.down.to_tensors(f"{prefix}.down")
+    for field in ("gate_up_bias", "down_bias"):
+        b = getattr(w, field)
+        if b is not None:
+            out[f"{prefix}.{field}"] = b.detach().to(torch.float32).contiguous()
+    return out
+
+
+def expert_from_tensors(tensors: Mapping[str, torch.Tensor], prefix: str, spec: ExpertSpec, fmt: str,
+                        group_size: int | None = None) -> ExpertWeights:
+    """One quantized expert read back from ``expert_tensors``' names, every tensor validated (dtype and shape from
+    ``spec``) before use; errors name the tensor. ``group_size``: q4's, for both projections, or None to read each
+    projection's from its scale's shape (``stored_group_size``); q8 ignores it (one scale per row: each
+    projection's group size is its own I)."""
+    d, i = spec.hidden, spec.intermediate
+    weights = []
+    for proj, shape in (("gate_up", (2 * i, d)), ("down", (d, i))):
+        name = f"{prefix}.{proj}"
+        g = shape[1] if fmt == "q8" else group_size
+        if g is None:
+            g = stored_group_size(fmt, shape, tensors, name)
+        weights.append(QuantizedTensor.from_tensors(fmt, shape, g, tensors, name))
+    gu, dn = weights
+    biases: dict[str, torch.Tensor | None] = {"gate_up_bias": None, "down_bias": None}
+    if spec.bias:
+        for field, bshape in (("gate_up_bias", (2 * i,)), ("down_bias", (d,))):
+            name = f"{prefix}.{field}"
+            b = tensors.get(name)
+            if b is None:
+                raise MissingTensorError(name)
+            if b.dtype != torch.float32:
+                raise TensorShapeError(name, "dtype torch.float32", f"dtype {b.dtype}")
+            if tuple(b.shape) != bshape:
+                raise TensorShapeError(name, bshape, tuple(b.shape))
+            biases[field] = b
+    return ExpertWeights(gu, dn, biases["gate_up_bias"], biases["down_bias"])
 
 
 def _stack_present(ts: list[torch.Tensor | None], name: str) -> torch.Tensor:
@@ -134,6 +232,49 @@ class _LayerPack:
                      for s in range(len(self.experts))]
 
 
+@dataclass
+class _QExpert:
+    """One quantized expert as a backend holds it: both projections packed for its device's kernel."""
+
+    gate_up: PackedWeight  # [2I, D]
+    down: PackedWeight  # [D, I]
+    gate_up_bias: torch.Tensor | None  # [2I]
+    down_bias: torch.Tensor | None  # [D]
+
+
+@dataclass
+class _QLayerPack:
+    """A layer of quantized experts: ``_LayerPack``'s fields with stacked packed weights."""
+
+    slot_of: torch.Tensor  # [E] long: slot index of each global expert id, -1 where absent
+    experts: list[int]  # global expert id of each slot
+    gate_up: PackedWeight  # stacked [n, ...]
+    down: PackedWeight  # stacked [n, ...]
+    gate_up_bias: torch.Tensor | None  # [n, 2I]
+    down_bias: torch.Tensor | None  # [n, D]
+
+    def __post_init__(self) -> None:
+        self.index = {e: s for s, e in enumerate(self.experts)}
+        gb, db = self.gate_up_bias, self.down_bias
+        self.rows = [_QExpert(self.gate_up.select(s), self.down.select(s), None if gb is None else gb[s],
+                              None if db is None else db[s]) for s in range(len(self.experts))]
+
+    def nbytes(self) -> int:
+        extra = [t for t in (self.gate_up_bias, self.down_bias) if t is not None]
+        return self.gate_up.nbytes() + self.down.nbytes() + sum(t.numel() * t.element_size() for t in extra)
+
+
+_Pack = _LayerPack | _QLayerPack
+_Held = ExpertWeights | _QExpert  # what ``_pending`` holds per expert: float tensors or packed ones
+
+
+def _kind_text(kind: str | tuple[str, int, int]) -> str:
+    if isinstance(kind, str):
+        return kind
+    fmt, g_gate_up, g_down = kind
+    return fmt if fmt == "q8" else f"{fmt} (group sizes {g_gate_up}/{g_down})"
+
+
 class LocalExperts:
     """Holds any set of (layer, expert) weights on one device and computes them grouped."""
 
@@ -141,8 +282,10 @@ class LocalExperts:
         self.spec = spec
         self.device = torch.device(device)
         self.dtype = dtype
-        self._pending: dict[int, dict[int, ExpertWeights]] = {}
-        self._packs: dict[int, _LayerPack] = {}
+        self._pending: dict[int, dict[int, _Held]] = {}
+        self._packs: dict[int, _Pack] = {}
+        # what this backend holds: "float" or (fmt, gate_up group size, down group size), set by the first expert
+        self._kind: str | tuple[str, int, int] | None = None
         # Set by a CUDA-graph caller (which has verified ``holds_all``) while it warms up and captures a step:
         # no host syncs (no missing-expert check, no per-expert loop) and the same code path in both phases.
         self.graph_mode = False
@@ -151,16 +294,31 @@ class LocalExperts:
         self._lock = threading.RLock()
 
     def add(self, layer: int, expert: int, weights: ExpertWeights) -> None:
-        """Adds (or replaces) one expert. Tensors are validated, cast and moved to this backend's device."""
+        """Adds (or replaces) one expert. Tensors are validated, cast and moved to this backend's device; quantized
+        projections are packed for its kernels (see the module docstring)."""
         if not 0 <= expert < self.spec.num_experts:
             raise ConfigError(f"expert id {expert} out of range [0, {self.spec.num_experts})")
-        weights.check(self.spec, f"layer {layer} expert {expert}")
+        name = f"layer {layer} expert {expert}"
+        weights.check(self.spec, name)
+        q = weights.quantization()
+        gu, d = weights.gate_up, weights.down
+
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(self.device, self.dtype)
 
-        moved = ExpertWeights(weights.gate_up.to(self.device, self.dtype), weights.down.to(self.device, self.dtype),
-                              move(weights.gate_up_bias), move(weights.down_bias))
+        moved: _Held
+        if isinstance(gu, QuantizedTensor) and isinstance(d, QuantizedTensor):
+            kind: str | tuple[str, int, int] = (gu.fmt, gu.group_size, d.group_size)
+            act = kernel_dtype(self.device, self.dtype)
+            moved = _QExpert(pack(gu, self.device, act), pack(d, self.device, act), move(weights.gate_up_bias),
+                             move(weights.down_bias))
+        else:
+            assert q is None and isinstance(gu, torch.Tensor) and isinstance(d, torch.Tensor)
+            kind = "float"
+            moved = ExpertWeights(gu.to(self.device, self.dtype), d.to(self.device, self.dtype),
+                                  move(weights.gate_up_bias), move(weights.down_bias))
         with self._lock:
+            self._claim_kind(kind, name)
             current = self._unpack(layer)
             current[expert] = moved
             self._pending[layer] = current
@@ -194,8 +352,17 @@ class LocalExperts:
         pack = _LayerPack(slot_of, ids, gate_up.to(self.device, self.dtype), down.to(self.device, self.dtype),
                           cast(gate_up_bias), cast(down_bias))
         with self._lock:
+            self._claim_kind("float", f"layer {layer}")
             self._pending.pop(layer, None)
             self._packs[layer] = pack
+
+    def _claim_kind(self, kind: str | tuple[str, int, int], name: str) -> None:
+        """(Under the lock.) Fixes what this backend holds on its first expert; refuses a different kind after."""
+        if self._kind is None:
+            self._kind = kind
+        elif kind != self._kind:
+            raise ConfigError(f"{name}: this backend holds {_kind_text(self._kind)} experts and cannot also hold "
+                              f"{_kind_text(kind)} ones (one kind of expert per backend)")
 
     def remove(self, layer: int, expert: int) -> None:
         with self._lock:
@@ -230,20 +397,26 @@ class LocalExperts:
         return all(len(held.get(layer, [])) == self.spec.num_experts for layer in layers)
 
     def nbytes(self) -> int:
+        """Bytes of the weights held, as held (quantized experts: their packed bytes and biases)."""
         total = 0
         for layer in self.held():
             pack = self._pack(layer)
+            if isinstance(pack, _QLayerPack):
+                total += pack.nbytes()
+                continue
             for t in (pack.gate_up, pack.down, pack.gate_up_bias, pack.down_bias):
                 if t is not None:
                     total += t.numel() * t.element_size()
         return total
 
-    def _unpack(self, layer: int) -> dict[int, ExpertWeights]:
+    def _unpack(self, layer: int) -> dict[int, _Held]:
         if layer in self._pending:
             return dict(self._pending[layer])
         pack = self._packs.get(layer)
         if pack is None:
             return {}
+        if isinstance(pack, _QLayerPack):
+            return {e: pack.rows[s] for s, e in enumerate(pack.experts)}  # views into the stacks
         return {
             e: ExpertWeights(
                 pack.gate_up[s], pack.down[s],
@@ -253,14 +426,14 @@ class LocalExperts:
             for s, e in enumerate(pack.experts)
         }
 
-    def _pack(self, layer: int) -> _LayerPack:
+    def _pack(self, layer: int) -> _Pack:
         pack = self._packs.get(layer)
         if pack is not None:
             return pack
         with self._lock:
             return self._build_pack(layer)
 
-    def _build_pack(self, layer: int) -> _LayerPack:
+    def _build_pack(self, layer: int) -> _Pack:
         pack = self._packs.get(layer)
         if pack is not None:
             return pack
@@ -269,11 +442,19 @@ class LocalExperts:
         slot_of = torch.full((self.spec.num_experts,), -1, dtype=torch.long, device=self.device)
         if ids:
             slot_of[torch.tensor(ids, device=self.device)] = torch.arange(len(ids), device=self.device)
-        ws = [experts[e] for e in ids]
+        qs = [experts[e] for e in ids]
+        if qs and isinstance(qs[0], _QExpert):
+            qpack = self._build_qpack(layer, slot_of, ids, [q for q in qs if isinstance(q, _QExpert)])
+            self._packs[layer] = qpack
+            return qpack
+        ws = [w for w in qs if isinstance(w, ExpertWeights)]
+        gus = [w.gate_up for w in ws if isinstance(w.gate_up, torch.Tensor)]
+        downs = [w.down for w in ws if isinstance(w.down, torch.Tensor)]
+        assert len(gus) == len(downs) == len(qs)  # one kind per backend (_claim_kind)
         empty = (0,)
-        gate_up = torch.stack([w.gate_up for w in ws]) if ws else torch.empty(
+        gate_up = torch.stack(gus) if ws else torch.empty(
             empty + (2 * self.spec.intermediate, self.spec.hidden), device=self.device, dtype=self.dtype)
-        down = torch.stack([w.down for w in ws]) if ws else torch.empty(
+        down = torch.stack(downs) if ws else torch.empty(
             empty + (self.spec.hidden, self.spec.intermediate), device=self.device, dtype=self.dtype)
         gub = db = None
         if ws and self.spec.bias:
@@ -282,6 +463,15 @@ class LocalExperts:
         pack = _LayerPack(slot_of, ids, gate_up, down, gub, db)
         self._packs[layer] = pack
         return pack
+
+    def _build_qpack(self, layer: int, slot_of: torch.Tensor, ids: list[int], qs: list[_QExpert]) -> _QLayerPack:
+        assert len(qs) == len(ids)
+        gub = db = None
+        if self.spec.bias:
+            gub = _stack_present([q.gate_up_bias for q in qs], f"layer {layer} gate_up_bias")  # [n, 2I]
+            db = _stack_present([q.down_bias for q in qs], f"layer {layer} down_bias")  # [n, D]
+        return _QLayerPack(slot_of, ids, stack_packed([q.gate_up for q in qs]), stack_packed([q.down for q in qs]),
+                           gub, db)
 
     def __call__(
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
@@ -302,7 +492,9 @@ class LocalExperts:
         n = len(pack.experts)
         counts = torch.zeros(n, dtype=torch.long, device=slots.device)
         counts.scatter_add_(0, slots, torch.ones_like(slots))  # [n] pairs per slot, no host sync
-        if hidden.is_cuda and hidden.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        if isinstance(pack, _QLayerPack):  # never _grouped_mm or the float gathers: packed weights
+            y = self._gathered_q(pack, x, slots[order]) if self.graph_mode else self._grouped_loop_q(pack, x, counts)
+        elif hidden.is_cuda and hidden.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
             y = self._grouped_cuda(pack, x, counts)
         elif self.graph_mode:
             y = self._gathered(pack, x, slots[order])  # no host sync: capturable in a CUDA graph
@@ -326,7 +518,7 @@ class LocalExperts:
         lists (an expert server has them so: no tensor round trip)."""
         return self._few(layer, self._pack(layer), hidden, expert_rows, weights)
 
-    def _few(self, layer: int, pack: _LayerPack, hidden: torch.Tensor, expert_rows: list[list[int]],
+    def _few(self, layer: int, pack: _Pack, hidden: torch.Tensor, expert_rows: list[list[int]],
              weights: torch.Tensor) -> torch.Tensor:
         """A decode step on CPU (a few pairs): each pair's expert on its token row, without the sort, gathers and
         scatters of the grouped path (half the time at the built-in model's shape). An expert chosen by one pair
@@ -334,6 +526,31 @@ class LocalExperts:
         those of the grouped path; the weighting and the sum over k are the same ops. Casts that would not
         change the dtype are skipped (each is a torch call, and they return their input unchanged)."""
         t, k = len(expert_rows), len(expert_rows[0])
+        if isinstance(pack, _QLayerPack):
+            ys = self._few_q(layer, pack, hidden, expert_rows)
+        else:
+            ys = []
+            index, rows, spec = pack.index, pack.rows, self.spec
+            for i, row in enumerate(expert_rows):
+                x = hidden if t == 1 else hidden[i:i + 1]  # [1, D]
+                for e in row:
+                    s = index.get(e)
+                    if s is None:
+                        raise ExpertNotLoadedError(layer, e)
+                    gate_up, down, gate_up_bias, down_bias = rows[s]
+                    a = expert_activation(spec, F.linear(x, gate_up, gate_up_bias))  # [1, I]
+                    ys.append(F.linear(a, down, down_bias))
+        y = torch.cat(ys)  # [T*k, D] in (token, choice) order
+        w = weights.reshape(-1, 1)  # [T*k, 1]
+        y = (y if y.dtype is torch.float32 else y.float()) * (w if w.dtype is torch.float32 else w.float())
+        out = y.view(t, k, -1).sum(dim=1)  # [T, D] fp32
+        return out if out.dtype is hidden.dtype else out.to(hidden.dtype)
+
+    def _few_q(self, layer: int, pack: _QLayerPack, hidden: torch.Tensor,
+               expert_rows: list[list[int]]) -> list[torch.Tensor]:
+        """``_few``'s per-pair outputs [1, D] for quantized experts: the same ``qlinear`` calls on the same row as
+        ``_grouped_loop_q`` makes for an expert chosen once."""
+        t = len(expert_rows)
         ys = []
         index, rows, spec = pack.index, pack.rows, self.spec
         for i, row in enumerate(expert_rows):
@@ -342,14 +559,39 @@ class LocalExperts:
                 s = index.get(e)
                 if s is None:
                     raise ExpertNotLoadedError(layer, e)
-                gate_up, down, gate_up_bias, down_bias = rows[s]
-                a = expert_activation(spec, F.linear(x, gate_up, gate_up_bias))  # [1, I]
-                ys.append(F.linear(a, down, down_bias))
-        y = torch.cat(ys)  # [T*k, D] in (token, choice) order
-        w = weights.reshape(-1, 1)  # [T*k, 1]
-        y = (y if y.dtype is torch.float32 else y.float()) * (w if w.dtype is torch.float32 else w.float())
-        out = y.view(t, k, -1).sum(dim=1)  # [T, D] fp32
-        return out if out.dtype is hidden.dtype else out.to(hidden.dtype)
+                q = rows[s]
+                a = expert_activation(spec, qlinear(x, q.gate_up, q.gate_up_bias))  # [1, I]
+                ys.append(qlinear(a, q.down, q.down_bias))  # [1, D]
+        return ys
+
+    def _grouped_loop_q(self, pack: _QLayerPack, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """``_grouped_loop`` for quantized experts: each present expert's kernels over its rows of x [T*k, D]."""
+        y = torch.empty_like(x)
+        start = 0
+        for slot, c in enumerate(counts.tolist()):
+            if c == 0:
+                continue
+            end = start + c
+            q = pack.rows[slot]
+            a = expert_activation(self.spec, qlinear(x[start:end], q.gate_up, q.gate_up_bias))  # [c, I]
+            y[start:end] = qlinear(a, q.down, q.down_bias)  # [c, D]
+            start = end
+        return y
+
+    def _gathered_q(self, pack: _QLayerPack, x: torch.Tensor, slot_sorted: torch.Tensor) -> torch.Tensor:
+        """CUDA-graph mode for quantized experts: each pair's packed weights are gathered on the device (one
+        ``index_select`` per tensor: no host sync, capturable), then ``qlinear`` runs pair by pair, a loop whose
+        length is fixed in a captured step (decode: k); biases and the activation run once over all pairs."""
+        n = x.shape[0]
+        gate_up, down = pack.gate_up.gather(slot_sorted), pack.down.gather(slot_sorted)  # [N, ...] stacks
+        h = torch.cat([qlinear(x[j:j + 1], gate_up.select(j)) for j in range(n)])  # [N, 2I]
+        if pack.gate_up_bias is not None:
+            h = h + pack.gate_up_bias[slot_sorted]
+        a = expert_activation(self.spec, h)  # [N, I]
+        y = torch.cat([qlinear(a[j:j + 1], down.select(j)) for j in range(n)])  # [N, D]
+        if pack.down_bias is not None:
+            y = y + pack.down_bias[slot_sorted]
+        return y
 
     def _gathered(self, pack: _LayerPack, x: torch.Tensor, slot_sorted: torch.Tensor) -> torch.Tensor:
         """Per pair, gathers its expert's weights and runs a batched matmul (few pairs: decode steps)."""

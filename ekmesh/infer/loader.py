@@ -30,10 +30,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ekmesh.core.errors import CheckpointError, ConfigError, MissingTensorError, TensorShapeError
-from ekmesh.infer.experts import ExpertSpec, ExpertWeights, LocalExperts
+from ekmesh.infer.experts import ExpertSpec, ExpertWeights, LocalExperts, expert_from_tensors
 from ekmesh.infer.models import family_for
 from ekmesh.infer.models.common import CausalLM
 from ekmesh.infer.models.family import Family, ModelConfig
+from ekmesh.infer.qtensor import expert_prefix
 from ekmesh.infer.quant import dequant_fp8_block, fp8_block_size
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,9 @@ class Checkpoint:
 
     ``path`` is the directory holding ``config.json`` and the tokenizer files (for a store-backed checkpoint, a
     private directory of verified copies); ``label`` is how messages name the checkpoint (its path, or a model
-    id / alias).
+    id / alias). ``experts_format`` is None when the routed experts are read in the family's own checkpoint layout,
+    else ``{"format": "q8" | "q4", ...}``: a quantized model's experts, stored in ekmesh's expert layout
+    (``qtensor``) and kept quantized; ``read_expert`` reads either.
     """
 
     path: Path
@@ -204,10 +207,22 @@ class Checkpoint:
     config: ModelConfig
     reader: CheckpointReader
     label: str = ""
+    experts_format: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.label:
             self.label = str(self.path)
+
+    def read_expert(self, layer: int, expert: int) -> ExpertWeights:
+        """One routed expert: through the family's ``read_expert``, or a quantized model's stored expert."""
+        if self.experts_format is None:
+            return self.family.read_expert(self.reader, self.config, layer, expert)
+        prefix = expert_prefix(layer, expert)
+        names = [n for n in self.reader.names() if n.startswith(prefix + ".")]
+        if not names:
+            raise MissingTensorError(prefix, f"no tensor of this quantized expert in {self.label}")
+        return expert_from_tensors({n: self.reader.raw(n) for n in names}, prefix, self.config.expert_spec(),
+                                   self.experts_format["format"])
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Checkpoint:
@@ -221,10 +236,11 @@ class Checkpoint:
 
     @classmethod
     def from_source(cls, files_dir: Path, hf: dict[str, Any], source: TensorSource,
-                    label: str = "") -> Checkpoint:
+                    label: str = "", experts_format: dict[str, Any] | None = None) -> Checkpoint:
         """A checkpoint from its HF config and any tensor source (e.g. the registry's store)."""
         fam, cfg = _family_config(hf, label or str(files_dir / "config.json"))
-        return cls(files_dir, hf, fam, cfg, CheckpointReader(source, hf.get("quantization_config")), label)
+        return cls(files_dir, hf, fam, cfg, CheckpointReader(source, hf.get("quantization_config")), label,
+                   experts_format)
 
     def expert_addresses(self) -> list[tuple[int, int]]:
         """Every routed (layer, expert) of the model, layers ascending."""
@@ -268,7 +284,7 @@ def load_experts(ckpt: Checkpoint, backend: LocalExperts,
     for layer, expert in (ckpt.expert_addresses() if which is None else which):
         if (layer, expert) not in valid:
             raise ConfigError(f"(layer={layer}, expert={expert}) is not a routed expert of this model")
-        backend.add(layer, expert, ckpt.family.read_expert(ckpt.reader, ckpt.config, layer, expert))
+        backend.add(layer, expert, ckpt.read_expert(layer, expert))
         n += 1
     return n
 

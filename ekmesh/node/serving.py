@@ -123,7 +123,7 @@ class Serving:
         """The manifest is known: the experts' reader, the device backend and the expert server. Returns whether
         this node hosts attention (decided here when ``attention`` was left automatic)."""
         self.checkpoint = Checkpoint.from_source(self._files_dir, m.data["config"], StoreTensors(self.store, m),
-                                                 m.id)
+                                                 m.id, m.experts_format)
         cfg = self.checkpoint.config
         self.local = LocalExperts(cfg.expert_spec(), self.device, self.dtype)
         self.limits = ModelLimits.from_config(cfg)
@@ -160,7 +160,7 @@ class Serving:
         ck = self.checkpoint
         assert ck is not None
         with self._read_lock:
-            return ck.family.read_expert(ck.reader, ck.config, layer, expert)
+            return ck.read_expert(layer, expert)
 
     def load(self, items: set[ExpertKey]) -> set[ExpertKey]:
         """Puts these experts on the device; returns those loaded. Each blob is hashed again first (not trusted
@@ -243,7 +243,7 @@ class Serving:
         assert m is not None and local is not None and limits is not None
         try:
             sm = open_store_model(m.id, self.store)
-            ck = Checkpoint.from_source(sm.files_dir, sm.hf_config, sm.tensors, m.id)
+            ck = Checkpoint.from_source(sm.files_dir, sm.hf_config, sm.tensors, m.id, m.experts_format)
             dense = load_dense(ck, self.device, self.dtype)
             # without a tokenizer the API still answers prompts given as token ids
             tok = Tokenizer.from_dir(ck.path) if (ck.path / "tokenizer.json").exists() else None
@@ -310,6 +310,8 @@ class Serving:
             "threads": self.threads,
             "data_addr": str(Endpoint(self.advertise_host, self.server.address[1])) if self.server else None,
             "loaded_experts": sum(len(v) for v in held.values()),
+            "loaded_bytes": self.local.nbytes() if self.local is not None else 0,
+            "experts_format": self.manifest.experts_format_name() if self.manifest is not None else None,
             "loaded_by_layer": {str(layer): len(es) for layer, es in held.items()},
             "peers": {p: {"round_trips": s.round_trips, "mean_rtt_ms": round(1e3 * s.mean_rtt_s, 3),
                           "failures": s.failures}

@@ -25,7 +25,7 @@ def aliases_of(model_id: str, store: Store | None = None) -> list[str]:
 def open_checkpoint(ref: str, store: Store | None = None) -> Checkpoint:
     """The stored model ``ref`` as a lazily-read ``Checkpoint`` (``ckpt.reader.source.opened`` lists the blobs)."""
     sm = open_store_model(ref, store)
-    return Checkpoint.from_source(sm.files_dir, sm.hf_config, sm.tensors, sm.label)
+    return Checkpoint.from_source(sm.files_dir, sm.hf_config, sm.tensors, sm.label, sm.manifest.experts_format)
 
 
 def resolve_store(model: str) -> Store:

@@ -82,6 +82,7 @@ class ImportResult:
     fetched: int  # bytes read from the source by this run
     stored: int  # blobs written by this run
     skipped: int  # blobs this run found already stored
+    format: str = ""  # the routed experts' format (``Manifest.experts_format_name``)
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -112,8 +113,9 @@ def _metered(chunks: Iterable[bytes], progress: Progress | None) -> Iterator[byt
         yield c
 
 
-class _Journal:
-    """Append-only record of blobs a full import of one source has finished (a torn last line is ignored)."""
+class Journal:
+    """Append-only record of the blobs an import has finished, by job name (a torn last line is ignored): a
+    re-run skips them without reading their bytes again."""
 
     def __init__(self, store: Store, key: str) -> None:
         self.path = store.root / "imports" / f"{key}.jsonl"
@@ -136,7 +138,8 @@ class _Journal:
         self.done[job] = blob_id
 
 
-def _still_good(store: Store, blob_id: str) -> bool:
+def still_good(store: Store, blob_id: str) -> bool:
+    """Whether the store holds ``blob_id`` and it verifies."""
     try:
         store.verify(blob_id)
     except (ShardMissingError, BlobHashMismatchError):
@@ -181,9 +184,9 @@ def import_full(ref: str, planner: Planner, revision: str | None = None, alias: 
             stat[f] = [st.st_size, st.st_mtime_ns]
     table = {n: [t.file, t.begin, t.end, t.dtype, list(t.shape)] for n, t in tensors.items()}
     key = blake3.blake3(canonical({"source": src.describe(), "tensors": table, "stat": stat})).hexdigest()[:32]
-    journal = _Journal(store, key)
+    journal = Journal(store, key)
 
-    todo = [(j, parts) for j, parts in jobs if not (j in journal.done and _still_good(store, journal.done[j]))]
+    todo = [(j, parts) for j, parts in jobs if not (j in journal.done and still_good(store, journal.done[j]))]
     if progress is not None:
         progress.start(sum(blob_size(p) for _, p in todo), len(todo))
     ids: dict[str, str] = {j: journal.done[j] for j, _ in jobs if j in journal.done}
@@ -317,7 +320,12 @@ def import_partial(ref: str, spec: str, revision: str | None = None, alias: str 
     m = find_manifest(store, ref, revision)
     chosen = parse_experts(spec, m, assigned)
     need = partial_blobs(m, chosen)
-    todo = [b for b in need if not _still_good(store, b)]
+    todo = [b for b in need if not still_good(store, b)]
+    derived = [b for b in todo if m.is_derived(b)]
+    if derived:
+        raise ShardMissingError(f"blob {derived[0]}", f"model {m.id} has quantized experts, which no source holds: "
+                                "`ekmesh import` its parent with --quantize, or let `ekmesh join` fetch them from "
+                                "peers")
     src = source_of(m) if todo else None
     tensors = {n: TensorEntry(t["file"], t["range"][0], t["range"][1], t["dtype"], tuple(t["shape"]))
                for n, t in m.data["tensors"].items()}
@@ -347,4 +355,4 @@ def summarize(store: Store, m: Manifest, alias: str, fetched: int = 0, stored: i
     ex = m.expert_ids()
     return ImportResult(model_id=m.id, alias=alias, bytes=sum(m.size(b) for b in present), blobs=len(present),
                         experts_present=sum(1 for b in ex.values() if b in present), experts_total=len(ex),
-                        fetched=fetched, stored=stored, skipped=skipped)
+                        fetched=fetched, stored=stored, skipped=skipped, format=m.experts_format_name())

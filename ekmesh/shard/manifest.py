@@ -14,13 +14,27 @@ Schema 1 (every key required; ``validate`` names the first field that is wrong):
       "dense": {"embed": ID, "layer.0": ID, ..., "head": ID},
       "experts": [null | [ID, ...], ...],             # one entry per layer; null for a dense layer
       "files": {"config.json": ID, "tokenizer.json": ID, ...},
-      "blobs": {ID: {"size": N, "keys": [KEY, ...]} | {"size": N, "file": F}},
-      "sizes": {"dense": N, "experts": N, "files": N, "total": N}
+      "blobs": {ID: {"size": N, "keys": [KEY, ...]} | {"size": N, "file": F} | DERIVED},
+      "sizes": {"dense": N, "experts": N, "files": N, "total": N},
+      "experts_format": {"format": "q8" | "q4", "group_size": N | null, "derived_from": MODEL_ID}   # optional
     }
 
 A tensor blob is a safetensors file whose keys (sorted) are source tensor names, or ``NAME[E]`` for row E of a
 fused source tensor; its bytes are rebuilt deterministically from the source ranges (``blobfmt``), which is what
 lets a partial import check what it fetched against the ids here. A file blob is the file's bytes.
+
+A quantized model (``ekmesh import SOURCE --quantize q8|q4``) carries ``experts_format`` (absent in every other
+manifest, so their ids are unchanged): its routed experts are DERIVED blobs, computed from the expert weights of
+the model ``derived_from`` (whose dense and file blobs it shares) rather than cut from source byte ranges::
+
+    {"size": N, "derived": {"expert": [LAYER, E], "format": "q4"},
+     "tensors": {NAME: {"dtype": "U8", "shape": [...]}, ...}}
+
+Their tensors use ekmesh's expert layout, ``experts.<layer>.<e>.<gate_up|down>.<qweight|scale|zero>`` and
+``experts.<layer>.<e>.<gate_up_bias|down_bias>`` (``ekmesh.infer.qtensor``), and the blob's safetensors metadata
+records the same format (one key, ``ekmesh.expert``: ``{"expert", "format", "layer"}`` as canonical JSON).
+``group_size`` null means chosen per tensor (the largest allowed that divides its input dimension); each tensor's
+own group follows from its scale's shape.
 
 Invariants: ``canonical`` is the only serialisation (sorted keys, no whitespace, UTF-8); the model id is
 ``blake3:`` of exactly those bytes; ``parse`` refuses bytes that are not canonical JSON of a valid schema-1
@@ -42,6 +56,9 @@ from ekmesh.core.ids import BlobId, ExpertKey, ModelId
 SCHEMA = 1
 ID_RE = re.compile(r"^blake3:[0-9a-f]{64}$")
 _KEY_RE = re.compile(r"^(.+)\[(\d+)\]$")
+EXPERT_FORMATS = ("q8", "q4")
+_DERIVED_NAME_RE = re.compile(r"^experts\.(\d+)\.(\d+)\.[a-z_]+(\.[a-z]+)?$")
+_DTYPES = ("F32", "F16", "BF16", "I8", "U8", "I32")
 
 
 def canonical(obj: dict[str, Any]) -> bytes:
@@ -112,7 +129,9 @@ def validate(m: Any) -> None:
         size = _need(b, "size", int, f"blobs.{bid}")
         if size < 0:
             raise ManifestError(f"manifest field 'blobs.{bid}.size' must be >= 0")
-        if "keys" in b:
+        if "derived" in b:
+            _validate_derived(b, f"blobs.{bid}")
+        elif "keys" in b:
             keys = _need(b, "keys", list, f"blobs.{bid}")
             for k in keys:
                 name = split_key(k)[0] if isinstance(k, str) else None
@@ -142,6 +161,44 @@ def validate(m: Any) -> None:
     sizes = _need(m, "sizes", dict)
     for k in ("dense", "experts", "files", "total"):
         _need(sizes, k, int, "sizes")
+    if "experts_format" in m:
+        ef = _need(m, "experts_format", dict)
+        if _need(ef, "format", str, "experts_format") not in EXPERT_FORMATS:
+            raise ManifestError(f"manifest field 'experts_format.format' must be one of {EXPERT_FORMATS}, got "
+                                f"{ef['format']!r}")
+        _need(ef, "group_size", (int, type(None)), "experts_format")
+        _id(_need(ef, "derived_from", str, "experts_format"), "experts_format.derived_from")
+    for layer, row in enumerate(experts):
+        for e, bid in enumerate(row or []):
+            derived = blobs[bid].get("derived")
+            if ("experts_format" in m) != (derived is not None):
+                raise ManifestError(f"manifest field 'experts[{layer}][{e}]': a model with 'experts_format' has "
+                                    "derived expert blobs, and only such a model")
+            if derived is not None and (derived["expert"] != [layer, e]
+                                        or derived["format"] != m["experts_format"]["format"]):
+                raise ManifestError(f"manifest field 'experts[{layer}][{e}]' names a blob derived for expert "
+                                    f"{derived['expert']} in {derived['format']}")
+
+
+def _validate_derived(b: dict[str, Any], where: str) -> None:
+    d = _need(b, "derived", dict, where)
+    ex = _need(d, "expert", list, f"{where}.derived")
+    if len(ex) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ex):
+        raise ManifestError(f"manifest field '{where}.derived.expert' must be [layer, expert]")
+    if _need(d, "format", str, f"{where}.derived") not in EXPERT_FORMATS:
+        raise ManifestError(f"manifest field '{where}.derived.format' must be one of {EXPERT_FORMATS}")
+    tensors = _need(b, "tensors", dict, where)
+    if not tensors:
+        raise ManifestError(f"manifest field '{where}.tensors' must name the blob's tensors")
+    for name, t in tensors.items():
+        m = _DERIVED_NAME_RE.match(name)
+        if m is None or [int(m.group(1)), int(m.group(2))] != ex:
+            raise ManifestError(f"manifest field '{where}.tensors' names {name!r}, not a tensor of expert {ex}")
+        if _need(t, "dtype", str, f"{where}.tensors.{name}") not in _DTYPES:
+            raise ManifestError(f"manifest field '{where}.tensors.{name}.dtype' must be one of {_DTYPES}")
+        shape = _need(t, "shape", list, f"{where}.tensors.{name}")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape):
+            raise ManifestError(f"manifest field '{where}.tensors.{name}.shape' must be non-negative integers")
 
 
 @dataclass(frozen=True)
@@ -195,8 +252,33 @@ class Manifest:
         return int(self.data["blobs"][blob_id]["size"])
 
     def key_map(self) -> dict[str, str]:
-        """Blob key (``name`` or ``name[e]``) -> id of the blob holding it."""
-        return {k: bid for bid, b in self.data["blobs"].items() for k in b.get("keys", ())}
+        """Blob key (``name`` or ``name[e]``; a derived blob's tensor names) -> id of the blob holding it."""
+        out = {k: bid for bid, b in self.data["blobs"].items() for k in b.get("keys", ())}
+        out.update({k: bid for bid, b in self.data["blobs"].items() if "derived" in b for k in b["tensors"]})
+        return out
+
+    def derived_tensors(self) -> dict[str, dict[str, Any]]:
+        """Every derived blob's tensors: name -> {"dtype", "shape"} (empty for a model imported from source)."""
+        return {n: t for b in self.data["blobs"].values() if "derived" in b for n, t in b["tensors"].items()}
+
+    @property
+    def experts_format(self) -> dict[str, Any] | None:
+        """``{"format", "group_size", "derived_from"}`` for a quantized model, else None (source layout)."""
+        ef = self.data.get("experts_format")
+        return dict(ef) if ef is not None else None
+
+    def experts_format_name(self) -> str:
+        """How the routed experts are stored: ``q8`` / ``q4`` (quantized by ekmesh), else the checkpoint's own
+        quantization method (``fp8``, ``mxfp4``) or dtype (``bfloat16``...)."""
+        if self.experts_format is not None:
+            return str(self.experts_format["format"])
+        q = self.data.get("quantization")
+        if isinstance(q, dict) and q.get("quant_method"):
+            return str(q["quant_method"])
+        return str(self.data.get("dtype") or "unknown")
+
+    def is_derived(self, blob_id: str) -> bool:
+        return "derived" in self.data["blobs"].get(blob_id, {})
 
     def default_alias(self) -> str:
         src = self.data["source"]

@@ -1,11 +1,12 @@
 """A model in the store as a tensor source: the loader reads blobs exactly as it reads a directory.
 
 Role: ``StoreTensors`` satisfies infer's ``TensorSource`` protocol structurally (shard does not import infer).
-``has`` / ``shape`` come from the manifest's tensor table (no blob opened); ``read(name, index)`` opens only the blob
-holding that key (``name[e]`` for a row of a fused tensor, else ``name``), so loading the dense part opens only
-dense blobs and loading (layer, expert) opens only that expert's blob. ``open_store_model`` resolves a model id or
-alias and copies the verified config / tokenizer blobs into a private temporary directory (removed with the
-source); the wiring layer (``ekmesh.registry``) turns the result into a ``Checkpoint``.
+``has`` / ``shape`` come from the manifest's tensor tables (source tensors, and a quantized model's derived expert
+tensors; no blob opened); ``read(name, index)`` opens only the blob holding that key (``name[e]`` for a row of a
+fused tensor, else ``name``), so loading the dense part opens only dense blobs and loading (layer, expert) opens
+only that expert's blob. ``open_store_model`` resolves a model id or alias and copies the verified config /
+tokenizer blobs into a private temporary directory (removed with the source); the wiring layer (``ekmesh.registry``)
+turns the result into a ``Checkpoint``.
 
 Invariants: every blob is verified (``Store.verify``: hashed once, then trusted while its stat is unchanged)
 before safetensors opens it; a blob absent from the store (partial import) raises ``ShardMissingError`` naming it;
@@ -35,7 +36,8 @@ class StoreTensors:
     def __init__(self, store: Store, manifest: Manifest) -> None:
         self.store = store
         self.manifest = manifest
-        self._tensors: dict[str, Any] = manifest.data["tensors"]
+        # source tensors, and a quantized model's derived expert tensors (``experts.<layer>.<e>...``)
+        self._tensors: dict[str, Any] = {**manifest.data["tensors"], **manifest.derived_tensors()}
         self._where = manifest.key_map()
         self._handles: dict[str, Any] = {}
         self.opened: list[str] = []

@@ -63,8 +63,10 @@ def claim_line(claim: dict[str, Any]) -> Text:
 
 def serving_line(serving: dict[str, Any], names: dict[str, str]) -> Text:
     """What this node serves: experts loaded on its device, attention host state, API, data-plane peers used."""
-    text = Text.assemble(("serving  ", "bold"), f"{serving.get('loaded_experts', 0)} experts loaded on "
-                         f"{serving.get('device')} ({serving.get('dtype')})")
+    held = f"{serving.get('loaded_experts', 0)} experts"
+    if serving.get("experts_format"):  # a node that knows its model: the experts' format and bytes on the device
+        held += f" ({serving['experts_format']}, {human_bytes(int(serving.get('loaded_bytes') or 0))})"
+    text = Text.assemble(("serving  ", "bold"), f"{held} loaded on {serving.get('device')} ({serving.get('dtype')})")
     if serving.get("attention"):
         ready = serving.get("ready")
         text.append(" · attention host: ")

@@ -127,3 +127,127 @@ def test_remote_experts_on_cuda_equal_local(tmp_path):
         finally:
             for s in servers.values():
                 s.stop()
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_quantized_kernels_on_cuda_match_the_reference_path(fmt):
+    """q4 through tinygemm (``torch._weight_int4pack_mm``), q8 through ``torch._weight_int8pack_mm`` where it runs
+    on CUDA (else the dequant path): within the bf16 tolerance of test_qtensor of fp32 dequantize + F.linear."""
+    import torch.nn.functional as F
+
+    from ekmesh.infer.qtensor import pack, qlinear, quantize
+
+    g = torch.Generator().manual_seed(0)
+    for o, i in [(1536, 2048), (2048, 768), (64, 64), (64, 32), (2880, 2880)]:
+        qt = quantize(torch.randn(o, i, generator=g) * 0.02, fmt)
+        pw = pack(qt, "cuda", torch.bfloat16)
+        if fmt == "q4":
+            assert pw.kernel == "cuda_int4", (o, i, pw.kernel)
+        for n in (1, 17):
+            x = torch.randn(n, i, generator=g)
+            bias = torch.randn(o, generator=g) * 0.01
+            ref = F.linear(x, qt.dequantize(), bias)
+            got = qlinear(x.cuda().bfloat16(), pw, bias.cuda().bfloat16()).float().cpu()
+            rel = ((got - ref).abs().max() / ref.abs().max()).item()
+            print(f"{fmt} {pw.kernel} [{o}, {i}] N={n}: max |kernel - ref| / max |ref| = {rel:.2e}")
+            assert rel <= 1.5e-2, (o, i, n, rel)
+
+
+def _quantized_backends(ckpt, fmt, device, dtype):
+    """The checkpoint's experts quantized to ``fmt`` on ``device``, and a CPU fp32 backend of their dequantized
+    weights (the reference)."""
+    from ekmesh.infer.experts import ExpertWeights, quantize_expert
+
+    spec = ckpt.config.expert_spec()
+    qb, ref = LocalExperts(spec, device, dtype), LocalExperts(spec)
+    for layer, e in ckpt.expert_addresses():
+        q = quantize_expert(ckpt.family.read_expert(ckpt.reader, ckpt.config, layer, e), fmt)
+        qb.add(layer, e, q)
+        ref.add(layer, e, ExpertWeights(q.gate_up.dequantize(), q.down.dequantize(), q.gate_up_bias, q.down_bias))
+    return qb, ref
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_quantized_experts_on_cuda_equal_dequantized_cpu(fmt, tmp_path):
+    path = _build("qwen3_moe", tmp_path / "q")
+    ckpt = Checkpoint.open(path)
+    gpu, cpu = _quantized_backends(ckpt, fmt, "cuda", torch.bfloat16)
+    layer = ckpt.expert_addresses()[0][0]
+    g = torch.Generator().manual_seed(0)
+    for t in (1, 13):  # decode and prefill: both through the per-expert loop on CUDA
+        x = torch.randn(t, ckpt.config.expert_spec().hidden, generator=g)
+        ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(t)])
+        w = torch.rand(t, 2, generator=g)
+        want = cpu(layer, x, ids, w)
+        got = gpu(layer, x.cuda().bfloat16(), ids.cuda(), w.cuda()).float().cpu()
+        rel = ((got - want).abs().max() / want.abs().max()).item()
+        print(f"{fmt} T={t}: max |cuda - dequantized cpu| / max = {rel:.2e}")
+        assert rel <= 3e-2, rel
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_quantized_graph_decode_equals_eager(fmt, tmp_path):
+    """CUDA-graph decode over quantized experts (``_gathered_q``: packed weights gathered on the device) against
+    eager decode (``_grouped_loop_q``), teacher-forced, bf16."""
+    path = _build("qwen3_moe", tmp_path / "q")
+    ckpt, model, _ = load_all(path, "cuda", torch.bfloat16)
+    experts, _ = _quantized_backends(ckpt, fmt, "cuda", torch.bfloat16)
+    eager = Generator(model, experts, cuda_graphs=False)
+    graph = Generator(model, experts)
+    assert graph.cuda_graphs
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    tokens = eager.generate(prompt, SamplingParams(max_tokens=20, stop_ids=frozenset())).token_ids
+    runner = graph._graph_for(len(prompt) + len(tokens))
+    cache = model.new_cache()
+    agree, worst = 0, 0.0
+    with torch.inference_mode():
+        ref = model(torch.tensor([prompt], device="cuda"), cache, experts, last_only=True)[0, -1]
+        got = runner.prefill(prompt)
+        for t in tokens:
+            assert torch.isfinite(got).all()
+            agree += int(got.argmax() == ref.argmax())
+            worst = max(worst, ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item())
+            ref = model(torch.tensor([[t]], device="cuda"), cache, experts, last_only=True)[0, -1]
+            got = runner.step(t)
+    assert runner.graph is not None
+    # bf16: fused kernels round differently and a random tiny router can flip a near-tie (as for float experts),
+    # so only most steps must agree on the top token; the exact check of the captured expert path is below
+    print(f"{fmt}: graph vs eager top-1 agreement {agree}/{len(tokens)}, max relative logit diff {worst:.3g}")
+    assert agree >= 0.8 * len(tokens), (agree, worst)
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_quantized_experts_replay_in_a_cuda_graph(fmt, tmp_path):
+    """One MoE layer of quantized experts captured in graph mode (``_gathered_q``), replayed with new tokens,
+    routing and weights: each replay gives what an eager call (``_grouped_loop_q``) gives."""
+    path = _build("qwen3_moe", tmp_path / "q")
+    ckpt = Checkpoint.open(path)
+    experts, _ = _quantized_backends(ckpt, fmt, "cuda", torch.bfloat16)
+    layer, d, k = ckpt.expert_addresses()[0][0], ckpt.config.expert_spec().hidden, 2
+    x = torch.zeros(1, d, device="cuda", dtype=torch.bfloat16)
+    ids = torch.zeros(1, k, device="cuda", dtype=torch.long)
+    w = torch.zeros(1, k, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    experts.graph_mode = True
+    try:
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                experts(layer, x, ids, w)  # warm-up
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph):
+                out = experts(layer, x, ids, w)
+    finally:
+        experts.graph_mode = False
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x.copy_(torch.randn(1, d, generator=g))
+        ids.copy_(torch.randperm(8, generator=g)[:k][None])
+        w.copy_(torch.rand(1, k, generator=g))
+        graph.replay()
+        with torch.inference_mode():
+            want = experts(layer, x, ids, w)
+        diff = (out.float() - want.float()).abs().max().item()
+        print(f"{fmt} ids {ids.tolist()}: max |replay - eager| = {diff:.3g}")
+        assert diff <= 1e-3 * want.float().abs().max().item(), diff

@@ -46,12 +46,12 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def make_tiny_deepseek(case: str, directory: Path, seed: int = 0) -> tuple[Path, Any]:
+def make_tiny_deepseek(case: str, directory: Path, seed: int = 0, **overrides: Any) -> tuple[Path, Any]:
     """Saves a seeded random transformers model (per-expert names) and returns (dir, model in eval mode)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, over = CASES[case]
-    cfg = AutoConfig.for_model(model_type, **{**COMMON, **_MLA, **over})
+    cfg = AutoConfig.for_model(model_type, **{**COMMON, **_MLA, **over, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():

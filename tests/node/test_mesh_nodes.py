@@ -5,7 +5,9 @@ and two expert holders (R = 1, identities seeded so the placement is the same ev
 imported into one holder's home only; the other gets the manifest and its blobs from it, the attention host the
 dense blobs. The test checks from the host's status that every MoE layer has experts on both holders and that the
 host loaded none, then asks the host's API for greedy tokens (prompt as token ids) and compares them with one
-process over the same checkpoint; afterwards the host must have made round trips to both holders.
+process over the same checkpoint; afterwards the host must have made round trips to both holders. The same for a
+q8 and a q4 model of every family (``import --quantize`` on node 0, slightly wider tiny models so q4's groups divide
+their dimensions): the mesh answers as one process on that quantized model.
 
 Faults: four nodes (host + three holders, R = 2); a long streamed generation; after some tokens the holder the host
 used most is SIGKILLed; the generation completes with exactly the tokens of the run without a fault.
@@ -35,6 +37,16 @@ BUILDERS: dict[str, Callable[[Path], Any]] = {
     "deepseek_v3": functools.partial(make_tiny_deepseek, "v3_noaux_tc"),
     "gpt_oss": make_tiny_gpt_oss,
 }
+# the same families with dimensions q4's groups (32..256) divide: hidden 64, expert intermediate 32 or 64
+QUANT_BUILDERS: dict[str, Callable[[Path], Any]] = {
+    **{arch: functools.partial(make_tiny, arch, hidden_size=64, moe_intermediate_size=32)
+       for arch in ("qwen3_moe", "qwen2_moe")},
+    **{arch: functools.partial(make_tiny, arch, hidden_size=64, intermediate_size=64) for arch in ("mixtral", "olmoe")},
+    "deepseek_v2": functools.partial(make_tiny_deepseek, "v2_group_limited_no_q_lora", hidden_size=64,
+                                     moe_intermediate_size=32),
+    "deepseek_v3": functools.partial(make_tiny_deepseek, "v3_noaux_tc", hidden_size=64, moe_intermediate_size=32),
+    "gpt_oss": make_tiny_gpt_oss,
+}
 HOST = ["--no-experts"]
 HOLDER = ["--no-attention"]
 
@@ -46,12 +58,27 @@ def _import(src: Path, home: Path) -> str:
     return import_full(str(src), store=Store(home / "store")).model_id
 
 
-def _one_process(src: Path, prompt: list[int], n: int) -> list[int]:
-    from ekmesh.infer.generate import SamplingParams
-    from ekmesh.infer.session import LocalModel
+def _one_process(src: Path) -> Callable[[list[int], int], list[int]]:
+    """Greedy tokens of the checkpoint directory ``src`` in one process."""
+    def generate(prompt: list[int], n: int) -> list[int]:
+        from ekmesh.infer.generate import SamplingParams
+        from ekmesh.infer.session import LocalModel
 
-    lm = LocalModel.open(src, "cpu", "fp32")
-    return lm.generator.generate(prompt, SamplingParams(max_tokens=n, stop_ids=frozenset())).token_ids
+        lm = LocalModel.open(src, "cpu", "fp32")
+        return lm.generator.generate(prompt, SamplingParams(max_tokens=n, stop_ids=frozenset())).token_ids
+    return generate
+
+
+def _one_process_stored(model_id: str, store: Any) -> Callable[[list[int], int], list[int]]:
+    """Greedy tokens of a stored model (e.g. a quantized one) in one process."""
+    def generate(prompt: list[int], n: int) -> list[int]:
+        from ekmesh.infer.generate import SamplingParams
+        from ekmesh.infer.session import LocalModel
+        from ekmesh.registry.lookup import open_checkpoint
+
+        lm = LocalModel.open(open_checkpoint(model_id, store), "cpu", "fp32")
+        return lm.generator.generate(prompt, SamplingParams(max_tokens=n, stop_ids=frozenset())).token_ids
+    return generate
 
 
 @pytest.mark.slow
@@ -61,12 +88,34 @@ def test_three_nodes_equal_one_process(arch: str, tmp_path: Path) -> None:
     src = tmp_path / "ckpt"
     BUILDERS[arch](src)
     model_id = _import(src, tmp_path / "n0")
+    _three_nodes_equal_one_process(arch, tmp_path, model_id, _one_process(src))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_three_nodes_equal_one_process_quantized(arch: str, fmt: str, tmp_path: Path) -> None:
+    """The same through a quantized model (its experts q8 / q4 on every node): the mesh answers as one process
+    on that quantized model."""
+    from ekmesh.registry.quantize import import_quantized
+    from ekmesh.shard.store import Store
+
+    src = tmp_path / "ckpt"
+    QUANT_BUILDERS[arch](src)
+    store = Store(tmp_path / "n0" / "store")
+    model_id = import_quantized(_import(src, tmp_path / "n0"), fmt, store=store).model_id
+    _three_nodes_equal_one_process(arch, tmp_path, model_id, _one_process_stored(model_id, store))
+
+
+def _three_nodes_equal_one_process(arch: str, tmp_path: Path, model_id: str,
+                                   reference: Callable[[list[int], int], list[int]]) -> None:
     from ekmesh.shard.store import Store
     m = Store(tmp_path / "n0" / "store").load_manifest(model_id)
     moe_layers = sorted({layer for layer, _ in m.expert_ids()})
     vocab = m.data["config"]["vocab_size"]
     prompt = random_prompt(vocab)
-    expected = _one_process(src, prompt, 24)
+    expected = reference(prompt, 24)
     assert len(set(expected)) > 2, f"{arch}: a constant generation would not test much"
 
     # node 0 (its home has the import) starts first and the others bootstrap from it; node 1 hosts attention.
@@ -120,7 +169,7 @@ def test_sigkill_a_holder_mid_generation(tmp_path: Path) -> None:
     model_id = _import(src, tmp_path / "n0")
     prompt = random_prompt(96)
     n = 400
-    expected = _one_process(src, prompt, n)
+    expected = _one_process(src)(prompt, n)
     roles = [HOLDER, HOLDER, HOLDER, HOST]
     with ServingMesh(tmp_path, model_id, roles, extra=["--replicas", "2"]) as mesh:
         host = mesh.nodes[3]

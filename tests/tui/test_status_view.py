@@ -101,6 +101,8 @@ def test_serving_line():
     snap["serving"] = {**snap["serving"], "attention": False, "peers": {}, "api_url": None}
     assert "serving 5 experts loaded on cpu (float32) · no attention (--no-attention)" in " ".join(
         render(snap, width=400).split())
+    snap["serving"] = {**snap["serving"], "experts_format": "q4", "loaded_bytes": 3 << 20}
+    assert "serving 5 experts (q4, 3.0 MiB) loaded on cpu (float32)" in " ".join(render(snap, width=400).split())
     snap["serving"] = {**snap["serving"], "attention": True, "ready": False, "state": "loading the dense part",
                        "missing_experts": 3}
     assert "attention host: loading the dense part · 3 experts have no live holder" in " ".join(

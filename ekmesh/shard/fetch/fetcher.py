@@ -107,6 +107,9 @@ def source_fallback(store: Store, manifest: Manifest, source: Source | None = No
         info = manifest.data["blobs"].get(blob_id)
         if info is None:
             raise ShardMissingError(f"blob {blob_id}", f"not part of model {manifest.id}")
+        if "derived" in info:
+            raise ShardMissingError(f"blob {blob_id}", f"a quantized expert of model {manifest.id}: no source has "
+                                    "it, only peers that hold it (or `ekmesh import` its parent with --quantize)")
         with lock:
             if not opened:
                 opened.append(source_of(manifest))

@@ -1,0 +1,136 @@
+"""``import --quantize``: a stored model's experts quantized into a derived model, on real stores and checkpoints.
+
+The parent is a tiny random Qwen3-MoE imported from a ``save_pretrained`` directory (and, through the CLI, the
+built-in model from the package's read-only store). Checked: the derived manifest (format, provenance, shared dense
+blobs, quantized sizes), that loading keeps experts quantized and equal to quantizing the parent's experts, that the
+same parent gives the same model id, that an interrupted import resumes, and the refusals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ekmesh.core.errors import ConfigError, ManifestError
+from ekmesh.infer.experts import quantize_expert
+from ekmesh.infer.qtensor import QuantizedTensor
+from ekmesh.registry.imports import import_full
+from ekmesh.registry.lookup import open_checkpoint
+from ekmesh.registry.quantize import import_quantized
+from ekmesh.shard.manifest import Manifest
+from ekmesh.shard.store import Store
+from tests.tiny_models import make_tiny
+
+REPO = Path(__file__).resolve().parents[2]
+QUANT_DIMS = dict(hidden_size=64, moe_intermediate_size=32)  # q4 groups (32..256) must divide the input dims
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("quant")
+    make_tiny("qwen3_moe", root / "ckpt", **QUANT_DIMS)
+    store = Store(root / "store")
+    return root, import_full(str(root / "ckpt"), alias="tiny", store=store).model_id
+
+
+@pytest.mark.parametrize("fmt,ratio", [("q8", 0.30), ("q4", 0.20)])
+def test_derived_model_shares_the_dense_part_and_stores_experts_quantized(parent, fmt, ratio) -> None:
+    root, parent_id = parent
+    store = Store(root / "store")
+    res = import_quantized("tiny", fmt, store=store)
+    assert (res.alias, res.format, res.experts_present, res.experts_total) == (f"tiny-{fmt}", fmt, 16, 16)
+    m, p = store.load_manifest(res.model_id), store.load_manifest(parent_id)
+    assert m.experts_format == {"format": fmt, "group_size": None, "derived_from": parent_id}
+    assert m.dense_ids() == p.dense_ids() and m.file_ids() == p.file_ids() and m.data["config"] == p.data["config"]
+    assert all(m.is_derived(b) for b in m.expert_ids().values())
+    # fp32 parent: q8 is ~1/4 of its expert bytes (+ a scale per row), q4 ~1/8 (+ scale and zero per group);
+    # at these tiny sizes the safetensors headers (a few hundred bytes per blob) add a few percent
+    got = m.data["sizes"]["experts"] / p.data["sizes"]["experts"]
+    print(f"{fmt}: expert bytes {m.data['sizes']['experts']} / fp32 {p.data['sizes']['experts']} = {got:.3f}")
+    assert got < ratio
+    # loading keeps the experts quantized, exactly as quantizing the parent's experts gives them
+    ck, pk = open_checkpoint(res.model_id, store), open_checkpoint(parent_id, store)
+    for layer, e in ck.expert_addresses()[:3]:
+        w, ref = ck.read_expert(layer, e), quantize_expert(pk.read_expert(layer, e), fmt)
+        for got_t, want_t in ((w.gate_up, ref.gate_up), (w.down, ref.down)):
+            assert isinstance(got_t, QuantizedTensor) and got_t.fmt == fmt
+            assert torch.equal(got_t.dequantize(), want_t.dequantize())
+
+
+def test_same_parent_same_model_id_and_resume(parent, tmp_path) -> None:
+    root, parent_id = parent
+    first = import_quantized(parent_id, "q4", store=Store(root / "store"))
+
+    class StopError(Exception):
+        pass
+
+    class StopAfter:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def start(self, total_bytes: int, blobs: int) -> None:
+            pass
+
+        def advance(self, nbytes: int) -> None:
+            self.n -= 1
+            if self.n == 0:
+                raise StopError
+
+    other = Store(tmp_path / "other")
+    import_full(str(root / "ckpt"), alias="tiny", store=other)
+    with pytest.raises(StopError):
+        import_quantized("tiny", "q4", store=other, progress=StopAfter(5))
+    again = import_quantized("tiny", "q4", store=other)
+    assert (again.stored, again.skipped) == (11, 5)  # the five stored before the interruption were kept
+    assert again.model_id == first.model_id  # deterministic: the same parent gives the same model everywhere
+
+
+def test_refusals(parent) -> None:
+    root, _ = parent
+    store = Store(root / "store")
+    with pytest.raises(ConfigError, match="the formats are q8, q4"):
+        import_quantized("tiny", "q3", store=store)
+    with pytest.raises(ConfigError, match=r"--group-size 48: q4 takes one of \(32, 64, 128, 256\)"):
+        import_quantized("tiny", "q4", 48, store=store)
+    with pytest.raises(ConfigError, match=r"down: q4 group size 64 is not one of .* dividing I = 32"):
+        import_quantized("tiny", "q4", 64, store=store)  # down's input dimension is 32
+    q8 = import_quantized("tiny", "q8", store=store)
+    with pytest.raises(ConfigError, match="already quantized"):
+        import_quantized(q8.alias, "q4", store=store)
+    # a derived blob whose format disagrees with its manifest's is refused by the manifest's own check
+    data = json.loads(store.load_manifest(q8.model_id).bytes())
+    bid = data["experts"][0][0]
+    data["blobs"][bid]["derived"]["format"] = "q4"
+    with pytest.raises(ManifestError, match=r"experts\[0\]\[0\]' names a blob derived for expert \[0, 0\] in q4"):
+        Manifest.build(data)
+
+
+def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EKMESH_HOME": str(home), "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "ekmesh.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cli_quantizes_the_builtin_model_offline(tmp_path) -> None:
+    home = tmp_path / "home"
+    r = _cli(home, "import", "builtin", "--quantize", "q4", "--alias", "builtin-q4", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["alias"] == "builtin-q4" and out["format"] == "q4" and out["model_id"].startswith("blake3:")
+    rows = json.loads(_cli(home, "models", "--json").stdout)
+    row = next(x for x in rows if "builtin-q4" in x["aliases"])
+    assert row["format"] == "q4" and row["experts_present"] == row["experts_total"] == 96
+    gen = _cli(home, "generate", "builtin-q4", "--prompt", "Genesis 1", "--chat", "--max-tokens", "12", "--json")
+    assert gen.returncode == 0, gen.stderr
+    assert len(json.loads(gen.stdout)["token_ids"]) == 12
+    bad = _cli(home, "import", "builtin", "--quantize", "q4", "--group-size", "256")
+    assert bad.returncode == 1 and "ekmesh: error: gate_up: q4 group size 256 is not one of" in bad.stderr
+    assert "dividing I = 384" in bad.stderr, bad.stderr
