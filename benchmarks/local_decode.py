@@ -32,7 +32,8 @@ import time
 
 import torch
 
-from ekmesh.infer.experts import ExpertSpec, ExpertWeights, LocalExperts, expert_forward, quantize_expert
+from ekmesh.infer.expert import ExpertSpec, ExpertWeights, expert_forward, quantize_expert
+from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.generate import Generator, SamplingParams, pick_device, pick_dtype
 from ekmesh.infer.models import qwen3_moe
 from ekmesh.infer.qtensor import QuantizedTensor

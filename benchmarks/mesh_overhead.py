@@ -119,7 +119,8 @@ def serve_raw(client_fp: str, polled: bool = False) -> None:
 def serve_experts(client_fp: str, shape: str, dtype: torch.dtype) -> None:
     from ekmesh.infer.dataplane.channel import TlsIdentity
     from ekmesh.infer.dataplane.server import ExpertServer
-    from ekmesh.infer.experts import ExpertSpec, ExpertWeights, LocalExperts
+    from ekmesh.infer.expert import ExpertSpec, ExpertWeights
+    from ekmesh.infer.experts import LocalExperts
 
     torch.set_num_threads(1)
     d, inter, experts, _, _ = SHAPES[shape]

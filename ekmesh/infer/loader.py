@@ -30,7 +30,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ekmesh.core.errors import CheckpointError, ConfigError, MissingTensorError, TensorShapeError
-from ekmesh.infer.experts import ExpertSpec, ExpertWeights, LocalExperts, expert_from_tensors
+from ekmesh.infer.expert import ExpertSpec, ExpertWeights, expert_from_tensors
+from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.models import family_for
 from ekmesh.infer.models.common import CausalLM
 from ekmesh.infer.models.family import Family, ModelConfig

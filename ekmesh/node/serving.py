@@ -49,7 +49,8 @@ from ekmesh.infer.dataplane.channel import ChannelPool
 from ekmesh.infer.dataplane.frames import ModelLimits
 from ekmesh.infer.dataplane.remote import RemoteExperts
 from ekmesh.infer.dataplane.server import ExpertServer
-from ekmesh.infer.experts import ExpertWeights, LocalExperts
+from ekmesh.infer.expert import ExpertWeights
+from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.generate import Generator, pick_device, pick_dtype
 from ekmesh.infer.loader import Checkpoint, load_dense
 from ekmesh.infer.tokenizer import Tokenizer, eos_ids_in

@@ -23,7 +23,7 @@ import blake3
 from safetensors.torch import save
 
 from ekmesh.core.errors import ConfigError, ShardMissingError
-from ekmesh.infer.experts import expert_tensors, quantize_expert
+from ekmesh.infer.expert import expert_tensors, quantize_expert
 from ekmesh.infer.loader import Checkpoint
 from ekmesh.infer.qtensor import Q4_GROUP_SIZES, QFORMATS, expert_prefix
 from ekmesh.shard.derive import DerivedExpert, copy_blobs, derived_manifest, tensor_table

@@ -156,7 +156,7 @@ def test_quantized_kernels_on_cuda_match_the_reference_path(fmt):
 def _quantized_backends(ckpt, fmt, device, dtype):
     """The checkpoint's experts quantized to ``fmt`` on ``device``, and a CPU fp32 backend of their dequantized
     weights (the reference)."""
-    from ekmesh.infer.experts import ExpertWeights, quantize_expert
+    from ekmesh.infer.expert import ExpertWeights, quantize_expert
 
     spec = ckpt.config.expert_spec()
     qb, ref = LocalExperts(spec, device, dtype), LocalExperts(spec)

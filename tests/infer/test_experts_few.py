@@ -7,7 +7,8 @@ import torch
 
 from ekmesh.core.errors import ExpertNotLoadedError
 from ekmesh.infer import experts as experts_mod
-from ekmesh.infer.experts import ExpertSpec, ExpertWeights, LocalExperts
+from ekmesh.infer.expert import ExpertSpec, ExpertWeights
+from ekmesh.infer.experts import LocalExperts
 
 
 def _backend(spec: ExpertSpec, held: list[int]) -> LocalExperts:

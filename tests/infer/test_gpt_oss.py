@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from ekmesh.core.errors import TensorShapeError
-from ekmesh.infer.experts import ExpertSpec, expert_activation
+from ekmesh.infer.expert import ExpertSpec, expert_activation
 from ekmesh.infer.loader import Checkpoint, load_dense
 from ekmesh.infer.models import family_for, gpt_oss
 from tests.tiny_models import check_matches_transformers, random_prompt

@@ -17,7 +17,8 @@ from ekmesh.core.errors import (
     TensorShapeError,
     UnsupportedArchitectureError,
 )
-from ekmesh.infer.experts import LocalExperts, expert_forward
+from ekmesh.infer.expert import expert_forward
+from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.generate import Generator
 from ekmesh.infer.loader import Checkpoint, load_all, load_dense, load_experts
 from tests.tiny_models import make_tiny

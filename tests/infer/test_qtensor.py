@@ -16,15 +16,15 @@ from safetensors.torch import load_file, save_file
 
 from ekmesh.core.errors import CheckpointError, ConfigError, ExpertNotLoadedError, MissingTensorError, TensorShapeError
 from ekmesh.infer import experts as experts_mod
-from ekmesh.infer.experts import (
+from ekmesh.infer.expert import (
     ExpertSpec,
     ExpertWeights,
-    LocalExperts,
     expert_forward,
     expert_from_tensors,
     expert_tensors,
     quantize_expert,
 )
+from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.qtensor import (
     Q4_GROUP_SIZES,
     QFORMATS,

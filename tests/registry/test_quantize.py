@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ekmesh.core.errors import ConfigError, ManifestError
-from ekmesh.infer.experts import quantize_expert
+from ekmesh.infer.expert import quantize_expert
 from ekmesh.infer.qtensor import QuantizedTensor
 from ekmesh.registry.imports import import_full
 from ekmesh.registry.lookup import open_checkpoint

@@ -45,7 +45,8 @@ from ekmesh.infer.dataplane.frames import (
     encode_request,
 )
 from ekmesh.infer.dataplane.poll import Registration, Waits
-from ekmesh.infer.experts import ExpertWeights, LocalExperts
+from ekmesh.infer.expert import ExpertWeights
+from ekmesh.infer.experts import LocalExperts
 
 log = logging.getLogger(__name__)
 

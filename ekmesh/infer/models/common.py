@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ekmesh.core.errors import ConfigError
-from ekmesh.infer.experts import ExpertsBackend, ExpertSpec
+from ekmesh.infer.expert import ExpertSpec
+from ekmesh.infer.experts import ExpertsBackend
 from ekmesh.infer.fusion import fusable
 
 # ---------------------------------------------------------------------------------------------------- config

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ekmesh.core.errors import ConfigError
-from ekmesh.infer.experts import ExpertSpec, ExpertWeights
+from ekmesh.infer.expert import ExpertSpec, ExpertWeights
 from ekmesh.infer.models.common import (
     CausalLM,
     DecoderLayer,

@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from ekmesh.infer.experts import ExpertSpec, ExpertWeights
+from ekmesh.infer.expert import ExpertSpec, ExpertWeights
 from ekmesh.infer.models.common import CausalLM
 
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ekmesh.core.errors import ConfigError, MissingTensorError, TensorShapeError
-from ekmesh.infer.experts import ExpertSpec, ExpertWeights
+from ekmesh.infer.expert import ExpertSpec, ExpertWeights
 from ekmesh.infer.models.common import (
     Attention,
     AttentionSpec,

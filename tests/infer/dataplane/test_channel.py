@@ -13,7 +13,8 @@ from ekmesh.core.errors import PeerClosedError, PeerIdentityError, PeerUnreachab
 from ekmesh.infer.dataplane.channel import ChannelPool, TlsIdentity
 from ekmesh.infer.dataplane.frames import Kind, ModelLimits, encode_request
 from ekmesh.infer.dataplane.server import ExpertServer
-from ekmesh.infer.experts import ExpertSpec, ExpertWeights, LocalExperts
+from ekmesh.infer.expert import ExpertSpec, ExpertWeights
+from ekmesh.infer.experts import LocalExperts
 
 MODEL = ModelLimits(num_layers=2, num_experts=4, hidden=16, moe_layers=(False, True))
 

@@ -10,7 +10,8 @@ from ekmesh.infer.dataplane.channel import ChannelPool, TlsIdentity
 from ekmesh.infer.dataplane.frames import ModelLimits
 from ekmesh.infer.dataplane.remote import RemoteExperts
 from ekmesh.infer.dataplane.server import ExpertServer
-from ekmesh.infer.experts import ExpertSpec, ExpertWeights, LocalExperts
+from ekmesh.infer.expert import ExpertSpec, ExpertWeights
+from ekmesh.infer.experts import LocalExperts
 
 E, D, INTER = 8, 32, 16
 MODEL = ModelLimits(num_layers=2, num_experts=E, hidden=D, moe_layers=(True, True))
