@@ -7,7 +7,10 @@ subprocesses:
 1. a full import from the hub, and one from the directory: peak RSS of each (the child's VmHWM), next to
    the checkpoint size, its largest tensor, and the RSS of a child that only imports the same modules;
 2. the manifest copied into a fresh store, then ``ekmesh import REPO --experts 0.25``: the bytes the server sent,
-   divided by the bytes of the dense part (+ config / tokenizer files) and the chosen experts.
+   divided by the bytes of the dense part (+ config / tokenizer files) and the chosen experts;
+3. ``ekmesh import MODEL_ID --quantize q4`` on the store of step 1: peak RSS of quantizing every expert (it holds
+   one expert at a time, so it should not grow with the checkpoint: run two sizes, e.g. ``--layers 4`` and
+   ``--layers 16``, and compare).
 
     python benchmarks/partial_import.py                 # ~0.9 GB checkpoint
     python benchmarks/partial_import.py --experts 32 --layers 4   # smaller
@@ -166,6 +169,13 @@ def main() -> None:
                   f"(all experts {all_experts / 2**20:.2f} MiB)")
             print(f"  ratio bytes fetched / (dense + chosen experts) = {hub.file_bytes / (dense + experts):.4f}")
             print(f"  fraction of a full download: {hub.file_bytes / (dense + all_experts):.3f}")
+
+            out, dt, rss_q = peak_child(["ekmesh.cli", "import", mid, "--quantize", "q4", "--json"],
+                                        {**env, "EKMESH_HOME": str(root / "a")})
+            q = json.loads(out)
+            print(f"import --quantize q4 of the stored model: {dt:.1f} s, peak RSS {rss_q / 2**20:.0f} MiB "
+                  f"(+{(rss_q - base) / 2**20:.0f} MiB over baseline; checkpoint {total / 2**20:.0f} MiB), "
+                  f"q4 model {q['bytes'] / 2**20:.1f} MiB")
     finally:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)

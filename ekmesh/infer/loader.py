@@ -183,7 +183,8 @@ class DirectorySource:
             raise CheckpointError(f"cannot read tensor {name!r}: {exc}") from exc
 
 
-def _family_config(hf: dict[str, Any], where: str) -> tuple[Family[Any], ModelConfig]:
+def family_config(hf: dict[str, Any], where: str) -> tuple[Family[Any], ModelConfig]:
+    """The family of a config.json dict and its parsed config; ``ConfigError`` naming ``where`` if it is invalid."""
     fam = family_for(hf)
     try:
         return fam, fam.Config.from_hf_config(hf)
@@ -232,14 +233,14 @@ class Checkpoint:
         if not p.is_dir():
             raise CheckpointError(f"{p} is not a checkpoint directory")
         hf = read_json(p / "config.json")
-        fam, cfg = _family_config(hf, str(p / "config.json"))
+        fam, cfg = family_config(hf, str(p / "config.json"))
         return cls(p, hf, fam, cfg, CheckpointReader(DirectorySource(p), hf.get("quantization_config")))
 
     @classmethod
     def from_source(cls, files_dir: Path, hf: dict[str, Any], source: TensorSource,
                     label: str = "", experts_format: dict[str, Any] | None = None) -> Checkpoint:
         """A checkpoint from its HF config and any tensor source (e.g. the registry's store)."""
-        fam, cfg = _family_config(hf, label or str(files_dir / "config.json"))
+        fam, cfg = family_config(hf, label or str(files_dir / "config.json"))
         return cls(files_dir, hf, fam, cfg, CheckpointReader(source, hf.get("quantization_config")), label,
                    experts_format)
 

@@ -98,6 +98,7 @@ class Serving:
         self.bind_host, self.advertise_host = "127.0.0.1", "127.0.0.1"
         self.manifest: Manifest | None = None
         self.checkpoint: Checkpoint | None = None
+        self._tensors: StoreTensors | None = None  # the checkpoint's tensor source (the store's blobs)
         self.local: LocalExperts | None = None
         self.limits: ModelLimits | None = None
         self.server: ExpertServer | None = None
@@ -123,8 +124,9 @@ class Serving:
     def prepare(self, m: Manifest) -> bool:
         """The manifest is known: the experts' reader, the device backend and the expert server. Returns whether
         this node hosts attention (decided here when ``attention`` was left automatic)."""
-        self.checkpoint = Checkpoint.from_source(self._files_dir, m.data["config"], StoreTensors(self.store, m),
-                                                 m.id, m.experts_format)
+        self._tensors = StoreTensors(self.store, m)
+        self.checkpoint = Checkpoint.from_source(self._files_dir, m.data["config"], self._tensors, m.id,
+                                                 m.experts_format)
         cfg = self.checkpoint.config
         self.local = LocalExperts(cfg.expert_spec(), self.device, self.dtype)
         self.limits = ModelLimits.from_config(cfg)
@@ -179,6 +181,9 @@ class Serving:
                 log.warning("could not load expert (layer=%d, expert=%d): %s", layer, e, exc)
                 continue
             done.add((layer, e))
+        with self._read_lock:  # the loaded copies are on the device: unmap the blobs (their pages leave the RSS)
+            if self._tensors is not None:
+                self._tensors.release()
         log.info("loaded %d experts on %s", len(done), self.device)
         return done
 

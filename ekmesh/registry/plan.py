@@ -31,7 +31,7 @@ from typing import Any
 from ekmesh.core.constants import STATUS_PATH
 from ekmesh.core.errors import CheckpointError, ConfigError, ProtocolError, ShardError, ShardMissingError
 from ekmesh.infer import sizes
-from ekmesh.infer.loader import _family_config, read_json
+from ekmesh.infer.loader import family_config, read_json
 from ekmesh.infer.quant import fp8_block_size
 
 DEFAULT_REPLICAS = 2  # as ``ekmesh join --replicas``
@@ -126,7 +126,7 @@ def plan_model(source: ModelConfigSource, quantize: str | None = None,
     if quantize is not None and quantize not in sizes.QUANTIZE:
         raise ConfigError(f"--quantize must be one of {', '.join(sizes.QUANTIZE)}, got {quantize!r}")
     hf = source.hf
-    fam, cfg = _family_config(hf, f"{source.label}: config.json")
+    fam, cfg = family_config(hf, f"{source.label}: config.json")
     own = sizes.checkpoint_format(hf)
     block = fp8_block_size(hf.get("quantization_config")) if own == sizes.FP8 else None
     dense = sizes.dense_sizes(fam, cfg, block, sizes.dtype_bytes(hf))

@@ -68,7 +68,12 @@ def import_quantized(ref: str, fmt: str, group_size: int | None = None, alias: s
         progress.start(sum(parent.size(parent.expert_ids()[a]) for a in todo), len(todo))
     for layer, e in todo:
         prefix = expert_prefix(layer, e)
-        tensors = expert_tensors(quantize_expert(ck.read_expert(layer, e), fmt, group_size), prefix)
+        try:
+            quantized = quantize_expert(ck.read_expert(layer, e), fmt, group_size)
+        except ConfigError as exc:  # name the expert: the quantizer knows only the projection
+            raise ConfigError(f"{prefix} of model {parent.id}: {exc}") from exc
+        sm.tensors.release()  # one expert's blob mapped at a time: memory stays flat in the model's size
+        tensors = expert_tensors(quantized, prefix)
         # one metadata key: safetensors writes several in hash order, and the blob's bytes must not vary
         meta = json.dumps({"format": fmt, "layer": layer, "expert": e}, sort_keys=True, separators=(",", ":"))
         data = save(tensors, metadata={"ekmesh.expert": meta})

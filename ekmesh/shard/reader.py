@@ -66,6 +66,11 @@ class StoreTensors:
             self.opened.append(blob_id)
         return h
 
+    def release(self) -> None:
+        """Closes every blob this reader opened (a whole-model pass, e.g. quantizing every expert, would otherwise
+        keep each blob's mapping, and its pages, until the reader is dropped). Blobs reopen on the next read."""
+        self._handles.clear()
+
     def read(self, name: str, index: int | None) -> torch.Tensor:
         if name not in self._tensors:
             raise MissingTensorError(name)

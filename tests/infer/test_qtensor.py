@@ -299,6 +299,12 @@ def test_quantized_backend_holds_quantized_bytes_and_one_kind() -> None:
     # gate_up's default group is 64 (I = 64), down's 32: packed nibbles + bf16 (scale, zero) per group
     assert qb4.nbytes() == n * ((o1 * i1 + o2 * i2) // 2 + 4 * (o1 * i1 // 64 + o2 * i2 // 32))
     print("bytes: float", fb.nbytes(), "q8", qb8.nbytes(), "q4", qb4.nbytes())
+    # counted the same before a layer's pack is built (added experts still pending) and after a call built it
+    before = [b.nbytes() for b in (fb, qb8, qb4)]
+    x = torch.randn(3, spec.hidden)
+    for b in (fb, qb8, qb4):
+        b(0, x, torch.tensor([[0, 1], [2, 3], [4, 5]]), torch.rand(3, 2))
+    assert [b.nbytes() for b in (fb, qb8, qb4)] == before
     g = torch.Generator().manual_seed(10)
     with pytest.raises(ConfigError, match="holds q8 experts and cannot also hold float"):
         qb8.add(0, 1, _float_expert(spec, g))

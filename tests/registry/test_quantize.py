@@ -98,7 +98,8 @@ def test_refusals(parent) -> None:
         import_quantized("tiny", "q3", store=store)
     with pytest.raises(ConfigError, match=r"--group-size 48: q4 takes one of \(32, 64, 128, 256\)"):
         import_quantized("tiny", "q4", 48, store=store)
-    with pytest.raises(ConfigError, match=r"down: q4 group size 64 is not one of .* dividing I = 32"):
+    down_64 = r"experts\.0\.0 of model .*: down: q4 group size 64 is not one of .* dividing I = 32"
+    with pytest.raises(ConfigError, match=down_64):
         import_quantized("tiny", "q4", 64, store=store)  # down's input dimension is 32
     q8 = import_quantized("tiny", "q8", store=store)
     with pytest.raises(ConfigError, match="already quantized"):
@@ -132,5 +133,6 @@ def test_cli_quantizes_the_builtin_model_offline(tmp_path) -> None:
     assert gen.returncode == 0, gen.stderr
     assert len(json.loads(gen.stdout)["token_ids"]) == 12
     bad = _cli(home, "import", "builtin", "--quantize", "q4", "--group-size", "256")
-    assert bad.returncode == 1 and "ekmesh: error: gate_up: q4 group size 256 is not one of" in bad.stderr
+    assert bad.returncode == 1 and "ekmesh: error: experts.0.0 of model blake3:" in bad.stderr
+    assert "gate_up: q4 group size 256 is not one of" in bad.stderr
     assert "dividing I = 384" in bad.stderr, bad.stderr

@@ -66,6 +66,10 @@ def test_dense_opens_only_dense_blobs_and_an_expert_only_its_blob(sharded: Path)
     ckpt = open_checkpoint(res.model_id)
     load_experts(ckpt, LocalExperts(ckpt.config.expert_spec(), "cpu", torch.float32), [(2, 5)])
     assert ckpt.reader.source.opened == [m.data["experts"][2][5]]
+    # release() unmaps what was opened (a whole-model pass keeps one blob mapped at a time); reads reopen
+    ckpt.reader.source.release()
+    load_experts(ckpt, LocalExperts(ckpt.config.expert_spec(), "cpu", torch.float32), [(2, 5), (2, 6)])
+    assert ckpt.reader.source.opened == [m.data["experts"][2][5]] * 2 + [m.data["experts"][2][6]]
 
 
 @pytest.mark.parametrize("kind", ["dense", "expert", "tokenizer", "truncated"])
