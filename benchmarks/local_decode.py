@@ -19,6 +19,11 @@ the run (exit status 1).
 
     python benchmarks/local_decode.py --shape qwen3-30b-a3b --quantize q8 q4              # CPU
     python benchmarks/local_decode.py --shape qwen3-30b-a3b --quantize q4 --device cuda    # bf16 vs q4 on a GPU
+
+``--quantize ... --whole-model`` times whole decode steps instead: ekmesh's model (dense part in the device's dtype,
+through its CUDA graph on a GPU) with its float experts and with the same experts quantized, ms per token and the
+experts' bytes in memory, in one run; greedy tokens are reported, not required to match (quantization changes
+them). ``--layers`` keeps a 30B-class shape within one GPU's memory next to its quantized copies.
 """
 
 from __future__ import annotations
@@ -234,6 +239,39 @@ def expert_compute(shape: dict, formats: list[str], device: torch.device, dtype:
     }
 
 
+def whole_model(shape: dict, formats: list[str], device: torch.device, dtype: torch.dtype,
+                args: argparse.Namespace) -> dict:
+    """ms per decoded token of ekmesh's model with float experts and with each quantized format (one run)."""
+    _, ours, experts = build_pair(shape, device, dtype, args.seed)
+    spec = experts.spec
+    sides = {"float": experts}
+    for f in formats:
+        q = LocalExperts(spec, device, dtype)
+        for layer, ids in experts.held().items():
+            for e in ids:
+                fw = experts._unpack(layer)[e]  # the float expert's weights (views of the stacked layer)
+                assert isinstance(fw, ExpertWeights)
+                q.add(layer, e, quantize_expert(fw, f))
+        sides[f] = q
+    ids = torch.randint(0, shape["vocab_size"], (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+    ms, tokens = {}, {}
+    for name, be in sides.items():
+        gen = Generator(ours, be)
+
+        def run(n: int, gen: Generator = gen) -> list[int]:
+            return gen.generate(ids, SamplingParams(max_tokens=n, stop_ids=frozenset())).token_ids
+        ms[name] = round(per_token(run, args.tokens, device, args.repeats) * 1000, 3)
+        tokens[name] = run(8)
+    return {"mode": "whole decode step, float vs quantized experts", "shape": args.shape,
+            "layers": shape["num_hidden_layers"], "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "tokens": args.tokens, "ms_per_token": ms,
+            "vs_float": {f: round(ms["float"] / ms[f], 2) for f in formats},
+            "experts_gib": {k: round(be.nbytes() / 2**30, 3) for k, be in sides.items()},
+            "first_8_tokens": tokens}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -249,6 +287,8 @@ def main() -> None:
                     help="measure routed-expert compute per decode step: float vs these formats")
     ap.add_argument("--steps", type=int, default=3, help="--quantize: decode steps per timing")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--whole-model", action="store_true",
+                    help="--quantize: time whole decode steps (dense part + experts) instead of the experts alone")
     args = ap.parse_args()
 
     if args.threads:
@@ -258,6 +298,10 @@ def main() -> None:
     shape = dict(SHAPES[args.shape])
     if args.layers:
         shape["num_hidden_layers"] = args.layers
+    if args.quantize and args.whole_model:
+        whole = whole_model(shape, args.quantize, device, dtype, args)
+        print(json.dumps(whole) if args.json else "\n".join(f"{k:32s} {v}" for k, v in whole.items()))
+        return
     if args.quantize:
         report = expert_compute(shape, args.quantize, device, dtype, args.repeats, args.steps, args.seed)
         report["shape"] = args.shape

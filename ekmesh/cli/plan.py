@@ -135,7 +135,8 @@ def plan_lines(plan: ModelPlan, fit: MeshFit | None, home: str) -> list[str]:
         elif f == plan.default_format != "bf16":
             note = "  (as stored)"
         if e.q8_kept:
-            note += f"  ({', '.join(e.q8_kept)} kept q8: no q4 group of 128, 64 or 32 divides its input size)"
+            note += (f"  ({', '.join(e.q8_kept)} counted as q8: no q4 group of 128, 64 or 32 divides its input size, "
+                     "so `ekmesh import --quantize q4` refuses this model)")
         lines.append(f"{pad[:-2]}{mark} {f:<8}{human_bytes(e.bytes):>12}{human_bytes(plan.experts_bytes(f)):>14}"
                      f"{note}")
     lines.append(f"{'needs':<13}{human_bytes(plan.dense.bytes)} + {plan.replicas} x "

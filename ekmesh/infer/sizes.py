@@ -19,7 +19,8 @@ as float32 in every format (4 bytes each). For one weight of O output rows and I
 - ``q8``: int8 weights and one float32 scale per output row: ``O * I_in + 4 * O``.
 - ``q4``: 4-bit codes and a float16 scale and a float16 zero per group of G input columns of each row:
   ``O * I_in / 2 + 4 * O * I_in / G``, G the largest of ``Q4_GROUPS`` (128, 64, 32) that divides I_in. A weight
-  whose I_in none of them divides cannot be q4: it is counted at its q8 size and named in ``ExpertBytes.q8_kept``.
+  whose I_in none of them divides cannot be q4: it is counted at its q8 size and named in ``ExpertBytes.q8_kept``
+  (an estimate for the plan; ``ekmesh import --quantize q4`` refuses such a model).
 
 The dense part (``dense_sizes``): its exact parameter count, from the family's own ``build(cfg)`` on the meta
 device (tied embeddings counted once), at 2 bytes a parameter (bf16, what an attention host holds), and its size as

@@ -79,7 +79,7 @@ def test_tiny_model_bytes_match_a_count_by_hand(tiny: Path, tmp_path: Path) -> N
     text = r.stdout
     assert "tiny (Qwen3MoeForCausalLM)" in text
     assert "routed experts 24,576 (2 MoE layers x 8)" in text
-    assert "* q4" in text and "down kept q8" in text
+    assert "* q4" in text and "down counted as q8" in text and "refuses this model" in text
     assert f"no node running for {tmp_path}" in text
 
 
