@@ -136,3 +136,23 @@ def test_cli_quantizes_the_builtin_model_offline(tmp_path) -> None:
     assert bad.returncode == 1 and "ekmesh: error: experts.0.0 of model blake3:" in bad.stderr
     assert "gate_up: q4 group size 256 is not one of" in bad.stderr
     assert "dividing I = 384" in bad.stderr, bad.stderr
+
+
+def test_the_parent_can_go_and_its_unquantized_experts_with_it(tmp_path) -> None:
+    """``models rm PARENT`` + ``gc`` frees the parent's float experts; the quantized model keeps what it shares."""
+    from ekmesh.infer.generate import SamplingParams
+    from ekmesh.infer.session import LocalModel
+
+    make_tiny("qwen3_moe", tmp_path / "ckpt", **QUANT_DIMS)
+    store = Store(tmp_path / "store")
+    parent = import_full(str(tmp_path / "ckpt"), alias="tiny", store=store).model_id
+    q4 = import_quantized("tiny", "q4", store=store).model_id
+    before = LocalModel.open(open_checkpoint(q4, store), "cpu", "fp32").generator.generate(
+        [1, 2, 3], SamplingParams(max_tokens=8, stop_ids=frozenset())).token_ids
+    p_experts = set(store.load_manifest(parent).expert_ids().values())
+    store.remove_model(parent)
+    freed = store.gc()
+    assert freed.blobs == len(p_experts) and not any(store.has(b) for b in p_experts)
+    after = LocalModel.open(open_checkpoint(q4, store), "cpu", "fp32").generator.generate(
+        [1, 2, 3], SamplingParams(max_tokens=8, stop_ids=frozenset())).token_ids
+    assert after == before
