@@ -36,8 +36,9 @@ def register(sub: Any) -> None:
                                                        "0.25, or 'assigned'")
     imp.add_argument("--quantize", choices=["q8", "q4"],
                      help="store the routed experts quantized, as a new model derived from SOURCE (a model id or "
-                          "alias in the store, e.g. builtin; a directory or hub id is imported in full first): q8 = "
-                          "int8 with one scale per output row, q4 = 4-bit with a scale and zero per group")
+                          "alias in the store, e.g. builtin, or a directory / hub id read once, its unquantized "
+                          "experts never stored): q8 = int8 with one scale per output row, q4 = 4-bit with a scale "
+                          "and zero per group")
     imp.add_argument("--group-size", type=int, metavar="G",
                      help="q4 group size, 32/64/128/256 (default: per tensor, the largest of 128/64/32 that divides "
                           "its input dimension)")
@@ -118,17 +119,17 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def _import_quantized(args: argparse.Namespace, prog: _RichProgress | None) -> ImportResult:
-    """``--quantize``: from a stored model as it is, else from SOURCE imported in full first."""
-    from ekmesh.registry.imports import import_full
+    """``--quantize``: from a stored model as it is, else from the directory / hub repo SOURCE in one pass (the
+    dense part and the quantized experts stored; the unquantized experts never are)."""
     from ekmesh.registry.lookup import resolve_store
-    from ekmesh.registry.quantize import import_quantized
+    from ekmesh.registry.quantize import import_quantized, import_quantized_from_source
 
-    parent = args.source
     try:
         resolve_store(args.source)
     except ShardMissingError:
-        parent = import_full(args.source, revision=args.revision, progress=prog).model_id
-    return import_quantized(parent, args.quantize, args.group_size, alias=args.alias, progress=prog)
+        return import_quantized_from_source(args.source, args.quantize, args.group_size, alias=args.alias,
+                                            progress=prog, revision=args.revision)
+    return import_quantized(args.source, args.quantize, args.group_size, alias=args.alias, progress=prog)
 
 
 def model_rows() -> list[dict[str, Any]]:

@@ -55,6 +55,9 @@ class ReadPlan(Protocol):
 
 # (config.json, {tensor: (safetensors dtype, shape)}, label) -> ReadPlan; the wiring layer passes infer's read_plan.
 Planner = Callable[[dict[str, Any], dict[str, tuple[str, tuple[int, ...]]], str], ReadPlan]
+# (layer, expert, the expert blob's bytes as chunks) -> the blob's id. Given to ``import_full``, it receives every
+# expert blob instead of the store (``import --quantize`` from a source: hash, quantize, keep only the result).
+ExpertSink = Callable[[int, int, Iterator[bytes]], str]
 
 
 def dense_group(key: str) -> str:
@@ -147,7 +150,8 @@ def still_good(store: Store, blob_id: str) -> bool:
     return True
 
 
-def _source_tensors(src: Source) -> dict[str, TensorEntry]:
+def source_tensors(src: Source) -> dict[str, TensorEntry]:
+    """Every tensor of the source's safetensors files (headers only); a name in two files is an error."""
     tensors: dict[str, TensorEntry] = {}
     for f in src.weight_files():
         for name, t in src.header(f)[0].items():
@@ -158,8 +162,11 @@ def _source_tensors(src: Source) -> dict[str, TensorEntry]:
 
 
 def import_full(ref: str, planner: Planner, revision: str | None = None, alias: str | None = None,
-                store: Store | None = None, progress: Progress | None = None) -> ImportResult:
-    """Imports every blob of ``ref``; ``planner`` says which tensors the dense part and each expert read."""
+                store: Store | None = None, progress: Progress | None = None,
+                expert_sink: ExpertSink | None = None) -> ImportResult:
+    """Imports every blob of ``ref``; ``planner`` says which tensors the dense part and each expert read. With
+    ``expert_sink`` the expert blobs go to it instead of the store (their ids still enter the manifest, which then
+    describes a model whose experts are absent here, as after a partial import)."""
     store = store or Store()
     store.clean_tmp()
     src = open_source(ref, revision)
@@ -169,7 +176,7 @@ def import_full(ref: str, planner: Planner, revision: str | None = None, alias: 
         raise CheckpointError(f"{src.label('config.json')} is not valid JSON: {exc}") from exc
     if not isinstance(hf, dict):
         raise CheckpointError(f"{src.label('config.json')} must hold a JSON object")
-    tensors = _source_tensors(src)
+    tensors = source_tensors(src)
     plan = planner(hf, {n: (t.dtype, t.shape) for n, t in tensors.items()}, ref)
     groups: dict[str, list[str]] = {}
     for k in plan.dense:
@@ -186,13 +193,20 @@ def import_full(ref: str, planner: Planner, revision: str | None = None, alias: 
     key = blake3.blake3(canonical({"source": src.describe(), "tensors": table, "stat": stat})).hexdigest()[:32]
     journal = Journal(store, key)
 
-    todo = [(j, parts) for j, parts in jobs if not (j in journal.done and still_good(store, journal.done[j]))]
+    sunk = {j for j, _ in jobs if expert_sink is not None and j.startswith("expert.")}  # the sink sees every expert
+    todo = [(j, parts) for j, parts in jobs
+            if j in sunk or not (j in journal.done and still_good(store, journal.done[j]))]
     if progress is not None:
         progress.start(sum(blob_size(p) for _, p in todo), len(todo))
     ids: dict[str, str] = {j: journal.done[j] for j, _ in jobs if j in journal.done}
     sizes: dict[str, int] = {}
     for job, parts in todo:
-        ids[job] = store.put(_metered(stream_blob(parts, src), progress))
+        chunks = _metered(stream_blob(parts, src), progress)
+        if expert_sink is not None and job.startswith("expert."):
+            _, at_layer, at_expert = job.split(".")
+            ids[job] = expert_sink(int(at_layer), int(at_expert), chunks)
+            continue  # not stored: nothing to journal
+        ids[job] = store.put(chunks)
         journal.record(job, ids[job])
         _delay()
     for job, parts in jobs:

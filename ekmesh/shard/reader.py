@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load
 
 from ekmesh.core.errors import CheckpointError, ManifestError, MissingTensorError, ShardMissingError
 from ekmesh.shard.manifest import Manifest
@@ -90,6 +91,39 @@ class StoreTensors:
             raise ShardMissingError(f"blob {blob_id}", f"holds {key}; import it, e.g. with --experts") from exc
         except (SafetensorError, OSError, IndexError) as exc:
             raise CheckpointError(f"cannot read {key!r} from blob {blob_id}: {exc}") from exc
+
+
+class BlobTensors:
+    """One tensor blob's bytes (safetensors, keys ``name`` or ``name[e]``) as a tensor source, next to the whole
+    model's tensor table (``has`` / ``shape`` answer for every tensor, as a directory would; ``read`` only for what
+    the blob holds). ``import --quantize`` from a source reads each expert through it: one blob in memory."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], blob: bytes, where: str) -> None:
+        self._shapes, self._where = shapes, where
+        try:
+            self._tensors = load(blob)
+        except (SafetensorError, ValueError) as exc:
+            raise CheckpointError(f"{where} is not a safetensors blob: {exc}") from exc
+
+    def names(self) -> list[str]:
+        return sorted(self._shapes)
+
+    def has(self, name: str) -> bool:
+        return name in self._shapes
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._shapes:
+            raise MissingTensorError(name)
+        return self._shapes[name]
+
+    def read(self, name: str, index: int | None) -> torch.Tensor:
+        row_key = f"{name}[{index}]"
+        if index is not None and row_key in self._tensors:
+            return self._tensors[row_key]
+        if name in self._tensors:
+            t = self._tensors[name]
+            return t if index is None else t[index]
+        raise MissingTensorError(name if index is None else row_key, f"{self._where} does not hold it")
 
 
 @dataclass

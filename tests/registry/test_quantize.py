@@ -156,3 +156,45 @@ def test_the_parent_can_go_and_its_unquantized_experts_with_it(tmp_path) -> None
     after = LocalModel.open(open_checkpoint(q4, store), "cpu", "fp32").generator.generate(
         [1, 2, 3], SamplingParams(max_tokens=8, stop_ids=frozenset())).token_ids
     assert after == before
+
+
+def test_from_source_in_one_pass_equals_quantizing_the_stored_model(parent, tmp_path) -> None:
+    """A directory quantized in one pass gives the very model quantizing its full import gives, and the store
+    never holds the unquantized experts."""
+    from ekmesh.registry.quantize import import_quantized_from_source
+
+    root, parent_id = parent
+    two_steps = import_quantized(parent_id, "q4", store=Store(root / "store"))
+    fresh = Store(tmp_path / "fresh")
+    one_pass = import_quantized_from_source(str(root / "ckpt"), "q4", alias="tiny-q4", store=fresh)
+    assert one_pass.model_id == two_steps.model_id and one_pass.alias == "tiny-q4"
+    assert (one_pass.experts_present, one_pass.experts_total, one_pass.format) == (16, 16, "q4")
+    p = fresh.load_manifest(parent_id)  # the parent's manifest is there, its float experts are not
+    assert not any(fresh.has(b) for b in p.expert_ids().values())
+    assert all(fresh.has(b) for b in [*p.dense_ids().values(), *p.file_ids().values()])
+    again = import_quantized_from_source(str(root / "ckpt"), "q4", store=fresh)  # nothing quantized twice
+    assert (again.model_id, again.stored, again.skipped) == (one_pass.model_id, 0, 16)
+
+
+def test_from_source_reads_the_checkpoints_own_fp8(tmp_path) -> None:
+    """DeepSeek's block-FP8 experts are dequantized by the loader, then quantized: one pass and two steps agree."""
+    from ekmesh.registry.quantize import import_quantized_from_source
+    from tests.infer.test_deepseek import make_tiny_deepseek
+    from tests.shard.test_import import FP8_BLOCK, _quantize_fp8, _read_all, _write
+
+    path, _ = make_tiny_deepseek("v3_noaux_tc", tmp_path / "float")
+    config = json.loads((path / "config.json").read_text())
+    tensors = {}
+    for name, t in _read_all(path).items():
+        if t.dim() == 2 and name.endswith("_proj.weight"):
+            tensors[name], tensors[name + "_scale_inv"] = _quantize_fp8(t, FP8_BLOCK)
+        else:
+            tensors[name] = t
+    qcfg = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=list(FP8_BLOCK))
+    fp8 = _write(tmp_path / "fp8", tensors, {**config, "quantization_config": qcfg})
+    a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
+    two_steps = import_quantized(import_full(str(fp8), store=a).model_id, "q8", store=a)
+    one_pass = import_quantized_from_source(str(fp8), "q8", store=b)
+    assert one_pass.model_id == two_steps.model_id
+    m = b.load_manifest(one_pass.model_id)
+    assert m.experts_format is not None and m.experts_format["format"] == "q8" and m.dense_ids()
