@@ -8,9 +8,10 @@ subprocesses:
    the checkpoint size, its largest tensor, and the RSS of a child that only imports the same modules;
 2. the manifest copied into a fresh store, then ``ekmesh import REPO --experts 0.25``: the bytes the server sent,
    divided by the bytes of the dense part (+ config / tokenizer files) and the chosen experts;
-3. ``ekmesh import MODEL_ID --quantize q4`` on the store of step 1: peak RSS of quantizing every expert (it holds
-   one expert at a time, so it should not grow with the checkpoint: run two sizes, e.g. ``--layers 4`` and
-   ``--layers 16``, and compare).
+3. ``ekmesh import MODEL_ID --quantize q4`` on the store of step 1, and ``ekmesh import DIR --quantize q4`` into a
+   fresh store (one pass, the float experts never stored): peak RSS of quantizing every expert (one expert at a
+   time, so it should not grow with the checkpoint: run two sizes, e.g. ``--layers 4`` and ``--layers 16``, and
+   compare), the fresh store's size, and that both give the same model.
 
     python benchmarks/partial_import.py                 # ~0.9 GB checkpoint
     python benchmarks/partial_import.py --experts 32 --layers 4   # smaller
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -176,6 +178,15 @@ def main() -> None:
             print(f"import --quantize q4 of the stored model: {dt:.1f} s, peak RSS {rss_q / 2**20:.0f} MiB "
                   f"(+{(rss_q - base) / 2**20:.0f} MiB over baseline; checkpoint {total / 2**20:.0f} MiB), "
                   f"q4 model {q['bytes'] / 2**20:.1f} MiB")
+            out, dt, rss_q1 = peak_child(["ekmesh.cli", "import", str(ck), "--quantize", "q4", "--json"],
+                                         {**env, "EKMESH_HOME": str(root / "q")})
+            q1 = json.loads(out)
+            held = sum(f.stat().st_size for f in (root / "q" / "store" / "blobs").rglob("*") if f.is_file())
+            def experts_of(home: str, mid: str) -> Any:
+                return json.loads((root / home / "store" / "manifests" / f"{mid[7:]}.json").read_text())["experts"]
+            same = experts_of("q", q1["model_id"]) == experts_of("a", q["model_id"])  # the parents' sources differ
+            print(f"import --quantize q4 of the directory, one pass: {dt:.1f} s, peak RSS {rss_q1 / 2**20:.0f} MiB, "
+                  f"store {held / 2**20:.1f} MiB (the same quantized expert blobs: {same})")
     finally:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)
