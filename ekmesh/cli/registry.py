@@ -113,8 +113,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     else:
         print(res.model_id)
         print(f"alias {res.alias}: {res.blobs} blobs, {human_bytes(res.bytes)}, experts ({res.format}) "
-              f"{res.experts_present}/"
-              f"{res.experts_total} ({res.stored} stored, {res.skipped} already present)", file=sys.stderr)
+              f"{res.experts_present}/{res.experts_total} ({res.stored} stored, {res.skipped} already present)",
+              file=sys.stderr)
     return 0
 
 
