@@ -35,7 +35,7 @@ from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.models import family_for
 from ekmesh.infer.models.common import CausalLM
 from ekmesh.infer.models.family import Family, ModelConfig
-from ekmesh.infer.qtensor import expert_prefix
+from ekmesh.infer.qtensor import expert_prefix, tensor_names
 from ekmesh.infer.quant import dequant_fp8_block, fp8_block_size
 
 log = logging.getLogger(__name__)
@@ -219,12 +219,11 @@ class Checkpoint:
         """One routed expert: through the family's ``read_expert``, or a quantized model's stored expert."""
         if self.experts_format is None:
             return self.family.read_expert(self.reader, self.config, layer, expert)
-        prefix = expert_prefix(layer, expert)
-        names = [n for n in self.reader.names() if n.startswith(prefix + ".")]
-        if not names:
-            raise MissingTensorError(prefix, f"no tensor of this quantized expert in {self.label}")
-        return expert_from_tensors({n: self.reader.raw(n) for n in names}, prefix, self.config.expert_spec(),
-                                   self.experts_format["format"])
+        fmt, spec, prefix = self.experts_format["format"], self.config.expert_spec(), expert_prefix(layer, expert)
+        names = [*tensor_names(fmt, f"{prefix}.gate_up"), *tensor_names(fmt, f"{prefix}.down")]
+        if spec.bias:
+            names += [f"{prefix}.gate_up_bias", f"{prefix}.down_bias"]
+        return expert_from_tensors({n: self.reader.raw(n) for n in names}, prefix, spec, fmt)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Checkpoint:

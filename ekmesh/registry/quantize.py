@@ -26,7 +26,7 @@ id everywhere; the parent's shared blobs are copied into the target store when t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import blake3
@@ -63,12 +63,12 @@ class _Quantizer:
         self.done: list[DerivedExpert] = []
         self.quantized = 0  # experts this run quantized (the rest came from the journal)
 
-    def add(self, layer: int, e: int, source_blob: str, read: Any) -> None:
+    def add(self, layer: int, e: int, source_blob: str, read: Callable[[], ExpertWeights]) -> None:
         """Expert (layer, e), stored in ``source_blob``; ``read()`` gives its float ``ExpertWeights`` if needed."""
         bid = self.journal.done.get(source_blob)
         if bid is None or not still_good(self.store, bid):
             prefix = expert_prefix(layer, e)
-            w: ExpertWeights = read()
+            w = read()
             try:
                 quantized = quantize_expert(w, self.fmt, self.group_size)
             except ConfigError as exc:  # name the expert: the quantizer knows only the projection

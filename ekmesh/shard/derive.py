@@ -16,7 +16,6 @@ verified bytes (never whole in memory) and stored only if it hashes to its id. N
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,9 @@ from typing import Any
 
 from ekmesh.core.errors import CheckpointError
 from ekmesh.shard.manifest import Manifest
+from ekmesh.shard.source import parse_header
 from ekmesh.shard.store import Store
 
-MAX_HEADER = 1 << 20  # an expert blob's safetensors header is a few hundred bytes
 COPY_CHUNK = 8 << 20
 
 
@@ -42,22 +41,17 @@ class DerivedExpert:
 
 
 def tensor_table(path: Path) -> dict[str, dict[str, Any]]:
-    """The tensors of a safetensors file as ``{name: {"dtype", "shape"}}``, from its header alone."""
+    """The tensors of a stored safetensors blob as ``{name: {"dtype", "shape"}}``, from its (checked) header."""
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise CheckpointError(f"{path} is not a safetensors file (shorter than its header length)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER:
-                raise CheckpointError(f"{path}: safetensors header of {n} bytes, more than {MAX_HEADER}")
-            header = json.loads(f.read(n))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            def read(begin: int, end: int) -> bytes:
+                f.seek(begin)
+                return f.read(end - begin)
+
+            entries, _ = parse_header(read, path.name, str(path))
+    except OSError as exc:
         raise CheckpointError(f"cannot read the safetensors header of {path}: {exc}") from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is not an object")
-    return {k: {"dtype": v["dtype"], "shape": list(v["shape"])} for k, v in sorted(header.items())
-            if k != "__metadata__"}
+    return {name: {"dtype": t.dtype, "shape": list(t.shape)} for name, t in sorted(entries.items())}
 
 
 def _chunks(path: Path) -> Iterator[bytes]:

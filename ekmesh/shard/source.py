@@ -20,7 +20,7 @@ import json
 import os
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,33 +124,7 @@ class Source(ABC):
 
     def header(self, file: str) -> tuple[dict[str, TensorEntry], int]:
         """The tensors of safetensors ``file`` and the header's size in bytes (8 + JSON)."""
-        (n,) = struct.unpack("<Q", self.read_bytes(file, 0, 8))
-        if n > MAX_HEADER:
-            raise CheckpointError(f"{self.label(file)}: safetensors header of {n} bytes is too large")
-        try:
-            raw = json.loads(self.read_bytes(file, 8, 8 + n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{self.label(file)}: safetensors header is not valid JSON: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{self.label(file)}: safetensors header is not an object")
-        out: dict[str, TensorEntry] = {}
-        for name, info in raw.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype, shape, (b, e) = str(info["dtype"]), tuple(int(x) for x in info["shape"]), info["data_offsets"]
-                b, e = int(b), int(e)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise CheckpointError(f"{self.label(file)}: bad header entry for {name!r}: {exc}") from exc
-            width = SAFETENSORS_DTYPES.get(dtype)
-            count = 1
-            for s in shape:
-                count *= s
-            if width is None or not 0 <= b <= e or e - b != count * width:
-                raise CheckpointError(f"{self.label(file)}: header entry for {name!r} is inconsistent "
-                                      f"(dtype {dtype}, shape {list(shape)}, offsets {b}-{e})")
-            out[name] = TensorEntry(file, 8 + n + b, 8 + n + e, dtype, shape)
-        return out, 8 + n
+        return parse_header(lambda begin, end: self.read_bytes(file, begin, end), file, self.label(file))
 
 
 class DirSource(Source):
@@ -191,3 +165,35 @@ class DirSource(Source):
             raise ShardError(f"cannot read {self.path / file}: {exc}") from exc
         self.bytes_read += len(data)
         return data
+
+
+def parse_header(read: Callable[[int, int], bytes], file: str, label: str) -> tuple[dict[str, TensorEntry], int]:
+    """The tensors of a safetensors file whose bytes ``read(begin, end)`` gives, checked (dtype width x shape ==
+    data size), and the header's size in bytes (8 + JSON); ``label`` names the file in errors."""
+    (n,) = struct.unpack("<Q", read(0, 8))
+    if n > MAX_HEADER:
+        raise CheckpointError(f"{label}: safetensors header of {n} bytes is too large")
+    try:
+        raw = json.loads(read(8, 8 + n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{label}: safetensors header is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{label}: safetensors header is not an object")
+    out: dict[str, TensorEntry] = {}
+    for name, info in raw.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (b, e) = str(info["dtype"]), tuple(int(x) for x in info["shape"]), info["data_offsets"]
+            b, e = int(b), int(e)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{label}: bad header entry for {name!r}: {exc}") from exc
+        width = SAFETENSORS_DTYPES.get(dtype)
+        count = 1
+        for s in shape:
+            count *= s
+        if width is None or not 0 <= b <= e or e - b != count * width:
+            raise CheckpointError(f"{label}: header entry for {name!r} is inconsistent "
+                                  f"(dtype {dtype}, shape {list(shape)}, offsets {b}-{e})")
+        out[name] = TensorEntry(file, 8 + n + b, 8 + n + e, dtype, shape)
+    return out, 8 + n

@@ -150,6 +150,19 @@ def _dequant(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> to
     return q.to(torch.float32) * full[: q.shape[0], : q.shape[1]]
 
 
+def write_fp8(path: Path, directory: Path) -> Path:
+    """The float checkpoint at ``path`` rewritten into ``directory`` with every 2-D projection in block FP8."""
+    config = json.loads((path / "config.json").read_text())
+    tensors = {}
+    for name, t in _read_all(path).items():
+        if t.dim() == 2 and name.endswith("_proj.weight"):
+            tensors[name], tensors[name + "_scale_inv"] = _quantize_fp8(t, FP8_BLOCK)
+        else:
+            tensors[name] = t
+    qcfg = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=list(FP8_BLOCK))
+    return _write(directory, tensors, {**config, "quantization_config": qcfg})
+
+
 def _write(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / "model.safetensors"))

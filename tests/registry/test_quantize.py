@@ -179,19 +179,10 @@ def test_from_source_in_one_pass_equals_quantizing_the_stored_model(parent, tmp_
 def test_from_source_reads_the_checkpoints_own_fp8(tmp_path) -> None:
     """DeepSeek's block-FP8 experts are dequantized by the loader, then quantized: one pass and two steps agree."""
     from ekmesh.registry.quantize import import_quantized_from_source
-    from tests.infer.test_deepseek import make_tiny_deepseek
-    from tests.shard.test_import import FP8_BLOCK, _quantize_fp8, _read_all, _write
+    from tests.infer.test_deepseek import make_tiny_deepseek, write_fp8
 
     path, _ = make_tiny_deepseek("v3_noaux_tc", tmp_path / "float")
-    config = json.loads((path / "config.json").read_text())
-    tensors = {}
-    for name, t in _read_all(path).items():
-        if t.dim() == 2 and name.endswith("_proj.weight"):
-            tensors[name], tensors[name + "_scale_inv"] = _quantize_fp8(t, FP8_BLOCK)
-        else:
-            tensors[name] = t
-    qcfg = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=list(FP8_BLOCK))
-    fp8 = _write(tmp_path / "fp8", tensors, {**config, "quantization_config": qcfg})
+    fp8 = write_fp8(path, tmp_path / "fp8")
     a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
     two_steps = import_quantized(import_full(str(fp8), store=a).model_id, "q8", store=a)
     one_pass = import_quantized_from_source(str(fp8), "q8", store=b)

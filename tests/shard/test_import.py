@@ -22,7 +22,7 @@ from ekmesh.registry.imports import import_full, import_partial
 from ekmesh.registry.lookup import open_checkpoint
 from ekmesh.shard.importer import parse_experts
 from ekmesh.shard.store import Store
-from tests.infer.test_deepseek import FP8_BLOCK, _quantize_fp8, _read_all, _write, make_tiny_deepseek
+from tests.infer.test_deepseek import _write, make_tiny_deepseek, write_fp8
 from tests.infer.test_gpt_oss import TINY as GPT_OSS_TINY
 from tests.infer.test_gpt_oss import quantize_mxfp4
 from tests.shard.checkpoints import make_sharded
@@ -98,14 +98,7 @@ def test_damaged_blob_fails_loading_with_its_id(sharded: Path, kind: str) -> Non
 def test_fp8_and_fused_deepseek_import_to_the_same_logits(tmp_path: Path) -> None:
     path, ref = make_tiny_deepseek("v3_noaux_tc", tmp_path / "float")
     config = json.loads((path / "config.json").read_text())
-    quantized = {}
-    for name, t in _read_all(path).items():
-        if t.dim() == 2 and name.endswith("_proj.weight"):
-            quantized[name], quantized[name + "_scale_inv"] = _quantize_fp8(t, FP8_BLOCK)
-        else:
-            quantized[name] = t
-    qcfg = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=list(FP8_BLOCK))
-    fp8 = _write(tmp_path / "fp8", quantized, {**config, "quantization_config": qcfg})
+    fp8 = write_fp8(path, tmp_path / "fp8")
     res = import_full(str(fp8))
     m = Store().load_manifest(res.model_id)
     expert_blob = Store().blob_path(m.data["experts"][1][0])
