@@ -20,6 +20,9 @@ the run (exit status 1).
     python benchmarks/local_decode.py --shape qwen3-30b-a3b --quantize q8 q4              # CPU
     python benchmarks/local_decode.py --shape qwen3-30b-a3b --quantize q4 --device cuda    # bf16 vs q4 on a GPU
 
+``--quantize`` also takes ``fp8`` and ``mxfp4``: the same experts in DeepSeek's block FP8 (128 x 128) and gpt-oss's
+MXFP4, as a checkpoint in those formats holds them and ekmesh keeps them in memory.
+
 ``--quantize ... --whole-model`` times whole decode steps instead: ekmesh's model (dense part in the device's dtype,
 through its CUDA graph on a GPU) with its float experts and with the same experts quantized, ms per token and the
 experts' bytes in memory, in one run; greedy tokens are reported, not required to match (quantization changes
@@ -37,11 +40,14 @@ import time
 
 import torch
 
-from ekmesh.infer.expert import ExpertSpec, ExpertWeights, expert_forward, quantize_expert
+from ekmesh.infer.expert import ExpertSpec, ExpertWeights, expert_forward
 from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.generate import Generator, SamplingParams, pick_device, pick_dtype
 from ekmesh.infer.models import qwen3_moe
 from ekmesh.infer.qtensor import QuantizedTensor
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tests.infer.checkpoint_formats import in_format  # noqa: E402  (fp8 / mxfp4 as a checkpoint holds them)
 
 SHAPES = {
     # Qwen/Qwen3-30B-A3B's config.json
@@ -181,7 +187,7 @@ def expert_compute(shape: dict, formats: list[str], device: torch.device, dtype:
                                torch.randn(d, inter, generator=gd, device=device).mul_(0.02).to(dtype))
             sides["float"].add(layer, e, fw)
             for f in formats:
-                q = quantize_expert(fw, f)
+                q = in_format(fw, f)
                 sides[f].add(layer, e, q)
                 assert isinstance(q.gate_up, QuantizedTensor) and isinstance(q.down, QuantizedTensor)
                 deq = ExpertWeights(q.gate_up.dequantize().to(device), q.down.dequantize().to(device))
@@ -251,7 +257,7 @@ def whole_model(shape: dict, formats: list[str], device: torch.device, dtype: to
             for e in ids:
                 fw = experts._unpack(layer)[e]  # the float expert's weights (views of the stacked layer)
                 assert isinstance(fw, ExpertWeights)
-                q.add(layer, e, quantize_expert(fw, f))
+                q.add(layer, e, in_format(fw, f))
         sides[f] = q
     ids = torch.randint(0, shape["vocab_size"], (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
     ms, tokens = {}, {}
@@ -283,8 +289,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--quantize", nargs="+", choices=["q8", "q4"], default=None,
-                    help="measure routed-expert compute per decode step: float vs these formats")
+    ap.add_argument("--quantize", nargs="+", choices=["q8", "q4", "fp8", "mxfp4"], default=None,
+                    help="measure routed-expert compute per decode step: float vs these formats (fp8 / mxfp4: the "
+                         "checkpoint formats, kept as stored)")
     ap.add_argument("--steps", type=int, default=3, help="--quantize: decode steps per timing")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--whole-model", action="store_true",

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 from ekmesh.core.errors import ConfigError, MissingTensorError, TensorShapeError
 from ekmesh.infer.fusion import fusable
-from ekmesh.infer.qtensor import QuantizedTensor, kernel_dtype, pack, qlinear, quantize, stored_group_size
+from ekmesh.infer.qkernels import kernel_dtype, pack, qlinear
+from ekmesh.infer.qnative import NATIVE_FORMATS
+from ekmesh.infer.qtensor import QuantizedTensor, quantize, stored_group_size
 
 
 @dataclass(frozen=True)
@@ -113,9 +115,13 @@ def expert_forward(spec: ExpertSpec, x: torch.Tensor, w: ExpertWeights) -> torch
 
 
 def quantize_expert(w: ExpertWeights, fmt: str, group_size: int | None = None) -> ExpertWeights:
-    """``w`` with both projections quantized to ``fmt`` (biases kept as they are). q4: ``group_size`` for both
+    """``w`` with both projections quantized to ``fmt`` (biases kept as they are); an expert in a checkpoint's
+    FP8 / MXFP4 is dequantized (exactly) first. q4: ``group_size`` for both
     projections, or None for each its own default (the first of 128, 64, 32 dividing its input size). q8 has one
     scale per output row and takes no group size (None)."""
+    if w.quantization() in NATIVE_FORMATS:  # a checkpoint's FP8 / MXFP4: quantized from its exact float values
+        assert isinstance(w.gate_up, QuantizedTensor) and isinstance(w.down, QuantizedTensor)
+        w = ExpertWeights(w.gate_up.dequantize(), w.down.dequantize(), w.gate_up_bias, w.down_bias)
     if isinstance(w.gate_up, QuantizedTensor) or isinstance(w.down, QuantizedTensor):
         raise ConfigError("quantize_expert: the expert is already quantized")
     if fmt == "q8" and group_size is not None:

@@ -15,7 +15,7 @@ Invariants of ``LocalExperts``:
 
 Quantized experts (``qtensor.py``): ``gate_up`` / ``down`` of an ``ExpertWeights`` may be ``QuantizedTensor``s
 (biases stay float). ``LocalExperts.add`` keeps them quantized on its device, in a kernel's layout
-(``qtensor.pack``; no float copy), and computes them with ``qtensor.qlinear`` (bf16 activations on CPU and
+(``qkernels.pack``; no float copy), and computes them with ``qkernels.qlinear`` (bf16 activations on CPU and
 CUDA, results in the backend's dtype). One backend holds one kind of expert: float, or one quantized format and
 group sizes (fixed by the first expert added); anything else is refused with ``ConfigError``. A quantized layer
 runs pair by pair (``_few``), per present expert (``_grouped_loop_q``, CUDA included) or, in CUDA-graph mode, per
@@ -35,14 +35,8 @@ import torch.nn.functional as F
 
 from ekmesh.core.errors import ConfigError, ExpertNotLoadedError, TensorShapeError
 from ekmesh.infer.expert import ExpertSpec, ExpertWeights, expert_activation
-from ekmesh.infer.qtensor import (
-    PackedWeight,
-    QuantizedTensor,
-    kernel_dtype,
-    pack,
-    qlinear,
-    stack_packed,
-)
+from ekmesh.infer.qkernels import PackedWeight, kernel_dtype, pack, qlinear, stack_packed
+from ekmesh.infer.qtensor import QuantizedTensor
 
 SMALL_PAIRS = 8  # up to this many (token, expert) pairs, the CPU path computes pair by pair (``_few``)
 

@@ -3,7 +3,8 @@
 Responsibilities:
 - ``CheckpointReader`` (``has`` / ``shape`` / ``raw(name, index)`` / ``get`` / ``swiglu_expert`` / ``read_log``)
   reads single tensors (or one expert's row of a fused tensor) lazily from a ``TensorSource``, dequantizes FP8
-  block-scaled weights (``weight_scale_inv``) on read, and logs every read so callers can prove what was touched.
+  block-scaled weights (``weight_scale_inv``) on ``get`` but keeps them as stored (``QuantizedTensor`` fp8) on
+  ``weight``, which routed experts are read with, and logs every read so callers can prove what was touched.
   ``DirectorySource`` is the safetensors-directory source; the registry's store is another (it lives in
   ``ekmesh.shard`` and satisfies the protocol structurally: infer never imports shard, and the wiring layer opens
   it with ``Checkpoint.from_source``).
@@ -35,10 +36,14 @@ from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.models import family_for
 from ekmesh.infer.models.common import CausalLM
 from ekmesh.infer.models.family import Family, ModelConfig
-from ekmesh.infer.qtensor import expert_prefix, tensor_names
+from ekmesh.infer.qtensor import QuantizedTensor, cat_rows, expert_prefix, tensor_names
 from ekmesh.infer.quant import dequant_fp8_block, fp8_block_size
 
 log = logging.getLogger(__name__)
+
+def _float(t: torch.Tensor | QuantizedTensor) -> torch.Tensor:
+    return t.dequantize() if isinstance(t, QuantizedTensor) else t
+
 
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
@@ -99,24 +104,50 @@ class CheckpointReader:
         """A float tensor: FP8 weights are dequantized with their ``weight_scale_inv`` blocks."""
         t = self.raw(name, index)
         if t.dtype in _FP8:
-            scale_name = name + "_scale_inv"
-            if not self.has(scale_name):
-                raise MissingTensorError(scale_name, f"needed to dequantize FP8 tensor {name!r}")
-            t = dequant_fp8_block(t, self.raw(scale_name, index), self.fp8_block, name=name)
+            t = dequant_fp8_block(t, self._scale_inv(name, index), self.fp8_block, name=name)
         return t
+
+    def weight(self, name: str, index: int | None = None) -> torch.Tensor | QuantizedTensor:
+        """A tensor as the checkpoint keeps it: a 2-D block-FP8 weight as a ``QuantizedTensor`` (its bytes and
+        scales, not expanded); anything else as ``get`` gives it."""
+        t = self.raw(name, index)
+        if t.dtype not in _FP8:
+            return t
+        scale = self._scale_inv(name, index)
+        if t.dtype != torch.float8_e4m3fn or t.dim() != 2:  # dequant_fp8_block refuses it, with the reason
+            return dequant_fp8_block(t, scale, self.fp8_block, name=name)
+        return QuantizedTensor.fp8(t, scale, self.fp8_block, name)
+
+    def _scale_inv(self, name: str, index: int | None) -> torch.Tensor:
+        scale_name = name + "_scale_inv"
+        if not self.has(scale_name):
+            raise MissingTensorError(scale_name, f"needed to dequantize FP8 tensor {name!r}")
+        return self.raw(scale_name, index)
 
     def swiglu_expert(self, prefix: str, expert: int, spec: ExpertSpec,
                       names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> ExpertWeights:
-        """One SwiGLU expert from per-expert tensors or the fused v5 layout (see module docstring)."""
+        """One SwiGLU expert from per-expert tensors or the fused v5 layout (see module docstring); block-FP8
+        weights stay FP8 (``weight``)."""
         g, u, d = (f"{prefix}.{expert}.{n}.weight" for n in names)
         if self.has(g):
-            w = ExpertWeights(torch.cat([self.get(g), self.get(u)], dim=0), self.get(d))  # [2I, D], [D, I]
+            gate, up = self.weight(g), self.weight(u)
+            if isinstance(gate, QuantizedTensor) and isinstance(up, QuantizedTensor):
+                gate_up: torch.Tensor | QuantizedTensor = cat_rows([gate, up], g)  # [2I, D]
+            else:
+                gate_up = torch.cat([_float(gate), _float(up)], dim=0)  # [2I, D]
+            down = self.weight(d)
+            if isinstance(gate_up, QuantizedTensor) != isinstance(down, QuantizedTensor):  # mixed: expand both
+                gate_up, down = _float(gate_up), _float(down)
+            w = ExpertWeights(gate_up, down)  # [2I, D], [D, I]
         elif self.has(f"{prefix}.gate_up_proj"):
             for fused in (f"{prefix}.gate_up_proj", f"{prefix}.down_proj"):
                 shp = self.shape(fused)
                 if len(shp) != 3 or shp[0] != spec.num_experts:
                     raise TensorShapeError(fused, f"[{spec.num_experts}, ...]", shp)
-            w = ExpertWeights(self.get(f"{prefix}.gate_up_proj", expert), self.get(f"{prefix}.down_proj", expert))
+            gu_w, dn_w = self.weight(f"{prefix}.gate_up_proj", expert), self.weight(f"{prefix}.down_proj", expert)
+            if isinstance(gu_w, QuantizedTensor) != isinstance(dn_w, QuantizedTensor):  # mixed: expand both
+                gu_w, dn_w = _float(gu_w), _float(dn_w)
+            w = ExpertWeights(gu_w, dn_w)
         else:
             raise MissingTensorError(g, f"nor fused {prefix}.gate_up_proj")
         w.check(spec, f"{prefix}.{expert}")

@@ -21,6 +21,12 @@ Canonical (stored) formats, ``{p}`` being the prefix given to ``to_tensors`` / `
         values, so the codes are the best ones for the stored scale and zero. A constant group (max == min, or a
         spread too small for an fp16 scale) gets scale 1.0 and zero = fp16(min), and code 8.
 
+The checkpoints' own formats, ``fp8`` (DeepSeek block FP8) and ``mxfp4`` (gpt-oss), are ``QuantizedTensor``s too
+(made by ``QuantizedTensor.fp8`` / ``.mxfp4`` from the checkpoint's tensors, laid out and computed in
+``qnative.py``), so a loaded expert keeps its checkpoint bytes; ekmesh never quantizes to them, and they are not
+stored through ``to_tensors`` (their blobs are the checkpoint's own tensors). ``cat_rows`` / ``take_rows`` join
+and reorder output rows of any format as stored (gate and up into gate_up; gpt-oss's interleaved rows).
+
 Invariants:
 - ``quantize`` works in float32 on the CPU whatever the input's dtype and device, and is deterministic
   (``torch.round`` rounds half to even; min/max/abs are exact), so the same weight gives the same bytes.
@@ -32,67 +38,28 @@ Invariants:
   each named tensor before touching it and raises ``MissingTensorError`` / ``TensorShapeError`` naming it, or
   ``ConfigError`` for an unknown format or a group size that is not allowed or does not divide I.
 
-Kernels (``pack`` picks one per weight; ``PackedWeight.kernel`` says which):
-
-    cpu_int8   CPU, bf16 activations: ``torch._weight_int8pack_mm(x, int8 [O, I], ones [O])`` then ``* scale``
-               (fp32), so the stored fp32 scale is applied exactly.
-    cpu_int4   CPU, bf16 activations, O % 16 == 0: ``aten._convert_weight_to_int4pack_for_cpu(codes [O, I], 1)``
-               (a uint8 [O, I/2] layout of torch's own, specific to the CPU's vector width) and
-               ``aten._weight_int4pack_mm_for_cpu(x, packed, G, scales_and_zeros [I/G, O, 2])``.
-    cuda_int4  CUDA, bf16 activations, O % 8 == 0, I % 32 == 0: ``torch._convert_weight_to_int4pack`` (nibbles
-               swapped to its high-first order; ``inner_k_tiles`` 8, 4 or 2, the largest with I % (16 * it) == 0)
-               and ``torch._weight_int4pack_mm``.
-    cuda_int8  CUDA, bf16 activations: ``F.linear(x, int8 [O, I].to(bf16)) * scale`` (the int8 -> bf16 cast is
-               exact; the fp32 scale is applied to the output). ``torch._weight_int8pack_mm`` does run on CUDA in
-               torch 2.11 but was 4x slower on an H100 (below).
-    dequant    anything else: the canonical tensors on the device, ``F.linear(x, dequantize(x.dtype), bias)`` per
-               call (the reference path itself; slower, still stored quantized).
-
-CUDA, measured (H100, torch 2.11, bf16, inside a CUDA graph, [1536, 2048] / [2048, 768], one row): bf16
-``F.linear`` 4.9 / 3.4 us, tinygemm q4 3.3 / 2.8 us, ``_weight_int8pack_mm`` 64 / 32 us, int8 cast + ``F.linear``
-16.6 / 12.5 us. A whole decode step's routed experts at Qwen3-30B-A3B (48 layers, k = 8, captured in a CUDA
-graph, H100): bf16 float experts (``_grouped_mm``) 5.2 ms, q4 6.9 ms, q8 23.4 ms. On CUDA, quantized experts save
-memory (q4: 3.8x less than bf16), not time: they run pair by pair, a kernel at a time.
-
-The int4 kernels take scale and zero in the activation dtype: they see the fp16 values rounded to bf16
-(a relative change of at most 2^-9 each), which is inside the tolerance stated against the reference path.
-
-Activation dtype on the CPU, measured (2-core AMD EPYC, AVX512 with avx512_bf16, torch 2.13, one thread, median
-of 40, Qwen3-30B-A3B expert shapes, G = 128; error = max |kernel - (dequantize + F.linear in fp32)| / max |ref|):
-
-    weight [O, I]   rows  fp32 F.linear   q8 fp32 / bf16 / fp16 x        q4 fp32 / bf16 / fp16 x
-    [1536, 2048]    1     330 us          2617 / 189 / 4261 us           5400 / 186 / 8641 us
-    [1536, 2048]    17    2278 us         - / 1548 / 55194 us            - / 1544 / 179700 us
-    [2048, 768]     1     162 us          1359 / 107 / 2216 us           2724 / 95 / 4377 us
-    error (rows 1)                        1e-6 / 4e-3 / 3e-4             2e-6 / 4e-3 / 4e-4
-
-Only bf16 activations take the vectorized kernels (fp32 and fp16 run a scalar loop, 14 to 45 times slower), so
-the quantized CPU path runs in bf16 whatever the backend's dtype, at about 4e-3 relative error per projection
-(rounding of x and of the output), far below the quantization error itself. The weight-only kernels cost time
-per row; from about 25 rows per weight, a dequantize + bf16 ``F.linear`` would be faster (prefill), which is
-not done here: there they cost about what today's fp32 path costs. A whole decode step's routed experts at
-Qwen3-30B-A3B (48 layers, k = 8; ``benchmarks/local_decode.py --quantize q8 q4``, 2 threads, same box): fp32
-454 ms, q8 135 ms (3.4x), q4 70 ms (6.5x); all three stream their weights from memory at 13 to 15 GB/s.
+The kernels that compute with these weights, and their measurements, are in ``qkernels.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ekmesh.core.errors import CheckpointError, ConfigError, MissingTensorError, TensorShapeError
+from ekmesh.infer import qnative
+from ekmesh.infer.qnative import NATIVE_FORMATS
 
-QFORMATS = ("q8", "q4")
+QFORMATS = ("q8", "q4")  # what ekmesh quantizes to; NATIVE_FORMATS (fp8, mxfp4) are kept from checkpoints
 Q4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
 DEFAULT_Q4_GROUP_SIZES = (128, 64, 32)  # the first that divides I is the default
 Q8_MAX = 127
 Q4_MID = 8  # code - 8: the tinygemm convention
 FP16_MAX = 65504.0
-KERNELS = ("cpu_int8", "cpu_int4", "cuda_int4", "cuda_int8", "dequant")
 
 _Spec = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
@@ -108,19 +75,23 @@ def tensor_names(fmt: str, prefix: str) -> tuple[str, ...]:
 
 
 def _suffixes(fmt: str, name: str) -> tuple[str, ...]:
-    if fmt == "q8":
+    if fmt == "q8" or fmt in NATIVE_FORMATS:
         return ("qweight", "scale")
     if fmt == "q4":
         return ("qweight", "scale", "zero")
-    raise ConfigError(f"{name}: unknown quantization format {fmt!r} (known: {', '.join(QFORMATS)})")
+    raise ConfigError(f"{name}: unknown quantization format {fmt!r} (known: {', '.join(QFORMATS + NATIVE_FORMATS)})")
 
 
-def _layout(fmt: str, shape: Sequence[int], group_size: int, name: str) -> _Spec:
+def _layout(fmt: str, shape: Sequence[int], group_size: int, name: str, block_rows: int = 1) -> _Spec:
     """{suffix: (dtype, shape)} of each stored tensor; ConfigError for a format or group size that is not allowed."""
     _suffixes(fmt, name)
     if len(shape) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
         raise ConfigError(f"{name}: a quantized weight needs a shape of two positive ints, got {tuple(shape)!r}")
     o, i = shape
+    if fmt in NATIVE_FORMATS:
+        return qnative.layout(fmt, (o, i), group_size, block_rows, name)
+    if block_rows != 1:
+        raise ConfigError(f"{name}: {fmt} has no row blocks (block_rows {block_rows})")
     if fmt == "q8":
         if group_size != i:
             raise ConfigError(f"{name}: q8 has one scale per output row, so group_size must be I = {i}, "
@@ -147,6 +118,8 @@ def _check(spec: _Spec, tensors: Mapping[str, torch.Tensor | None], prefix: str)
 def default_group_size(fmt: str, *in_features: int) -> int:
     """The group size ``quantize`` uses when none is given: I for q8; for q4 the first of 128, 64, 32 that divides
     every given I (one group size can then serve all projections of an expert)."""
+    if fmt not in QFORMATS:
+        raise ConfigError(f"{fmt!r} is not a format ekmesh quantizes to ({', '.join(QFORMATS)})")
     if fmt == "q8":
         if len(in_features) != 1:
             raise ConfigError("q8's group size is the weight's own I: give exactly one")
@@ -182,19 +155,52 @@ def stored_group_size(fmt: str, shape: tuple[int, int], tensors: Mapping[str, to
 class QuantizedTensor:
     """One Linear weight [O, I] in a canonical quantized format (see the module docstring)."""
 
-    fmt: str  # "q8" | "q4"
+    fmt: str  # "q8" | "q4" | "fp8" | "mxfp4"
     shape: tuple[int, int]  # (O, I) of the float weight it stands for
-    group_size: int  # q4: one of Q4_GROUP_SIZES, divides I; q8: == I
-    qweight: torch.Tensor  # q8: int8 [O, I]; q4: uint8 [O, I/2]
-    scale: torch.Tensor  # q8: float32 [O]; q4: float16 [O, I/G]
-    zero: torch.Tensor | None  # q4: float16 [O, I/G]; q8: None
+    group_size: int  # q4: one of Q4_GROUP_SIZES, divides I; q8: == I; fp8: the block's columns; mxfp4: 32
+    qweight: torch.Tensor  # q8: int8 [O, I]; q4, mxfp4: uint8 [O, I/2]; fp8: float8_e4m3fn [O, I]
+    scale: torch.Tensor  # q8: float32 [O]; q4: float16 [O, I/G]; fp8: float32 [O/bo, I/G]; mxfp4: uint8 [O, I/32]
+    zero: torch.Tensor | None  # q4: float16 [O, I/G]; others: None
+    block_rows: int = 1  # fp8: rows of a scale block (bo, or 1 after a concatenation bo does not tile); others 1
 
     def __post_init__(self) -> None:
         name = f"<{self.fmt} weight {self.shape}>"
-        _check(_layout(self.fmt, self.shape, self.group_size, name),
+        _check(_layout(self.fmt, self.shape, self.group_size, name, self.block_rows),
                {"qweight": self.qweight, "scale": self.scale, "zero": self.zero}, name)
-        if self.fmt == "q8" and self.zero is not None:
-            raise ConfigError(f"{name}: q8 has no zero tensor")
+        if self.fmt != "q4" and self.zero is not None:
+            raise ConfigError(f"{name}: {self.fmt} has no zero tensor")
+
+    @classmethod
+    def fp8(cls, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+            name: str = "weight") -> QuantizedTensor:
+        """A block-FP8 checkpoint weight kept as stored: ``weight`` float8_e4m3fn [O, I], ``scale_inv``
+        [ceil(O / bo), ceil(I / bi)] in any of the checkpoint scale dtypes (converted to float32, exactly).
+        ``TensorShapeError`` names the tensor."""
+        if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
+            raise TensorShapeError(name, "float8_e4m3fn [O, I]", f"{weight.dtype} {tuple(weight.shape)}")
+        o, i = (int(n) for n in weight.shape)
+        expect = (math.ceil(o / block[0]), math.ceil(i / block[1]))
+        if tuple(scale_inv.shape) != expect or not scale_inv.is_floating_point():
+            raise TensorShapeError(f"{name}_scale_inv", f"float {list(expect)}",
+                                   f"{scale_inv.dtype} {list(scale_inv.shape)}")
+        scale = scale_inv.to(torch.float32)
+        if scale.device.type != "meta" and not bool(torch.isfinite(scale).all()):
+            raise CheckpointError(f"tensor {name + '_scale_inv'!r} has non-finite values")
+        return cls("fp8", (o, i), block[1], weight, scale, None, block[0])
+
+    @classmethod
+    def mxfp4(cls, blocks: torch.Tensor, scales: torch.Tensor, name: str = "weight") -> QuantizedTensor:
+        """An MXFP4 checkpoint weight kept as stored: ``blocks`` uint8 [O, I/32, 16], ``scales`` uint8 [O, I/32].
+        ``TensorShapeError`` names the tensor."""
+        half = qnative.MXFP4_GROUP // 2
+        if blocks.dtype != torch.uint8 or blocks.dim() != 3 or blocks.shape[-1] != half:
+            raise TensorShapeError(f"{name}_blocks", f"uint8 [O, G, {half}]", f"{blocks.dtype} {list(blocks.shape)}")
+        if scales.dtype != torch.uint8 or tuple(scales.shape) != tuple(blocks.shape[:2]):
+            raise TensorShapeError(f"{name}_scales", f"uint8 {list(blocks.shape[:2])}",
+                                   f"{scales.dtype} {list(scales.shape)}")
+        o, g = int(blocks.shape[0]), int(blocks.shape[1])
+        return cls("mxfp4", (o, g * qnative.MXFP4_GROUP), qnative.MXFP4_GROUP, blocks.reshape(o, g * half),
+                   scales, None)
 
     @property
     def device(self) -> torch.device:
@@ -207,11 +213,13 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [O, I] it stands for, computed in float32 on its device, then cast to ``dtype``."""
-        if self.fmt == "q8":
+        if self.fmt in NATIVE_FORMATS:
+            w = qnative.dequantize(self.fmt, self.qweight, self.scale, self.shape, self.group_size, self.block_rows)
+        elif self.fmt == "q8":
             w = self.qweight.to(torch.float32) * self.scale.to(torch.float32)[:, None]  # [O, I]
         else:
             assert self.zero is not None
-            w = _dequantize_q4(self.qweight, self.scale, self.zero, self.group_size)
+            w = dequantize_q4(self.qweight, self.scale, self.zero, self.group_size)
         return w if w.dtype is dtype else w.to(dtype)
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -225,7 +233,11 @@ class QuantizedTensor:
     def from_tensors(cls, fmt: str, shape: tuple[int, int], group_size: int,
                      tensors: Mapping[str, torch.Tensor], prefix: str) -> QuantizedTensor:
         """Reads ``{prefix}.qweight`` etc. from ``tensors``, each validated (dtype, shape, finite scales) before
-        use. Errors name the full tensor name (see the module docstring)."""
+        use. Errors name the full tensor name (see the module docstring). Only ekmesh's own formats (q8, q4) are
+        stored this way; the checkpoint formats are read where the checkpoint holds them (``fp8``, ``mxfp4``)."""
+        if fmt in NATIVE_FORMATS:
+            raise ConfigError(f"{prefix}: {fmt} weights are read from their checkpoint tensors, not stored as "
+                              f"{' or '.join(QFORMATS)} are")
         spec = _layout(fmt, tuple(shape), group_size, prefix)
         got = {s: tensors.get(f"{prefix}.{s}") for s in spec}
         _check(spec, got, prefix)
@@ -243,15 +255,15 @@ class QuantizedTensor:
         return sum(t.numel() * t.element_size() for t in ts)
 
 
-def _unpack_nibbles(qweight: torch.Tensor) -> torch.Tensor:
+def unpack_nibbles(qweight: torch.Tensor) -> torch.Tensor:
     """uint8 [O, I/2] -> uint8 codes [O, I]: column 2j from the low nibble, 2j+1 from the high one."""
     o, half = qweight.shape
     return torch.stack([qweight & 0x0F, qweight >> 4], dim=-1).view(o, 2 * half)  # [O, I/2, 2] -> [O, I]
 
 
-def _dequantize_q4(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+def dequantize_q4(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
     o, g = scale.shape
-    codes = _unpack_nibbles(qweight).to(torch.float32).view(o, g, group_size)  # [O, I/G, G]
+    codes = unpack_nibbles(qweight).to(torch.float32).view(o, g, group_size)  # [O, I/G, G]
     w = (codes - Q4_MID) * scale.to(torch.float32)[..., None] + zero.to(torch.float32)[..., None]
     return w.view(o, g * group_size)  # [O, I]
 
@@ -259,6 +271,9 @@ def _dequantize_q4(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 def quantize(w: torch.Tensor, fmt: str, group_size: int | None = None, name: str = "weight") -> QuantizedTensor:
     """Quantizes a float weight [O, I] (any float dtype, any device) to ``fmt``; the result is on the CPU.
     ``group_size`` None: ``default_group_size``. ``name`` is used in errors."""
+    if fmt not in QFORMATS:
+        raise ConfigError(f"{name}: unknown quantization format {fmt!r} (ekmesh quantizes to "
+                          f"{' or '.join(QFORMATS)})")
     if w.dim() != 2 or not w.is_floating_point():
         raise TensorShapeError(name, "a floating-point [O, I] weight", f"{w.dtype} {tuple(w.shape)}")
     o, i = (int(n) for n in w.shape)
@@ -287,140 +302,36 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int | None = None, name: str
     return QuantizedTensor(fmt, (o, i), g, packed, scale16, zero16)
 
 
-# ---------------------------------------------------------------------------------------------------- kernels
+def _row_scaled(qt: QuantizedTensor) -> QuantizedTensor:
+    """``qt`` with a scale per row (fp8 blocks of ``bo`` rows repeated to one row each; others as they are)."""
+    if qt.block_rows == 1:
+        return qt
+    scale = qt.scale.repeat_interleave(qt.block_rows, dim=0)[: qt.shape[0]].contiguous()  # [O, I/G]
+    return dataclasses.replace(qt, scale=scale, block_rows=1)
 
 
-@dataclass(frozen=True, eq=False)
-class PackedWeight:
-    """A ``QuantizedTensor`` in the layout of one kernel on one device (see the module docstring's kernel table).
-
-    ``weight``, ``scale`` and ``aux`` are the kernel's operands; with ``stacked`` they carry a leading [n] axis of
-    several same-shaped weights (a layer's experts), and ``select`` / ``gather`` give one of them.
-        cpu_int8: weight int8 [O, I], scale float32 [O], aux ones [O] in ``act_dtype``
-        cuda_int8: weight int8 [O, I], scale float32 [O], aux None
-        cpu_int4 / cuda_int4: weight (the kernel's packed layout), scale = scales_and_zeros [I/G, O, 2] in
-            ``act_dtype``, aux None
-        dequant: weight / scale / aux = the canonical qweight / scale / zero (None for q8)
-    """
-
-    kernel: str
-    fmt: str
-    shape: tuple[int, int]
-    group_size: int
-    act_dtype: torch.dtype  # x is cast to this for the kernel; the result comes back in x's dtype
-    weight: torch.Tensor
-    scale: torch.Tensor
-    aux: torch.Tensor | None
-    stacked: bool = False
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.weight, self.scale] + ([] if self.aux is None else [self.aux])
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
-    def select(self, i: int) -> PackedWeight:
-        """Weight ``i`` of a stack (views, no copy)."""
-        assert self.stacked
-        aux = None if self.aux is None else self.aux[i]
-        return dataclasses.replace(self, weight=self.weight[i], scale=self.scale[i], aux=aux, stacked=False)
-
-    def gather(self, index: torch.Tensor) -> PackedWeight:
-        """The stack of weights ``index`` [N] (long, on the device) of a stack: chosen on the device, no host sync,
-        so a CUDA graph can capture it. Copies those weights' quantized bytes."""
-        assert self.stacked
-        aux = None if self.aux is None else self.aux.index_select(0, index)
-        return dataclasses.replace(self, weight=self.weight.index_select(0, index),
-                                   scale=self.scale.index_select(0, index), aux=aux)
+def cat_rows(parts: Sequence[QuantizedTensor], name: str = "weight") -> QuantizedTensor:
+    """The weights ``parts`` (one format, group size and input size) stacked along their output rows, as stored
+    (e.g. an expert's gate and up projections into gate_up). FP8 blocks stay whole where every part's rows are a
+    multiple of the block's; otherwise the scales become per row (``block_rows`` 1)."""
+    first = parts[0]
+    for p in parts:
+        if (p.fmt, p.group_size, p.shape[1], p.block_rows) != (first.fmt, first.group_size, first.shape[1],
+                                                               first.block_rows):
+            raise ConfigError(f"{name}: cannot concatenate {p.fmt} {p.shape} (group {p.group_size}) with "
+                              f"{first.fmt} {first.shape} (group {first.group_size})")
+    if any(p.shape[0] % p.block_rows for p in parts):
+        parts = [_row_scaled(p) for p in parts]
+    z = None if first.zero is None else torch.cat([p.zero for p in parts if p.zero is not None])
+    return dataclasses.replace(parts[0], shape=(sum(p.shape[0] for p in parts), first.shape[1]),
+                               qweight=torch.cat([p.qweight for p in parts]),
+                               scale=torch.cat([p.scale for p in parts]), zero=z)
 
 
-def stack_packed(ws: Sequence[PackedWeight]) -> PackedWeight:
-    """Several packed weights of one kernel, shape and group size as one stack [n, ...] (a copy)."""
-    first = ws[0]
-    key = (first.kernel, first.fmt, first.shape, first.group_size, first.act_dtype)
-    for w in ws:
-        if (w.kernel, w.fmt, w.shape, w.group_size, w.act_dtype) != key or w.stacked:
-            raise ConfigError(f"cannot stack packed weights of different kinds: {key} and "
-                              f"{(w.kernel, w.fmt, w.shape, w.group_size, w.act_dtype)}")
-    aux = None if first.aux is None else torch.stack([w.aux for w in ws if w.aux is not None])
-    return dataclasses.replace(first, weight=torch.stack([w.weight for w in ws]),
-                               scale=torch.stack([w.scale for w in ws]), aux=aux, stacked=True)
-
-
-def kernel_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
-    """The activation dtype ``pack`` should be given for a backend of ``device`` / ``dtype``: bf16 on the CPU
-    (the only dtype with vectorized CPU kernels, see the module docstring) and on CUDA (tinygemm takes bf16
-    only); elsewhere ``dtype`` (the dequant path)."""
-    return torch.bfloat16 if torch.device(device).type in ("cpu", "cuda") else dtype
-
-
-def _inner_k_tiles(i: int) -> int | None:
-    return next((k for k in (8, 4, 2) if i % (16 * k) == 0), None)
-
-
-def choose_kernel(qt: QuantizedTensor, device: torch.device | str, act_dtype: torch.dtype) -> str:
-    """Which kernel ``pack`` uses for this weight on ``device`` with ``act_dtype`` activations."""
-    dev = torch.device(device)
-    o, i = qt.shape
-    if act_dtype != torch.bfloat16 or dev.type not in ("cpu", "cuda"):
-        return "dequant"
-    if dev.type == "cpu":
-        if qt.fmt == "q8":
-            return "cpu_int8"
-        return "cpu_int4" if o % 16 == 0 else "dequant"
-    if qt.fmt == "q4":
-        return "cuda_int4" if o % 8 == 0 and _inner_k_tiles(i) is not None else "dequant"
-    return "cuda_int8"
-
-
-def pack(qt: QuantizedTensor, device: torch.device | str, act_dtype: torch.dtype) -> PackedWeight:
-    """The kernel layout of ``qt`` on ``device`` for activations in ``act_dtype`` (see ``choose_kernel``).
-    Temporaries are the size of the quantized weight (int32 codes for the CPU int4 layout: 4 bytes a value)."""
-    dev = torch.device(device)
-    kernel = choose_kernel(qt, dev, act_dtype)
-    q = qt.qweight.to(dev)
-    base = PackedWeight(kernel, qt.fmt, qt.shape, qt.group_size, act_dtype, q, qt.scale.to(dev), None)
-    if kernel == "dequant":
-        return dataclasses.replace(base, aux=None if qt.zero is None else qt.zero.to(dev))
-    if kernel == "cuda_int8":
-        return base
-    if kernel == "cpu_int8":
-        ones = torch.ones(qt.shape[0], dtype=act_dtype, device=dev)
-        return dataclasses.replace(base, aux=ones)
-    assert qt.zero is not None
-    scales_and_zeros = torch.stack([qt.scale.to(dev).t(), qt.zero.to(dev).t()], dim=-1)  # [I/G, O, 2]
-    sz = scales_and_zeros.to(act_dtype).contiguous()
-    if kernel == "cpu_int4":
-        codes = _unpack_nibbles(q).to(torch.int32)  # [O, I]
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    else:
-        swapped = ((q & 0x0F) << 4) | (q >> 4)  # tinygemm wants column 2j in the HIGH nibble
-        tiles = _inner_k_tiles(qt.shape[1])
-        assert tiles is not None
-        packed = torch._convert_weight_to_int4pack(swapped.contiguous(), tiles)
-    return dataclasses.replace(base, weight=packed, scale=sz)
-
-
-def qlinear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [N, I] @ W.T + bias`` -> [N, O] in x's dtype, with ``W`` the quantized weight ``w`` stands for."""
-    kernel = w.kernel
-    if kernel == "dequant":
-        if w.fmt == "q8":
-            wf = w.weight.to(torch.float32) * w.scale.to(torch.float32)[:, None]  # [O, I]
-        else:
-            assert w.aux is not None
-            wf = _dequantize_q4(w.weight, w.scale, w.aux, w.group_size)  # [O, I]
-        return F.linear(x, wf if wf.dtype is x.dtype else wf.to(x.dtype), bias)
-    xa = x if x.dtype is w.act_dtype else x.to(w.act_dtype)
-    if kernel == "cpu_int4":
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xa, w.weight, w.group_size, w.scale)  # [N, O]
-    elif kernel == "cuda_int4":
-        y = torch._weight_int4pack_mm(xa, w.weight, w.group_size, w.scale)  # [N, O]
-    elif kernel == "cuda_int8":  # exact int8 -> bf16, cuBLAS, then the stored fp32 scale per output
-        y = F.linear(xa, w.weight.to(w.act_dtype)) * w.scale  # [N, O] fp32
-    else:  # cpu_int8: unit scales in the kernel, the fp32 scale applied after (exactly the stored one)
-        assert w.aux is not None
-        y = torch._weight_int8pack_mm(xa, w.weight, w.aux) * w.scale  # [N, O] fp32
-    if bias is not None:
-        y = y + bias
-    return y if y.dtype is x.dtype else y.to(x.dtype)
+def take_rows(qt: QuantizedTensor, index: torch.Tensor) -> QuantizedTensor:
+    """The weight made of rows ``index`` [O'] (long) of ``qt``, as stored (e.g. gpt-oss's interleaved gate/up rows
+    put in order); FP8 row blocks become per-row scales."""
+    q = _row_scaled(qt)
+    z = None if q.zero is None else q.zero.index_select(0, index)
+    return dataclasses.replace(q, shape=(int(index.numel()), q.shape[1]), qweight=q.qweight.index_select(0, index),
+                               scale=q.scale.index_select(0, index), zero=z)

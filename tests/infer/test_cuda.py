@@ -135,7 +135,8 @@ def test_quantized_kernels_on_cuda_match_the_reference_path(fmt):
     on CUDA (else the dequant path): within the bf16 tolerance of test_qtensor of fp32 dequantize + F.linear."""
     import torch.nn.functional as F
 
-    from ekmesh.infer.qtensor import pack, qlinear, quantize
+    from ekmesh.infer.qkernels import pack, qlinear
+    from ekmesh.infer.qtensor import quantize
 
     g = torch.Generator().manual_seed(0)
     for o, i in [(1536, 2048), (2048, 768), (64, 64), (64, 32), (2880, 2880)]:
@@ -153,21 +154,47 @@ def test_quantized_kernels_on_cuda_match_the_reference_path(fmt):
             assert rel <= 1.5e-2, (o, i, n, rel)
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_checkpoint_format_kernels_on_cuda_match_the_reference_path(fmt):
+    """The checkpoints' formats on CUDA (the dequant path, kept as stored in memory): within the bf16 tolerance of
+    fp32 dequantize + F.linear on the CPU."""
+    import torch.nn.functional as F
+
+    from ekmesh.infer.qkernels import pack, qlinear
+    from tests.infer.checkpoint_formats import to_fp8, to_mxfp4
+
+    g = torch.Generator().manual_seed(0)
+    for o, i in [(1536, 2048), (2048, 768), (2880, 2880)]:
+        w = torch.randn(o, i, generator=g) * 0.02
+        qt = to_fp8(w) if fmt == "fp8" else to_mxfp4(w)
+        pw = pack(qt, "cuda", torch.bfloat16)
+        assert pw.nbytes() == qt.nbytes(), "held as stored"
+        for n in (1, 17):
+            x = torch.randn(n, i, generator=g)
+            bias = torch.randn(o, generator=g) * 0.01
+            ref = F.linear(x, qt.dequantize(), bias)
+            got = qlinear(x.cuda().bfloat16(), pw, bias.cuda().bfloat16()).float().cpu()
+            rel = ((got - ref).abs().max() / ref.abs().max()).item()
+            print(f"{fmt} {pw.kernel} [{o}, {i}] N={n}: max |kernel - ref| / max |ref| = {rel:.2e}")
+            assert rel <= 1.5e-2, (o, i, n, rel)
+
+
 def _quantized_backends(ckpt, fmt, device, dtype):
-    """The checkpoint's experts quantized to ``fmt`` on ``device``, and a CPU fp32 backend of their dequantized
-    weights (the reference)."""
-    from ekmesh.infer.expert import ExpertWeights, quantize_expert
+    """The checkpoint's experts quantized to ``fmt`` on ``device`` (fp8 / mxfp4: as a checkpoint in that format
+    holds them), and a CPU fp32 backend of their dequantized weights (the reference)."""
+    from ekmesh.infer.expert import ExpertWeights
+    from tests.infer.checkpoint_formats import in_format
 
     spec = ckpt.config.expert_spec()
     qb, ref = LocalExperts(spec, device, dtype), LocalExperts(spec)
     for layer, e in ckpt.expert_addresses():
-        q = quantize_expert(ckpt.family.read_expert(ckpt.reader, ckpt.config, layer, e), fmt)
+        q = in_format(ckpt.family.read_expert(ckpt.reader, ckpt.config, layer, e), fmt, (16, 16))
         qb.add(layer, e, q)
         ref.add(layer, e, ExpertWeights(q.gate_up.dequantize(), q.down.dequantize(), q.gate_up_bias, q.down_bias))
     return qb, ref
 
 
-@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("fmt", ["q8", "q4", "fp8", "mxfp4"])
 def test_quantized_experts_on_cuda_equal_dequantized_cpu(fmt, tmp_path):
     path = _build("qwen3_moe", tmp_path / "q")
     ckpt = Checkpoint.open(path)
@@ -185,7 +212,7 @@ def test_quantized_experts_on_cuda_equal_dequantized_cpu(fmt, tmp_path):
         assert rel <= 3e-2, rel
 
 
-@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("fmt", ["q8", "q4", "fp8", "mxfp4"])
 def test_quantized_graph_decode_equals_eager(fmt, tmp_path):
     """CUDA-graph decode over quantized experts (``_gathered_q``: packed weights gathered on the device) against
     eager decode (``_grouped_loop_q``), teacher-forced, bf16."""
@@ -216,7 +243,7 @@ def test_quantized_graph_decode_equals_eager(fmt, tmp_path):
     assert agree >= 0.8 * len(tokens), (agree, worst)
 
 
-@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("fmt", ["q8", "q4", "fp8", "mxfp4"])
 def test_quantized_experts_replay_in_a_cuda_graph(fmt, tmp_path):
     """One MoE layer of quantized experts captured in graph mode (``_gathered_q``), replayed with new tokens,
     routing and weights: each replay gives what an eager call (``_grouped_loop_q``) gives."""

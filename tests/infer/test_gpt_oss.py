@@ -19,6 +19,7 @@ from ekmesh.core.errors import TensorShapeError
 from ekmesh.infer.expert import ExpertSpec, expert_activation
 from ekmesh.infer.loader import Checkpoint, load_dense
 from ekmesh.infer.models import family_for, gpt_oss
+from ekmesh.infer.qtensor import QuantizedTensor
 from tests.tiny_models import check_matches_transformers, random_prompt
 
 TOL = 1e-4
@@ -135,13 +136,11 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return blocks.contiguous(), (exp + 127).to(torch.uint8), deq.reshape(w.shape)
 
 
-@pytest.fixture(scope="module")
-def mxfp4(tiny: tuple[Path, Any]) -> tuple[Path, dict[str, torch.Tensor]]:
-    """The tiny model with its experts quantized to MXFP4 under the released names; bf16 expert biases.
-
-    Also returns the independent float reference per fused name: dequantized weights in transformers' layout
-    (``gate_up_proj [E, D, 2I]``, ``down_proj [E, I, D]``) and the bf16-rounded biases."""
-    path, ref = tiny
+def write_mxfp4(path: Path, ref: Any, qpath: Path) -> dict[str, torch.Tensor]:
+    """The tiny model ``ref`` (saved at ``path``) written to ``qpath`` with its experts quantized to MXFP4 under the
+    released names; bf16 expert biases. Returns the independent float reference per fused name: dequantized
+    weights in transformers' layout (``gate_up_proj [E, D, 2I]``, ``down_proj [E, I, D]``) and the bf16-rounded
+    biases."""
     out, want = {}, {}
     for name, t in ref.state_dict().items():
         t = t.detach().contiguous()
@@ -154,14 +153,21 @@ def mxfp4(tiny: tuple[Path, Any]) -> tuple[Path, dict[str, torch.Tensor]]:
             want[name] = out[name].float()
         else:
             out[name] = t
-    qpath = path.parent / "mxfp4"
-    qpath.mkdir()
+    qpath.mkdir(parents=True)
     save_file(out, str(qpath / "model.safetensors"))
     hf = json.loads((path / "config.json").read_text())
     hf["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (qpath / "config.json").write_text(json.dumps(hf))
-    return qpath, want
+    return want
+
+
+@pytest.fixture(scope="module")
+def mxfp4(tiny: tuple[Path, Any]) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The tiny model in MXFP4 (``write_mxfp4``) and its float reference."""
+    path, ref = tiny
+    qpath = path.parent / "mxfp4"
+    return qpath, write_mxfp4(path, ref, qpath)
 
 
 @pytest.mark.slow
@@ -191,12 +197,19 @@ def test_read_expert_matches_independent_reference(
     layer, expert, inter = 2, 5, TINY["intermediate_size"]
     p = f"model.layers.{layer}.mlp.experts"
     w = gpt_oss.read_expert(ckpt.reader, ckpt.config, layer, expert)
+    if layout == "mxfp4":  # kept as stored: MXFP4 in memory, equal to the reference once dequantized
+        assert isinstance(w.gate_up, QuantizedTensor) and isinstance(w.down, QuantizedTensor)
+        assert (w.gate_up.fmt, w.down.fmt) == ("mxfp4", "mxfp4")
+        gate_up, down = w.gate_up.dequantize(), w.down.dequantize()
+    else:
+        assert isinstance(w.gate_up, torch.Tensor) and isinstance(w.down, torch.Tensor)
+        gate_up, down = w.gate_up, w.down
     gu = want[f"{p}.gate_up_proj"][expert]  # [D, 2I], gate/up interleaved on the last axis
     gub = want[f"{p}.gate_up_proj_bias"][expert]  # [2I], interleaved
-    assert torch.equal(w.gate_up[:inter], gu[:, 0::2].t()) and torch.equal(w.gate_up[inter:], gu[:, 1::2].t())
+    assert torch.equal(gate_up[:inter], gu[:, 0::2].t()) and torch.equal(gate_up[inter:], gu[:, 1::2].t())
     assert w.gate_up_bias is not None and w.down_bias is not None
     assert torch.equal(w.gate_up_bias, torch.cat([gub[0::2], gub[1::2]]))
-    assert torch.equal(w.down, want[f"{p}.down_proj"][expert].t())
+    assert torch.equal(down, want[f"{p}.down_proj"][expert].t())
     assert torch.equal(w.down_bias, want[f"{p}.down_proj_bias"][expert])
     # Only that expert's rows were read.
     assert ckpt.reader.read_log and all(n.endswith(f"[{expert}]") for n in ckpt.reader.read_log), \

@@ -25,16 +25,14 @@ from ekmesh.infer.expert import (
     quantize_expert,
 )
 from ekmesh.infer.experts import LocalExperts
+from ekmesh.infer.qkernels import pack, qlinear, stack_packed
 from ekmesh.infer.qtensor import (
     Q4_GROUP_SIZES,
     QFORMATS,
     QuantizedTensor,
     default_group_size,
     expert_prefix,
-    pack,
-    qlinear,
     quantize,
-    stack_packed,
     tensor_names,
 )
 

@@ -7,7 +7,8 @@ dense blobs. The test checks from the host's status that every MoE layer has exp
 host loaded none, then asks the host's API for greedy tokens (prompt as token ids) and compares them with one
 process over the same checkpoint; afterwards the host must have made round trips to both holders. The same for a
 q8 and a q4 model of every family (``import --quantize`` on node 0, slightly wider tiny models so q4's groups divide
-their dimensions): the mesh answers as one process on that quantized model.
+their dimensions): the mesh answers as one process on that quantized model. And the same for a checkpoint whose
+experts are in its own format (DeepSeek-V3 block FP8, gpt-oss MXFP4), kept as they are on the holders.
 
 Faults: four nodes (host + three holders, R = 2); a long streamed generation; after some tokens the holder the host
 used most is SIGKILLed; the generation completes with exactly the tokens of the run without a fault.
@@ -26,8 +27,8 @@ import pytest
 
 from ekmesh.core import threads
 from ekmesh.infer.dataplane import poll
-from tests.infer.test_deepseek import make_tiny_deepseek
-from tests.infer.test_gpt_oss import make_tiny_gpt_oss
+from tests.infer.test_deepseek import make_tiny_deepseek, write_fp8
+from tests.infer.test_gpt_oss import make_tiny_gpt_oss, write_mxfp4
 from tests.node.servingmesh import ServingMesh, post, seeds_splitting_every_layer, stream_token_ids
 from tests.tiny_models import make_tiny, random_prompt
 
@@ -108,8 +109,41 @@ def test_three_nodes_equal_one_process_quantized(arch: str, fmt: str, tmp_path: 
     _three_nodes_equal_one_process(arch, tmp_path, model_id, _one_process_stored(model_id, store))
 
 
+def _checkpoint_in_own_format(arch: str, directory: Path) -> Path:
+    """A tiny checkpoint whose routed experts are in the checkpoint format of its family: DeepSeek-V3's block FP8
+    (every projection, [16, 16] blocks) or gpt-oss's MXFP4."""
+    if arch == "deepseek_v3":
+        src, _ = make_tiny_deepseek("v3_noaux_tc", directory / "float")
+        return write_fp8(src, directory / "fp8")
+    src, ref = make_tiny_gpt_oss(directory / "float")
+    write_mxfp4(src, ref, directory / "mxfp4")
+    return directory / "mxfp4"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(("arch", "fmt"), [("deepseek_v3", "fp8"), ("gpt_oss", "mxfp4")])
+def test_three_nodes_equal_one_process_checkpoint_formats(arch: str, fmt: str, tmp_path: Path) -> None:
+    """A checkpoint in its own quantized format (DeepSeek block FP8, gpt-oss MXFP4) is served with its experts kept
+    in that format on every holder (status says so, and the bytes held are the checkpoint's); the mesh answers as
+    one process over the same checkpoint."""
+    from ekmesh.shard.store import Store
+
+    src = _checkpoint_in_own_format(arch, tmp_path / "ckpt")
+    model_id = _import(src, tmp_path / "n0")
+    m = Store(tmp_path / "n0" / "store").load_manifest(model_id)
+    stored = {(layer, e): m.data["blobs"][b]["size"] for (layer, e), b in m.expert_ids().items()}
+    mesh_status = _three_nodes_equal_one_process(arch, tmp_path, model_id, _one_process(src))
+    for serving in mesh_status:
+        assert serving["experts_format"] == fmt, serving
+        n = serving["loaded_experts"]
+        # held bytes: the checkpoint's weights and scales, not an expansion (fp32 would be 4x / 8x the blob)
+        assert n > 0 and serving["loaded_bytes"] <= 1.5 * n * max(stored.values()), serving
+
+
 def _three_nodes_equal_one_process(arch: str, tmp_path: Path, model_id: str,
-                                   reference: Callable[[list[int], int], list[int]]) -> None:
+                                   reference: Callable[[list[int], int], list[int]]) -> list[dict[str, Any]]:
+    """Runs the comparison; returns the holders' ``serving`` status after the answer."""
     from ekmesh.shard.store import Store
     m = Store(tmp_path / "n0" / "store").load_manifest(model_id)
     moe_layers = sorted({layer for layer, _ in m.expert_ids()})
@@ -150,6 +184,7 @@ def _three_nodes_equal_one_process(arch: str, tmp_path: Path, model_id: str,
         # torch's operator threads as core/threads.py plans them for this environment (None: OMP_NUM_THREADS rules)
         planned = threads.plan(os.environ, threads.usable_cpus())
         assert after["threads"] == (planned if planned is not None else after["threads"]) >= 1, after
+        return [node.status()["serving"] for node in mesh.nodes if node.peer_id in holders]
 
 
 def _ready_layers(mesh: ServingMesh, holders: set[str]) -> dict[str, set[int]]:

@@ -19,7 +19,9 @@ Checkpoint expert layouts read by ``read_expert`` (only the one expert's rows of
   + ``gate_up_proj_scales [E, 2I, D/32]`` (Linear layout, interleaved rows), ``down_proj_blocks [E, D, I/32, 16]``
   + ``down_proj_scales [E, D, I/32]``, plus the float biases above.
 Both are returned in ekmesh's linear, de-interleaved layout (``ekmesh.infer.experts``): ``gate_up [2I, D]`` with
-gate rows first, ``down [D, I]``, ``gate_up_bias [2I]`` in the same order, ``down_bias [D]``.
+gate rows first, ``down [D, I]``, ``gate_up_bias [2I]`` in the same order, ``down_bias [D]``. MXFP4 weights stay
+MXFP4 (``QuantizedTensor`` of ``qtensor``, rows reordered as stored: nothing is expanded); a gpt-oss checkpoint in
+block FP8 is expanded to float (its row blocks would not survive the de-interleave).
 
 Parameter names equal the checkpoint names (``model.layers.N.mlp.router.weight``, ``self_attn.sinks``), so
 ``checkpoint_names`` is the identity.
@@ -46,7 +48,8 @@ from ekmesh.infer.models.common import (
 )
 from ekmesh.infer.models.family import ExpertReader
 from ekmesh.infer.models.standard import StandardConfig, standard_fields
-from ekmesh.infer.quant import MXFP4_BLOCK, dequant_mxfp4
+from ekmesh.infer.qtensor import QuantizedTensor, take_rows
+from ekmesh.infer.quant import MXFP4_BLOCK
 
 ARCHITECTURES = ("GptOssForCausalLM",)
 MODEL_TYPES = ("gpt_oss",)
@@ -155,7 +158,8 @@ def _check_shape(reader: ExpertReader, name: str, expected: tuple[int, ...]) -> 
         raise TensorShapeError(name, list(expected), list(got))
 
 
-def _mxfp4_weight(reader: ExpertReader, name: str, num_experts: int, rows: int, cols: int, expert: int) -> torch.Tensor:
+def _mxfp4_weight(reader: ExpertReader, name: str, num_experts: int, rows: int, cols: int,
+                  expert: int) -> QuantizedTensor:
     """One expert's ``[rows, cols]`` Linear-layout weight from ``{name}_blocks`` / ``{name}_scales``."""
     groups, rem = divmod(cols, MXFP4_BLOCK)
     if rem:
@@ -164,12 +168,18 @@ def _mxfp4_weight(reader: ExpertReader, name: str, num_experts: int, rows: int, 
     _check_shape(reader, f"{name}_scales", (num_experts, rows, groups))
     blocks = reader.raw(f"{name}_blocks", index=expert)  # [rows, G, 16]
     scales = reader.raw(f"{name}_scales", index=expert)  # [rows, G]
-    return dequant_mxfp4(blocks, scales, name)  # [rows, G*32]
+    return QuantizedTensor.mxfp4(blocks, scales, name)  # [rows, G*32], kept as stored
 
 
 def _deinterleave(t: torch.Tensor) -> torch.Tensor:
     """[2I, ...] rows gate0, up0, gate1, up1, ... -> [2I, ...] all gate rows, then all up rows."""
     return torch.cat([t[0::2], t[1::2]], dim=0)  # [2I, ...]
+
+
+def _deinterleave_q(t: QuantizedTensor) -> QuantizedTensor:
+    """``_deinterleave`` of a weight kept as stored: its rows reordered, nothing dequantized."""
+    n = t.shape[0]
+    return take_rows(t, torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)]))  # [2I, D]
 
 
 def read_expert(reader: ExpertReader, cfg: Config, layer: int, expert: int) -> ExpertWeights:
@@ -179,21 +189,23 @@ def read_expert(reader: ExpertReader, cfg: Config, layer: int, expert: int) -> E
     if not 0 <= expert < e:
         raise ConfigError(f"expert id {expert} out of range [0, {e})")
     p = f"model.layers.{layer}.mlp.experts"
+    gate_up: torch.Tensor | QuantizedTensor
+    down: torch.Tensor | QuantizedTensor
     if reader.has(f"{p}.gate_up_proj_blocks"):
-        gate_up = _mxfp4_weight(reader, f"{p}.gate_up_proj", e, 2 * i, d, expert)  # [2I, D], interleaved rows
+        gate_up = _deinterleave_q(_mxfp4_weight(reader, f"{p}.gate_up_proj", e, 2 * i, d, expert))  # [2I, D]
         down = _mxfp4_weight(reader, f"{p}.down_proj", e, d, i, expert)  # [D, I]
     elif reader.has(f"{p}.gate_up_proj"):
         _check_shape(reader, f"{p}.gate_up_proj", (e, d, 2 * i))
         _check_shape(reader, f"{p}.down_proj", (e, i, d))
-        gate_up = reader.get(f"{p}.gate_up_proj", expert).t()  # [D, 2I] -> [2I, D], interleaved rows
-        down = reader.get(f"{p}.down_proj", expert).t()  # [I, D] -> [D, I]
+        gate_up = _deinterleave(reader.get(f"{p}.gate_up_proj", expert).t()).contiguous()  # [D, 2I] -> [2I, D]
+        down = reader.get(f"{p}.down_proj", expert).t().contiguous()  # [I, D] -> [D, I]
     else:
         raise MissingTensorError(f"{p}.gate_up_proj", f"nor MXFP4 {p}.gate_up_proj_blocks")
     _check_shape(reader, f"{p}.gate_up_proj_bias", (e, 2 * i))
     _check_shape(reader, f"{p}.down_proj_bias", (e, d))
     w = ExpertWeights(
-        gate_up=_deinterleave(gate_up).contiguous(),  # [2I, D]
-        down=down.contiguous(),  # [D, I]
+        gate_up=gate_up,  # [2I, D], gate rows first
+        down=down,  # [D, I]
         gate_up_bias=_deinterleave(reader.get(f"{p}.gate_up_proj_bias", expert)),  # [2I]
         down_bias=reader.get(f"{p}.down_proj_bias", expert),  # [D]
     )
