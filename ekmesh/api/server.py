@@ -2,9 +2,9 @@
 ``/v1/chat/completions`` and ``/v1/completions``, streaming (Server-Sent Events) or not.
 
 Role: translate HTTP requests into generation on an ``Engine`` (the node's attention host over the mesh, or a
-one-process model for ``python -m ekmesh.api``) and stream the tokens back. One thread per request
-(``ThreadingHTTPServer``); generation is blocking torch work and runs in that thread, so several conversations run
-at once (the engine serialises what cannot run concurrently).
+one-process model for ``python -m ekmesh.api``) and stream the tokens back. One thread per connection (the bounded
+transport of ``api.transport``); generation is blocking torch work and runs in that thread, so several
+conversations run at once (the engine serialises what cannot run concurrently).
 
 Not responsible for: the model, the mesh, authentication (it binds 127.0.0.1 only, like the control endpoint's
 socket; an ``Authorization`` header is accepted and ignored so any OpenAI client works unchanged).
@@ -17,10 +17,15 @@ without a tokenizer; ``"return_token_ids": true`` adds the generated ids to the 
 (and to every streamed chunk, then sent even when its text is empty); ``"ignore_eos": true`` generates until
 ``max_tokens`` or a stop string.
 
-Invariants: request bodies are bounded (``MAX_BODY``) and validated before any generation starts; at most
-``max_active`` generations run at once (more get 429); every socket read and write has a deadline; every error is a
-JSON ``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status; a client that closes its connection
-mid-stream stops its generation at the next token; a stream always ends with ``data: [DONE]`` unless the client left.
+Invariants (the HTTP-level bounds are ``api.transport``'s: backlog 128, at most ``max_connections`` connections
+= threads, in all and per source address, beyond them 429 ``too_many_connections``; a request's head and body read
+within ``request_deadline_s`` or 408; bodies over ``MAX_BODY`` refused 413 from the head; malformed heads 400, 414,
+431, 501, 505): request bodies are validated before any generation starts, prompt token ids included (each in the
+served model's vocabulary, else 400); at most ``max_active`` generations run at once (more get 429 ``busy`` with
+``Retry-After``); every socket read and write has a deadline (``SOCKET_TIMEOUT_S`` per write of a stream); every
+error is a JSON ``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status; a client that closes its
+connection mid-stream stops its generation at the next token; a stream always ends with ``data: [DONE]`` unless
+the client left.
 """
 
 from __future__ import annotations
@@ -32,9 +37,17 @@ import threading
 import time
 import uuid
 from collections.abc import Generator as Gen
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
+from ekmesh.api.transport import (
+    MAX_BODY,  # noqa: F401 (the API's body limit, named here too: ``server.MAX_BODY``)
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_ADDRESS,
+    REQUEST_DEADLINE_S,
+    RETRY_AFTER_S,
+    BoundedHTTPServer,
+    JsonRequestHandler,
+)
 from ekmesh.api.types import Engine, ServedModel, resolve
 from ekmesh.core.constants import API_PORT
 from ekmesh.core.errors import (
@@ -52,11 +65,9 @@ if TYPE_CHECKING:  # torch is imported only where a model is served: a node with
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 4 << 20
 MAX_MESSAGES = 1024
 DEFAULT_MAX_TOKENS = 256
 MAX_ACTIVE = 16  # generations at once; more are answered 429 at once (each one holds a thread and a KV cache)
-SOCKET_TIMEOUT_S = 60.0  # a client that stops sending its request, or stops reading its stream, is dropped
 
 
 # -- request parsing -------------------------------------------------------------------------------------------
@@ -131,6 +142,10 @@ class Run:
         if len(prompt_ids) >= served.context:
             raise BadRequestError(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
                                   f"{served.context}")
+        vocab = served.generator.vocab_size
+        bad = next((i for i in prompt_ids if not 0 <= i < vocab), None)
+        if bad is not None:  # checked here so that it is a bad request, not a failed generation
+            raise BadRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
         room = served.context - len(prompt_ids)
         if params.max_tokens > room:
             params = dataclasses.replace(params, max_tokens=room)
@@ -192,22 +207,27 @@ class _ClientGone(Exception):  # noqa: N818 (not an error: control flow inside t
     """The client closed its connection mid-answer: stop generating for it."""
 
 
-class ApiServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class ApiServer(BoundedHTTPServer):
+    """The API on ``host:port`` (a free port if it is taken): ``max_active`` generations at once, and the
+    transport's bounds (``max_connections`` in all, ``max_per_address`` from one address, ``request_deadline_s`` to
+    send a request)."""
 
     def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = API_PORT,
-                 max_active: int = MAX_ACTIVE) -> None:
+                 max_active: int = MAX_ACTIVE, *, max_connections: int = MAX_CONNECTIONS,
+                 max_per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
+                 request_deadline_s: float = REQUEST_DEADLINE_S) -> None:
         self.engine = engine
         self.max_active = max_active
         self.slots = threading.BoundedSemaphore(max_active)
+        bounds: dict[str, Any] = {"max_connections": max_connections, "max_per_address": max_per_address,
+                                  "request_deadline_s": request_deadline_s}
         try:
-            super().__init__((host, port), _Handler)
+            super().__init__((host, port), _Handler, **bounds)
         except OSError as exc:
             if port == 0:
                 raise ConfigError(f"cannot listen for the API on {host}: {exc}") from exc
             log.warning("API port %d is taken (%s); using a free port instead", port, exc)
-            super().__init__((host, 0), _Handler)
+            super().__init__((host, 0), _Handler, **bounds)
         self.url = f"http://{host}:{self.server_address[1]}/v1"
         self._thread: threading.Thread | None = None
 
@@ -224,48 +244,15 @@ class ApiServer(ThreadingHTTPServer):
             self._thread.join(timeout=5)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = SOCKET_TIMEOUT_S
+class _Handler(JsonRequestHandler):
     server: ApiServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
-        log.debug("api %s: " + format, self.client_address[0], *args)
-
     # -- plumbing
-    def _send_json(self, status: int, obj: dict[str, Any]) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, status: int, message: str, kind: str, code: str | None = None) -> None:
-        self._send_json(status, {"error": {"message": message, "type": kind, "code": code}})
-
-    def _body(self) -> dict[str, Any]:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise BadRequestError("a JSON body with a Content-Length is required")
-        n = int(length)
-        if n > MAX_BODY:
-            self.close_connection = True
-            raise BadRequestError(f"the body is {n} bytes; at most {MAX_BODY} are accepted")
-        try:
-            obj = json.loads(self.rfile.read(n))
-        except ValueError as exc:
-            raise BadRequestError(f"the body is not valid JSON: {exc}") from exc
-        if not isinstance(obj, dict):
-            raise BadRequestError("the body must be a JSON object")
-        return obj
-
     def _sse_start(self) -> None:
-        self.close_connection = True
+        self.close_connection = True  # the stream ends with the connection (``Connection: close`` is sent)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
         self.end_headers()
 
     def _sse(self, obj: dict[str, Any] | str) -> None:
@@ -295,7 +282,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"no such endpoint: POST {path}", "invalid_request_error", "not_found")
             return
         try:
-            body = self._body()
+            body = self.json_body()
             served = resolve(self.server.engine, body.get("model"))
             params = sampling_from(body)
             chat = path == "/v1/chat/completions"
@@ -312,7 +299,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if not self.server.slots.acquire(blocking=False):
             self._error(429, f"this node is answering {self.server.max_active} requests already; try again shortly",
-                        "rate_limit_error", "busy")
+                        "rate_limit_error", "busy", retry_after=RETRY_AFTER_S)
             return
         try:
             if body.get("stream"):

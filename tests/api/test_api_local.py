@@ -89,7 +89,7 @@ def test_bad_bodies_are_refused_before_generation(server: api.ApiServer) -> None
     c.putheader("Content-Length", str(api.MAX_BODY + 1))
     c.endheaders()
     r = c.getresponse()
-    assert r.status == 400 and f"at most {api.MAX_BODY} are accepted" in json.loads(r.read())["error"]["message"]
+    assert r.status == 413 and f"at most {api.MAX_BODY} are accepted" in json.loads(r.read())["error"]["message"]
     c.close()
 
 

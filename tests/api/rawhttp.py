@@ -1,0 +1,74 @@
+"""Raw-socket HTTP helpers for the API's tests: send exact bytes, read one answer, tell an orderly close from a reset.
+
+The tests that use these speak HTTP by hand on purpose (malformed heads, slow clients, a flood of connections), so a
+client library's own checks and retries cannot hide what the server did.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from ekmesh.api import server as api
+
+READ_DEADLINE_S = 30.0  # every read of these helpers gives up after this
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def assert_error(self, status: int) -> dict[str, Any]:
+        """That this is the API's documented JSON error with ``status``; returns its ``error`` object."""
+        assert self.status == status, (self.status, self.body[:300])
+        assert self.headers.get("content-type") == "application/json", (self.headers, self.body[:300])
+        err = self.json()["error"]
+        assert set(err) == {"message", "type", "code"} and isinstance(err["message"], str) and err["message"], err
+        assert err["type"] == ("invalid_request_error" if status < 500 and status != 429 else
+                               "rate_limit_error" if status == 429 else "server_error"), err
+        return dict(err)
+
+
+def connect(srv: api.ApiServer, source: str | None = None) -> socket.socket:
+    host, port = srv.server_address[:2]
+    return socket.create_connection((str(host), int(port)), timeout=READ_DEADLINE_S,
+                                    source_address=(source, 0) if source else None)
+
+
+def read_answer(sock: socket.socket, method: str = "GET") -> Answer:
+    """One HTTP answer from ``sock`` (status line, headers, a body of Content-Length bytes)."""
+    resp = http.client.HTTPResponse(sock, method=method)
+    resp.begin()
+    body = resp.read()
+    return Answer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, body)
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server has closed ``sock`` (EOF, or a reset once our answer has been read); waits at most
+    ``READ_DEADLINE_S`` for it."""
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def exchange(srv: api.ApiServer, raw: bytes, method: str = "GET", wait_close: bool = True) -> tuple[Answer, bool]:
+    """Send ``raw`` on a fresh connection, read the answer; also (with ``wait_close``) whether the server then closed
+    the connection."""
+    with connect(srv) as s:
+        s.sendall(raw)
+        answer = read_answer(s, method)
+        return answer, wait_close and closed_by_server(s)
