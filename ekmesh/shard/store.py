@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,6 +51,15 @@ def _hex(blob_id: str) -> str:
     if not ID_RE.match(blob_id):
         raise ShardError(f"{blob_id!r} is not a blob id ('blake3:' and 64 hex digits)")
     return blob_id.split(":", 1)[1]
+
+
+_ALIASES_LOCK = threading.Lock()
+
+
+def _tmp_beside(path: Path) -> Path:
+    """A temp file name next to ``path``, unique per writer (process and thread): renamed over ``path`` when
+    complete, so readers never see half a file and writers never take each other's temp file."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -193,7 +203,7 @@ class Store:
             return
         marker = self._marker(blob_id)
         marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(f".{os.getpid()}.tmp")
+        tmp = _tmp_beside(marker)
         tmp.write_text(_stamp(self.blob_path(blob_id).stat()))
         os.replace(tmp, marker)
 
@@ -271,7 +281,7 @@ class Store:
     def save_manifest(self, m: Manifest) -> str:
         self._writable()
         path = self.manifest_path(m.id)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp = _tmp_beside(path)
         with open(tmp, "wb") as f:
             f.write(m.bytes())
             f.flush()
@@ -317,13 +327,14 @@ class Store:
     def set_aliases(self, aliases: dict[str, str]) -> None:
         self._writable()
         path = self.root / "aliases.json"
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp = _tmp_beside(path)
         tmp.write_text(json.dumps(aliases, sort_keys=True, indent=1), encoding="utf-8")
         os.replace(tmp, path)
 
     def set_alias(self, alias: str, model_id: str) -> None:
         _hex(model_id)
-        self.set_aliases({**self.aliases(), alias: model_id})
+        with _ALIASES_LOCK:  # read-modify-write: two threads must not each drop the other's alias
+            self.set_aliases({**self.aliases(), alias: model_id})
 
     def resolve(self, ref: str) -> str:
         """A model id from a model id, a unique id prefix (``blake3:abc…`` or ``abc…``) or an alias."""

@@ -102,3 +102,33 @@ def test_corrupt_manifests_are_refused_with_the_field_named():
     del bad["sizes"]
     with pytest.raises(ManifestError, match="'sizes' is missing"):
         Manifest.build(bad)
+
+
+def test_threads_of_one_process_save_manifests_and_aliases_at_once(tmp_path):
+    """Writes of one process's threads do not share a temp file: before, the temp name was the pid alone, so one
+    thread's rename took the other's file away (FileNotFoundError, seen killing a node)."""
+    import threading
+
+    s = Store(tmp_path / "store")
+    m = Manifest.build(_manifest())
+    start = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        start.wait()
+        try:
+            for _ in range(200):
+                s.save_manifest(m)
+                s.set_alias(f"a{i}", m.id)
+        except BaseException as exc:  # noqa: BLE001 (collected and re-raised by the test)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors[:3]
+    assert s.load_manifest(m.id).data == m.data
+    assert s.aliases() == {f"a{i}": m.id for i in range(4)}  # no thread's alias lost
+    assert not list((tmp_path / "store").rglob("*.tmp"))
