@@ -177,7 +177,8 @@ def test_from_source_in_one_pass_equals_quantizing_the_stored_model(parent, tmp_
 
 
 def test_from_source_reads_the_checkpoints_own_fp8(tmp_path) -> None:
-    """DeepSeek's block-FP8 experts are dequantized by the loader, then quantized: one pass and two steps agree."""
+    """DeepSeek's block-FP8 experts (read as stored, fp8) are quantized from their exact values: one pass and two
+    steps agree."""
     from ekmesh.registry.quantize import import_quantized_from_source
     from tests.infer.test_deepseek import make_tiny_deepseek, write_fp8
 
@@ -189,3 +190,24 @@ def test_from_source_reads_the_checkpoints_own_fp8(tmp_path) -> None:
     assert one_pass.model_id == two_steps.model_id
     m = b.load_manifest(one_pass.model_id)
     assert m.experts_format is not None and m.experts_format["format"] == "q8" and m.dense_ids()
+
+
+def test_from_a_hub_id_in_one_pass(parent, tmp_path, monkeypatch) -> None:
+    """``import --quantize`` of a hub id (a stand-in hub on 127.0.0.1 with range requests, via HF_ENDPOINT): one
+    pass gives the very quantized expert blobs the directory gives; only the manifests' sources differ."""
+    from ekmesh.registry.quantize import import_quantized_from_source
+    from tests.shard.hubstub import HubStub
+
+    root, _ = parent
+    local = import_quantized_from_source(str(root / "ckpt"), "q4", store=Store(tmp_path / "dir"))
+    with HubStub({"bench/tiny-moe": root / "ckpt"}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        store = Store(tmp_path / "hub")
+        via_hub = import_quantized_from_source("bench/tiny-moe", "q4", store=store)
+    m_hub, m_dir = store.load_manifest(via_hub.model_id), Store(tmp_path / "dir").load_manifest(local.model_id)
+    assert m_hub.expert_ids() == m_dir.expert_ids() and len(m_hub.expert_ids()) == 16
+    assert via_hub.model_id != local.model_id  # the provenance (hub repo and revision vs directory) differs
+    assert m_hub.experts_format is not None and m_hub.experts_format["format"] == "q4"
+    parent_hub = store.load_manifest(m_hub.experts_format["derived_from"])
+    assert parent_hub.data["source"]["kind"] == "hub"
+    assert not any(store.has(b) for b in parent_hub.expert_ids().values())
