@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ekmesh.core.tls import TlsIdentity, make_context  # noqa: E402
-from ekmesh.shard.exchange import BlobListener, BlobServer, TlsDialer  # noqa: E402
+from ekmesh.shard.blobserver import BlobListener, BlobServer  # noqa: E402
+from ekmesh.shard.exchange import TlsDialer  # noqa: E402
 from ekmesh.shard.fetch.fetcher import Fetcher  # noqa: E402
 from ekmesh.shard.store import Store  # noqa: E402
 

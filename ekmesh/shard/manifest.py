@@ -54,7 +54,7 @@ from ekmesh.core.errors import ManifestError
 from ekmesh.core.ids import BlobId, ExpertKey, ModelId
 
 SCHEMA = 1
-ID_RE = re.compile(r"^blake3:[0-9a-f]{64}$")
+ID_RE = re.compile(r"^blake3:[0-9a-f]{64}\Z")  # \Z: "$" would also match before a final newline
 _KEY_RE = re.compile(r"^(.+)\[(\d+)\]$")
 EXPERT_FORMATS = ("q8", "q4")
 _DERIVED_NAME_RE = re.compile(r"^experts\.(\d+)\.(\d+)\.[a-z_]+(\.[a-z]+)?$")

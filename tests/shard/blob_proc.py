@@ -26,7 +26,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     from ekmesh.core.tls import TlsIdentity, make_context
-    from ekmesh.shard.exchange import BlobListener, BlobServer
+    from ekmesh.shard.blobserver import BlobListener, BlobServer
     from ekmesh.shard.store import Store
 
     identity = TlsIdentity.generate(args.peer_id)

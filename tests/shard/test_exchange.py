@@ -16,7 +16,8 @@ import pytest
 
 from ekmesh.core.errors import BlobUnavailableError, ShardError
 from ekmesh.core.tls import TlsIdentity, make_context
-from ekmesh.shard.exchange import BlobListener, BlobServer, ServerLimits, Status, TlsDialer
+from ekmesh.shard.blobserver import BlobListener, BlobServer, ServerLimits
+from ekmesh.shard.exchange import Status, TlsDialer
 from ekmesh.shard.fetch.fetcher import FetchConfig, Fetcher, source_fallback
 from ekmesh.shard.store import Store
 from tests.shard.blob_proc import BlobProc

@@ -13,7 +13,8 @@ import pytest
 
 from ekmesh.core.errors import PeerClosedError, PeerError, PeerIdentityError
 from ekmesh.core.tls import TlsIdentity, make_context
-from ekmesh.shard.exchange import CHUNK, Link, ServerLimits, Status, TlsDialer, client_link, get, server_link
+from ekmesh.shard.blobserver import ServerLimits
+from ekmesh.shard.exchange import CHUNK, Link, Status, TlsDialer, client_link, get, server_link
 from tests.shard.test_exchange import NAMES, GatedServer, blob, mesh, put
 
 MiB = 1 << 20

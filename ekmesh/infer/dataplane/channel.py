@@ -89,18 +89,23 @@ class FrameReader:
         start += HEADER_SIZE
         n = h.payload_len
         have = min(n, self._end - start)
-        payload = bytearray(n)
-        if have:
-            payload[:have] = self._view[start:start + have]
+        first = self._view[start:start + have]  # stays valid until the next _fill
         start += have
         self._start = start
         if start == self._end:
             self._start = self._end = 0
-        if have < n:
-            if body_timeout is not None:
-                deadline = time.monotonic() + body_timeout
-            _recv_into(self.sock, memoryview(payload)[have:], deadline, self.peer)
-        return decode_body(h, payload, self.model)
+        if have < n and body_timeout is not None:
+            deadline = time.monotonic() + body_timeout
+        return decode_body(h, self._payload(n, first, deadline), self.model)
+
+    def _payload(self, n: int, first: memoryview, deadline: float) -> bytearray | memoryview:
+        """A frame's ``n``-byte payload: ``first`` (its bytes already buffered), the rest read by ``deadline``. (The
+        expert server overrides it to reserve memory for a large payload as its bytes arrive.)"""
+        payload = bytearray(n)
+        payload[:len(first)] = first
+        if len(first) < n:
+            _recv_into(self.sock, memoryview(payload)[len(first):], deadline, self.peer)
+        return payload
 
     def _fill(self, deadline: float, poll_s: float = 0.0) -> None:
         if self._start and len(self._buf) - self._start < HEADER_SIZE:  # too little room left: move to the front
