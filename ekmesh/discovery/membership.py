@@ -4,8 +4,9 @@ Equivalent of gossip, chosen over py-libp2p's gossipsub because gossipsub drops 
 rate limits and queue sizes (see DESIGN.md) and cannot tell a slow peer from a dead one. Each node, every
 ``advert_interval``, for every peer it knows (or was told to dial):
   1. makes sure a connection exists (dialing the addresses of the peer's advert in order, direct ones first and
-     then its ``/p2p-circuit`` addresses through ``dial_circuit`` (see ``relay``), with backoff for peers that
-     failed);
+     then its ``/p2p-circuit`` addresses through ``dial_circuit`` (see ``relay``), with backoff for bootstrap and
+     discovered peers that failed; a member that went down is visited every interval, so a healed one is up again
+     within about two intervals, plus the deadline of a dial in flight when the network came back);
   2. pings it (libp2p ping; measures RTT);
   3. syncs: sends its own fresh advert and a digest ``{peer id: [incarnation, seq]}`` of its view, and gets back
      every advert the other side holds that is newer than the digest.
@@ -143,6 +144,7 @@ class Membership:
             await self._sync(pid)
         except (PeerError, ProtocolError) as exc:
             self._failed(peer_id, str(exc))
+            await self._drop_if_down(pid)
         else:
             self.candidates.pop(peer_id, None)
             if peer_id not in self._introduced:
@@ -159,10 +161,24 @@ class Membership:
         log.debug("visit to %s failed: %s", peer_id, reason)
         self._emit(self.view.ping_failed(peer_id, reason))
         entry = self.view.get(peer_id)
-        if entry is None or entry.state != "up":
+        if entry is not None and entry.state == "down":
+            # a member that went down is visited every interval (one visit in flight at a time), not after a
+            # backoff that grew while it was away: once it is reachable again it is up within about two intervals
+            self._backoff.pop(peer_id, None)
+            self._next_dial.pop(peer_id, None)
+        elif entry is None or entry.state != "up":
             backoff = self._backoff.get(peer_id, self.timeouts.redial_interval / 2) * 2
             self._backoff[peer_id] = min(backoff, self.timeouts.redial_max_interval)
             self._next_dial[peer_id] = trio.current_time() + self._backoff[peer_id]
+
+    async def _drop_if_down(self, pid: ID) -> None:
+        """Closes the connection to a peer that is down: after a partition it may be stale, its TCP retransmitting
+        on a timer that doubles up to minutes, so the next visit dials afresh instead of waiting behind it."""
+        entry = self.view.get(pid.to_base58())
+        if entry is None or entry.state != "down" or not hostlib.is_connected(self.host, pid):
+            return
+        with trio.move_on_after(self.timeouts.stream_timeout):
+            await self.host.disconnect(pid)
 
     async def _ping(self, pid: ID) -> float:
         stream: INetStream | None = None

@@ -5,9 +5,11 @@ live peers that claim the same model (budget = the memory each advertises, ``mem
 it lacks into the local store from peers over blob exchange (``shard.fetch.Fetcher``; every peer that claims runs a
 ``BlobListener`` and puts its ``blob_addr`` and TLS certificate fingerprint ``tls_fp`` in its signed advert, which
 is what connections are pinned on), and only then advertise them ready (``publish``: the node's advert). A node
-started with a model id it has no manifest for gets the manifest from a peer that advertises the model: a GET of the
-model id over
-blob exchange, checked against the id (the id is the hash of the manifest's bytes).
+started with a model id it has no manifest for gets the manifest from a peer over blob exchange (a GET of the model
+id, checked against the id: the id is the hash of the manifest's bytes; ``node.manifest_search``): from the peers
+that advertise the model and from any other live peer that serves blobs (one that claims no experts, e.g. an
+attention-only host that imported the model, stores it without advertising it); while none has it, ``state`` says
+why and the log warns. Such non-claiming peers are also the last sources asked for the expert and dense blobs.
 
 "Ready" means *verified in the store and loaded*: with ``hooks`` (``ClaimHooks``; the node's ``Serving``), an
 expert is advertised only once ``hooks.load`` has put it on this node's device; ``hooks.unload`` runs when the node
@@ -29,7 +31,9 @@ Invariants:
 - the placement is recomputed only when the set of claiming peers and their capacities has been stable for
   ``debounce_s`` (joins come in bursts); readiness of others is re-read every ``tick_s``;
 - blocking work (placement, hashing, fetching, the listener's sockets) runs in worker threads; the trio task only
-  reads the view and publishes. Peers' blob-exchange addresses and pins are handed to threads as immutable copies.
+  reads the view and publishes. Peers' blob-exchange addresses and pins are handed to threads as immutable copies,
+  re-read from the view every ``tick_s`` by a task of their own, so a peer's new certificate (after its restart) is
+  accepted while the claim loop waits on a fetch.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ from ekmesh.core.errors import BlobUnavailableError, ConfigError, EkmeshError, S
 from ekmesh.core.ids import Endpoint, ExpertKey, Fingerprint
 from ekmesh.core.tls import TlsIdentity, make_context
 from ekmesh.discovery.advert import Advert, ModelReady
-from ekmesh.shard.exchange import BlobListener, BlobServer, Status, TlsDialer, get
+from ekmesh.node.manifest_search import ManifestSearch
+from ekmesh.shard.blobserver import BlobListener, BlobServer
+from ekmesh.shard.exchange import TlsDialer
 from ekmesh.shard.fetch.fetcher import FetchConfig, Fetcher, FetchReport, source_fallback
 from ekmesh.shard.manifest import ID_RE, Manifest
 from ekmesh.shard.placement import PeerCapacity, Placement, place
@@ -56,7 +62,7 @@ from ekmesh.shard.store import Store, packaged_store
 
 log = logging.getLogger(__name__)
 
-MAX_MANIFEST = 64 << 20
+MANIFEST_WARN_AFTER_S = 5.0  # a node still without its manifest after this long (or meet_s) says so in the log
 T = TypeVar("T")
 
 
@@ -149,6 +155,7 @@ class Claimer:
         self._pending_since = 0.0
         self._next_fetch = 0.0
         self._started = time.monotonic()
+        self._search: ManifestSearch | None = None  # while the manifest comes from peers
         try:
             self.model_id = store.resolve(config.model)
         except ShardMissingError:
@@ -206,26 +213,38 @@ class Claimer:
         self._started = time.monotonic()
         assert self._fetcher is not None, "run() before open()"
         try:
-            while self.manifest is None:
-                self._refresh_peers()
-                self.manifest = await self._find_manifest()
-                if self.manifest is None:
-                    self.state = "waiting for the manifest"
-                    await trio.sleep(self.config.retry_s)
-            self.model_id = self.manifest.id
-            self._source_fallback = source_fallback(self.store, self.manifest)
-            if self.hooks is not None:
-                attention = await trio.to_thread.run_sync(self.hooks.prepare, self.manifest)
-                self.dense = self.dense and attention
-            self.state = "claiming"
-            if self.config.experts:
-                self._publish()  # an empty grid: this node now takes part in the placement
-            while True:
-                await self._step()
-                await trio.sleep(self.config.tick_s)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_peers)
+                await self._claim(nursery)
+                nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.close)
+
+    async def _watch_peers(self) -> None:
+        """Keeps the blob-exchange pins and addresses in step with the view every ``tick_s``, whatever the claim loop
+        is waiting for (a fetch from a hung peer can take ``io_s`` per try): a restarted peer's new certificate is
+        accepted, and its new address dialled, as soon as its advert is in the view."""
+        while True:
+            self._refresh_peers()
+            await trio.sleep(self.config.tick_s)
+
+    async def _claim(self, nursery: trio.Nursery) -> None:
+        while self.manifest is None:
+            self.manifest = await self._find_manifest(nursery)
+            if self.manifest is None:
+                await trio.sleep(self.config.tick_s)
+        self.model_id = self.manifest.id
+        self._source_fallback = source_fallback(self.store, self.manifest)
+        if self.hooks is not None:
+            attention = await trio.to_thread.run_sync(self.hooks.prepare, self.manifest)
+            self.dense = self.dense and attention
+        self.state = "claiming"
+        if self.config.experts:
+            self._publish()  # an empty grid: this node now takes part in the placement
+        while True:
+            await self._step()
+            await trio.sleep(self.config.tick_s)
 
     def _refresh_peers(self) -> dict[str, Advert]:
         live: dict[str, Advert] = {a.peer_id: a for a in self.live()}
@@ -237,7 +256,9 @@ class Claimer:
         self._pins, self._addrs = pins, addrs  # replaced whole: threads read a consistent copy
         return live
 
-    async def _find_manifest(self) -> Manifest | None:
+    async def _find_manifest(self, nursery: trio.Nursery) -> Manifest | None:
+        """The store's or the package's manifest, else one a peer gave (``ManifestSearch``; asks run in
+        ``nursery``)."""
         mid = self.model_id or self.config.model
         try:
             return await trio.to_thread.run_sync(self.store.load_manifest, mid)
@@ -248,44 +269,29 @@ class Claimer:
             await trio.to_thread.run_sync(self.store.save_manifest, m)
             log.info("model %s: manifest taken from the package", mid)
             return m
-        for a in self.live():
-            if mid in a.models and a.peer_id in self._addrs:
-                try:
-                    m = await _abandoning(partial(self._get_manifest, a.peer_id, mid))
-                except EkmeshError as exc:
-                    log.warning("could not get the manifest of %s from peer %s: %s", mid, a.peer_id, exc)
-                    continue
-                log.info("got the manifest of model %s from peer %s", mid, a.peer_id)
-                return m
-        return None
-
-    def _get_manifest(self, peer: str, model_id: str) -> Manifest:
-        assert self._fetcher is not None
-        link = self._fetcher.dial(peer)
-        try:
-            ans = get(link, model_id, 0, 0, self.config.io_s)
-            if ans.status != Status.OK:
-                raise ShardMissingError(f"manifest {model_id}", f"peer {peer}: {ans.status.name} {ans.message}")
-            if ans.length > MAX_MANIFEST:
-                raise ShardMissingError(f"manifest {model_id}", f"peer {peer} offers {ans.length} bytes")
-            buf = bytearray(ans.length)
-            got = 0
-            while got < ans.length:
-                got += link.recv_into(memoryview(buf)[got:], self.config.io_s)
-        finally:
-            link.close()
-        m = Manifest.parse(bytes(buf), model_id, where=f"manifest {model_id} from peer {peer}")
-        self.store.save_manifest(m)
-        return m
+        if self._search is None:
+            assert self._fetcher is not None
+            self._search = ManifestSearch(mid, self._fetcher.manifest, self.config.retry_s,
+                                          max(self.config.meet_s, MANIFEST_WARN_AFTER_S))
+        live = [a for a in self._refresh_peers().values() if a.peer_id != self.peer_id]
+        found = self._search.round(nursery, live, self._addrs)
+        if found is None:
+            self.state = f"waiting for the manifest: {self._search.why}"
+            return None
+        await trio.to_thread.run_sync(self.store.save_manifest, found)
+        return found
 
     async def _step(self) -> None:
         m, cfg, me = self.manifest, self.config, self.peer_id
         assert m is not None
         live = self._refresh_peers()
         claiming = {pid: a for pid, a in live.items() if m.id in a.models or (pid == me and cfg.experts)}
+        # peers that serve blobs but claim no experts of the model (an attention-only host that imported it may
+        # hold every blob): asked last, after the claiming peers
+        stores = [p for p in self._addrs if p not in claiming]
         now = time.monotonic()
         if self.dense and not self.dense_ready and now >= self._next_fetch:
-            await self._fetch_dense(m, [p for p in live if p != me and m.id in live[p].models])
+            await self._fetch_dense(m, [p for p in claiming if p != me] + stores)
         key = tuple(sorted((pid, a.memory_total, a.speed or 1.0) for pid, a in claiming.items()))
         if not key:
             return  # nobody claims experts yet (this node holds none)
@@ -310,7 +316,7 @@ class Claimer:
                 first = [p for p in placement.holders.get(it, []) if it in ready_at.get(p, ())]
                 others = [p for p, r in ready_at.items() if it in r and p not in first]
                 rest = [p for p in claiming if p != me and p not in first and p not in others]  # may have it stored
-                holders[experts[it]] = [p for p in first + others + rest if p in self._addrs]
+                holders[experts[it]] = [p for p in first + others + rest + stores if p in self._addrs]
             got = await _abandoning(partial(self._fetch, holders))
             self._have |= {it for it in todo if experts[it] in got}  # two experts may share a blob
             if todo - self._have:

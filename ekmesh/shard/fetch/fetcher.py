@@ -3,7 +3,8 @@
 Role: given ``{blob id: [holder peer ids]}``, bring every blob into the store. Small blobs (< ``split_at``) come whole,
 different blobs from different holders; a large blob is split into ``range_size`` ranges fetched in parallel from
 its holders. Links come from an injected ``dial(peer_id)`` (``exchange.TlsDialer`` by default in the node); this
-module opens no socket itself. It is not responsible for choosing holders (placement) or for loading blobs.
+module opens no socket itself. ``Fetcher.manifest`` gets one model's manifest from one peer (a GET of the model id,
+checked against the id). It is not responsible for choosing holders (placement) or for loading blobs.
 
 Invariants:
 - bytes land in ``store/tmp/fetch-<hex>.part`` (flock-ed: one fetcher per blob per store) and become a blob only
@@ -38,6 +39,7 @@ from ekmesh.core.errors import (
     ShardMissingError,
 )
 from ekmesh.shard.blobfmt import parts_for, stream_blob
+from ekmesh.shard.exchange import Status, get
 from ekmesh.shard.fetch.config import FetchConfig, FetchReport
 from ekmesh.shard.fetch.partial import Partial
 from ekmesh.shard.fetch.peers import Dial, PeerSlots
@@ -48,6 +50,7 @@ from ekmesh.shard.source import Source, TensorEntry
 from ekmesh.shard.store import Store
 
 _DEFAULT_CONFIG = FetchConfig()
+MAX_MANIFEST = 64 << 20
 
 
 class Fetcher:
@@ -93,6 +96,26 @@ class Fetcher:
         if failed:
             raise BlobUnavailableError(failed, report)
         return report
+
+
+    def manifest(self, peer: str, model_id: str) -> Manifest:
+        """Blocking: the manifest of ``model_id`` from ``peer`` (a GET of the model id), checked against the id;
+        ``ShardMissingError`` when the peer answers without it, ``PeerError`` / ``ProtocolError`` when the link
+        fails."""
+        link = self.dial(peer)
+        try:
+            ans = get(link, model_id, 0, 0, self.config.io_s)
+            if ans.status != Status.OK:
+                raise ShardMissingError(f"manifest {model_id}", f"peer {peer}: {ans.status.name} {ans.message}")
+            if ans.length > MAX_MANIFEST:
+                raise ShardMissingError(f"manifest {model_id}", f"peer {peer} offers {ans.length} bytes")
+            buf = bytearray(ans.length)
+            got = 0
+            while got < ans.length:
+                got += link.recv_into(memoryview(buf)[got:], self.config.io_s)
+        finally:
+            link.close()
+        return Manifest.parse(bytes(buf), model_id, where=f"manifest {model_id} from peer {peer}")
 
 
 def source_fallback(store: Store, manifest: Manifest, source: Source | None = None) -> Callable[[str], None]:
