@@ -21,38 +21,16 @@ from collections.abc import Iterator
 import pytest
 from meshproc import FAST, NodeProc, ekmesh_argv, env_for, wait_until
 
+from tests.netns import routed_pair
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                                 reason="needs root and iproute2 to create network namespaces")
 
 
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
 @pytest.fixture
 def split_net() -> Iterator[tuple[dict[str, str], str]]:
-    tag = f"{os.getpid() % 100000}"
-    ns = {k: f"ekr{tag}{k}" for k in ("a", "r", "b")}
-    net = f"10.{120 + os.getpid() % 100}"
-    try:
-        for n in ns.values():
-            ip("netns", "add", n)
-            ip("-n", n, "link", "set", "lo", "up")
-        ip("netns", "exec", ns["r"], "sysctl", "-qw", "net.ipv4.ip_forward=0")
-        for side, sub in (("a", 1), ("b", 2)):
-            outer, inner = f"ekr{tag}{side}0", f"ekr{tag}{side}1"
-            ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-            ip("link", "set", outer, "netns", ns["r"])
-            ip("link", "set", inner, "netns", ns[side])
-            ip("-n", ns["r"], "addr", "add", f"{net}.{sub}.1/24", "dev", outer)
-            ip("-n", ns[side], "addr", "add", f"{net}.{sub}.2/24", "dev", inner)
-            ip("-n", ns["r"], "link", "set", outer, "up")
-            ip("-n", ns[side], "link", "set", inner, "up")
-            ip("-n", ns[side], "route", "add", "default", "via", f"{net}.{sub}.1")
-        yield ns, net
-    finally:
-        for n in ns.values():
-            subprocess.run(["ip", "netns", "del", n], capture_output=True, timeout=10)
+    with routed_pair("ekr", 120, forwarding=False) as net:
+        yield net
 
 
 def status(node: NodeProc, ns: str) -> dict:

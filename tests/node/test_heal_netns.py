@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.discovery.meshproc import FAST, NodeProc
+from tests.netns import routed_pair, set_forwarding
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                                 reason="needs root and iproute2 to create network namespaces")
@@ -27,38 +27,12 @@ PARTITION_S = 20.0  # how long the link stays broken once both sides saw the oth
 ADVERT_INTERVAL = float(FAST[FAST.index("--advert-interval") + 1])
 
 
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
 @pytest.fixture
 def routed_net() -> Iterator[tuple[dict[str, str], str]]:
-    tag = f"{os.getpid() % 100000}"
-    ns = {k: f"ekh{tag}{k}" for k in ("a", "r", "b")}
-    net = f"10.{20 + os.getpid() % 100}"
-    try:
-        for n in ns.values():
-            ip("netns", "add", n)
-            ip("-n", n, "link", "set", "lo", "up")
-        ip("netns", "exec", ns["r"], "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        for side, sub in (("a", 1), ("b", 2)):
-            outer, inner = f"ekh{tag}{side}0", f"ekh{tag}{side}1"
-            ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-            ip("link", "set", outer, "netns", ns["r"])
-            ip("link", "set", inner, "netns", ns[side])
-            ip("-n", ns["r"], "addr", "add", f"{net}.{sub}.1/24", "dev", outer)
-            ip("-n", ns[side], "addr", "add", f"{net}.{sub}.2/24", "dev", inner)
-            ip("-n", ns["r"], "link", "set", outer, "up")
-            ip("-n", ns[side], "link", "set", inner, "up")
-            ip("-n", ns[side], "route", "add", "default", "via", f"{net}.{sub}.1")
-        yield ns, net
-    finally:
-        for n in ns.values():
-            subprocess.run(["ip", "netns", "del", n], capture_output=True, timeout=10)
+    with routed_pair("ekh", 20, forwarding=True) as net:
+        yield net
 
 
-def _forwarding(ns: str, on: bool) -> None:
-    ip("netns", "exec", ns, "sysctl", "-qw", f"net.ipv4.ip_forward={int(on)}")
 
 
 @pytest.mark.slow
@@ -87,11 +61,11 @@ def test_a_healed_peer_is_up_again_within_a_few_advert_intervals(tmp_path: Path,
         event(a, "joined", b, 30)
         event(b, "joined", a, 30)
 
-        _forwarding(ns["r"], False)
+        set_forwarding(ns["r"], False)
         event(a, "down", b, 30)
         event(b, "down", a, 30)
         time.sleep(PARTITION_S)  # the fault's duration: both sides keep trying to reach the other meanwhile
-        _forwarding(ns["r"], True)
+        set_forwarding(ns["r"], True)
         healed = time.monotonic()
         # within a few advert intervals plus one connect deadline (a dial that was in flight at the heal); the
         # redial backoff of today's code, grown to 16 s by now, takes 15-20 s
