@@ -7,8 +7,9 @@ every expert; once its status says so, its resident memory (``VmRSS`` from ``/pr
 backend reports (``loaded_bytes``) are read. The variants: the float model held in bf16 (``--dtype bf16``, the
 baseline a user of a bf16 checkpoint holds) and in fp32 (the CPU default), and the q8 and q4 models (their experts
 stay quantized whatever ``--dtype`` says). The floor is the same node offering too little memory for any expert
-(torch, libp2p and the node's own state, no expert): expert RSS = RSS - floor, and the ratios are to bf16's (goals: q8 <= 0.53,
-q4 <= 0.30). Nodes run one after another with the same arguments; the median of ``--repeats`` runs is reported.
+(torch, libp2p and the node's own state, no expert): expert RSS = RSS - floor, and the ratios are to bf16's
+(goals: q8 <= 0.53, q4 <= 0.30). Nodes run one after another with the same arguments; the median of ``--repeats``
+runs is reported.
 
     python benchmarks/node_memory.py [--layers 4 --experts 64 --hidden 1024 --inter 768] [--json]
 """
