@@ -14,6 +14,7 @@ json, tokenizers, jinja2) are translated once, at the boundary of the package th
     │   ├── ShardMissingError        a blob or model is not in the store (names it)
     │   ├── BlobHashMismatchError    a blob's bytes do not hash to its id (names the id; blob quarantined)
     │   ├── BlobUnavailableError     blob exchange could not fetch some blobs from any holder or fallback (names each)
+    │   ├── StoreFullError           the disk holding the store is full (names what was being written and where)
     │   └── ManifestError            a manifest is malformed, fails its schema (names the field) or its hash
     ├── TokenizerError               tokenizer files or chat template are missing or invalid
     ├── GenerationError              bad generation request (empty prompt, ids out of range, ...)
@@ -106,6 +107,23 @@ class BlobUnavailableError(ShardError):
         lines = "; ".join(f"{b}: {why}" for b, why in sorted(failures.items())[:5])
         more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
         super().__init__(f"{len(failures)} blob(s) could not be fetched: {lines}{more}")
+
+
+class StoreFullError(ShardError):
+    """The filesystem holding the store (``where``) has no space left (ENOSPC, or a quota's EDQUOT) for ``what`` (a
+    blob being imported or fetched, a manifest, an import's journal). What was being written was removed (no half
+    blob, no temp file) and what was stored before stays, so the same import or fetch resumes from it once space is
+    freed. ``free``: bytes free there when it failed (None if unknown); ``report``: a blob fetch's report (what did
+    arrive), else None."""
+
+    def __init__(self, what: str, where: str, free: int | None = None, report: object = None) -> None:
+        self.what = what
+        self.where = where
+        self.free = free
+        self.report = report
+        left = f" ({free} bytes free)" if free is not None else ""
+        super().__init__(f"no space left on the disk holding the store {where}{left} while writing {what}: free "
+                         "some space there and run it again (what is already stored is kept)")
 
 
 class ManifestError(ShardError):

@@ -48,7 +48,7 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
-from ekmesh.core.errors import BlobUnavailableError, ConfigError, EkmeshError, ShardMissingError
+from ekmesh.core.errors import BlobUnavailableError, ConfigError, EkmeshError, ShardMissingError, StoreFullError
 from ekmesh.core.ids import Endpoint, ExpertKey, Fingerprint
 from ekmesh.core.tls import TlsIdentity, make_context
 from ekmesh.discovery.advert import Advert, ModelReady
@@ -391,6 +391,9 @@ class Claimer:
         except BlobUnavailableError as exc:
             report = exc.report if isinstance(exc.report, FetchReport) else None
             log.info("%d expert blob(s) not fetched yet: %s", len(exc.failures), exc)
+        except StoreFullError as exc:  # retried like any fetch: space may be freed meanwhile
+            report = exc.report if isinstance(exc.report, FetchReport) else None
+            log.warning("%s", exc)
         self.stats.fetch_seconds += time.monotonic() - start
         if report is not None:
             self.stats.fetched_bytes += sum(report.received.values())

@@ -15,12 +15,16 @@ rebuilt from its ranges, hashed, and stored only if it hashes to the manifest's 
 
 Resume: blobs already in the store (and verifying) are skipped. A full import also appends each finished blob to
 a journal (``store/imports/<source key>.jsonl``, keyed by the source and its tensor table) so a re-run skips it
-without reading its bytes again. Test hook: ``EKMESH_TEST_IMPORT_DELAY_S`` sleeps that long after each stored blob,
-so tests can kill an import mid-way reliably. Progress goes to an injected ``Progress`` (the CLI draws it).
+without reading its bytes again. A full disk stops an import with ``StoreFullError`` (naming the blob or record it
+was writing, and the store) and leaves nothing partial: the store removes a blob it could not finish, and a journal
+line it could not finish is cut off again, so the re-run, once space is freed, resumes from every whole record.
+Test hook: ``EKMESH_TEST_IMPORT_DELAY_S`` sleeps that long after each stored blob, so tests can kill an import
+mid-way reliably. Progress goes to an injected ``Progress`` (the CLI draws it).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -37,7 +41,7 @@ from ekmesh.shard.blobfmt import Part, blob_size, parts_for, stream_blob
 from ekmesh.shard.hub import open_hub
 from ekmesh.shard.manifest import SCHEMA, Manifest, canonical
 from ekmesh.shard.source import DirSource, Source, TensorEntry
-from ekmesh.shard.store import Store
+from ekmesh.shard.store import Store, out_of_space
 
 DELAY_ENV = "EKMESH_TEST_IMPORT_DELAY_S"
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -121,6 +125,7 @@ class Journal:
     re-run skips them without reading their bytes again."""
 
     def __init__(self, store: Store, key: str) -> None:
+        self.store = store
         self.path = store.root / "imports" / f"{key}.jsonl"
         self.done: dict[str, str] = {}
         try:
@@ -134,10 +139,29 @@ class Journal:
             pass
 
     def record(self, job: str, blob_id: str) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"job": job, "id": blob_id}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Appends one line; a line the disk had no room for is cut off again (a torn line would swallow the next
+        record appended after it), and ``StoreFullError`` raised."""
+        line = (json.dumps({"job": job, "id": blob_id}) + "\n").encode()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise self.store.write_error(f"the import journal {self.path.name}", exc) from exc
+        try:
+            end = os.fstat(fd).st_size
+            try:
+                written = 0
+                while written < len(line):
+                    n = os.write(fd, line[written:])
+                    if n <= 0:
+                        raise OSError(errno.EIO, f"{self.path}: a write took no bytes")
+                    written += n
+                os.fsync(fd)
+            except OSError as exc:
+                if out_of_space(exc):
+                    os.ftruncate(fd, end)  # shrinking needs no space
+                raise self.store.write_error(f"the import journal's record of {job}", exc) from exc
+        finally:
+            os.close(fd)
         self.done[job] = blob_id
 
 
@@ -206,7 +230,7 @@ def import_full(ref: str, planner: Planner, revision: str | None = None, alias: 
             _, at_layer, at_expert = job.split(".")
             ids[job] = expert_sink(int(at_layer), int(at_expert), chunks)
             continue  # not stored: nothing to journal
-        ids[job] = store.put(chunks)
+        ids[job] = store.put(chunks, what=f"the {job} blob of {ref}")
         journal.record(job, ids[job])
         _delay()
     for job, parts in jobs:
@@ -218,7 +242,7 @@ def import_full(ref: str, planner: Planner, revision: str | None = None, alias: 
     files: dict[str, str] = {}
     for fname in src.meta_files():
         content = src.read_file(fname)
-        bid = store.put([content])
+        bid = store.put([content], what=f"{fname} of {ref}")
         files[fname] = bid
         blobs.setdefault(bid, {"size": len(content), "file": fname})
     if "config.json" not in files:

@@ -21,23 +21,31 @@ go to ``tmp/``, are fsynced, hashed and renamed, then the directory is fsynced; 
 first use unless its ``verified`` record still matches its stat (any write changes ctime, so a tampered or
 truncated blob is re-hashed); a blob that fails is moved to ``quarantine/`` and ``BlobHashMismatchError`` names
 its id. Manifests are checked against their id on every load. Ids are validated before they become paths.
+
+A full disk (ENOSPC, or a quota's EDQUOT) is a ``StoreFullError`` naming what was being written and the store:
+whatever was being written is removed (its temp file too) before it is raised, so a full disk leaves nothing
+partial, and what was stored before stays. A ``verified`` record that finds no space is not written (it is a cache:
+the blob is hashed again on its next use), so reading and verifying a full store still works.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import blake3
 
-from ekmesh.core.errors import BlobHashMismatchError, ManifestError, ShardError, ShardMissingError
+from ekmesh.core.errors import BlobHashMismatchError, ManifestError, ShardError, ShardMissingError, StoreFullError
 from ekmesh.core.paths import ekmesh_home
 from ekmesh.shard.manifest import ID_RE, Manifest
 
@@ -74,18 +82,41 @@ def _stamp(st: os.stat_result) -> str:
     return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
 
 
-class BlobWriter:
-    """Writes one blob into ``tmp/``, hashing as it goes; ``commit`` makes it visible under its id."""
+def out_of_space(exc: OSError) -> bool:
+    """Whether a failed write found its filesystem (or the user's quota) full."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
-    def __init__(self, store: Store) -> None:
+
+def _close_quietly(f: IO[bytes], path: Path) -> None:
+    """Closes a file whose write failed; the close may fail again flushing what it buffered (a full disk), and the
+    file goes all the same (its caller removes it next)."""
+    try:
+        f.close()
+    except OSError as exc:
+        log.debug("closing %s after a failed write: %s", path, exc)
+
+
+class BlobWriter:
+    """Writes one blob into ``tmp/``, hashing as it goes; ``commit`` makes it visible under its id. ``what`` names
+    the blob in errors (``StoreFullError``). A failed write or commit removes the temp file before it raises."""
+
+    def __init__(self, store: Store, what: str = "a blob") -> None:
         self.store = store
+        self.what = what
         self.path = store.root / "tmp" / f"{os.getpid()}-{secrets.token_hex(8)}.part"
-        self._f = open(self.path, "wb")  # noqa: SIM115 - closed in commit/abort
+        try:
+            self._f = open(self.path, "wb")  # noqa: SIM115 - closed in commit/abort
+        except OSError as exc:
+            raise store.write_error(what, exc) from exc
         self._h = blake3.blake3()
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
-        self._f.write(chunk)
+        try:
+            self._f.write(chunk)
+        except OSError as exc:
+            self.abort()
+            raise self.store.write_error(f"{self.what} (at byte {self.size})", exc) from exc
         self._h.update(chunk)
         self.size += len(chunk)
 
@@ -104,7 +135,7 @@ class BlobWriter:
             _fsync_dir(dest.parent)
         except OSError as exc:
             self.abort()
-            raise ShardError(f"cannot write a blob into {self.store.root}: {exc}") from exc
+            raise self.store.write_error(f"{self.what} ({self.size} bytes)", exc) from exc
         except BlobHashMismatchError:
             self.abort()
             raise
@@ -112,7 +143,7 @@ class BlobWriter:
         return blob_id
 
     def abort(self) -> None:
-        self._f.close()
+        _close_quietly(self._f, self.path)
         self.path.unlink(missing_ok=True)
 
 
@@ -151,12 +182,24 @@ class Store:
     def has(self, blob_id: str) -> bool:
         return self.blob_path(blob_id).is_file()
 
-    def writer(self) -> BlobWriter:
+    def writer(self, what: str = "a blob") -> BlobWriter:
         self._writable()
-        return BlobWriter(self)
+        return BlobWriter(self, what)
 
-    def put(self, chunks: Iterable[bytes], expected_id: str | None = None) -> str:
-        w = self.writer()
+    def write_error(self, what: str, exc: OSError) -> ShardError:
+        """The error for a write into this store that failed with ``exc`` (to raise ``from exc``):
+        ``StoreFullError`` when the disk is full, else a ``ShardError`` with the cause."""
+        if out_of_space(exc):
+            try:
+                free: int | None = shutil.disk_usage(self.root).free
+            except OSError:
+                free = None
+            return StoreFullError(what, str(self.root), free)
+        return ShardError(f"cannot write {what} into {self.root}: {exc}")
+
+    def put(self, chunks: Iterable[bytes], expected_id: str | None = None, what: str | None = None) -> str:
+        """Stores the blob of ``chunks`` (checked against ``expected_id`` if given); ``what`` names it in errors."""
+        w = self.writer(what or (f"blob {expected_id}" if expected_id else "a blob"))
         try:
             for c in chunks:
                 w.write(c)
@@ -193,19 +236,43 @@ class Store:
             os.replace(path, dest)
             _fsync_dir(dest.parent)
         except OSError as exc:
+            if out_of_space(exc):
+                raise self.write_error(f"blob {expected_id}", exc) from exc
             raise ShardError(f"cannot move {path} into the store as {expected_id}: {exc}") from exc
         self.mark_verified(expected_id)
         return expected_id
+
+    def _replace(self, path: Path, data: bytes, what: str, durable: bool) -> None:
+        """Writes ``data`` to a temp file beside ``path`` and renames it over ``path`` (fsynced first, and the
+        directory after, if ``durable``); on a failure the temp file is removed and ``write_error`` raised."""
+        tmp = _tmp_beside(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+            if durable:
+                _fsync_dir(path.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self.write_error(what, exc) from exc
 
     def mark_verified(self, blob_id: str) -> None:
         if self.read_only:
             self._verified[blob_id] = _stamp(self.blob_path(blob_id).stat())
             return
-        marker = self._marker(blob_id)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_beside(marker)
-        tmp.write_text(_stamp(self.blob_path(blob_id).stat()))
-        os.replace(tmp, marker)
+        marker, what = self._marker(blob_id), f"the verified record of blob {blob_id}"
+        stamp = _stamp(self.blob_path(blob_id).stat()).encode()
+        try:
+            try:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise self.write_error(what, exc) from exc
+            self._replace(marker, stamp, what, durable=False)
+        except StoreFullError as exc:  # a cache: the blob is hashed again on its next use
+            log.info("%s", exc)
 
     def verify(self, blob_id: str, size: int | None = None, rehash: bool = False) -> Path:
         """The blob's path once its bytes are known to hash to ``blob_id``; quarantines and raises otherwise.
@@ -280,14 +347,7 @@ class Store:
 
     def save_manifest(self, m: Manifest) -> str:
         self._writable()
-        path = self.manifest_path(m.id)
-        tmp = _tmp_beside(path)
-        with open(tmp, "wb") as f:
-            f.write(m.bytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        self._replace(self.manifest_path(m.id), m.bytes(), f"the manifest of model {m.id}", durable=True)
         return m.id
 
     def load_manifest(self, model_id: str) -> Manifest:
@@ -326,10 +386,8 @@ class Store:
 
     def set_aliases(self, aliases: dict[str, str]) -> None:
         self._writable()
-        path = self.root / "aliases.json"
-        tmp = _tmp_beside(path)
-        tmp.write_text(json.dumps(aliases, sort_keys=True, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        self._replace(self.root / "aliases.json", json.dumps(aliases, sort_keys=True, indent=1).encode(),
+                      "the aliases", durable=False)
 
     def set_alias(self, alias: str, model_id: str) -> None:
         _hex(model_id)

@@ -2,8 +2,9 @@
 
 Three ``ekmesh join --model builtin`` processes (R = 2; the third with ``--no-attention``). Every answer is checked
 token for token against the same request run in this process on the one-process model (greedy), so the mesh is
-exact through the API too; streaming and not, chat and text completions, two conversations at once, the error
-answers (unknown model, bad parameters, a node that does not host attention, a node that serves no model).
+exact through the API too; streaming and not, chat and text completions, two streamed conversations that overlap
+(each has received a token before either ends), the error answers (unknown model, bad parameters, a node that does
+not host attention, a node that serves no model).
 """
 
 from __future__ import annotations
@@ -81,20 +82,9 @@ def test_openai_client_against_a_three_node_mesh(tmp_path: Path, reference: Any)
             model="builtin", prompt=PROMPTS[2], max_tokens=16, temperature=0, stream=True) if ch.choices)
         assert streamed == c.choices[0].text
 
-        # two conversations at once on one attention host
-        results: dict[int, str] = {}
-
-        def converse(i: int) -> None:
-            out = client.chat.completions.create(messages=[{"role": "user", "content": PROMPTS[i]}],
-                                                 model="builtin", max_tokens=20, temperature=0)
-            results[i] = out.choices[0].message.content or ""
-
-        threads = [threading.Thread(target=converse, args=(i,)) for i in (0, 1)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert results == {0: reference(PROMPTS[0], 20), 1: reference(PROMPTS[1], 20)}
+        # two conversations at once on one attention host, streamed: the second starts once the first has sent a
+        # token, and sends one of its own before the first ends (one after the other, it would send none before)
+        _two_conversations_at_once(client, reference)
 
         # sampling with a seed is reproducible
         def sampled() -> str:
@@ -123,6 +113,39 @@ def test_openai_client_against_a_three_node_mesh(tmp_path: Path, reference: Any)
         ids = post(mesh.api(0) + "/completions", {"prompt": [5, 6, 7], "max_tokens": 8, "temperature": 0,
                                                   "return_token_ids": True, "ignore_eos": True})
         assert len(ids["ekmesh"]["token_ids"]) == 8 and ids["usage"]["completion_tokens"] == 8
+
+
+def _two_conversations_at_once(client: Any, reference: Any) -> None:
+    """Two streamed chats on one host, each equal to the one-process answer, that overlap as the client sees them:
+    both have received a token before either has ended."""
+    lengths = {0: 96, 1: 16}  # the first is long enough to still be streaming while the second starts
+    events: list[tuple[int, str]] = []  # (conversation, "token" | "end"), in the order the client received them
+    lock, first_token = threading.Lock(), threading.Event()
+    texts: dict[int, str] = {}
+
+    def converse(i: int) -> None:
+        parts: list[str] = []
+        for chunk in client.chat.completions.create(messages=[{"role": "user", "content": PROMPTS[i]}],
+                                                    model="builtin", max_tokens=lengths[i], temperature=0,
+                                                    stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+                with lock:
+                    events.append((i, "token"))
+                first_token.set()
+        with lock:
+            events.append((i, "end"))
+        texts[i] = "".join(parts)
+
+    threads = {i: threading.Thread(target=converse, args=(i,), daemon=True) for i in (0, 1)}
+    threads[0].start()
+    assert first_token.wait(60), "the first conversation sent no token"
+    threads[1].start()
+    for t in threads.values():
+        t.join(timeout=120)
+    assert texts == {i: reference(PROMPTS[i], n) for i, n in lengths.items()}, events
+    started = max(events.index((i, "token")) for i in (0, 1))
+    assert started < min(events.index((i, "end")) for i in (0, 1)), f"the conversations did not overlap: {events}"
 
 
 @pytest.mark.timeout(60)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
 from meshproc import FAST, NodeProc
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                                reason="needs root and iproute2 to create network namespaces")
+from tests.requires import require_netns
+
+
+@pytest.fixture(autouse=True)
+def _can_make_namespaces() -> None:
+    require_netns()  # root and iproute2: without them these tests fail, saying so (never skip)
 
 
 def ip(*args: str) -> None:

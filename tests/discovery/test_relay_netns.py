@@ -12,8 +12,6 @@ side, no mDNS and no DHT; they can only meet through R's relay.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,9 +20,12 @@ import pytest
 from meshproc import FAST, NodeProc, ekmesh_argv, env_for, wait_until
 
 from tests.netns import routed_pair
+from tests.requires import require_netns
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                                reason="needs root and iproute2 to create network namespaces")
+
+@pytest.fixture(autouse=True)
+def _can_make_namespaces() -> None:
+    require_netns()  # root and iproute2: without them these tests fail, saying so (never skip)
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ runs into its deadline); healing turns it back on.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +17,12 @@ import pytest
 
 from tests.discovery.meshproc import FAST, NodeProc
 from tests.netns import routed_pair, set_forwarding
+from tests.requires import require_netns
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                                reason="needs root and iproute2 to create network namespaces")
+
+@pytest.fixture(autouse=True)
+def _can_make_namespaces() -> None:
+    require_netns()  # root and iproute2: without them these tests fail, saying so (never skip)
 
 PARTITION_S = 20.0  # how long the link stays broken once both sides saw the other down (the fault, not a wait)
 ADVERT_INTERVAL = float(FAST[FAST.index("--advert-interval") + 1])

@@ -1,5 +1,5 @@
 """The built-in model's data: the held-out split, held-out windows, chat documents, tokenizer files
-(``tools/builtin_data.py``). Tests that read the corpus need Debian's sword-text-kjv and skip only without it."""
+(``tools/builtin_data.py``). Tests that read the corpus need Debian's sword-text-kjv and fail, saying so, without it."""
 
 from __future__ import annotations
 
@@ -8,11 +8,18 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.requires import require_kjv
 from tools import builtin_data as bd
 from tools import kjv
 
 pytestmark = pytest.mark.timeout(60)
-needs_kjv = pytest.mark.skipif(not kjv.installed(), reason=f"needs Debian's sword-text-kjv ({kjv.CI_INSTALL})")
+needs_kjv = pytest.mark.usefixtures("kjv_installed")
+
+
+@pytest.fixture
+def kjv_installed() -> None:
+    require_kjv()  # without the package these tests fail, saying what to install (never skip)
+
 
 # The split the shipped model was trained and evaluated with (docs/BUILTIN_MODEL.md); changing the salt or the
 # rate changes the held-out loss, so it is pinned here.

@@ -1,7 +1,7 @@
 """The SWORD zText reader and the OSIS stripper against Debian's sword-text-kjv (``tools/kjv.py``).
 
-The reader tests need the package (CI: ``apt-get install -y sword-text-kjv``) and are skipped only when it is
-not installed; the stripper tests need nothing.
+The reader tests need the package (CI: ``apt-get install -y sword-text-kjv``) and fail, saying so, when it is
+not installed (``tests/requires.py``); the stripper tests need nothing.
 """
 
 from __future__ import annotations
@@ -11,10 +11,16 @@ import struct
 
 import pytest
 
+from tests.requires import require_kjv
 from tools import kjv
 
 pytestmark = pytest.mark.timeout(60)
-needs_kjv = pytest.mark.skipif(not kjv.installed(), reason=f"needs Debian's sword-text-kjv ({kjv.CI_INSTALL})")
+needs_kjv = pytest.mark.usefixtures("kjv_installed")
+
+
+@pytest.fixture
+def kjv_installed() -> None:
+    require_kjv()  # without the package these tests fail, saying what to install (never skip)
 
 
 @pytest.fixture(scope="module")

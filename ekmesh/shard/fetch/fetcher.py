@@ -75,7 +75,8 @@ class Fetcher:
     def fetch(self, holders: Mapping[str, Sequence[str]], sizes: Mapping[str, int] | None = None,
               timeout: float = 600.0) -> FetchReport:
         """Brings every blob of ``holders`` into the store (see module docstring); raises ``BlobUnavailableError``
-        (its ``report`` attribute says what did arrive) when some could not be fetched."""
+        (its ``report`` attribute says what did arrive) when some could not be fetched, ``StoreFullError`` (with the
+        report too) when the store's disk had no room for some."""
         report, jobs = FetchReport(), []
         for bid, peers in holders.items():
             if not ID_RE.match(bid):

@@ -81,8 +81,12 @@ class Partial:
             if self.fd < 0 or version <= self._saved:
                 return
             tmp = self.rec.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"size": self.size, "done": done}))
-            os.replace(tmp, self.rec)
+            try:
+                tmp.write_text(json.dumps({"size": self.size, "done": done}))
+                os.replace(tmp, self.rec)
+            except OSError:
+                tmp.unlink(missing_ok=True)  # a full disk leaves no half record behind
+                raise
             self._saved = version
 
     def gaps(self) -> list[tuple[int, int]]:

@@ -11,6 +11,11 @@ no network or disk wait happens while it is held (except the small record file);
 "fallback" only with no transfer in flight, so a file is never reset under a writer; every transfer that ends (well
 or not) records the bytes it wrote and releases its peer slot before its range is handed out again.
 
+A full disk: a job whose bytes, record or final move find no space fails with the store's ``StoreFullError``;
+its partial file and record are removed once no transfer writes to it (they would hold the space a retry needs, and
+nothing partial stays in the store), and ``run`` raises ``StoreFullError`` (with the report) after the other jobs
+ended, naming the blobs that did not fit.
+
 Speed: in-order bytes are hashed from the frame just written (one holder streams a blob in order), so they are
 never read back; each partial file is data-synced in the background every ``record_every`` bytes (``Run._syncer``,
 which then saves the record), so the fsync of ``Store.adopt``, which alone makes a blob durable, finds little left
@@ -19,6 +24,7 @@ to write, and the receiving loop never waits for the disk.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -37,12 +43,13 @@ from ekmesh.core.errors import (
     PeerUnreachableError,
     ProtocolError,
     ShardError,
+    StoreFullError,
 )
 from ekmesh.shard.exchange import CHUNK, Status, get
 from ekmesh.shard.fetch.config import FetchConfig, FetchReport
 from ekmesh.shard.fetch.partial import Partial
 from ekmesh.shard.fetch.peers import PeerSlots
-from ekmesh.shard.store import Store
+from ekmesh.shard.store import Store, out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,7 @@ class Job:
     skipped: dict[str, str] = field(default_factory=dict)  # peer -> why it no longer serves this blob
     state: str = "active"  # active | finishing | fallback | done | failed
     error: str = ""
+    full: StoreFullError | None = None  # the disk had no room for it: its partial file goes, ``run`` raises this
     tries: int = 0
     # bytes [0, hash_at) are in ``hasher``: the one transfer that starts at hash_at hashes what it writes, so
     # in-order data is hashed once, as it arrives; the rest is read back and hashed by ``Store.adopt``. One thread:
@@ -104,6 +112,13 @@ class Run:
             t.join()
         self._to_sync.put(None)
         syncer.join()
+        full = [j for j in self.jobs if j.full is not None]
+        if full:
+            first = full[0].full
+            assert first is not None
+            names = ", ".join(f"blob {j.blob_id}" for j in full[:3]) + (f" and {len(full) - 3} more"
+                                                                         if len(full) > 3 else "")
+            raise StoreFullError(names, first.where, first.free, self.report)
 
     def _syncer(self) -> None:
         """Background data syncs of partial files while their transfers go on: the disk writes while the network
@@ -159,7 +174,7 @@ class Run:
                 try:
                     j.part = Partial(self.store, j.blob_id, j.size)
                 except (ShardError, OSError) as exc:
-                    self._fail(j, str(exc))
+                    self._write_failed(j, exc)
                     continue
             if j.part is not None and not j.inflight and not j.part.gaps():
                 j.state = "finishing"
@@ -211,8 +226,27 @@ class Run:
         reasons = "; ".join(f"peer {p}: {r}" for p, r in j.skipped.items())
         j.error = why + (f" ({reasons})" if reasons else "") + ("" if j.holders else " (no holders given)")
         if j.part is not None:
-            j.part.close(keep=bool(j.part.done))
+            j.part.close(keep=bool(j.part.done) and j.full is None)
             j.part = None
+
+    def _write_failed(self, j: Job, exc: OSError | EkmeshError) -> None:
+        """(Under the lock.) The store cannot take this blob's bytes: the job fails, on a full disk with
+        ``StoreFullError``. Its partial file is closed now if no transfer writes to it, else by the last one to end
+        (``_transfer``), so no writer loses its file under it; on a full disk the file is removed, else kept for a
+        later resume."""
+        if isinstance(exc, StoreFullError):
+            j.full = j.full or exc
+        elif isinstance(exc, OSError) and out_of_space(exc):
+            err = self.store.write_error(f"blob {j.blob_id}", exc)
+            j.full = j.full or (err if isinstance(err, StoreFullError) else None)
+        if j.state == "failed":
+            return
+        part = j.part
+        if j.inflight:
+            j.part = None  # not closed by ``_fail``: a transfer still writes to it
+        self._fail(j, f"cannot write it here: {exc}")
+        if j.inflight:
+            j.part = part
 
     # -- outside the lock
 
@@ -253,8 +287,7 @@ class Run:
                 n = link.recv_into(buf, self._io())
                 if n == 0 or at + n > end:
                     raise ProtocolError(f"peer {peer} sent a {n}-byte data frame at {at} of [{start}, {end})")
-                if os.pwrite(j.part.fd, buf[:n], at) != n:  # the hasher takes the buffer: the file must hold it all
-                    raise OSError(f"short write to {j.part.path} at {at}")
+                _pwrite_all(j.part.fd, buf[:n], at)  # the hasher takes the buffer: the file must hold it all
                 if hashing:
                     j.hasher.update(buf[:n])
                 at += n
@@ -279,18 +312,21 @@ class Run:
             log.info("fetching blob %s from peer %s stopped at byte %d: %s", j.blob_id, peer, at, exc)
         except (OSError, ShardError) as exc:
             with peers.cv:
-                self._fail(j, f"cannot write it here: {exc}")
+                self._write_failed(j, exc)
         finally:
             if link is not None:
                 link.close()
             with peers.cv:
-                if j.part is not None:
+                if j.part is not None and j.full is None:
                     self._record(j, peer, mark, at)
                     if requeue and at < end and not j.single:
                         j.todo.insert(0, (at, end))
                 if hashing:
                     j.hash_at, j.hash_busy = at, False
                 j.inflight -= 1
+                if j.state == "failed" and not j.inflight and j.part is not None:  # its writers are done
+                    j.part.close(keep=bool(j.part.done) and j.full is None)
+                    j.part = None
                 peers.release(peer)
                 self.report.received[peer] = self.report.received.get(peer, 0) + at - start
                 peers.cv.notify_all()
@@ -302,7 +338,10 @@ class Run:
             j.part.mark(a, b)
             j.sources.append((a, b, peer))
         if save:  # also when nothing is new here: the last periodic record may still wait for its data sync
-            j.part.save()
+            try:
+                j.part.save()
+            except OSError as exc:
+                self._write_failed(j, exc)
 
     def _finish(self, j: Job) -> None:
         part = j.part
@@ -318,6 +357,11 @@ class Run:
                 self.peers.cv.notify_all()
             for p in bad:
                 self._report_bad(p, j.blob_id)
+            return
+        except StoreFullError as exc:
+            with self.peers.cv:
+                self._write_failed(j, exc)
+                self.peers.cv.notify_all()
             return
         except ShardError as exc:
             with self.peers.cv:
@@ -389,6 +433,8 @@ class Run:
             self.store.verify(j.blob_id, j.size)
         except EkmeshError as exc:
             with self.peers.cv:
+                if isinstance(exc, StoreFullError):
+                    j.full = exc
                 self._fail(j, f"no holder left, and the fallback failed: {exc}")
                 self.peers.cv.notify_all()
             return
@@ -399,3 +445,14 @@ class Run:
             j.state = "done"
             self.report.stored[j.blob_id] = "fallback"
             self.peers.cv.notify_all()
+
+
+def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
+    """Writes all of ``data`` at offset ``at``: a write cut short (a disk filling up) is continued, so its real
+    error (ENOSPC) is the one raised."""
+    done = 0
+    while done < len(data):
+        n = os.pwrite(fd, data[done:], at + done)
+        if n <= 0:
+            raise OSError(errno.EIO, f"a write at byte {at + done} took no bytes")
+        done += n
