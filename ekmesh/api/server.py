@@ -11,11 +11,13 @@ socket; an ``Authorization`` header is accepted and ignored so any OpenAI client
 
 Wire details beyond OpenAI's: every answer carries ``"ekmesh": {"ttft_s", "tokens_per_s", "tokens", "peers",
 "mean_layer_rtt_ms"}`` (top level of a non-streamed answer; in the usage chunk of a stream, or the last chunk when
-``stream_options.include_usage`` is off). ``model`` may be a model id, an id prefix or an alias, or omitted.
-``/v1/completions`` also takes ``prompt`` as a list of token ids (as OpenAI's does), which also works for a model
-without a tokenizer; ``"return_token_ids": true`` adds the generated ids to the ``ekmesh`` block as ``token_ids``
-(and to every streamed chunk, then sent even when its text is empty); ``"ignore_eos": true`` generates until
-``max_tokens`` or a stop string.
+``stream_options.include_usage`` is off), on a mesh also ``"verify": {"fraction", "pairs", "rows", "mismatches",
+"bans", "banned"}`` (remote expert results checked during this answer, the bans made during it with their reasons,
+every peer banned so far; ``infer/dataplane/verify.py``). ``model`` may be a model id, an id prefix or an alias, or
+omitted. ``/v1/completions`` also takes ``prompt`` as a list of token ids (as OpenAI's does), which also works for a
+model without a tokenizer; ``"return_token_ids": true`` adds the generated ids to the ``ekmesh`` block as
+``token_ids`` (and to every streamed chunk, then sent even when its text is empty); ``"ignore_eos": true`` generates
+until ``max_tokens`` or a stop string.
 
 Invariants (the HTTP-level bounds are ``api.transport``'s: backlog 128, at most ``max_connections`` connections
 = threads, in all and per source address, beyond them 429 ``too_many_connections``; a request's head and body read
@@ -158,6 +160,7 @@ class Run:
         self.first: float | None = None
         self.end: float | None = None
         self._before = served.peer_stats() if served.peer_stats else {}
+        self._verify_before = served.verify_stats() if served.verify_stats else None
 
     def events(self) -> Gen[TokenEvent, None, None]:
         lock = self.served.lock
@@ -197,8 +200,14 @@ class Run:
                 peers.append(peer)
                 trips += n - n0
                 rtt += total - t0
-        return {"ttft_s": round(first - self.t0, 6), "tokens_per_s": round(rate, 3), "tokens": self.tokens,
-                "peers": peers, "mean_layer_rtt_ms": round(1e3 * rtt / trips, 4) if trips else None}
+        out = {"ttft_s": round(first - self.t0, 6), "tokens_per_s": round(rate, 3), "tokens": self.tokens,
+               "peers": peers, "mean_layer_rtt_ms": round(1e3 * rtt / trips, 4) if trips else None}
+        if self._verify_before is not None and self.served.verify_stats is not None:
+            v0, v1 = self._verify_before, self.served.verify_stats()
+            out["verify"] = {"fraction": v1["fraction"], **{n: v1[n] - v0[n] for n in ("pairs", "rows", "mismatches")},
+                             "bans": v1["banned"][len(v0["banned"]):],
+                             "banned": sorted({b["peer"] for b in v1["banned"]})}
+        return out
 
 
 # -- HTTP ----------------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # torch is imported only where a model is served: a node with
 @dataclass
 class ServedModel:
     """What the API needs of one model: ids, tokenizer, a generator, and (on a mesh) per-peer round-trip counters
-    ``peer_stats() -> {peer: (round_trips, total_rtt_s)}``."""
+    ``peer_stats() -> {peer: (round_trips, total_rtt_s)}`` and verification counters ``verify_stats()`` (the
+    ``status()`` of ``infer.dataplane.verify.Verifier``: counts, and a list of bans that only grows)."""
 
     model_id: str
     aliases: list[str]
@@ -32,6 +33,7 @@ class ServedModel:
     context: int
     created: int = field(default_factory=lambda: int(time.time()))
     peer_stats: Callable[[], dict[str, tuple[int, float]]] | None = None
+    verify_stats: Callable[[], dict[str, Any]] | None = None
     lock: threading.Lock | None = None  # held around a whole generation when the generator is not re-entrant
 
     def names(self) -> set[str]:

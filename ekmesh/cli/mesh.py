@@ -19,9 +19,19 @@ import sys
 import time
 from typing import Any
 
-from ekmesh.core.constants import API_PORT, P2P_PORT, STATUS_PATH
+from ekmesh.core.constants import API_PORT, P2P_PORT, STATUS_PATH, VERIFY_FRACTION
 from ekmesh.core.errors import EkmeshError
 from ekmesh.core.paths import ekmesh_home
+
+
+def _fraction(text: str) -> float:
+    try:
+        f = float(text)
+    except ValueError:
+        f = -1.0
+    if not 0.0 <= f <= 1.0:
+        raise argparse.ArgumentTypeError(f"--verify takes a fraction from 0 to 1, got {text!r}")
+    return f
 
 
 def register(subparsers: Any) -> None:
@@ -57,6 +67,10 @@ def register(subparsers: Any) -> None:
     join.add_argument("--no-api", action="store_true", help="do not serve the OpenAI-compatible API")
     join.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
     join.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: bf16 on cuda, else fp32)")
+    join.add_argument("--verify", type=_fraction, default=VERIFY_FRACTION, metavar="FRACTION",
+                      help="as attention host, recompute this fraction of the expert results peers return (on another "
+                           "replica or here) and ban a peer whose results are wrong (0: off; default "
+                           f"{VERIFY_FRACTION})")
     join.add_argument("--exit-with-parent", action="store_true",
                       help="leave the mesh and exit when the process that started this one ends (for launchers)")
     join.add_argument("--no-mdns", action="store_true", help="do not discover peers on the LAN with mDNS")
@@ -138,7 +152,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             relay_via=args.relay_via, reserve=not args.no_reserve, timeouts=timeouts, model=args.model,
             replicas=args.replicas, attention=args.attention, experts=not args.no_experts,
             api_port=None if args.no_api else args.api_port, device=args.device, dtype=args.dtype,
-            exit_with_parent=args.exit_with_parent)
+            verify=args.verify, exit_with_parent=args.exit_with_parent)
         node = Node(config, on_event=lambda ev: _print_event(ev, args.json))
         trio.run(node.run)
     except EkmeshError as exc:

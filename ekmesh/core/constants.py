@@ -13,3 +13,7 @@ API_PORT = 7734
 
 STATUS_PATH = "/ekmesh/status"
 """The local control endpoint's path that answers a node's status snapshot (``ekmesh status --json``)."""
+
+VERIFY_FRACTION = 0.05
+"""The default fraction of remote (token, expert) results an attention host recomputes (``ekmesh join --verify``;
+why this value, as measured: ``infer/dataplane/verify.py``)"""

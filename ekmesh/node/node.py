@@ -42,7 +42,7 @@ from libp2p.peer.id import ID
 from ekmesh import __version__
 from ekmesh.api.server import ApiServer
 from ekmesh.api.types import ServedModel
-from ekmesh.core.constants import API_PORT, STATUS_PATH
+from ekmesh.core.constants import API_PORT, STATUS_PATH, VERIFY_FRACTION
 from ekmesh.core.errors import ConfigError
 from ekmesh.core.ids import Endpoint, PeerId
 from ekmesh.core.tls import TlsIdentity
@@ -98,6 +98,8 @@ class NodeConfig:
     """Port of the OpenAI-compatible API on 127.0.0.1 (0: any free port; taken: any free port; None: no API)."""
     device: str | None = None
     dtype: str | None = None
+    verify: float = VERIFY_FRACTION
+    """As attention host, the fraction of remote expert results recomputed to catch a lying member (``--verify``)."""
     exit_with_parent: bool = False
     """Leave and exit when the parent process ends (``ekmesh demo``'s peers: none outlives a killed demo)."""
 
@@ -139,7 +141,7 @@ class Node:
                                     meet_s=10.0 if config.peers or config.relay_via else 0.0)
             identity = TlsIdentity.generate(self.peer_id)  # blob exchange and the data plane are pinned on it
             self.serving = Serving(self.peer_id, store, identity, config.attention, self.set_data_addr,
-                                   config.device, config.dtype)
+                                   config.device, config.dtype, config.verify)
             self.claimer = Claimer(self.peer_id, store, claim_cfg, identity, self._live_adverts, self.set_models,
                                    hooks=self.serving)
         self._membership: Membership | None = None
@@ -185,6 +187,8 @@ class Node:
     def why_not(self) -> str:
         if self.serving is None:
             return "this node serves no model; start it with `ekmesh join --model ID` (or try `ekmesh demo`)"
+        if self.claimer is not None and self.claimer.manifest is None:  # e.g. no live peer has the manifest
+            return f"this node is not ready to answer yet ({self.claimer.state})"
         return self.serving.why_not()
 
     def stop(self) -> None:

@@ -19,7 +19,8 @@ Invariants: the holder map, pins and addresses are rebuilt from the live view at
 (a live advert's incarnation or sequence number, the set of live peers, the banned peers, the placement or the
 manifest) and replaced whole (threads read consistent copies); only peers whose signed advert carries a data
 address and a TLS fingerprint are ever dialled or accepted; an expert is in the holder map only while its holder
-advertises it ready and is not banned for serving blobs that failed their hash; every expert blob is hashed again
+advertises it ready and is not banned for serving blobs that failed their hash or expert results that failed
+verification (``RemoteExperts``' verifier); every expert blob is hashed again
 right before it is loaded.
 """
 
@@ -39,7 +40,8 @@ import psutil
 import torch
 
 from ekmesh.api.types import ServedModel, context_of
-from ekmesh.core import threads
+from ekmesh.core import heap, threads
+from ekmesh.core.constants import VERIFY_FRACTION
 from ekmesh.core.errors import EkmeshError, ExpertUnavailableError
 from ekmesh.core.ids import Endpoint, ExpertKey, Fingerprint
 from ekmesh.core.tls import TlsIdentity
@@ -49,6 +51,7 @@ from ekmesh.infer.dataplane.channel import ChannelPool
 from ekmesh.infer.dataplane.frames import ModelLimits
 from ekmesh.infer.dataplane.remote import RemoteExperts
 from ekmesh.infer.dataplane.server import ExpertServer
+from ekmesh.infer.dataplane.verify import Reference, Verifier
 from ekmesh.infer.expert import ExpertWeights
 from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.generate import Generator, pick_device, pick_dtype
@@ -86,9 +89,10 @@ class Serving:
 
     def __init__(self, peer_id: str, store: Store, identity: TlsIdentity, attention: bool | None,
                  set_data_addr: Callable[[Endpoint | None], None], device: str | None = None,
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, verify: float = VERIFY_FRACTION) -> None:
         self.peer_id, self.store, self.identity = peer_id, store, identity
         self.attention = attention
+        self.verify = verify  # fraction of remote expert results recomputed (``infer/dataplane/verify.py``)
         self.set_data_addr = set_data_addr
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -184,6 +188,7 @@ class Serving:
         with self._read_lock:  # the loaded copies are on the device: unmap the blobs (their pages leave the RSS)
             if self._tensors is not None:
                 self._tensors.release()
+        heap.trim()  # and give back what the loads' temporaries left in the allocator (core/heap.py)
         log.info("loaded %d experts on %s", len(done), self.device)
         return done
 
@@ -201,6 +206,8 @@ class Serving:
         m = self.manifest
         # nothing changed since the last rebuild: keep the maps (a 30B-class model has thousands of items, and
         # this runs in the node's loop every 0.2 s, holding the GIL the attention host's threads need)
+        if self.remote is not None and self.remote.verifier is not None:  # peers caught returning wrong results
+            banned = banned | self.remote.verifier.banned
         key = (None if m is None else m.id, placement, frozenset(banned),
                tuple(sorted((a.peer_id, a.incarnation, a.seq) for a in adverts)))
         if key == self._view_key:  # (a placement compares by identity first: a new one is a new object)
@@ -260,10 +267,11 @@ class Serving:
             return
         self._fetch_blobs = fetch_blobs
         pool = ChannelPool(self.identity, lambda p: self._pins.get(p), lambda p: self._addrs.get(p), limits)
-        self.remote = RemoteExperts(limits, local, self.holders, pool, self._fallback)
+        verifier = Verifier(self.verify, Reference(ck.config.expert_spec(), self.device, self.dtype, self._fallback))
+        self.remote = RemoteExperts(limits, local, self.holders, pool, self._fallback, verifier=verifier)
         gen = Generator(dense, self.remote, tok, default_stop_ids=() if tok else eos_ids_in(ck.path))
         self.model = ServedModel(m.id, aliases_of(m.id, self.store), gen, tok, context_of(sm.hf_config),
-                                 peer_stats=self._peer_stats)
+                                 peer_stats=self._peer_stats, verify_stats=verifier.status)
         self._sm = sm  # keeps its files directory alive
         self.state = "serving"
         log.info("model %s: attention host ready on %s (%s)", m.id, self.device, str(self.dtype).split(".")[-1])
@@ -325,6 +333,8 @@ class Serving:
             # this process's data-plane reads: how many found data while busy-polling, how many blocked
             "poll": {"max_us": round(poll.MAX_POLL_S * 1e6), "polled": poll.STATS.polled,
                      "blocked": poll.STATS.blocked},
+            # results checked, and peers banned for wrong ones with the reason (``infer/dataplane/verify.py``)
+            "verify": self.remote.verifier.status() if self.remote and self.remote.verifier else None,
         }
 
     def close(self) -> None:

@@ -14,6 +14,11 @@ replica in a new wave. With no replica left, ``fallback(layer, expert)`` supplie
 blob), which are cached in ``local``; with no fallback the call raises ``ExpertUnavailableError`` naming (layer,
 expert). The caller never sees a peer loss the mesh can absorb.
 
+Verification (``verifier``, ``verify.py``): a wave with sampled pairs carries them as extra rows in the frames of
+other replicas (or recomputes them here), receives every answer before adding any, and checks the sampled rows; a
+peer banned there (or left unsettled) has its pairs of the wave redone by others, and banned peers are never chosen
+again (they start every call excluded). Waves without a sampled pair take the unchecked path unchanged.
+
 Invariants: the result is, per token, the sum over its pairs of ``weight * expert(hidden)``; each pair is
 computed once, weighted in fp32 and accumulated in fp32 (local pairs first, then peers in sorted order), then cast
 to ``hidden.dtype`` (when one peer computed every pair, its answer is returned as it came: the same values, as
@@ -33,7 +38,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from ekmesh.core.errors import ConfigError, ExpertUnavailableError, PeerError, ProtocolError
+from ekmesh.core.errors import ConfigError, EkmeshError, ExpertUnavailableError, PeerError, ProtocolError
 from ekmesh.infer.dataplane.channel import Channel, ChannelPool
 from ekmesh.infer.dataplane.frames import (
     SMALL_PAIRS,
@@ -45,12 +50,13 @@ from ekmesh.infer.dataplane.frames import (
     encode_request,
 )
 from ekmesh.infer.dataplane.poll import Registration, Waits
+from ekmesh.infer.dataplane.verify import LOCAL, Plan, Verifier
 from ekmesh.infer.expert import ExpertWeights
 from ekmesh.infer.experts import LocalExperts
 
 log = logging.getLogger(__name__)
 
-LOCAL = ""  # the holder id of this host's own experts
+NO_PAIRS = np.zeros(0, dtype=np.int64)  # a frame that only carries pairs to verify
 
 
 @dataclass(frozen=True)
@@ -87,9 +93,10 @@ class _Sent:
     request_id: int
     pairs: np.ndarray | None  # [P] indices into the call's flat pairs (None: all of them, in order)
     rows: np.ndarray | None  # [R] token rows sent, in frame order (None: all rows in order)
-    n_rows: int  # R
+    n_rows: int  # R (+ V extra rows: pairs to verify, one per row, after the R rows)
     started: float
     deadline: float
+    n_extra: int = 0  # V
 
 
 class RemoteExperts:
@@ -98,7 +105,7 @@ class RemoteExperts:
     def __init__(self, limits: ModelLimits, local: LocalExperts | None,
                  holders: Callable[[int, int], list[str]], channels: ChannelPool,
                  fallback: Callable[[int, int], ExpertWeights] | None = None,
-                 timeouts: RemoteTimeouts = RemoteTimeouts()) -> None:
+                 timeouts: RemoteTimeouts = RemoteTimeouts(), verifier: Verifier | None = None) -> None:
         if fallback is not None and local is None:
             raise ConfigError("RemoteExperts needs a LocalExperts to cache experts computed from the fallback")
         self.limits = limits
@@ -107,6 +114,7 @@ class RemoteExperts:
         self.channels = channels
         self.fallback = fallback
         self.timeouts = timeouts
+        self.verifier = verifier
         self._stats: dict[str, PeerStats] = {}
         self._tokens: dict[tuple[int, int], np.ndarray] = {}
         self._lock = threading.Lock()
@@ -138,6 +146,25 @@ class RemoteExperts:
                 key = (s.down_until > now, (s.ewma_rtt_s or 1e-3) * (1 + s.in_flight), rank)
                 if best is None or key < best:
                     best, choice = key, peer
+        return choice
+
+    def _verifier_of(self, layer: int, expert: int, peer: str, excluded: set[str]) -> str | None:
+        """Another replica of the expert to recompute a pair ``peer`` answered: not excluded, not down, the lowest
+        latency × (1 + in flight); None: none (this host recomputes it)."""
+        holders = self.holders(layer, expert)
+        if len(holders) < 2:
+            return None
+        now = time.monotonic()
+        best: tuple[float, int] | None = None
+        choice = None
+        with self._lock:
+            for rank, q in enumerate(holders):
+                s = self._stat(q)
+                if q == peer or q in excluded or s.down_until > now:
+                    continue
+                key = ((s.ewma_rtt_s or 1e-3) * (1 + s.in_flight), rank)
+                if best is None or key < best:
+                    best, choice = key, q
         return choice
 
     def _holder(self, layer: int, expert: int, excluded: set[str]) -> str:
@@ -176,26 +203,38 @@ class RemoteExperts:
         w = as_numpy(weights if weights.dtype is torch.float32 else weights.float()).reshape(-1)  # [T*k] fp32
         acc: torch.Tensor | None = None  # [T, D] fp32, allocated at the first partial result
         todo: np.ndarray | None = None  # pair indices still to compute (None: all of them, in order)
-        excluded: set[str] = set()
+        vf = self.verifier
+        excluded: set[str] = set(vf.banned) if vf is not None else set()  # banned peers are never asked
         for _ in range(self.timeouts.max_waves):
             groups = self._group(layer, exp, todo, excluded)
+            plan = None if vf is None else vf.plan(
+                groups, t * k, k, exp, hidden.shape[1] * hidden.element_size(),
+                lambda e, p: self._verifier_of(layer, e, p, excluded))
             failed: list[np.ndarray] = []
             sent: list[_Sent] = []
-            for peer in sorted(p for p in groups if p != LOCAL):
+            for peer in sorted({p for p in groups if p != LOCAL} | (set(plan.extra) if plan else set())):
+                mine = groups.get(peer, NO_PAIRS)
+                extra = plan.pairs[plan.extra[peer]] if plan is not None and peer in plan.extra else None
                 try:
-                    sent.append(self._send(peer, layer, hidden, groups[peer], k, exp, w))
+                    sent.append(self._send(peer, layer, hidden, mine, k, exp, w, extra))
                 except (PeerError, ProtocolError) as exc:
                     self._failed(peer, str(exc))
                     excluded.add(peer)
-                    failed.append(_indices(groups[peer], t * k))
-            if LOCAL in groups:
+                    failed.append(_indices(mine, t * k))
+            checked = None
+            if LOCAL in groups or plan is not None:
                 try:
-                    acc = self._compute_local(layer, hidden, _indices(groups[LOCAL], t * k), k, exp, w, acc)
+                    if LOCAL in groups:
+                        acc = self._compute_local(layer, hidden, _indices(groups[LOCAL], t * k), k, exp, w, acc)
+                    checked = None if plan is None else self._verify_here(layer, hidden, plan, k, exp)
                 except BaseException:
                     for s in sent:
                         s.channel.abort()
                     raise
-            if acc is None and not failed and len(sent) == 1 and sent[0].rows is None:
+            if plan is not None:
+                assert vf is not None and checked is not None
+                acc = self._finish_verified(layer, hidden, plan, vf, sent, checked, k, exp, w, acc, excluded, failed)
+            elif acc is None and not failed and len(sent) == 1 and sent[0].rows is None:
                 # one peer computes every pair left, and nothing was computed before (acc is None), so it computes
                 # every pair: its answer is the result (0 + x == x in fp32, and the wire dtype is hidden's, so the
                 # fp32 round trip of the general path would give back the same values)
@@ -209,17 +248,19 @@ class RemoteExperts:
                 if hidden.is_cpu:  # already hidden's dtype (the wire dtype) and on the host: no call at all
                     return out
                 return out.to(hidden.device, hidden.dtype)
-            for s in sent:
-                try:
-                    partial = self._finish(s)  # [R, D]
-                    if partial.dtype is not torch.float32 or not hidden.is_cpu:
-                        partial = partial.to(hidden.device, torch.float32)
-                except (PeerError, ProtocolError) as exc:
-                    self._failed(s.peer, str(exc))
-                    excluded.add(s.peer)
-                    failed.append(_indices(s.pairs, t * k))
-                    continue
-                acc = self._add(acc, s.rows, partial, hidden)
+            else:
+                for s in sent:
+                    try:
+                        partial = self._finish(s)  # [R, D]
+                        if partial.dtype is not torch.float32 or not hidden.is_cpu:
+                            partial = partial.to(hidden.device, torch.float32)
+                    except (PeerError, ProtocolError) as exc:
+                        self._failed(s.peer, str(exc))
+                        excluded.add(s.peer)
+                        failed.append(_indices(s.pairs, t * k))
+                        continue
+                    acc = self._add(acc, s.rows, partial, hidden)
+            failed = [f for f in failed if len(f)]  # (a frame that only verified has no pairs to redo)
             if not failed:
                 if acc is None:  # no pairs at all (T = 0)
                     return torch.zeros_like(hidden)
@@ -227,6 +268,61 @@ class RemoteExperts:
             todo = np.concatenate(failed)
         e = int(exp[_indices(todo, t * k)[0]])
         raise ExpertUnavailableError(layer, e, f"every holder failed in {self.timeouts.max_waves} attempts")
+
+    def _verify_here(self, layer: int, hidden: torch.Tensor, plan: Plan, k: int,
+                     exp: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """([V, D] fp32 verifier outputs of ``plan``'s pairs, [V] which are there): those this host recomputes,
+        computed now (while the frames are in flight); the replicas' are filled in as their answers arrive."""
+        assert self.verifier is not None
+        ref = self.verifier.reference
+        got = torch.zeros(len(plan.pairs), hidden.shape[1], dtype=torch.float32, device=hidden.device)  # [V, D]
+        have = np.zeros(len(plan.pairs), dtype=bool)
+        if len(plan.local) and ref is not None:
+            pairs = plan.pairs[plan.local]
+            try:
+                out = ref(layer, hidden.index_select(0, torch.from_numpy(pairs // k).to(hidden.device)), exp[pairs])
+            except EkmeshError as exc:  # (the expert's blob could not be had: those rows go unchecked)
+                log.warning("could not recompute expert results of layer %d here to verify them: %s", layer, exc)
+            else:
+                got[torch.from_numpy(plan.local).to(got.device)] = out.to(got.device)
+                have[plan.local] = True
+        return got, have
+
+    def _finish_verified(self, layer: int, hidden: torch.Tensor, plan: Plan, vf: Verifier, sent: list[_Sent],
+                         checked: tuple[torch.Tensor, np.ndarray], k: int, exp: np.ndarray, w: np.ndarray,
+                         acc: torch.Tensor | None, excluded: set[str], failed: list[np.ndarray]) -> torch.Tensor | None:
+        """A wave with checks: every answer received first (the replicas' extra rows go to ``checked``), the
+        checks run, then the answers of peers neither banned nor unsettled are added (in sorted peer order, as
+        without checks); the pairs of the others go to ``failed`` for the next wave."""
+        got, have = checked
+        n = len(exp)
+        received: list[tuple[_Sent, torch.Tensor]] = []
+        for s in sent:
+            try:
+                partial = self._finish(s)  # [R + V, D]
+            except (PeerError, ProtocolError) as exc:
+                self._failed(s.peer, str(exc))
+                excluded.add(s.peer)
+                failed.append(_indices(s.pairs, n))
+                continue
+            r = s.n_rows - s.n_extra
+            if s.n_extra:
+                pos = plan.extra[s.peer]
+                got[torch.from_numpy(pos).to(got.device)] = partial[r:].to(got.device, torch.float32)
+                have[pos] = True
+            received.append((s, partial[:r]))
+        answers = {s.peer: (s.rows, part) for s, part in received if part.shape[0]}
+        out = vf.check(layer, plan, hidden, k, exp, w, answers, got, have)
+        drop = out.banned | out.unsettled
+        excluded |= drop
+        for s, part in received:
+            if s.peer in drop:
+                failed.append(_indices(s.pairs, n))
+            elif part.shape[0]:
+                if part.dtype is not torch.float32 or not hidden.is_cpu:
+                    part = part.to(hidden.device, torch.float32)
+                acc = self._add(acc, s.rows, part, hidden)
+        return acc
 
     def _group(self, layer: int, exp: np.ndarray, todo: np.ndarray | None,
                excluded: set[str]) -> dict[str, np.ndarray | None]:
@@ -307,11 +403,17 @@ class RemoteExperts:
         return acc.index_add_(0, rows, y.float() * torch.from_numpy(w[pairs]).to(dev)[:, None])
 
     def _send(self, peer: str, layer: int, hidden: torch.Tensor, pairs: np.ndarray | None, k: int,
-              exp: np.ndarray, w: np.ndarray) -> _Sent:
+              exp: np.ndarray, w: np.ndarray, extra: np.ndarray | None = None) -> _Sent:
+        """Begins one exchange with ``peer`` for ``pairs`` (None: every pair), plus ``extra`` pairs to verify, each
+        as its own row after the others (weight 1: the answer is the expert's output itself)."""
         t = hidden.shape[0]
         ch = self.channels.get(peer)
         rid = ch.next_id()
-        if pairs is None:  # every pair, in order: no gathers
+        n_extra = 0 if extra is None else len(extra)
+        if n_extra:
+            assert extra is not None
+            rows, data = self._encode_with_extra(rid, layer, hidden, pairs, k, exp, w, extra)
+        elif pairs is None:  # every pair, in order: no gathers
             rows = None
             data = encode_request(rid, layer, self._token_index(t, k), exp, w, hidden)
         else:
@@ -331,7 +433,28 @@ class RemoteExperts:
             with self._lock:
                 self._stat(peer).in_flight -= 1
             raise
-        return _Sent(peer, ch, rid, pairs, rows, t if rows is None else len(rows), now, deadline)
+        return _Sent(peer, ch, rid, pairs, rows, (t if rows is None else len(rows)) + n_extra, now, deadline, n_extra)
+
+    def _encode_with_extra(self, rid: int, layer: int, hidden: torch.Tensor, pairs: np.ndarray | None, k: int,
+                           exp: np.ndarray, w: np.ndarray, extra: np.ndarray) -> tuple[np.ndarray | None, bytearray]:
+        """(rows sent for ``pairs`` as ``_rows`` gives them, the frame): the R rows of ``pairs``, then one row per
+        ``extra`` pair."""
+        t = hidden.shape[0]
+        rows: np.ndarray | None
+        if pairs is None:
+            rows, inv, sub, pe, pw = None, self._token_index(t, k), hidden, exp, w
+        elif not len(pairs):
+            rows, inv, sub, pe, pw = pairs, np.zeros(0, np.int64), hidden[:0], exp[pairs], w[pairs]
+        else:
+            rows, inv = self._rows(pairs, k, t)
+            sub = hidden if rows is None else hidden.index_select(0, torch.from_numpy(rows).to(hidden.device))
+            pe, pw = exp[pairs], w[pairs]
+        r = t if rows is None else len(rows)
+        xs = hidden.index_select(0, torch.from_numpy(extra // k).to(hidden.device))  # [V, D]
+        data = encode_request(rid, layer, np.concatenate([inv, r + np.arange(len(extra))]),
+                              np.concatenate([pe, exp[extra]]), np.concatenate([pw, np.ones(len(extra), np.float32)]),
+                              torch.cat([sub, xs]))  # [R + V, D]
+        return rows, data
 
     def _finish(self, s: _Sent) -> torch.Tensor:
         try:

@@ -12,10 +12,20 @@ Each connection thread reads through a ``FrameReader`` (one reusable buffer) and
 whole life; a thread serving a client on the same machine is made SCHED_BATCH (``_no_wakeup_preemption``), so that
 a frame waking it does not preempt the attention host before that has sent its frames to its other peers.
 
+Bounds (``ListenerLimits``, shared with blob exchange; ``ekmesh.core.limits`` says what happens when full): until
+its pin check passes a connection is pending and counts against its source address (8) and the listener (64), and
+its TLS handshake has one deadline (3 s); authenticated, it counts against its peer (8) and the listener (128):
+beyond, it is answered ERROR BUSY and closed. One thread per admitted connection. A frame's payload is reserved from
+a node-wide budget (256 MiB, 128 MiB per peer) at most a grain (1 MiB) ahead of the bytes that arrived (``_Intake``)
+and released once its answer is sent; payloads <= 64 KiB (decode steps) are not metered, so they are served while
+the budget is full. A reader that finds no room waits until its frame's deadline (``body_s``), then is answered
+ERROR BUSY and closed (the rest of its frame is unread). Refusals log at most 5 lines per source per 10 s.
+
 Invariants:
 - at most ``max_pending`` requests wait for the worker; beyond that a request is answered ERROR BUSY at once;
-- a malformed frame (``ProtocolError``) is logged at WARNING with its reason, answered with an ERROR frame when
-  the socket still allows it, and closes that connection only; a refused certificate closes it after a WARNING;
+- a malformed frame (``ProtocolError``) is logged at WARNING (rate-limited) with its reason, answered with an ERROR
+  frame when the socket still allows it, and closes that connection only; a refused certificate closes it after a
+  WARNING;
 - a request naming an expert this server does not hold is answered ERROR NOT_HELD naming (layer, expert);
 - a response is, per token, the sum over the request's pairs of ``weight * expert(hidden[token])``, weighted and
   summed in fp32 in pair order, cast to the request's dtype (for fp32 this equals ``LocalExperts`` bit for bit
@@ -40,7 +50,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ekmesh.core.errors import ExpertNotLoadedError, PeerClosedError, PeerIdentityError, ProtocolError
+from ekmesh.core.errors import ConfigError, ExpertNotLoadedError, PeerClosedError, PeerIdentityError, ProtocolError
+from ekmesh.core.limits import DEFAULT_LISTENER, ByteBudget, Gate, ListenerLimits, RateLimitedLog, Ticket
+from ekmesh.infer.dataplane import liar
 from ekmesh.infer.dataplane.channel import FrameReader, Pins, TlsIdentity, check_peer_cert, make_context
 from ekmesh.infer.dataplane.frames import (
     DEFAULT_LIMITS,
@@ -54,7 +66,7 @@ from ekmesh.infer.dataplane.frames import (
     response_buffer,
     response_from,
 )
-from ekmesh.infer.dataplane.poll import Registration, Waits
+from ekmesh.infer.dataplane.poll import Registration, Waits, recv_some
 from ekmesh.infer.experts import LocalExperts
 
 log = logging.getLogger(__name__)
@@ -62,7 +74,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServerTimeouts:
-    handshake_s: float = 5.0  # TLS handshake of a new connection
+    """Waits on an authenticated channel (the handshake's deadline is ``ListenerLimits.handshake_s``)."""
+
     idle_s: float = 600.0  # waiting for the next frame on an open channel
     body_s: float = 10.0  # the rest of a frame once its header arrived
     send_s: float = 10.0  # writing one answer
@@ -78,9 +91,10 @@ class _Job:
 
 
 class _Conn:
-    def __init__(self, sock: socket.socket, addr: object) -> None:
+    def __init__(self, sock: socket.socket, addr: object, ticket: Ticket) -> None:
         self.sock = sock
         self.addr = addr
+        self.ticket = ticket
         self.peer: str | None = None
         self.pending: deque[_Job] = deque()
 
@@ -96,7 +110,8 @@ class ServerStats:
     requests: int = 0
     batches: int = 0
     busy: int = 0
-    refused: int = 0  # connections closed for a bad certificate or a malformed frame
+    refused: int = 0  # connections closed for a bad certificate, a cap, or a malformed frame
+    over_budget: int = 0  # connections closed because their frame's memory could not be reserved in time
 
 
 class ExpertServer:
@@ -105,8 +120,12 @@ class ExpertServer:
     def __init__(self, backend: LocalExperts, identity: TlsIdentity, pins: Pins, limits: ModelLimits,
                  host: str = "127.0.0.1", port: int = 0, frame_limits: FrameLimits = DEFAULT_LIMITS,
                  timeouts: ServerTimeouts = ServerTimeouts(), max_pending: int = 64,
-                 max_batch_pairs: int = 1 << 16, poll: bool = True) -> None:
+                 max_batch_pairs: int = 1 << 16, poll: bool = True, listen: ListenerLimits = DEFAULT_LISTENER) -> None:
+        if listen.frame_budget_per_peer < frame_limits.max_frame_bytes:
+            raise ConfigError(f"a peer's frame budget ({listen.frame_budget_per_peer} bytes) must hold one frame "
+                              f"of max_frame_bytes ({frame_limits.max_frame_bytes})")
         self.backend = backend
+        self._lie = liar.from_env()  # TEST ONLY (liar.py): None unless EKMESH_TEST_LIAR asks this server to lie
         self.poll = poll  # busy-poll for the next frame after an answer (``poll.py``)
         self.identity = identity
         self.pins = pins
@@ -116,6 +135,10 @@ class ExpertServer:
         self.max_pending = max_pending
         self.max_batch_pairs = max_batch_pairs
         self.stats = ServerStats()
+        self.listen = listen
+        self._refusals = RateLimitedLog(log, listen.log_interval_s, listen.log_burst)  # per source / peer
+        self.gate = Gate(listen, self._refusals, "data plane")
+        self.budget = ByteBudget(listen.frame_budget, listen.frame_budget_per_peer)
         self._on_cpu = backend.device.type == "cpu"
         self._ctx = make_context(identity, server=True)
         self._listener = socket.create_server((host, port), backlog=64)
@@ -147,6 +170,7 @@ class ExpertServer:
             self._stopping = True
             conns = list(self._conns.values())
             self._cv.notify_all()
+        self.budget.close()  # wakes readers waiting for frame memory
         try:
             self._listener.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -164,10 +188,15 @@ class ExpertServer:
                 raw, addr = self._listener.accept()
             except OSError:
                 return  # listener closed by stop()
-            conn = _Conn(raw, addr)
+            ticket = self.gate.admit(raw, addr)  # a refusal closes at once, without a thread
+            if ticket is None:
+                raw.close()
+                continue
+            conn = _Conn(raw, addr, ticket)
             with self._cv:
                 if self._stopping:
                     raw.close()
+                    self.gate.leave(ticket)
                     return
                 self._conns[id(conn)] = conn
             t = threading.Thread(target=self._serve_conn, args=(conn,), name="ekmesh-expert-conn", daemon=True)
@@ -176,18 +205,26 @@ class ExpertServer:
 
     def _serve_conn(self, conn: _Conn) -> None:
         try:
+            ticket = conn.ticket
             try:
                 conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn.sock.settimeout(self.timeouts.handshake_s)
+                conn.sock.settimeout(max(ticket.left(), 1e-3))  # the TLS handshake: one deadline inside ssl
                 conn.sock = self._ctx.wrap_socket(conn.sock, server_side=True)
                 conn.peer = check_peer_cert(conn.sock, self.pins)
             except PeerIdentityError as exc:
                 self.stats.refused += 1
-                log.warning("refused data channel from %s: %s", conn.addr, exc)
+                self._refused(ticket, "refused data channel from %s: %s", conn.addr, exc)
                 return
             except (OSError, ssl.SSLError) as exc:
                 self.stats.refused += 1
-                log.warning("data channel from %s failed its TLS handshake: %s", conn.addr, exc)
+                self._refused(ticket, "data channel from %s failed its TLS handshake: %s", conn.addr, exc)
+                return
+            why = self.gate.authenticate(ticket, conn.peer)
+            if why is not None:  # told in an ERROR frame: the client reads it as the answer to its first PING
+                self.stats.refused += 1
+                self._refused(ticket, "refused data channel from %s (peer %s): %s", conn.addr, conn.peer, why)
+                self._send(conn, encode_error(0, ErrorCode.BUSY, f"data channel refused: {why}",
+                                              limits=self.frame_limits))
                 return
             log.debug("data channel from peer %s (%s) open", conn.peer, conn.addr)
             if _same_host(conn.sock):
@@ -201,6 +238,11 @@ class ExpertServer:
                 conn.sock.close()
             except OSError:
                 pass
+            self.gate.leave(conn.ticket)  # last: this connection's thread is done with everything it counted
+
+    def _refused(self, ticket: Ticket, msg: str, *args: object) -> None:
+        if not ticket.evicted:  # (the gate logged why it closed an evicted one)
+            self._refusals.warning(ticket.source, msg, *args)
 
     def _send(self, conn: _Conn, data: bytes | bytearray) -> bool:
         try:
@@ -212,25 +254,38 @@ class ExpertServer:
             return False
 
     def _read_loop(self, conn: _Conn) -> None:
-        reader = FrameReader(conn.sock, self.model, self.frame_limits, conn.peer)
+        assert conn.peer is not None
+        reader = _Intake(conn.sock, self.model, self.frame_limits, conn.peer, self.budget, self.listen)
         waits = Waits() if self.poll else None  # this connection's waits for its next frame
-        while not self._stopping:
-            try:  # the next layer's frame is usually close behind an answer: poll for it a while (poll.py)
-                f = reader.read(time.monotonic() + self.timeouts.idle_s, body_timeout=self.timeouts.body_s,
-                                waits=waits)
-                if f.kind not in (Kind.REQUEST, Kind.PING):
-                    raise ProtocolError(f"unexpected {f.kind.name} frame from a client")
-            except ProtocolError as exc:
-                self.stats.refused += 1
-                log.warning("closing data channel from peer %s: malformed frame: %s", conn.peer, exc)
-                self._send(conn, encode_error(0, ErrorCode.PROTOCOL, str(exc), limits=self.frame_limits))
-                return
-            except PeerClosedError as exc:
-                log.debug("data channel from peer %s closed: %s", conn.peer, exc)
-                return
-            answer = encode_ping(f.request_id, pong=True) if f.kind is Kind.PING else self._submit(conn, f)
-            if not self._send(conn, answer):
-                return
+        try:
+            while not self._stopping:
+                try:  # the next layer's frame is usually close behind an answer: poll for it a while (poll.py)
+                    f = reader.read(time.monotonic() + self.timeouts.idle_s, body_timeout=self.timeouts.body_s,
+                                    waits=waits)
+                    if f.kind not in (Kind.REQUEST, Kind.PING):
+                        raise ProtocolError(f"unexpected {f.kind.name} frame from a client")
+                except _OverBudgetError as exc:  # the rest of the frame is unread: the channel cannot go on
+                    self.stats.over_budget += 1
+                    self._refusals.warning(conn.peer, "closing data channel from peer %s: %s", conn.peer, exc)
+                    self._send(conn, encode_error(0, ErrorCode.BUSY, str(exc), limits=self.frame_limits))
+                    return
+                except ProtocolError as exc:
+                    self.stats.refused += 1
+                    self._refusals.warning(conn.peer, "closing data channel from peer %s: malformed frame: %s",
+                                           conn.peer, exc)
+                    self._send(conn, encode_error(0, ErrorCode.PROTOCOL, str(exc), limits=self.frame_limits))
+                    return
+                except PeerClosedError as exc:
+                    log.debug("data channel from peer %s closed: %s", conn.peer, exc)
+                    return
+                answer = encode_ping(f.request_id, pong=True) if f.kind is Kind.PING else self._submit(conn, f)
+                del f  # its payload's memory goes with it, and its reservation below
+                sent = self._send(conn, answer)
+                reader.release()
+                if not sent:
+                    return
+        finally:
+            reader.release()
 
     def _submit(self, conn: _Conn, f: Frame) -> bytes | bytearray:
         """Queues a request and waits for its answer. No worker thread: a waiting reader that finds nobody
@@ -382,6 +437,8 @@ class ExpertServer:
         # [T, D]: per token, the sum of weight * expert(x) over its pairs (fp32, then be.dtype)
         y = be.few(f.layer, x, rows, w) if rows is not None else be(f.layer, x, e, w)
         us = int((time.perf_counter() - t0) * 1e6)
+        if self._lie is not None:
+            y = self._lie(y)
         if y.dtype is f.dtype and self._on_cpu and y.is_contiguous():
             job.answer = response_from(f.request_id, f.layer, y, us)
         else:
@@ -418,6 +475,8 @@ class ExpertServer:
             yw = y[off:off + p].mul_(f.weights.to(be.device)[:, None])  # [P, D] weight * expert(x) in fp32
             out = torch.zeros(f.hidden.shape, dtype=torch.float32, device=be.device)  # [T, D]
             out.index_add_(0, tok, yw)  # per token, its pairs summed in pair order
+            if self._lie is not None:
+                out = self._lie(out)
             off += p
             t, d = f.hidden.shape
             job.answer, view = response_buffer(f.request_id, layer, t, d, f.dtype, us)
@@ -448,3 +507,55 @@ def _no_wakeup_preemption() -> None:
         setter(0, batch, os.sched_param(0))  # pid 0: the calling thread
     except OSError as exc:
         log.debug("could not make the data-channel reader SCHED_BATCH: %s", exc)
+
+
+class _OverBudgetError(Exception):
+    """(Control flow of ``_Intake``.) A frame's memory could not be reserved before the frame's deadline."""
+
+
+class _Intake(FrameReader):
+    """The server's frame reader: frame memory is reserved from the node's ``ByteBudget`` at most one grain
+    (``frame_grain``) ahead of the bytes that arrived, never on the header's word. A payload of at most
+    ``frame_unmetered`` bytes is read as ``FrameReader`` reads it, unreserved (the connection caps bound those); one
+    of at most a grain is reserved whole, then read so; a larger one goes into an uninitialized buffer whose pages
+    become resident only as bytes are written into them (``torch.empty``, where ``bytearray`` zeroes them all at
+    once: 30 vs 42 ms for 62 MiB here; not ``np.empty``, which asks for transparent huge pages, each made resident
+    whole by its first byte) and is reserved a grain at a time, each just before its bytes are read. When the budget
+    has no room the reader waits for it until the frame's deadline, then raises ``_OverBudgetError``. ``held`` bytes
+    stay reserved until ``release`` (the server calls it once the frame's answer is sent, and when the connection
+    ends)."""
+
+    def __init__(self, sock: socket.socket, model: ModelLimits, limits: FrameLimits, peer: str, budget: ByteBudget,
+                 listen: ListenerLimits) -> None:
+        super().__init__(sock, model, limits, peer)
+        self.holder = peer
+        self.budget, self.grain, self.unmetered = budget, listen.frame_grain, listen.frame_unmetered
+        self.held = 0
+
+    def _payload(self, n: int, first: memoryview, deadline: float) -> bytearray | memoryview:
+        if n <= self.grain:  # one grain at most: reserved whole (unless tiny), read as FrameReader reads it
+            if n > self.unmetered:
+                self._reserve(n, deadline)
+            return super()._payload(n, first, deadline)
+        self._reserve(len(first), deadline)
+        view = torch.empty(n, dtype=torch.uint8).numpy().data  # not zeroed: untouched pages are not resident
+        view[:len(first)] = first
+        got = len(first)
+        while got < n:
+            end = got + min(self.grain, n - got)
+            self._reserve(end - got, deadline)
+            while got < end:
+                got += recv_some(self.sock, view[got:end], deadline, self.peer)
+        return view
+
+    def _reserve(self, k: int, deadline: float) -> None:
+        if not self.budget.reserve(self.holder, k, deadline):
+            b = self.budget
+            raise _OverBudgetError(f"frame memory budget exhausted ({b.used()} of {b.total} bytes in use, "
+                                   f"{b.used(self.holder)} of {b.per_holder} by peer {self.holder})")
+        self.held += k
+
+    def release(self) -> None:
+        if self.held:
+            self.budget.release(self.holder, self.held)
+            self.held = 0
