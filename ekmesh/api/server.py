@@ -207,6 +207,9 @@ class Run:
             out["verify"] = {"fraction": v1["fraction"], **{n: v1[n] - v0[n] for n in ("pairs", "rows", "mismatches")},
                              "bans": v1["banned"][len(v0["banned"]):],
                              "banned": sorted({b["peer"] for b in v1["banned"]})}
+        warning = self.served.mesh_warning() if self.served.mesh_warning else None
+        if warning:
+            out["warning"] = warning
         return out
 
 

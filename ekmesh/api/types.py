@@ -24,7 +24,9 @@ if TYPE_CHECKING:  # torch is imported only where a model is served: a node with
 class ServedModel:
     """What the API needs of one model: ids, tokenizer, a generator, and (on a mesh) per-peer round-trip counters
     ``peer_stats() -> {peer: (round_trips, total_rtt_s)}`` and verification counters ``verify_stats()`` (the
-    ``status()`` of ``infer.dataplane.verify.Verifier``: counts, and a list of bans that only grows)."""
+    ``status()`` of ``infer.dataplane.verify.Verifier``: counts, and a list of bans that only grows), and
+    ``mesh_warning() -> str | None``: why answers may not be what the user expects of a mesh (e.g. this node is
+    alone because its bootstrap peers do not admit it), added to every answer's ``ekmesh`` block as ``warning``."""
 
     model_id: str
     aliases: list[str]
@@ -34,6 +36,7 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     peer_stats: Callable[[], dict[str, tuple[int, float]]] | None = None
     verify_stats: Callable[[], dict[str, Any]] | None = None
+    mesh_warning: Callable[[], str | None] | None = None
     lock: threading.Lock | None = None  # held around a whole generation when the generator is not re-entrant
 
     def names(self) -> set[str]:

@@ -1,10 +1,13 @@
-"""Giving freed heap memory back to the operating system after a burst of large temporaries.
+"""How the C allocator keeps and gives back freed memory (glibc only; elsewhere these do nothing).
 
-Loading experts makes large short-lived buffers (a float32 weight before its bf16 copy, int32 codes before an int4
-pack). glibc's allocator keeps much of what such bursts free inside the process, so a node's resident memory stayed
-up to 4x above the bytes of the experts it holds (``benchmarks/node_memory.py``). ``trim()`` asks the allocator to
-return its free memory (glibc's ``malloc_trim(0)``) and is a no-op where that function does not exist (macOS,
-musl, Windows). It never frees anything in use and takes milliseconds.
+``keep_freed()``: glibc returns big freed blocks to the OS and faults them back in on the next call: a prefill's
+few-MiB temporaries cost twice the expert compute that way (benchmarks/mesh_overhead.py). It makes blocks up to
+32 MiB come from the heap and trims the heap only above 1 GiB free.
+
+``trim()``: loading experts makes large short-lived buffers (a float32 weight before its bf16 copy, int32 codes
+before an int4 pack), which the settings above keep inside the process: a node's resident memory stayed up to 4x
+above the bytes of the experts it holds (``benchmarks/node_memory.py``). ``trim()`` asks the allocator to return
+its free memory now (``malloc_trim(0)``); it never frees anything in use and takes milliseconds.
 """
 
 from __future__ import annotations
@@ -12,30 +15,38 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import logging
 
-log = logging.getLogger(__name__)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # malloc.h
 
 
 @functools.cache
-def _malloc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if name is None:
         return None
     try:
-        fn = getattr(ctypes.CDLL(name), "malloc_trim", None)
+        return ctypes.CDLL(name)
     except OSError:
         return None
-    if fn is not None:
-        fn.argtypes = [ctypes.c_size_t]
-        fn.restype = ctypes.c_int
-    return fn
+
+
+def keep_freed() -> bool:
+    """Keeps freed blocks up to 32 MiB in the heap and trims it only above 1 GiB free; True when it could."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    return True
 
 
 def trim() -> bool:
     """Returns free heap memory to the OS where the C library can; True when it could."""
-    fn = _malloc_trim()
+    fn = getattr(_libc(), "malloc_trim", None)
     if fn is None:
         return False
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
     fn(0)
     return True

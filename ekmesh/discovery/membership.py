@@ -15,6 +15,12 @@ others still converge; a peer learnt that way is dialed directly too (a full mes
 A failed connect, ping or sync counts as a failed ping (``MeshView.ping_failed``). Leaving sends a signed
 ``left`` advert to every connected peer at once, within ``leave_timeout``.
 
+Bootstrap peers (``--peer``) that never answered are diagnosed (``bootstrap_status``): when a dial fails, a plain TCP
+connection to the peer's addresses tells "refused" (something listens there but the handshake did not complete:
+another mesh key, or not an ekmesh node; a private network's key is checked before anything else, so a wrong one
+shows only as a handshake that never completes) from "unreachable". Each change of that diagnosis is logged once at
+WARNING: a node whose every bootstrap peer refuses it runs alone, and must say so.
+
 Every exchange is one stream with one request frame and one answer frame, under a deadline.
 """
 
@@ -66,6 +72,7 @@ class Membership:
         self._backoff: dict[str, float] = {}
         self._inflight: set[str] = set()
         self._introduced: set[str] = set()
+        self._bootstrap_state: dict[str, tuple[str, str]] = {}  # peer id -> (state, reason); see bootstrap_status
         self._leaving = False
         self.rejected_adverts = 0
         host.set_stream_handler(SYNC_PROTOCOL, self._handle_sync)
@@ -136,6 +143,29 @@ class Membership:
                 out[peer_id] = list(dict.fromkeys(out.get(peer_id, []) + addrs))
         return list(out.items())
 
+    def bootstrap_status(self) -> list[dict[str, str]]:
+        """Per ``--peer``: ``{"peer_id", "addrs", "state", "reason"}``, state ``connecting`` (no answer yet),
+        ``connected`` (it answered once), ``refused`` (it listens but did not complete the handshake: another mesh
+        key?) or ``unreachable`` (nothing answers at its addresses)."""
+        out = []
+        for peer_id, addrs in self.bootstrap.items():
+            state, reason = self._bootstrap_state.get(peer_id, ("connecting", ""))
+            out.append({"peer_id": peer_id, "addrs": ", ".join(str(a) for a in addrs), "state": state,
+                        "reason": reason})
+        return out
+
+    async def _diagnose_bootstrap(self, peer_id: str, addrs: list[multiaddr.Multiaddr], error: str) -> None:
+        listening = await _tcp_answers(addrs, self.timeouts.connect_timeout)
+        if listening is not None:
+            state = "refused"
+            reason = (f"{listening} accepts TCP connections but did not complete the handshake: it is probably on "
+                      "another mesh key (or not an ekmesh node)")
+        else:
+            state, reason = "unreachable", f"nothing answers at {', '.join(str(a) for a in addrs)} ({error})"
+        if self._bootstrap_state.get(peer_id, ("", ""))[0] != state:
+            log.warning("bootstrap peer %s: %s; until a peer admits it this node is alone", peer_id, reason)
+        self._bootstrap_state[peer_id] = (state, reason)
+
     async def _visit(self, peer_id: str, addrs: list[multiaddr.Multiaddr]) -> None:
         pid = ID.from_base58(peer_id)
         try:
@@ -145,7 +175,13 @@ class Membership:
         except (PeerError, ProtocolError) as exc:
             self._failed(peer_id, str(exc))
             await self._drop_if_down(pid)
+            if peer_id in self.bootstrap and peer_id not in self._introduced:
+                await self._diagnose_bootstrap(peer_id, addrs, str(exc))
         else:
+            if peer_id in self.bootstrap:
+                if self._bootstrap_state.get(peer_id, ("", ""))[0] in ("refused", "unreachable"):
+                    log.warning("bootstrap peer %s answered: this node is on the mesh", peer_id)
+                self._bootstrap_state[peer_id] = ("connected", "")
             self.candidates.pop(peer_id, None)
             if peer_id not in self._introduced:
                 self._introduced.add(peer_id)
@@ -250,3 +286,25 @@ def _digest(obj: Any) -> dict[str, list[int]]:
                 and all(isinstance(x, int) and not isinstance(x, bool) for x in value)):
             raise ProtocolError("sync 'digest' entries must be peer id → [incarnation, seq]")
     return obj
+
+
+async def _tcp_answers(addrs: Sequence[multiaddr.Multiaddr], timeout: float) -> str | None:
+    """The first of ``addrs`` (``/ip4|ip6/../tcp/N``) where a plain TCP connection opens within ``timeout``, closed
+    at once; None when none does."""
+    for addr in addrs:
+        text = str(addr)
+        if "/tcp/" not in text or "/p2p-circuit" in text:
+            continue
+        try:
+            ip = addr.value_for_protocol("ip4") if "/ip4/" in text else addr.value_for_protocol("ip6")
+            port = int(addr.value_for_protocol("tcp"))
+        except (ValueError, multiaddr.exceptions.ProtocolLookupError):
+            continue
+        with trio.move_on_after(timeout):
+            try:
+                stream = await trio.open_tcp_stream(ip, port)
+            except OSError:
+                continue
+            await stream.aclose()
+            return f"/ip4/{ip}/tcp/{port}" if "/ip4/" in text else f"/ip6/{ip}/tcp/{port}"
+    return None

@@ -28,6 +28,10 @@ Schema (version 1); every field is always present, ``null`` where unknown::
       }
     }
 
+A node adds beside these: ``relay``, ``bootstrap`` (``[{"peer_id", "addrs", "state", "reason"}]`` per ``--peer``:
+state ``connecting``, ``connected``, ``refused`` (it listens but did not complete the handshake: another mesh key?)
+or ``unreachable``), and with ``--model`` ``claim`` and ``serving``.
+
 The shard map counts only live peers (``self`` and ``up``); a peer that advertised another grid for the same
 model id is ignored for that model (the first grid, by peer id, wins).
 """

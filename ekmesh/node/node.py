@@ -141,7 +141,7 @@ class Node:
                                     meet_s=10.0 if config.peers or config.relay_via else 0.0)
             identity = TlsIdentity.generate(self.peer_id)  # blob exchange and the data plane are pinned on it
             self.serving = Serving(self.peer_id, store, identity, config.attention, self.set_data_addr,
-                                   config.device, config.dtype, config.verify)
+                                   config.device, config.dtype, config.verify, self.mesh_warning)
             self.claimer = Claimer(self.peer_id, store, claim_cfg, identity, self._live_adverts, self.set_models,
                                    hooks=self.serving)
         self._membership: Membership | None = None
@@ -177,7 +177,20 @@ class Node:
                 p["assigned"] = {claim["model"]: claim["assigned"].get(p["peer_id"], 0)}
         if self.serving is not None:
             snap["serving"] = {**self.serving.status(), "api_url": self.api.url if self.api else None}
+        snap["bootstrap"] = self._membership.bootstrap_status() if self._membership is not None else []
         return snap
+
+    def mesh_warning(self) -> str | None:
+        """When this node is alone although it was given bootstrap peers, and why (each answer of its API says so:
+        it answers from what it holds, not from the mesh it was pointed at)."""
+        membership, view = self._membership, self.view
+        if membership is None or view is None or view.peers("up"):
+            return None
+        failing = [b for b in membership.bootstrap_status() if b["state"] in ("refused", "unreachable")]
+        if not failing:
+            return None
+        return "this node is alone: " + "; ".join(f"bootstrap peer {b['peer_id']} {b['state']}: {b['reason']}"
+                                                  for b in failing)
 
     # -- the API's engine --------------------------------------------------------------------------------------
 

@@ -26,10 +26,8 @@ right before it is loaded.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import shutil
-import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -66,21 +64,6 @@ from ekmesh.shard.store import Store
 log = logging.getLogger(__name__)
 
 
-def _keep_freed_memory() -> None:
-    """glibc returns big freed blocks to the OS and faults them back in on the next call: a prefill's few-MiB
-    temporaries cost twice the expert compute that way (benchmarks/mesh_overhead.py). Keep them (best effort, glibc
-    only): blocks up to 32 MiB come from the heap, and the heap is trimmed only above 1 GiB free."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-        libc.mallopt(m_mmap_threshold, 32 << 20)
-        libc.mallopt(m_trim_threshold, 1 << 30)
-    except (OSError, AttributeError):
-        pass
-
-
 class Serving:
     """One model's serving on this node. ``open`` names the host its expert server binds (once the node knows its
     addresses, before the manifest); ``prepare``/``load``/``unload`` are the ``Claimer``'s hooks (threads);
@@ -89,8 +72,10 @@ class Serving:
 
     def __init__(self, peer_id: str, store: Store, identity: TlsIdentity, attention: bool | None,
                  set_data_addr: Callable[[Endpoint | None], None], device: str | None = None,
-                 dtype: str | None = None, verify: float = VERIFY_FRACTION) -> None:
+                 dtype: str | None = None, verify: float = VERIFY_FRACTION,
+                 mesh_warning: Callable[[], str | None] = lambda: None) -> None:
         self.peer_id, self.store, self.identity = peer_id, store, identity
+        self.mesh_warning = mesh_warning  # the node's: e.g. alone, its bootstrap peers refusing its mesh key
         self.attention = attention
         self.verify = verify  # fraction of remote expert results recomputed (``infer/dataplane/verify.py``)
         self.set_data_addr = set_data_addr
@@ -98,7 +83,7 @@ class Serving:
         self.dtype = pick_dtype(dtype, self.device)
         self.threads = threads.configure(torch)  # torch's CPU operator threads for this process (core/threads.py)
         if self.device.type == "cpu":
-            _keep_freed_memory()
+            heap.keep_freed()  # a prefill's temporaries stay in the heap between calls (core/heap.py)
         self.bind_host, self.advertise_host = "127.0.0.1", "127.0.0.1"
         self.manifest: Manifest | None = None
         self.checkpoint: Checkpoint | None = None
@@ -271,7 +256,8 @@ class Serving:
         self.remote = RemoteExperts(limits, local, self.holders, pool, self._fallback, verifier=verifier)
         gen = Generator(dense, self.remote, tok, default_stop_ids=() if tok else eos_ids_in(ck.path))
         self.model = ServedModel(m.id, aliases_of(m.id, self.store), gen, tok, context_of(sm.hf_config),
-                                 peer_stats=self._peer_stats, verify_stats=verifier.status)
+                                 peer_stats=self._peer_stats, verify_stats=verifier.status,
+                                 mesh_warning=self.mesh_warning)
         self._sm = sm  # keeps its files directory alive
         self.state = "serving"
         log.info("model %s: attention host ready on %s (%s)", m.id, self.device, str(self.dtype).split(".")[-1])

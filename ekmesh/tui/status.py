@@ -28,7 +28,10 @@ def render_status(snapshot: dict[str, Any]) -> RenderableType:
         mesh_text = Text(f"private mesh (key id {mesh.get('key_id')})", style="green")
     header = Text.assemble(("ekmesh ", "bold"), f"node {short_id(snapshot.get('self', ''))} · ",
                            mesh_text, f" · {live} of {len(peers)} peers up")
-    parts: list[RenderableType] = [header, peers_table(peers)]
+    parts: list[RenderableType] = [header]
+    failing = [b for b in snapshot.get("bootstrap", []) if b["state"] in ("refused", "unreachable")]
+    parts += [bootstrap_line(b, live) for b in failing]
+    parts.append(peers_table(peers))
     if snapshot.get("claim"):
         parts += [Text(""), claim_line(snapshot["claim"])]
     if snapshot.get("serving"):
@@ -36,6 +39,13 @@ def render_status(snapshot: dict[str, Any]) -> RenderableType:
     for model_id, shard in snapshot.get("models", {}).items():
         parts += [Text(""), shard_map(model_id, shard, names)]
     return Group(*parts)
+
+
+def bootstrap_line(entry: dict[str, Any], live: int) -> Text:
+    """A ``--peer`` that did not admit this node (``refused``: another mesh key?) or cannot be reached."""
+    alone = " · this node is alone" if live <= 1 else ""
+    return Text(f"bootstrap peer {short_id(entry['peer_id'])} {entry['state']}: {entry['reason']}{alone}",
+                style="bold red")
 
 
 def claim_line(claim: dict[str, Any]) -> Text:

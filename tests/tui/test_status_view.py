@@ -107,3 +107,17 @@ def test_serving_line():
                        "missing_experts": 3}
     assert "attention host: loading the dense part · 3 experts have no live holder" in " ".join(
         render(snap, width=400).split())
+
+
+def test_a_bootstrap_peer_that_refuses_this_node_is_called_out():
+    snap = {**snapshot(), "peers": [peer(A, "alpha", "self", rtt_ms=None, devices=[])], "models": {}}
+    snap["bootstrap"] = [
+        {"peer_id": B, "addrs": "/ip4/10.0.0.2/tcp/7733", "state": "refused",
+         "reason": "/ip4/10.0.0.2/tcp/7733 accepts TCP connections but did not complete the handshake: it is "
+                   "probably on another mesh key (or not an ekmesh node)"},
+        {"peer_id": C, "addrs": "/ip4/10.0.0.3/tcp/7733", "state": "connected", "reason": ""},
+    ]
+    text = render(snap, width=200)
+    line = next(line for line in text.splitlines() if "bootstrap peer" in line)
+    assert "refused" in line and "another mesh key" in line and "this node is alone" in line
+    assert "…charl333" not in line and text.count("bootstrap peer") == 1  # connected ones are not lines
