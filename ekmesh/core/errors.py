@@ -23,6 +23,7 @@ json, tokenizers, jinja2) are translated once, at the boundary of the package th
     │   ├── PeerClosedError          the connection or stream closed or reset in the middle of an exchange
     │   └── PeerIdentityError        the peer's data-plane certificate does not match the pin for its peer id
     ├── ProtocolError                a peer sent bytes that break a protocol (oversized, malformed, bad signature)
+    ├── OverBudgetError              a listener's memory budget had no room for what a peer sent, in time
     ├── ExpertUnavailableError       a routed expert has no live holder and no source to fetch it from
     ├── ExpertNotLoadedError         a token was routed to an expert the backend asked does not hold (names it)
     ├── ApiError                     an API request cannot be answered (the HTTP server maps each to a status)
@@ -162,6 +163,10 @@ class PeerIdentityError(PeerError):
 class ProtocolError(EkmeshError):
     """A peer sent data that breaks an ekmesh protocol: too large, malformed, or with a bad signature."""
 
+
+class OverBudgetError(EkmeshError):
+    """A listener could not reserve memory for what a peer is sending (a data-plane frame) from its budget
+    (``core/limits.ByteBudget``) before the deadline; the message gives the budget's use."""
 
 class ExpertUnavailableError(EkmeshError):
     """Expert (``layer``, ``expert``) has no live holder that answered and no source to fetch its weights from."""

@@ -16,7 +16,7 @@ Bounds (``ListenerLimits``, shared with blob exchange; ``ekmesh.core.limits`` sa
 its pin check passes a connection is pending and counts against its source address (8) and the listener (64), and
 its TLS handshake has one deadline (3 s); authenticated, it counts against its peer (8) and the listener (128):
 beyond, it is answered ERROR BUSY and closed. One thread per admitted connection. A frame's payload is reserved from
-a node-wide budget (256 MiB, 128 MiB per peer) at most a grain (1 MiB) ahead of the bytes that arrived (``_Intake``)
+a node-wide budget (256 MiB, 128 MiB per peer) at most a grain (1 MiB) ahead of the bytes that arrived (``Intake``)
 and released once its answer is sent; payloads <= 64 KiB (decode steps) are not metered, so they are served while
 the budget is full. A reader that finds no room waits until its frame's deadline (``body_s``), then is answered
 ERROR BUSY and closed (the rest of its frame is unread). Refusals log at most 5 lines per source per 10 s.
@@ -50,10 +50,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ekmesh.core.errors import ConfigError, ExpertNotLoadedError, PeerClosedError, PeerIdentityError, ProtocolError
+from ekmesh.core.errors import (
+    ConfigError,
+    ExpertNotLoadedError,
+    OverBudgetError,
+    PeerClosedError,
+    PeerIdentityError,
+    ProtocolError,
+)
 from ekmesh.core.limits import DEFAULT_LISTENER, ByteBudget, Gate, ListenerLimits, RateLimitedLog, Ticket
 from ekmesh.infer.dataplane import liar
-from ekmesh.infer.dataplane.channel import FrameReader, Pins, TlsIdentity, check_peer_cert, make_context
+from ekmesh.infer.dataplane.channel import Pins, TlsIdentity, check_peer_cert, make_context
 from ekmesh.infer.dataplane.frames import (
     DEFAULT_LIMITS,
     ErrorCode,
@@ -66,7 +73,8 @@ from ekmesh.infer.dataplane.frames import (
     response_buffer,
     response_from,
 )
-from ekmesh.infer.dataplane.poll import Registration, Waits, recv_some
+from ekmesh.infer.dataplane.intake import Intake
+from ekmesh.infer.dataplane.poll import Registration, Waits
 from ekmesh.infer.experts import LocalExperts
 
 log = logging.getLogger(__name__)
@@ -255,7 +263,7 @@ class ExpertServer:
 
     def _read_loop(self, conn: _Conn) -> None:
         assert conn.peer is not None
-        reader = _Intake(conn.sock, self.model, self.frame_limits, conn.peer, self.budget, self.listen)
+        reader = Intake(conn.sock, self.model, self.frame_limits, conn.peer, self.budget, self.listen)
         waits = Waits() if self.poll else None  # this connection's waits for its next frame
         try:
             while not self._stopping:
@@ -264,7 +272,7 @@ class ExpertServer:
                                     waits=waits)
                     if f.kind not in (Kind.REQUEST, Kind.PING):
                         raise ProtocolError(f"unexpected {f.kind.name} frame from a client")
-                except _OverBudgetError as exc:  # the rest of the frame is unread: the channel cannot go on
+                except OverBudgetError as exc:  # the rest of the frame is unread: the channel cannot go on
                     self.stats.over_budget += 1
                     self._refusals.warning(conn.peer, "closing data channel from peer %s: %s", conn.peer, exc)
                     self._send(conn, encode_error(0, ErrorCode.BUSY, str(exc), limits=self.frame_limits))
@@ -507,55 +515,3 @@ def _no_wakeup_preemption() -> None:
         setter(0, batch, os.sched_param(0))  # pid 0: the calling thread
     except OSError as exc:
         log.debug("could not make the data-channel reader SCHED_BATCH: %s", exc)
-
-
-class _OverBudgetError(Exception):
-    """(Control flow of ``_Intake``.) A frame's memory could not be reserved before the frame's deadline."""
-
-
-class _Intake(FrameReader):
-    """The server's frame reader: frame memory is reserved from the node's ``ByteBudget`` at most one grain
-    (``frame_grain``) ahead of the bytes that arrived, never on the header's word. A payload of at most
-    ``frame_unmetered`` bytes is read as ``FrameReader`` reads it, unreserved (the connection caps bound those); one
-    of at most a grain is reserved whole, then read so; a larger one goes into an uninitialized buffer whose pages
-    become resident only as bytes are written into them (``torch.empty``, where ``bytearray`` zeroes them all at
-    once: 30 vs 42 ms for 62 MiB here; not ``np.empty``, which asks for transparent huge pages, each made resident
-    whole by its first byte) and is reserved a grain at a time, each just before its bytes are read. When the budget
-    has no room the reader waits for it until the frame's deadline, then raises ``_OverBudgetError``. ``held`` bytes
-    stay reserved until ``release`` (the server calls it once the frame's answer is sent, and when the connection
-    ends)."""
-
-    def __init__(self, sock: socket.socket, model: ModelLimits, limits: FrameLimits, peer: str, budget: ByteBudget,
-                 listen: ListenerLimits) -> None:
-        super().__init__(sock, model, limits, peer)
-        self.holder = peer
-        self.budget, self.grain, self.unmetered = budget, listen.frame_grain, listen.frame_unmetered
-        self.held = 0
-
-    def _payload(self, n: int, first: memoryview, deadline: float) -> bytearray | memoryview:
-        if n <= self.grain:  # one grain at most: reserved whole (unless tiny), read as FrameReader reads it
-            if n > self.unmetered:
-                self._reserve(n, deadline)
-            return super()._payload(n, first, deadline)
-        self._reserve(len(first), deadline)
-        view = torch.empty(n, dtype=torch.uint8).numpy().data  # not zeroed: untouched pages are not resident
-        view[:len(first)] = first
-        got = len(first)
-        while got < n:
-            end = got + min(self.grain, n - got)
-            self._reserve(end - got, deadline)
-            while got < end:
-                got += recv_some(self.sock, view[got:end], deadline, self.peer)
-        return view
-
-    def _reserve(self, k: int, deadline: float) -> None:
-        if not self.budget.reserve(self.holder, k, deadline):
-            b = self.budget
-            raise _OverBudgetError(f"frame memory budget exhausted ({b.used()} of {b.total} bytes in use, "
-                                   f"{b.used(self.holder)} of {b.per_holder} by peer {self.holder})")
-        self.held += k
-
-    def release(self) -> None:
-        if self.held:
-            self.budget.release(self.holder, self.held)
-            self.held = 0
