@@ -177,6 +177,8 @@ def _three_nodes_equal_one_process(arch: str, tmp_path: Path, model_id: str,
         # itself from its blob, which keeps the answer exact, so local experts after the run are not an error)
         after = mesh.nodes[host].status()["serving"]
         assert all(after["peers"][p]["round_trips"] > 0 for p in holders), after
+        # verification (on by default, a sampled fraction of the results) banned no honest peer
+        assert after["verify"]["banned"] == [], after["verify"]
         # every answer was read, polled or blocking, as this machine's polling setting says
         waited = after["poll"]
         assert waited["max_us"] == round(poll.budget(os.environ.get("EKMESH_POLL_US")) * 1e6), waited
