@@ -94,6 +94,12 @@ def serving_line(serving: dict[str, Any], names: dict[str, str]) -> Text:
             f"{names.get(p, short_id(p))} {s['mean_rtt_ms']:.2f} ms" + (f" ({s['failures']} failed)"
                                                                          if s.get("failures") else "")
             for p, s in sorted(used.items())))
+    verify = serving.get("verify") or {}
+    if verify:
+        text.append(f" · verified {verify.get('pairs', 0)} results ({100 * verify.get('fraction', 0):g}% sampled)")
+        for ban in verify.get("banned") or []:
+            text.append(f" · banned {names.get(ban['peer'], short_id(ban['peer']))}: {ban.get('reason', '')}",
+                        style="bold red")
     return text
 
 

@@ -121,3 +121,17 @@ def test_a_bootstrap_peer_that_refuses_this_node_is_called_out():
     line = next(line for line in text.splitlines() if "bootstrap peer" in line)
     assert "refused" in line and "another mesh key" in line and "this node is alone" in line
     assert "…charl333" not in line and text.count("bootstrap peer") == 1  # connected ones are not lines
+
+
+def test_verification_and_bans_on_the_serving_line():
+    snap = snapshot()
+    ban = {"peer": C, "layer": 3, "experts": [1], "diff": 0.9, "bound": 0.05, "by": "local", "at": 0.0,
+           "reason": "layer 3 experts [1]: answer differs by 0.9 > bound 0.05 (recomputed locally)"}
+    snap["serving"] = {"model": "blake3:abcd", "attention": True, "state": "serving", "ready": True,
+                       "missing_experts": 0, "device": "cpu", "dtype": "float32", "loaded_experts": 0,
+                       "api_url": None, "peers": {},
+                       "verify": {"fraction": 0.05, "pairs": 120, "rows": 60, "mismatches": 1, "unchecked": 0,
+                                  "banned": [ban]}}
+    text = " ".join(render(snap, width=400).split())
+    assert "verified 120 results (5% sampled)" in text
+    assert "banned charlie: layer 3 experts [1]: answer differs by 0.9 > bound 0.05" in text
