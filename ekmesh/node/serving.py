@@ -313,6 +313,11 @@ class Serving:
             "loaded_bytes": self.local.nbytes() if self.local is not None else 0,
             "experts_format": self.manifest.experts_format_name() if self.manifest is not None else None,
             "loaded_by_layer": {str(layer): len(es) for layer, es in held.items()},
+            # this node's expert server: frames served per peer (attention hosts), batches, and batches that merged
+            # frames of several peers
+            "server": None if self.server is None else {
+                "requests": self.server.stats.requests, "batches": self.server.stats.batches,
+                "mixed_batches": self.server.stats.mixed_batches, "by_peer": dict(self.server.stats.by_peer)},
             "peers": {p: {"round_trips": s.round_trips, "mean_rtt_ms": round(1e3 * s.mean_rtt_s, 3),
                           "failures": s.failures}
                       for p, s in (self.remote.stats().items() if self.remote else [])},

@@ -45,7 +45,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -117,6 +117,8 @@ class _Conn:
 class ServerStats:
     requests: int = 0
     batches: int = 0
+    mixed_batches: int = 0  # batches that merged frames of several peers (e.g. two attention hosts)
+    by_peer: dict[str, int] = field(default_factory=dict)  # frames received per authenticated peer
     busy: int = 0
     refused: int = 0  # connections closed for a bad certificate, a cap, or a malformed frame
     over_budget: int = 0  # connections closed because their frame's memory could not be reserved in time
@@ -303,6 +305,8 @@ class ExpertServer:
         deadline = time.monotonic() + self.timeouts.compute_s
         with self._cv:
             self.stats.requests += 1
+            peer = conn.peer or "?"
+            self.stats.by_peer[peer] = self.stats.by_peer.get(peer, 0) + 1
             if self._n_pending >= self.max_pending:
                 self.stats.busy += 1
                 return encode_error(f.request_id, ErrorCode.BUSY, "expert server busy: request queue full",
@@ -374,6 +378,8 @@ class ExpertServer:
         if not batch:
             return
         self.stats.batches += 1
+        if len({job.conn.peer for job in batch}) > 1:
+            self.stats.mixed_batches += 1
         try:
             self._compute(batch)
         except Exception as exc:  # supervisor: a bad batch must not kill the server
