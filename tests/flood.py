@@ -6,6 +6,8 @@ from __future__ import annotations
 import select
 import socket
 import threading
+import time
+from collections.abc import Callable
 
 
 class Flood:
@@ -69,3 +71,13 @@ class Flood:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def holds_within(cond: Callable[[], bool], timeout: float) -> bool:
+    """Polls ``cond`` until it holds or ``timeout`` passes; returns whether it held (a test asserts on it)."""
+    deadline, tick = time.monotonic() + timeout, threading.Event()
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        tick.wait(0.01)
+    return True

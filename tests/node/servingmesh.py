@@ -62,6 +62,17 @@ def seeds_splitting_every_layer(m: Any, holders: int, replicas: int, memory_gib:
     raise AssertionError(f"no identity seeds split every layer of {m.id} over {holders} holders in {tries} tries")
 
 
+def one_process_tokens(source: Any, prompt: list[int], n: int, store: Any = None) -> list[int]:
+    """``n`` greedy tokens (no stop ids) of ``source`` in one process, fp32 on the CPU: a checkpoint directory, or a
+    stored model id (e.g. a quantized one) of ``store``."""
+    from ekmesh.infer.generate import SamplingParams
+    from ekmesh.infer.session import LocalModel
+    from ekmesh.registry.lookup import open_checkpoint
+
+    lm = LocalModel.open(source if store is None else open_checkpoint(source, store), "cpu", "fp32")
+    return lm.generator.generate(prompt, SamplingParams(max_tokens=n, stop_ids=frozenset())).token_ids
+
+
 def post(url: str, body: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:

@@ -16,16 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.discovery.meshproc import wait_until
-from tests.node.servingmesh import ServingMesh, post, seeds_splitting_every_layer
+from tests.node.servingmesh import ServingMesh, one_process_tokens, post, seeds_splitting_every_layer
 from tests.tiny_models import make_tiny, random_prompt
-
-
-def _one_process(src: Path, prompt: list[int], n: int) -> list[int]:
-    from ekmesh.infer.generate import SamplingParams
-    from ekmesh.infer.session import LocalModel
-
-    lm = LocalModel.open(src, "cpu", "fp32")
-    return lm.generator.generate(prompt, SamplingParams(max_tokens=n, stop_ids=frozenset())).token_ids
 
 
 @pytest.mark.slow
@@ -40,7 +32,7 @@ def test_attention_only_importer_serves_its_model_to_the_holders(tmp_path: Path)
     model_id = import_full(str(src), store=store).model_id
     m = store.load_manifest(model_id)
     prompt = random_prompt(m.data["config"]["vocab_size"])
-    expected = _one_process(src, prompt, 16)
+    expected = one_process_tokens(src, prompt, 16)
     assert len(set(expected)) > 2, "a constant generation would not test much"
     shutil.rmtree(src)  # every blob the holders get must come from A
 

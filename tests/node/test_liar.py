@@ -27,7 +27,7 @@ import pytest
 
 from ekmesh.infer.dataplane import liar
 from tests.discovery.meshproc import NodeProc, ekmesh_argv, env_for
-from tests.node.servingmesh import BASE, ServingMesh, post, seeds_splitting_every_layer
+from tests.node.servingmesh import BASE, ServingMesh, one_process_tokens, post, seeds_splitting_every_layer
 from tests.tiny_models import make_tiny, random_prompt
 
 HOST = ["--no-experts"]
@@ -70,14 +70,7 @@ def _import(src: Path, home: Path, fmt: str | None = None) -> tuple[str, Any]:
 
 
 def _one_process(model_id: str, store: Any) -> Callable[[list[int], int], list[int]]:
-    def generate(prompt: list[int], n: int) -> list[int]:
-        from ekmesh.infer.generate import SamplingParams
-        from ekmesh.infer.session import LocalModel
-        from ekmesh.registry.lookup import open_checkpoint
-
-        lm = LocalModel.open(open_checkpoint(model_id, store), "cpu", "fp32")
-        return lm.generator.generate(prompt, SamplingParams(max_tokens=n, stop_ids=frozenset())).token_ids
-    return generate
+    return lambda prompt, n: one_process_tokens(model_id, prompt, n, store)
 
 
 def _ask(mesh: ServingMesh, host: int, prompt: list[int], n: int) -> dict[str, Any]:

@@ -26,8 +26,15 @@ import pytest
 
 from tests.discovery.meshproc import NodeProc, wait_until
 from tests.diskfull import fill, tmpfs
-from tests.node.servingmesh import BASE, ServingMesh, _min_holders, post, seed_identity, seeds_splitting_every_layer
-from tests.node.test_two_hosts import one_process
+from tests.node.servingmesh import (
+    BASE,
+    ServingMesh,
+    _min_holders,
+    one_process_tokens,
+    post,
+    seed_identity,
+    seeds_splitting_every_layer,
+)
 from tests.tiny_models import make_tiny, random_prompt
 
 HOST = ["--no-experts"]
@@ -60,7 +67,7 @@ def test_experts_move_to_a_new_holder_without_a_gap_and_answers_stay_exact(tmp_p
     m = store.load_manifest(model_id)
     total = len(m.expert_ids())
     prompts = [random_prompt(96, seed=s) for s in (1, 2, 3)]
-    expected = [one_process(src, p, 24) for p in prompts]
+    expected = [one_process_tokens(src, p, 24) for p in prompts]
     seed_a, seed_b = seeds_splitting_every_layer(m, 2, 1, 4.0, "mbb")
 
     with ServingMesh(tmp_path, model_id, [HOLDER, HOST], seeds=[seed_a, "mbb-host"], extra=EXTRA) as mesh:

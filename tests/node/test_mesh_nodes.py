@@ -31,7 +31,13 @@ from ekmesh.core import threads
 from ekmesh.infer.dataplane import poll
 from tests.infer.test_deepseek import make_tiny_deepseek, write_fp8
 from tests.infer.test_gpt_oss import make_tiny_gpt_oss, write_mxfp4
-from tests.node.servingmesh import ServingMesh, post, seeds_splitting_every_layer, stream_token_ids
+from tests.node.servingmesh import (
+    ServingMesh,
+    one_process_tokens,
+    post,
+    seeds_splitting_every_layer,
+    stream_token_ids,
+)
 from tests.tiny_models import make_tiny, random_prompt
 
 BUILDERS: dict[str, Callable[[Path], Any]] = {
@@ -63,25 +69,12 @@ def _import(src: Path, home: Path) -> str:
 
 def _one_process(src: Path) -> Callable[[list[int], int], list[int]]:
     """Greedy tokens of the checkpoint directory ``src`` in one process."""
-    def generate(prompt: list[int], n: int) -> list[int]:
-        from ekmesh.infer.generate import SamplingParams
-        from ekmesh.infer.session import LocalModel
-
-        lm = LocalModel.open(src, "cpu", "fp32")
-        return lm.generator.generate(prompt, SamplingParams(max_tokens=n, stop_ids=frozenset())).token_ids
-    return generate
+    return functools.partial(one_process_tokens, src)
 
 
 def _one_process_stored(model_id: str, store: Any) -> Callable[[list[int], int], list[int]]:
     """Greedy tokens of a stored model (e.g. a quantized one) in one process."""
-    def generate(prompt: list[int], n: int) -> list[int]:
-        from ekmesh.infer.generate import SamplingParams
-        from ekmesh.infer.session import LocalModel
-        from ekmesh.registry.lookup import open_checkpoint
-
-        lm = LocalModel.open(open_checkpoint(model_id, store), "cpu", "fp32")
-        return lm.generator.generate(prompt, SamplingParams(max_tokens=n, stop_ids=frozenset())).token_ids
-    return generate
+    return lambda prompt, n: one_process_tokens(model_id, prompt, n, store)
 
 
 @pytest.mark.slow

@@ -20,20 +20,11 @@ from typing import Any
 
 import pytest
 
-from tests.node.servingmesh import ServingMesh, seeds_splitting_every_layer, stream_token_ids
+from tests.node.servingmesh import ServingMesh, one_process_tokens, seeds_splitting_every_layer, stream_token_ids
 from tests.tiny_models import make_tiny, random_prompt
 
 HOST = ["--no-experts"]
 HOLDER = ["--no-attention"]
-
-
-def one_process(src: Path, prompt: list[int], n: int) -> list[int]:
-    """Greedy tokens of the checkpoint directory ``src`` in one process."""
-    from ekmesh.infer.generate import SamplingParams
-    from ekmesh.infer.session import LocalModel
-
-    lm = LocalModel.open(src, "cpu", "fp32")
-    return lm.generator.generate(prompt, SamplingParams(max_tokens=n, stop_ids=frozenset())).token_ids
 
 
 def overlapping_streams(apis: dict[int, str], bodies: dict[int, dict[str, Any]], first: int,
@@ -96,7 +87,7 @@ def test_two_attention_hosts_share_the_holders_and_answer_at_once_exactly(tmp_pa
     a, b = 1, 3  # the hosts' node indices
     lengths = {a: 400, b: 32}  # A is long enough to still be streaming while B starts
     prompts = {a: random_prompt(96, seed=1), b: random_prompt(96, seed=2)}
-    expected = {k: one_process(src, prompts[k], n) for k, n in lengths.items()}
+    expected = {k: one_process_tokens(src, prompts[k], n) for k, n in lengths.items()}
 
     h0, h2 = seeds_splitting_every_layer(m, 2, 1, 4.0, "two-hosts")
     with ServingMesh(tmp_path, model_id, [HOLDER, HOST, HOLDER, HOST], seeds=[h0, "host-a", h2, "host-b"],

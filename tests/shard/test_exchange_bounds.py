@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +25,7 @@ from ekmesh.shard.blobserver import BlobListener, BlobServer, ServerLimits
 from ekmesh.shard.exchange import CHUNK, Link, Status, client_link, get
 from ekmesh.shard.manifest import ID_RE
 from ekmesh.shard.store import Store
-from tests.flood import Flood
+from tests.flood import Flood, holds_within
 from tests.shard.test_exchange import DEFAULT_LIMITS, NAMES, Mesh, blob, put
 
 MiB = 1 << 20
@@ -164,13 +162,7 @@ def test_a_peer_holds_at_most_its_share_of_authenticated_links(tmp_path: Path, i
 
 
 def _wait(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Polls ``cond`` until it holds or ``timeout`` passes; returns its last value."""
-    deadline, tick = time.monotonic() + timeout, threading.Event()
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        tick.wait(0.01)
-    return True
+    return holds_within(cond, timeout)
 
 
 @pytest.mark.timeout(60)

@@ -40,7 +40,7 @@ from ekmesh.infer.dataplane.frames import (
     encode_request,
 )
 from ekmesh.infer.dataplane.server import ExpertServer, ServerTimeouts
-from tests.flood import Flood
+from tests.flood import Flood, holds_within
 from tests.infer.dataplane.test_channel import MODEL, make_backend
 
 LIMITS = ListenerLimits()
@@ -48,13 +48,7 @@ MiB = 1 << 20
 
 
 def _wait(cond: Callable[[], bool], timeout: float = 30.0) -> bool:
-    """Polls ``cond`` until it holds or ``timeout`` passes; returns its last value."""
-    deadline, tick = time.monotonic() + timeout, threading.Event()
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        tick.wait(0.01)
-    return True
+    return holds_within(cond, timeout)
 
 
 @pytest.fixture(scope="module")
