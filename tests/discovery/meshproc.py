@@ -50,6 +50,11 @@ class NodeProc:
                                      text=True)
         self._pump_thread = threading.Thread(target=self._pump, daemon=True)
         self._pump_thread.start()
+        # stderr is drained all along (a node that logged ~64 KiB into an unread pipe would block on its next line),
+        # into ``stderr()`` and ``<home>/node.log``
+        self._err: list[str] = []
+        self._err_thread = threading.Thread(target=self._pump_err, daemon=True)
+        self._err_thread.start()
         first = self.next_line(timeout=30)
         self.hello = json.loads(first)
         self.peer_id: str = self.hello["peer_id"]
@@ -60,13 +65,28 @@ class NodeProc:
         for line in self.proc.stdout:
             self.lines.put(line)
 
+    def _pump_err(self) -> None:
+        assert self.proc.stderr is not None
+        self.home.mkdir(parents=True, exist_ok=True)
+        with (self.home / "node.log").open("a") as log:  # kept for a look after a failed run (--basetemp)
+            for line in self.proc.stderr:
+                self._err.append(line)
+                log.write(line)
+                log.flush()
+
+    def stderr(self) -> str:
+        """What the node wrote to stderr so far (all of it once it has exited and ``stop`` returned)."""
+        if self.proc.poll() is not None:
+            self._err_thread.join(timeout=10)
+        return "".join(self._err)
+
     def next_line(self, timeout: float) -> str:
         try:
             return self.lines.get(timeout=timeout)
         except queue.Empty:
             self.proc.kill()
-            _, err = self.proc.communicate(timeout=10)
-            raise AssertionError(f"node printed nothing within {timeout}s; stderr:\n{err}") from None
+            self.proc.wait(timeout=10)
+            raise AssertionError(f"node printed nothing within {timeout}s; stderr:\n{self.stderr()}") from None
 
     def wait_event(self, pred: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

@@ -58,6 +58,6 @@ def test_a_node_refused_by_its_bootstrap_peer_says_it_is_alone(tmp_path):
     finally:
         for n in nodes:
             n.stop()
-    err = b.proc.stderr.read() if b.proc.stderr else ""
+    err = b.stderr()
     refusals = [line for line in err.splitlines() if "WARNING" in line and "another mesh key" in line]
     assert len(refusals) == 1, err[-3000:]  # once per change of diagnosis, not once per retry

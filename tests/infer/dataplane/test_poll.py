@@ -149,3 +149,19 @@ def test_polled_read_through_tls(polling):
     assert poll.STATS.polled > before
     a.close()
     out["b"].close()
+
+
+@pytest.mark.parametrize("poll_s", [0.0, 0.4])
+def test_bytes_that_arrived_count_even_past_the_deadline(polling, poll_s):
+    """A caller that waited on another peer first reads this one's answer late: bytes already there are read, not
+    refused for the deadline (before, the host failed healthy peers read after a hung one)."""
+    a, b = tcp_pair()
+    b.sendall(b"answer")
+    time.sleep(0.05)  # the bytes are in a's receive buffer
+    buf = bytearray(8)
+    assert poll.recv_some(a, memoryview(buf), time.monotonic() - 1.0, "p", poll_s=poll_s) == 6
+    assert bytes(buf[:6]) == b"answer"
+    with pytest.raises(PeerClosedError, match="timed out waiting for data from peer p"):
+        poll.recv_some(a, memoryview(buf), time.monotonic() - 1.0, "p", poll_s=poll_s)  # nothing there: refused
+    a.close()
+    b.close()
