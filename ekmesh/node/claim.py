@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, TypeVar
@@ -344,11 +344,12 @@ class Claimer:
                 await trio.to_thread.run_sync(self.hooks.unload, dropped)
             log.info("model %s: %d experts ready here (+%d, -%d)", m.id, len(ready), len(added), len(dropped))
 
-    def fetch_now(self, blob_ids: list[str]) -> None:
+    def fetch_now(self, blob_ids: list[str], last: Collection[str] = ()) -> None:
         """Blocking (any thread): brings these blobs of the model into the store from any peer that may hold them,
-        the package or the model's source; ``BlobUnavailableError`` if some could not be had."""
+        the package or the model's source; ``BlobUnavailableError`` if some could not be had. Peers in ``last``
+        (e.g. just seen failing) are asked after the others."""
         assert self.manifest is not None
-        peers = list(self._addrs)
+        peers = sorted(self._addrs, key=lambda p: p in last)  # stable: otherwise the view's order
         got = self._fetch({bid: peers for bid in blob_ids})
         if not set(blob_ids) <= got:
             raise BlobUnavailableError({bid: "no peer, package or source gave it" for bid in set(blob_ids) - got})

@@ -30,7 +30,7 @@ import logging
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,7 @@ class Serving:
         self.too_big: str | None = None  # why the automatic --attention decided against hosting attention
         self._pins: dict[str, Fingerprint] = {}
         self._addrs: dict[str, Endpoint] = {}
-        self._fetch_blobs: Callable[[list[str]], None] | None = None
+        self._fetch_blobs: Callable[[list[str], Collection[str]], None] | None = None
         self._holders: dict[ExpertKey, list[str]] = {}
         self._view_key: object = None  # what the maps were last built from (``refresh``)
         self._read_lock = threading.Lock()
@@ -233,7 +233,7 @@ class Serving:
         return (self.attention is True and self.model is None and not self.failed and self.manifest is not None
                 and dense_ready)
 
-    def load_attention(self, fetch_blobs: Callable[[list[str]], None]) -> None:
+    def load_attention(self, fetch_blobs: Callable[[list[str], Collection[str]], None]) -> None:
         """Blocking: the dense part on the device, the tokenizer and the generator over ``RemoteExperts``.
         ``fetch_blobs(ids)`` brings blobs into the store from anywhere they can be had (raises an ``EkmeshError``
         otherwise): an expert with no live holder is fetched with it and computed here."""
@@ -272,8 +272,8 @@ class Serving:
         m, fetch_blobs = self.manifest, self._fetch_blobs
         assert m is not None and fetch_blobs is not None
         bid = m.expert_ids()[(layer, expert)]
-        try:
-            fetch_blobs([bid])
+        try:  # peers the data plane just saw fail are asked last: they would each cost a connect deadline first
+            fetch_blobs([bid], self.remote.failing() if self.remote is not None else set())
             return self._read_expert(layer, expert)
         except EkmeshError as exc:
             raise ExpertUnavailableError(layer, expert, f"no live holder, and its blob could not be had: {exc}") \

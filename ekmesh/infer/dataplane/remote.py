@@ -180,6 +180,12 @@ class RemoteExperts:
         self.local.add(layer, expert, self.fallback(layer, expert))
         return LOCAL
 
+    def failing(self) -> set[str]:
+        """Peers that failed a request within the last ``cooldown_s`` (chosen last meanwhile)."""
+        now = time.monotonic()
+        with self._lock:
+            return {p for p, s in self._stats.items() if s.down_until > now}
+
     def _failed(self, peer: str, why: str) -> None:
         log.warning("data-plane request to peer %s failed (%s); trying another holder", peer, why)
         with self._lock:
