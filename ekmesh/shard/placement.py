@@ -12,7 +12,8 @@ Capacity and replication: each peer has a byte budget. Copies are placed in roun
 holder, round 2 a second, up to R; in each round items are visited in a fixed order (by hash) and each takes the
 first peer in its preference list that does not hold it yet and still has room. So the mesh prefers covering every
 expert once over holding some twice, never exceeds a budget, and falls back to fewer than R copies only where the
-memory is not there (``Placement.under_replicated`` says which).
+memory is not there (``Placement.under_replicated`` says which): where the rounds left an item short while some
+peer still has room, a repair pass moves one copy aside to make room for it (``_repair``).
 
 Invariants: the result does not depend on the order of the peer list; a peer never exceeds its budget; holders of
 an item are distinct and ordered by preference (the first is the preferred server).
@@ -21,7 +22,7 @@ an item are distinct and ordered by preference (the first is the preferred serve
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,6 +118,7 @@ def place(model_id: str, items: Iterable[ExpertKey], item_bytes: dict[ExpertKey,
                     held.append(pid)
                     room[pid] -= need
                     break
+    _repair(items, order, prefs, peers, holders, room, size, rounds)
     # holders in preference order (round order is not preference order when capacity pushed a copy down)
     rank = {pid: r for r, pid in enumerate(p.peer_id for p in peers)}
     for i, item in enumerate(items):
@@ -124,6 +126,59 @@ def place(model_id: str, items: Iterable[ExpertKey], item_bytes: dict[ExpertKey,
         holders[item].sort(key=lambda pid: pos[rank[pid]])
     load = {p.peer_id: p.budget_bytes - room[p.peer_id] for p in peers}
     return Placement(holders, replicas, load)
+
+
+def _repair(items: list[ExpertKey], order: list[int], prefs: np.ndarray, peers: list[PeerCapacity],
+            holders: dict[ExpertKey, list[str]], room: dict[str, int], size: Callable[[ExpertKey], int],
+            rounds: int) -> None:
+    """Gives an item the rounds left short a copy by moving one copy out of the way: when every peer with room
+    already holds item x, a full peer q without x hands one of its items y to a peer s with room that lacks y,
+    and takes x. The rounds alone can fill two peers with the wrong items while a third has room (3 peers of
+    12.8 slots for 16 items, R = 2: 3% of peer-id draws); with equal sizes one move sufficed in every draw the
+    tests make. Skipped when no peer has room for the smallest item (a mesh truly short of memory)."""
+    smallest = min(size(it) for it in items)
+    if max(room.values()) < smallest:
+        return
+    held_by: dict[str, list[ExpertKey]] = {p.peer_id: [] for p in peers}
+    for it in items:
+        for pid in holders[it]:
+            held_by[pid].append(it)
+    index = {it: i for i, it in enumerate(items)}
+    for i in order:
+        x = items[i]
+        while len(holders[x]) < rounds and max(room.values()) >= smallest:
+            if not _move_one_for(x, index, prefs, peers, holders, held_by, room, size):
+                break
+
+
+def _move_one_for(x: ExpertKey, index: dict[ExpertKey, int], prefs: np.ndarray, peers: list[PeerCapacity],
+                  holders: dict[ExpertKey, list[str]], held_by: dict[str, list[ExpertKey]], room: dict[str, int],
+                  size: Callable[[ExpertKey], int]) -> bool:
+    need = size(x)
+    for j in prefs[index[x]]:
+        q = peers[j].peer_id
+        if q in holders[x]:
+            continue
+        if room[q] >= need:  # (a move earlier in this pass may have made room)
+            holders[x].append(q)
+            held_by[q].append(x)
+            room[q] -= need
+            return True
+        for y in held_by[q]:
+            if room[q] + size(y) < need:
+                continue
+            for k in prefs[index[y]]:
+                s = peers[k].peer_id
+                if s != q and s not in holders[y] and room[s] >= size(y):
+                    holders[y][holders[y].index(q)] = s
+                    held_by[q].remove(y)
+                    held_by[s].append(y)
+                    room[s] -= size(y)
+                    room[q] += size(y) - need
+                    holders[x].append(q)
+                    held_by[q].append(x)
+                    return True
+    return False
 
 
 def moved(before: Placement, after: Placement) -> int:

@@ -9,6 +9,7 @@ holders, and no expert ever at 0 ready holders in between.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from ekmesh.core.errors import NodeNotRunningError
 from tests.discovery.meshproc import FAST, NodeProc, wait_until
 
 GIB = 1 << 30
@@ -29,6 +31,24 @@ def _holders(snap: dict[str, Any], model_id: str, experts: Iterable[tuple[int, i
         return None
     lo = shard["layers"][0]
     return [shard["holders"][layer - lo][e] for layer, e in experts]
+
+
+def _diagnosis(nodes: list[NodeProc], model_id: str, experts: Iterable[tuple[int, int]]) -> str:
+    """What each live node believes (peers' states, assignment, holders, its claim) and its log's last lines."""
+    out = []
+    for n in nodes:
+        try:
+            snap = n.status()
+        except (NodeNotRunningError, OSError) as exc:
+            out.append(f"{n.peer_id}: no status ({exc})")
+            continue
+        shard = snap["models"].get(model_id, {})
+        out.append(f"{n.peer_id}: holders {_holders(snap, model_id, experts)} per_peer {shard.get('per_peer')} "
+                   f"claim {json.dumps(snap.get('claim'))[:600]}")
+        out.extend(f"  peer {p['peer_id']} {p['state']} assigned {p['assigned']} models {p['models']}"
+                   for p in snap["peers"])
+        out.append("  log: " + "\n  log: ".join(n.stderr().splitlines()[-15:]))
+    return "\n".join(out)
 
 
 @pytest.mark.slow
@@ -94,7 +114,10 @@ def test_four_nodes_claim_replicate_and_heal_after_a_kill(tmp_path: Path) -> Non
             assert min(cells) >= 1, f"an expert has no ready holder: {snap['models'][model_id]['holders']}"
             return victim.peer_id not in snap["models"][model_id]["per_peer"] and replicated(snap, 3)
 
-        took = wait_until(healed, 30, "every expert back on >= 2 ready holders after the kill", interval=0.1)
+        try:
+            took = wait_until(healed, 30, "every expert back on >= 2 ready holders after the kill", interval=0.1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{_diagnosis(nodes[1:], model_id, experts)}") from None
         print(f"healed {took:.1f}s after the SIGKILL (lowest holder count seen: {lowest[0]})")
         for n in nodes[1:]:
             assert n.proc.poll() is None
