@@ -12,8 +12,9 @@ socket; an ``Authorization`` header is accepted and ignored so any OpenAI client
 Wire details beyond OpenAI's: every answer carries ``"ekmesh": {"ttft_s", "tokens_per_s", "tokens", "peers",
 "mean_layer_rtt_ms"}`` (top level of a non-streamed answer; in the usage chunk of a stream, or the last chunk when
 ``stream_options.include_usage`` is off), on a mesh also ``"verify": {"fraction", "pairs", "rows", "mismatches",
-"bans", "banned"}`` (remote expert results checked during this answer, the bans made during it with their reasons,
-every peer banned so far; ``infer/dataplane/verify.py``). ``model`` may be a model id, an id prefix or an alias, or
+"bans", "recomputed_tokens", "banned"}`` (remote expert results checked during this answer, the bans made during it
+with their reasons, tokens computed again after a ban (``Generator``), every peer banned so far;
+``infer/dataplane/verify.py``). ``model`` may be a model id, an id prefix or an alias, or
 omitted. ``/v1/completions`` also takes ``prompt`` as a list of token ids (as OpenAI's does), which also works for a
 model without a tokenizer; ``"return_token_ids": true`` adds the generated ids to the ``ekmesh`` block as
 ``token_ids`` (and to every streamed chunk, then sent even when its text is empty); ``"ignore_eos": true`` generates
@@ -161,6 +162,7 @@ class Run:
         self.end: float | None = None
         self._before = served.peer_stats() if served.peer_stats else {}
         self._verify_before = served.verify_stats() if served.verify_stats else None
+        self._recomputed_before = served.generator.recomputed_tokens
 
     def events(self) -> Gen[TokenEvent, None, None]:
         lock = self.served.lock
@@ -206,6 +208,7 @@ class Run:
             v0, v1 = self._verify_before, self.served.verify_stats()
             out["verify"] = {"fraction": v1["fraction"], **{n: v1[n] - v0[n] for n in ("pairs", "rows", "mismatches")},
                              "bans": v1["banned"][len(v0["banned"]):],
+                             "recomputed_tokens": self.served.generator.recomputed_tokens - self._recomputed_before,
                              "banned": sorted({b["peer"] for b in v1["banned"]})}
         warning = self.served.mesh_warning() if self.served.mesh_warning else None
         if warning:

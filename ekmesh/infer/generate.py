@@ -10,8 +10,9 @@ Also holds the device/dtype choice shared by the CLI and the node: ``pick_device
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,10 @@ from ekmesh.infer.models.common import CausalLM, KVCache
 if TYPE_CHECKING:
     from ekmesh.infer.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
+
 GRAPH_BUCKET = 1024  # static KV cache capacity granularity for CUDA-graph decode
+MAX_REBUILDS = 8  # rebuilds of one forward in a row (each follows a ban, and a banned member stays banned)
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -126,12 +130,21 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generat
 
 
 class Generator:
-    """Runs a ``CausalLM`` with an experts backend to produce tokens for one sequence at a time."""
+    """Runs a ``CausalLM`` with an experts backend to produce tokens for one sequence at a time.
+
+    ``retractions``: a counter that the experts backend raises whenever results it handed out before may have been
+    wrong (a member was banned for lying: results of it that went unchecked are in caches and hidden states). A
+    stream that sees it change since its cache was built builds the cache again from its tokens in one prefill
+    (without the banned member) and recomputes the step's logits, so every token from then on is the one an honest
+    mesh gives for the tokens so far. Tokens already sent stay as they were."""
 
     def __init__(self, model: CausalLM, experts: ExpertsBackend | None, tokenizer: Tokenizer | None = None,
-                 default_stop_ids: Sequence[int] = (), cuda_graphs: bool | None = None) -> None:
+                 default_stop_ids: Sequence[int] = (), cuda_graphs: bool | None = None,
+                 retractions: Callable[[], int] | None = None) -> None:
         self.model = model
         self.experts = experts
+        self.retractions = retractions
+        self.recomputed_tokens = 0  # tokens computed again after a retraction, over this generator's life
         self.tokenizer = tokenizer
         self.default_stop_ids = frozenset(default_stop_ids) | (tokenizer.stop_ids if tokenizer else frozenset())
         self.device = next(model.parameters()).device
@@ -164,7 +177,23 @@ class Generator:
         """Logits [T, V] (fp32) for every prompt position: one prefill, no sampling."""
         self._check_prompt(prompt_ids)
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
-        return self.model(ids, self.model.new_cache(), self.experts)[0].float()
+        return self._prefill(ids, last_only=False)[1][0].float()
+
+    def _retracted(self) -> int:
+        return self.retractions() if self.retractions is not None else 0
+
+    def _prefill(self, ids: torch.Tensor, last_only: bool) -> tuple[KVCache, torch.Tensor, int]:
+        """(cache, logits [1, T or 1, V], the retraction count it was built under): one forward over ``ids`` [1, T],
+        again while a retraction happened during it."""
+        for _ in range(MAX_REBUILDS):
+            seen = self._retracted()
+            cache = self.model.new_cache()
+            logits = self.model(ids, cache, self.experts, last_only=last_only)
+            if self._retracted() == seen:
+                break
+            self.recomputed_tokens += ids.shape[1]
+            log.info("a member was banned during a forward of %d tokens: computing it again", ids.shape[1])
+        return cache, logits, seen
 
     @torch.inference_mode()
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams()) -> Iterator[TokenEvent]:
@@ -183,13 +212,24 @@ class Generator:
             logits = runner.prefill(prompt_ids)
             advance = runner.step
         else:
-            cache: KVCache = self.model.new_cache()
-            ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
-            logits = self.model(ids, cache, self.experts, last_only=True)[0, -1]  # [V]
+            tokens = list(prompt_ids)
+            cache, built, seen = self._prefill(torch.tensor([tokens], dtype=torch.long, device=self.device), True)
+            logits = built[0, -1]  # [V]
 
             def advance(token: int) -> torch.Tensor:
+                nonlocal cache, seen
+                tokens.append(token)
                 one = torch.tensor([[token]], dtype=torch.long, device=self.device)
-                return self.model(one, cache, self.experts, last_only=True)[0, -1]  # [V]
+                step = self.model(one, cache, self.experts, last_only=True)[0, -1]  # [V]
+                if self._retracted() == seen:
+                    return step
+                # a ban since this cache was built (in this step, or in another conversation's): the cache may
+                # hold a liar's unchecked results, so it is built again from every token so far
+                log.info("a member was banned: recomputing this conversation's cache (%d tokens)", len(tokens))
+                self.recomputed_tokens += len(tokens)
+                cache, again, seen = self._prefill(torch.tensor([tokens], dtype=torch.long, device=self.device),
+                                                   True)
+                return again[0, -1]
 
         for i in range(params.max_tokens):
             nxt = sample_next(logits, params, gen)

@@ -254,7 +254,8 @@ class Serving:
         pool = ChannelPool(self.identity, lambda p: self._pins.get(p), lambda p: self._addrs.get(p), limits)
         verifier = Verifier(self.verify, Reference(ck.config.expert_spec(), self.device, self.dtype, self._fallback))
         self.remote = RemoteExperts(limits, local, self.holders, pool, self._fallback, verifier=verifier)
-        gen = Generator(dense, self.remote, tok, default_stop_ids=() if tok else eos_ids_in(ck.path))
+        gen = Generator(dense, self.remote, tok, default_stop_ids=() if tok else eos_ids_in(ck.path),
+                        retractions=verifier.ban_count)
         self.model = ServedModel(m.id, aliases_of(m.id, self.store), gen, tok, context_of(sm.hf_config),
                                  peer_stats=self._peer_stats, verify_stats=verifier.status,
                                  mesh_warning=self.mesh_warning)

@@ -107,8 +107,14 @@ def test_a_lying_holder_is_banned_and_later_answers_are_exact(tmp_path: Path) ->
         host, lying = 3, mesh.nodes[1].peer_id
         mesh.wait_ready(host, timeout=90, holders=2)
 
-        first = _ask(mesh, host, prompt, 16)["verify"]
+        answer = _ask(mesh, host, prompt, 16)
+        first = answer["verify"]
         assert [b["peer"] for b in first["bans"]] == [lying], first  # banned within the first answer
+        # the forward the ban happened in was computed again, and with it every token before: the prompt's 24 when
+        # it happened in the prefill (then the whole answer is honest), 24 + i in decode step i
+        assert first["recomputed_tokens"] >= 24
+        if first["recomputed_tokens"] == 24:
+            assert answer["token_ids"] == expected
         ban = first["bans"][0]
         assert ban["by"] == "local" and "differ from a recomputation" in ban["reason"]
         assert ban["diff"] is None or ban["diff"] > ban["bound"] > 0
@@ -118,6 +124,7 @@ def test_a_lying_holder_is_banned_and_later_answers_are_exact(tmp_path: Path) ->
         second = _ask(mesh, host, prompt, 16)
         assert second["token_ids"] == expected
         assert second["verify"]["bans"] == [] and second["verify"]["mismatches"] == 0
+        assert second["verify"]["recomputed_tokens"] == 0
         assert second["verify"]["rows"] > 0 and lying not in second["peers"]
         assert mesh.nodes[host].status()["serving"]["peers"].get(lying, {}).get("round_trips", 0) == trips
 

@@ -376,6 +376,11 @@ class Verifier:
 
     # -- reporting --------------------------------------------------------------------------------------------------
 
+    def ban_count(self) -> int:
+        """How many peers were banned so far: a generator's retraction counter (its cache may hold their
+        unchecked results, ``Generator``)."""
+        return len(self.banned)
+
     def bans(self) -> list[Ban]:
         with self._lock:
             return list(self._bans)
