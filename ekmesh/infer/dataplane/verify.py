@@ -56,8 +56,17 @@ treated as failed for this call). Every pair a banned peer answered in that wave
 the answer of that layer is exact; a ban lasts as long as this process (a ``Ban`` records peer, layer, experts,
 difference and bound, for ``ekmesh status --json`` and the API's ``ekmesh`` block).
 
-Not guaranteed: pairs that were not sampled before a liar was caught (earlier layers, earlier tokens in the KV
-cache) may have been wrong; with f = 1 nothing is, since every pair is checked before its layer's result is used.
+Probation. Until ``PROBATION_ROWS`` (32) of a peer's rows have been checked and agreed, at least
+``PROBATION_PER_WAVE`` (2) rows of every wave it answers are checked, whatever f (f = 0 turns checking off
+altogether). A peer that is wrong from the start (a broken kernel, corrupted memory, a liar) is caught in the
+first wave it answers a wrong row in, and since that wave's pairs are redone without it, none of its wrong results is
+ever used: answers stay exact. Its cost is bounded: 32 rows per peer over the process's life.
+
+Not guaranteed: a peer that answers honestly through probation and lies later is caught at rate f; pairs that were
+not sampled before it was caught (earlier layers, earlier tokens) may have been wrong. The generator then builds its
+caches again without it (``Generator(retractions=)``, ``ban_count``), so every token after the ban is the honest
+continuation, but tokens sent before it stay as they were. With f = 1 nothing is ever wrong, since every pair is
+checked before its layer's result is used.
 
 Invariants: sampling uses a generator seeded from the OS (peers cannot predict it); ``Reference`` holds at most
 ``max_experts`` experts (least recently used dropped; more only while one call needs more at once); a verifier
@@ -209,15 +218,21 @@ class Reference:
             return be(layer, x.to(be.device, be.dtype), ids, ones).float()  # [V, D]
 
 
+PROBATION_ROWS = 32  # rows of a peer checked and agreed before only the fraction f of its pairs is sampled
+PROBATION_PER_WAVE = 2  # rows of a peer on probation checked in each wave it answers (at least)
+
+
 class Verifier:
     """Samples pairs to check, checks them, keeps the bans. ``fraction`` in [0, 1]; ``reference``: this host's own
     computation (None: every check must be settled by replicas, and a mismatch is never decided, only refused)."""
 
     def __init__(self, fraction: float, reference: Reference | None, seed: int | None = None,
-                 max_extra_bytes: int = 16 << 20) -> None:
+                 max_extra_bytes: int = 16 << 20, probation_rows: int = PROBATION_ROWS) -> None:
         if not 0.0 <= fraction <= 1.0 or math.isnan(fraction):
             raise ConfigError(f"--verify must be a fraction in [0, 1], got {fraction}")
         self.fraction = fraction
+        self.probation_rows = probation_rows if fraction > 0 else 0
+        self._agreed: dict[str, int] = {}  # rows of each peer checked and found within the bound
         self.reference = reference
         self.max_extra_bytes = max_extra_bytes  # extra rows per verifier frame; beyond them, verified here
         self._rng = np.random.default_rng(seed)  # seed None: from the OS
@@ -246,6 +261,11 @@ class Verifier:
                 continue
             with self._lock:
                 hit = self._rng.random(len(mine)) < self.fraction if self.fraction < 1.0 else None
+                owed = self.probation_rows - self._agreed.get(peer, 0)
+                if hit is not None and owed > 0:  # on probation: a few of its rows in every wave, whatever f
+                    tokens = np.unique(mine // k)
+                    some = self._rng.choice(tokens, size=min(len(tokens), PROBATION_PER_WAVE), replace=False)
+                    hit |= np.isin(mine // k, some)
             if hit is not None and not hit.any():
                 continue
             rows = mine if hit is None else mine[np.isin(mine // k, mine[hit] // k)]  # whole rows of sampled pairs
@@ -319,6 +339,7 @@ class Verifier:
                 self.pairs += len(pairs)
                 self.rows += len(uniq)
                 self.mismatches += n_bad
+                self._agreed[peer] = self._agreed.get(peer, 0) + len(uniq) - n_bad
             if not n_bad:
                 continue
             for r in torch.nonzero(bad).flatten().tolist():

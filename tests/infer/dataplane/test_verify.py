@@ -33,6 +33,8 @@ from ekmesh.infer.dataplane.remote import RemoteExperts, RemoteTimeouts
 from ekmesh.infer.dataplane.server import ExpertServer
 from ekmesh.infer.dataplane.verify import (
     LOCAL,
+    PROBATION_PER_WAVE,
+    PROBATION_ROWS,
     REMOTE_EPS,
     K,
     Plan,
@@ -191,7 +193,7 @@ def test_plan_fractions_and_whole_rows() -> None:
 def test_rows_are_sampled_at_the_stated_rate() -> None:
     """A peer answering m = 2 pairs per token has each row checked with probability 1 - (1-f)^2."""
     f, k, t, n = 0.05, 2, 200, 100
-    v = Verifier(f, None, seed=7)
+    v = Verifier(f, None, seed=7, probation_rows=0)  # (rows of a peer on probation: tested below)
     exp = np.zeros(t * k, dtype=np.int64)
     checked = 0
     for _ in range(n):
@@ -405,11 +407,14 @@ def _one_process(tiny: Path, prompt: list[int]) -> list[int]:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("fraction", [1.0, 1e-9], ids=["f1", "probation"])
 @pytest.mark.parametrize("servers", [(2, {"p1"}), (1, {"p1"})], indirect=True, ids=["R2-replicas", "R1-here"])
-def test_a_lying_server_is_banned_and_the_answer_stays_exact(tiny: Path, servers: _Servers) -> None:
+def test_a_lying_server_is_banned_and_the_answer_stays_exact(tiny: Path, servers: _Servers, fraction: float) -> None:
+    """At f = 1 every pair is checked; at f = 1e-9 sampling alone would (almost) never check one, and probation (rows
+    of every wave of a peer not yet trusted) catches the liar in the first wave it answers: exact either way."""
     _, model, _ = load_all(tiny)
     prompt = torch.randint(0, 96, (16,), generator=torch.Generator().manual_seed(2)).tolist()
-    remote, _ = servers.backend(1.0)
+    remote, _ = servers.backend(fraction)
     gen = Generator(model, remote)
     assert gen.generate(prompt, GREEDY).token_ids == _one_process(tiny, prompt)
     assert remote.verifier is not None
@@ -433,6 +438,24 @@ def test_honest_servers_are_never_banned(tiny: Path, servers: _Servers) -> None:
     st = remote.verifier.status()
     assert st["banned"] == [] and st["mismatches"] == 0 and st["rows"] > 0 and st["unchecked"] == 0
     assert weights.reads == 0  # every pair had a replica: nothing was fetched to verify it here
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("servers", [(2, set())], indirect=True)
+def test_probation_checks_a_bounded_number_of_rows(tiny: Path, servers: _Servers) -> None:
+    """f = 1e-9: the rows checked are probation's, at most PROBATION_ROWS (+ one wave's overshoot) per peer, over
+    two answers; honest peers pass it."""
+    _, model, _ = load_all(tiny)
+    prompt = torch.randint(0, 96, (16,), generator=torch.Generator().manual_seed(4)).tolist()
+    remote, _ = servers.backend(1e-9)
+    gen = Generator(model, remote)
+    for _ in range(2):
+        assert gen.generate(prompt, GREEDY).token_ids == _one_process(tiny, prompt)
+    assert remote.verifier is not None
+    st = remote.verifier.status()
+    print(f"rows checked over two answers at f = 1e-9: {st['rows']}")
+    assert st["banned"] == [] and st["mismatches"] == 0
+    assert 0 < st["rows"] <= 3 * (PROBATION_ROWS + PROBATION_PER_WAVE - 1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
