@@ -7,8 +7,11 @@ the hidden rows they use; all frames are sent, local experts computed while they
 received and summed. The per-call bookkeeping is numpy / plain Python over flat pair indices, and the hot path makes
 as few torch calls as it can (each costs microseconds, more on a core that has just woken up from waiting).
 
-Failure handling: each answer has a deadline of max(floor, multiple × the peer's latency EWMA) (a generous one
-before the first measurement). A timeout, a broken channel, a refused certificate, a malformed answer or an ERROR
+Failure handling: each answer has a deadline of max(floor, multiple × what the peer is expected to take for that
+frame): EWMAs of its round trip less its compute (network, queues) and of its compute per row (the server reports
+its compute time in each answer), so a prefill's frame of hundreds of rows is not held to a decode step's
+latency, and a hung peer costs a decode step ~the floor (0.3 s) instead of seconds (a generous deadline before the
+first measurement). A timeout, a broken channel, a refused certificate, a malformed answer or an ERROR
 frame fails that peer for the rest of the call (and puts it last for ``cooldown_s``); its pairs go to the next
 replica in a new wave. With no replica left, ``fallback(layer, expert)`` supplies the weights (the node fetches the
 blob), which are cached in ``local``; with no fallback the call raises ``ExpertUnavailableError`` naming (layer,
@@ -61,8 +64,8 @@ NO_PAIRS = np.zeros(0, dtype=np.int64)  # a frame that only carries pairs to ver
 
 @dataclass(frozen=True)
 class RemoteTimeouts:
-    floor_s: float = 1.0  # never wait less than this for an answer
-    rtt_multiple: float = 10.0  # ... nor less than this many times the peer's latency EWMA
+    floor_s: float = 0.3  # never wait less than this for an answer (a busy peer's scheduling jitter)
+    rtt_multiple: float = 10.0  # ... nor less than this many times what the peer is expected to take for the frame
     first_s: float = 10.0  # before any measurement (includes opening the channel)
     cooldown_s: float = 5.0  # a failed peer is chosen last for this long
     max_waves: int = 8  # re-assignment rounds per call before giving up
@@ -76,6 +79,8 @@ class PeerStats:
     failures: int = 0
     total_rtt_s: float = 0.0
     ewma_rtt_s: float | None = None
+    ewma_wait_s: float = 0.0  # round trip less the server's compute: network, queues, framing
+    ewma_row_s: float = 0.0  # the server's compute per row of a frame
     server_compute_s: float = 0.0
     in_flight: int = 0
     down_until: float = 0.0
@@ -408,6 +413,17 @@ class RemoteExperts:
             acc = torch.zeros(hidden.shape, dtype=torch.float32, device=dev)  # [T, D]
         return acc.index_add_(0, rows, y.float() * torch.from_numpy(w[pairs]).to(dev)[:, None])
 
+    def answer_deadline_s(self, peer: str, rows: int) -> float:
+        """How long an answer of ``peer`` to a frame of ``rows`` rows is waited for: ``first_s`` before any
+        measurement, else max(floor, multiple × (its wait EWMA + rows × its per-row compute EWMA))."""
+        t_ = self.timeouts
+        with self._lock:
+            st = self._stat(peer)
+            if st.ewma_rtt_s is None:
+                return t_.first_s
+            expected = st.ewma_wait_s + rows * st.ewma_row_s  # this frame's size, not the last frames'
+        return max(t_.floor_s, t_.rtt_multiple * expected)
+
     def _send(self, peer: str, layer: int, hidden: torch.Tensor, pairs: np.ndarray | None, k: int,
               exp: np.ndarray, w: np.ndarray, extra: np.ndarray | None = None) -> _Sent:
         """Begins one exchange with ``peer`` for ``pairs`` (None: every pair), plus ``extra`` pairs to verify, each
@@ -427,19 +443,17 @@ class RemoteExperts:
             sub = hidden if rows is None else hidden.index_select(0, torch.from_numpy(rows).to(hidden.device))
             data = encode_request(rid, layer, inv, exp[pairs], w[pairs], sub)  # sub: [R, D]
         now = time.monotonic()
-        t_ = self.timeouts
+        n_rows = (t if rows is None else len(rows)) + n_extra
+        deadline = now + self.answer_deadline_s(peer, n_rows)
         with self._lock:
-            st = self._stat(peer)
-            ewma = st.ewma_rtt_s
-            st.in_flight += 1
-        deadline = now + (t_.first_s if ewma is None else max(t_.floor_s, t_.rtt_multiple * ewma))
+            self._stat(peer).in_flight += 1
         try:
             ch.begin(data, deadline)
         except BaseException:
             with self._lock:
                 self._stat(peer).in_flight -= 1
             raise
-        return _Sent(peer, ch, rid, pairs, rows, (t if rows is None else len(rows)) + n_extra, now, deadline, n_extra)
+        return _Sent(peer, ch, rid, pairs, rows, n_rows, now, deadline, n_extra)
 
     def _encode_with_extra(self, rid: int, layer: int, hidden: torch.Tensor, pairs: np.ndarray | None, k: int,
                            exp: np.ndarray, w: np.ndarray, extra: np.ndarray) -> tuple[np.ndarray | None, bytearray]:
@@ -478,7 +492,13 @@ class RemoteExperts:
                 st.round_trips += 1
                 st.total_rtt_s += rtt
                 st.server_compute_s += f.aux * 1e-6
-                st.ewma_rtt_s = rtt if st.ewma_rtt_s is None else 0.8 * st.ewma_rtt_s + 0.2 * rtt
+                compute = min(f.aux * 1e-6, rtt)
+                if st.ewma_rtt_s is None:
+                    st.ewma_rtt_s, st.ewma_wait_s, st.ewma_row_s = rtt, rtt - compute, compute / s.n_rows
+                else:
+                    st.ewma_rtt_s = 0.8 * st.ewma_rtt_s + 0.2 * rtt
+                    st.ewma_wait_s = 0.8 * st.ewma_wait_s + 0.2 * (rtt - compute)
+                    st.ewma_row_s = 0.8 * st.ewma_row_s + 0.2 * compute / s.n_rows
                 st.down_until = 0.0
         if f.kind is Kind.ERROR:
             if f.code == ErrorCode.PROTOCOL:

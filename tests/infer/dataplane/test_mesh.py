@@ -99,3 +99,30 @@ def test_sigkill_a_holder_mid_generation(tmp_path):
         assert f"(layer={info.value.layer}, expert={info.value.expert})" in str(info.value)
     finally:
         mesh.close()
+
+
+@pytest.mark.timeout(120)
+def test_answer_deadlines_follow_the_frame_size(tmp_path):
+    """The deadline of an answer comes from what the peer was measured to take: its wait (round trip less compute)
+    plus its compute per row times the frame's rows, times the multiple, never below the floor; before any
+    measurement, ``first_s``. A prefill's frame is not held to a decode step's latency, nor a decode step to a
+    prefill's."""
+    path, _ = make_tiny("qwen3_moe", tmp_path / "m")
+    ckpt, model, _ = load_all(path)
+    mesh = Mesh(path, spread(ckpt, ["p0", "p1"], replicas=1))
+    try:
+        remote = mesh.backend()
+        t = remote.timeouts
+        assert remote.answer_deadline_s("p0", 1) == t.first_s
+        Generator(model, remote).generate(_prompt(ckpt.config.vocab_size), SamplingParams(max_tokens=8,
+                                                                                          stop_ids=frozenset()))
+        for peer, st in remote.stats().items():
+            assert st.round_trips > 0 and st.ewma_row_s > 0 and st.ewma_wait_s > 0
+            small, big, bigger = (remote.answer_deadline_s(peer, n) for n in (1, 10**6, 2 * 10**6))
+            print(f"{peer}: wait {st.ewma_wait_s * 1e3:.3f} ms, {st.ewma_row_s * 1e6:.2f} us/row; deadlines "
+                  f"{small:.3f} s (1 row), {big:.1f} s (1e6 rows)")
+            assert small == max(t.floor_s, t.rtt_multiple * (st.ewma_wait_s + st.ewma_row_s))
+            assert big > small >= t.floor_s
+            assert bigger - big == pytest.approx(t.rtt_multiple * 10**6 * st.ewma_row_s)
+    finally:
+        mesh.close()
