@@ -9,12 +9,15 @@ conversations run at once (the engine serialises what cannot run concurrently).
 Not responsible for: the model, the mesh, authentication (it binds 127.0.0.1 only, like the control endpoint's
 socket; an ``Authorization`` header is accepted and ignored so any OpenAI client works unchanged).
 
-Wire details beyond OpenAI's: every answer carries ``"ekmesh": {"ttft_s", "tokens_per_s", "tokens", "peers",
-"mean_layer_rtt_ms"}`` (top level of a non-streamed answer; in the usage chunk of a stream, or the last chunk when
-``stream_options.include_usage`` is off), on a mesh also ``"verify": {"fraction", "pairs", "rows", "mismatches",
-"bans", "recomputed_tokens", "banned"}`` (remote expert results checked during this answer, the bans made during it
-with their reasons, tokens computed again after a ban (``Generator``), every peer banned so far;
-``infer/dataplane/verify.py``). ``model`` may be a model id, an id prefix or an alias, or
+Wire details beyond OpenAI's: a request may set ``"speculative": "off" | "ngram" | "draft"`` (how the answer is
+decoded: ``infer/speculative.py``; default: the node's ``--speculative``). Every answer carries ``"ekmesh":
+{"ttft_s", "tokens_per_s", "tokens", "peers", "mean_layer_rtt_ms", "speculative", "steps", "drafted", "accepted"}``
+(``steps``: target forward passes after the prefill; on a mesh also ``round_trips``: data-plane round trips per MoE
+layer over the answer, prefill included), at the top level of a non-streamed answer, in the usage chunk of a stream
+(or its last chunk when ``stream_options.include_usage`` is off); on a mesh also ``"verify": {"fraction", "pairs",
+"rows", "mismatches", "bans", "recomputed_tokens", "banned"}`` (remote expert results checked during this answer,
+the bans made during it with their reasons, tokens computed again after a ban (``Generator``), every peer banned so
+far; ``infer/dataplane/verify.py``). ``model`` may be a model id, an id prefix or an alias, or
 omitted. ``/v1/completions`` also takes ``prompt`` as a list of token ids (as OpenAI's does), which also works for a
 model without a tokenizer; ``"return_token_ids": true`` adds the generated ids to the ``ekmesh`` block as
 ``token_ids`` (and to every streamed chunk, then sent even when its text is empty); ``"ignore_eos": true`` generates
@@ -52,7 +55,7 @@ from ekmesh.api.transport import (
     JsonRequestHandler,
 )
 from ekmesh.api.types import Engine, ServedModel, resolve
-from ekmesh.core.constants import API_PORT
+from ekmesh.core.constants import API_PORT, SPECULATIVE_MODES
 from ekmesh.core.errors import (
     BadRequestError,
     ConfigError,
@@ -101,6 +104,9 @@ def sampling_from(body: dict[str, Any]) -> SamplingParams:
     if any(not s for s in stops):
         raise BadRequestError("'stop' strings must not be empty")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    speculative = body.get("speculative")
+    if speculative is not None and speculative not in SPECULATIVE_MODES:
+        raise BadRequestError(f"'speculative' must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
     return SamplingParams(
         max_tokens=_num({"max_tokens": max_tokens}, "max_tokens", int, DEFAULT_MAX_TOKENS, 0, 1 << 20),
         temperature=_num(body, "temperature", float, 1.0, 0.0, 2.0),
@@ -109,6 +115,7 @@ def sampling_from(body: dict[str, Any]) -> SamplingParams:
         seed=_num(body, "seed", int, None, -(1 << 63), (1 << 63) - 1),
         stop_strings=stops,
         stop_ids=frozenset() if body.get("ignore_eos") is True else None,
+        speculative=speculative,
     )
 
 
@@ -163,6 +170,9 @@ class Run:
         self._before = served.peer_stats() if served.peer_stats else {}
         self._verify_before = served.verify_stats() if served.verify_stats else None
         self._recomputed_before = served.generator.recomputed_tokens
+        from ekmesh.infer.generate import StreamStats
+
+        self.decoding = StreamStats()
 
     def events(self) -> Gen[TokenEvent, None, None]:
         lock = self.served.lock
@@ -171,7 +181,7 @@ class Run:
         try:
             gen = self.served.generator
             stops = gen.default_stop_ids if self.params.stop_ids is None else self.params.stop_ids
-            for ev in gen.stream(self.prompt_ids, self.params):
+            for ev in gen.stream(self.prompt_ids, self.params, self.decoding):
                 if self.first is None:
                     self.first = time.perf_counter()
                 self.counted = not (ev.finish == "stop" and ev.token_id in stops)  # a final stop id is not output
@@ -203,7 +213,11 @@ class Run:
                 trips += n - n0
                 rtt += total - t0
         out = {"ttft_s": round(first - self.t0, 6), "tokens_per_s": round(rate, 3), "tokens": self.tokens,
-               "peers": peers, "mean_layer_rtt_ms": round(1e3 * rtt / trips, 4) if trips else None}
+               "peers": peers, "mean_layer_rtt_ms": round(1e3 * rtt / trips, 4) if trips else None,
+               "speculative": self.decoding.speculative, "steps": self.decoding.steps,
+               "drafted": self.decoding.drafted, "accepted": self.decoding.accepted}
+        if self.decoding.round_trips is not None:
+            out["round_trips"] = round(self.decoding.round_trips, 3)
         if self._verify_before is not None and self.served.verify_stats is not None:
             v0, v1 = self._verify_before, self.served.verify_stats()
             out["verify"] = {"fraction": v1["fraction"], **{n: v1[n] - v0[n] for n in ("pairs", "rows", "mismatches")},

@@ -97,7 +97,8 @@ def generate_via_api(args: argparse.Namespace) -> int:
     client = ApiClient(local_api_url())
     body: dict[str, Any] = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
                             "top_p": args.top_p, "return_token_ids": True}
-    for key, value in (("seed", args.seed), ("stop", args.stop), ("top_k", args.top_k or None)):
+    for key, value in (("seed", args.seed), ("stop", args.stop), ("top_k", args.top_k or None),
+                       ("speculative", args.speculative)):
         if value is not None:
             body[key] = value
     if args.chat:
@@ -116,6 +117,7 @@ def generate_via_api(args: argparse.Namespace) -> int:
         "tokens_per_s": _round(a.stats.get("tokens_per_s"), 3),
         "peers": a.stats.get("peers"),
         "mean_layer_rtt_ms": a.stats.get("mean_layer_rtt_ms"),
+        **{key: a.stats.get(key) for key in ("speculative", "steps", "drafted", "accepted", "round_trips")},
         "model": args.model,
         "api_url": client.api_url,
     })

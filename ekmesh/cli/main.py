@@ -19,6 +19,7 @@ from ekmesh.cli import demo as cli_demo
 from ekmesh.cli import mesh as cli_mesh
 from ekmesh.cli import plan as cli_plan
 from ekmesh.cli import registry as cli_registry
+from ekmesh.core.constants import SPECULATIVE_MODES
 from ekmesh.core.errors import EkmeshError
 
 
@@ -47,7 +48,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = args.prompt_ids if args.prompt_ids is not None else lm.encode_prompt(args.prompt, chat=args.chat,
                                                                                system=args.system)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop or ()))
+                            top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop or ()),
+                            speculative=args.speculative)
     if args.json:
         res = lm.generator.generate(ids, params)
         out = {
@@ -61,6 +63,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "device": str(lm.device),
             "dtype": str(lm.dtype).removeprefix("torch."),
             "threads": n_threads,
+            "speculative": res.stats.speculative,
+            "steps": res.stats.steps,
+            "drafted": res.stats.drafted,
+            "accepted": res.stats.accepted,
         }
         print(json.dumps(out))
         return 0
@@ -98,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--speculative", choices=SPECULATIVE_MODES, default=None,
+                   help="ngram: draft tokens by prompt lookup and check them in one forward (the same output); off: "
+                        "one token a step (default: off in this process; with --mesh, the node's --speculative)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
     g.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: bf16 on cuda, fp16 on mps, else fp32)")
     g.add_argument("--json", action="store_true", help="print one JSON object with token_ids and text")

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from ekmesh.core.constants import API_PORT, P2P_PORT, STATUS_PATH, VERIFY_FRACTION
+from ekmesh.core.constants import API_PORT, P2P_PORT, SPECULATIVE, SPECULATIVE_MODES, STATUS_PATH, VERIFY_FRACTION
 from ekmesh.core.errors import EkmeshError
 from ekmesh.core.paths import ekmesh_home
 
@@ -71,6 +71,10 @@ def register(subparsers: Any) -> None:
                       help="as attention host, recompute this fraction of the expert results peers return (on another "
                            "replica or here) and ban a peer whose results are wrong (0: off; default "
                            f"{VERIFY_FRACTION})")
+    join.add_argument("--speculative", choices=SPECULATIVE_MODES, default=SPECULATIVE,
+                      help="as attention host, how answers are decoded unless a request says otherwise: ngram drafts "
+                           "tokens by prompt lookup and checks them in one forward (fewer round trips per token; "
+                           f"the same output), off decodes one token a step (default {SPECULATIVE})")
     join.add_argument("--exit-with-parent", action="store_true",
                       help="leave the mesh and exit when the process that started this one ends (for launchers)")
     join.add_argument("--no-mdns", action="store_true", help="do not discover peers on the LAN with mDNS")
@@ -152,7 +156,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             relay_via=args.relay_via, reserve=not args.no_reserve, timeouts=timeouts, model=args.model,
             replicas=args.replicas, attention=args.attention, experts=not args.no_experts,
             api_port=None if args.no_api else args.api_port, device=args.device, dtype=args.dtype,
-            verify=args.verify, exit_with_parent=args.exit_with_parent)
+            verify=args.verify, speculative=args.speculative, exit_with_parent=args.exit_with_parent)
         node = Node(config, on_event=lambda ev: _print_event(ev, args.json))
         trio.run(node.run)
     except EkmeshError as exc:

@@ -14,6 +14,13 @@ API_PORT = 7734
 STATUS_PATH = "/ekmesh/status"
 """The local control endpoint's path that answers a node's status snapshot (``ekmesh status --json``)."""
 
+SPECULATIVE = "ngram"
+"""How an attention host decodes by default (``ekmesh join --speculative``; a request may choose another): prompt
+lookup drafts, whose length adapts to what they save (``infer/speculative.py``; measured in docs/BENCHMARKS.md)."""
+
+SPECULATIVE_MODES = ("off", "ngram", "draft")
+"""``--speculative`` and the API's ``speculative`` field (``infer/speculative.MODES``)."""
+
 VERIFY_FRACTION = 0.05
 """The default fraction of remote (token, expert) results an attention host recomputes (``ekmesh join --verify``;
 why this value, as measured: ``infer/dataplane/verify.py``)"""

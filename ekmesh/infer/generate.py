@@ -22,6 +22,7 @@ from ekmesh.core.errors import ConfigError, GenerationError
 from ekmesh.infer.cuda_graph import GraphDecoder
 from ekmesh.infer.experts import ExpertsBackend, LocalExperts
 from ekmesh.infer.models.common import CausalLM, KVCache
+from ekmesh.infer.speculative import MODES, Drafter, DraftLength, NgramDrafter, accept, check_mode, target_probs
 
 if TYPE_CHECKING:
     from ekmesh.infer.tokenizer import Tokenizer
@@ -77,6 +78,7 @@ class SamplingParams:
     seed: int | None = None
     stop_ids: frozenset[int] | None = None  # None = the model's defaults (tokenizer / generation_config)
     stop_strings: tuple[str, ...] = ()
+    speculative: str | None = None  # "off" | "ngram" | "draft"; None: the generator's default
 
     def validate(self) -> None:
         if self.max_tokens < 0:
@@ -89,6 +91,8 @@ class SamplingParams:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop_strings):
             raise GenerationError("stop strings must not be empty")
+        if self.speculative is not None and self.speculative not in MODES:
+            raise GenerationError(f"speculative must be one of {', '.join(MODES)}, got {self.speculative!r}")
 
 
 @dataclass
@@ -101,6 +105,18 @@ class TokenEvent:
 
 
 @dataclass
+class StreamStats:
+    """How one answer was decoded: target forward passes after the prefill (``steps``), tokens drafted and accepted,
+    and data-plane round trips per MoE layer over the whole answer (prefill included; None without a mesh)."""
+
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    round_trips: float | None = None
+    speculative: str = "off"
+
+
+@dataclass
 class GenerationResult:
     token_ids: list[int]
     text: str
@@ -109,23 +125,14 @@ class GenerationResult:
     time_to_first_token_s: float
     decode_tokens_per_s: float
     timings: dict[str, float] = field(default_factory=dict)
+    stats: StreamStats = field(default_factory=StreamStats)
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
     """logits [V] -> next id. Greedy at temperature 0; else temperature, top-k, top-p, then a seeded draw."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    x = logits.detach().to("cpu", torch.float32) / params.temperature  # [V]
-    if params.top_k and params.top_k < x.numel():
-        kth = torch.topk(x, params.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        # drop a token when the mass before it already reaches top_p; the first token always stays
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
-        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    probs = torch.softmax(x, dim=-1)
+    probs = target_probs(logits, params.temperature, params.top_k, params.top_p)  # [V]
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
@@ -140,10 +147,15 @@ class Generator:
 
     def __init__(self, model: CausalLM, experts: ExpertsBackend | None, tokenizer: Tokenizer | None = None,
                  default_stop_ids: Sequence[int] = (), cuda_graphs: bool | None = None,
-                 retractions: Callable[[], int] | None = None) -> None:
+                 retractions: Callable[[], int] | None = None, speculative: str = "off",
+                 round_trips: Callable[[], int] | None = None, draft: Callable[[], Drafter] | None = None) -> None:
         self.model = model
         self.experts = experts
         self.retractions = retractions
+        self.speculative = check_mode(speculative)  # a request may choose another (SamplingParams.speculative)
+        self.round_trips = round_trips  # data-plane rounds made by this thread so far (None: no mesh)
+        self.draft = draft  # a new drafter per answer for mode "draft" (e.g. a draft model with its own cache)
+        self.moe_layers = max(1, sum(1 for m in model.config.moe_layers if m))
         self.recomputed_tokens = 0  # tokens computed again after a retraction, over this generator's life
         self.tokenizer = tokenizer
         self.default_stop_ids = frozenset(default_stop_ids) | (tokenizer.stop_ids if tokenizer else frozenset())
@@ -195,58 +207,103 @@ class Generator:
             log.info("a member was banned during a forward of %d tokens: computing it again", ids.shape[1])
         return cache, logits, seen
 
+    def _drafter(self, mode: str) -> Drafter | None:
+        if mode == "off":
+            return None
+        if mode == "ngram":
+            return NgramDrafter()
+        if self.draft is None:
+            raise GenerationError("speculative mode 'draft' needs a draft model (--draft MODEL), and none is loaded")
+        return self.draft()
+
     @torch.inference_mode()
-    def stream(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams()) -> Iterator[TokenEvent]:
-        """Yields one ``TokenEvent`` per generated token. The last event's token may be a stop id."""
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams(),
+               stats: StreamStats | None = None) -> Iterator[TokenEvent]:
+        """Yields one ``TokenEvent`` per generated token. The last event's token may be a stop id. ``stats`` (if
+        given) is filled in as the answer is decoded."""
         params.validate()
         self._check_prompt(prompt_ids)
-        stops = self.default_stop_ids if params.stop_ids is None else params.stop_ids
+        stats = stats if stats is not None else StreamStats()
+        stats.speculative = mode = params.speculative or self.speculative
+        drafter = self._drafter(mode)
         gen = None
         if params.temperature > 0:
             gen = torch.Generator()
             gen.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
-        decoder = self.tokenizer.stream_decoder() if self.tokenizer else None
-        text_filter = _StopStringFilter(params.stop_strings)
-        if self.cuda_graphs and params.max_tokens > 0:
-            runner = self._graph_for(len(prompt_ids) + params.max_tokens)
-            logits = runner.prefill(prompt_ids)
-            advance = runner.step
-        else:
-            tokens = list(prompt_ids)
-            cache, built, seen = self._prefill(torch.tensor([tokens], dtype=torch.long, device=self.device), True)
-            logits = built[0, -1]  # [V]
+        emit = _Emitter(self, params)
+        if params.max_tokens == 0:
+            return
+        trips0 = self.round_trips() if self.round_trips is not None else 0
+        try:
+            if self.cuda_graphs and drafter is None:
+                runner = self._graph_for(len(prompt_ids) + params.max_tokens)
+                logits = runner.prefill(prompt_ids)
+                while True:
+                    ev = emit(sample_next(logits, params, gen))
+                    yield ev
+                    if ev.finish:
+                        return
+                    logits = runner.step(ev.token_id)
+                    stats.steps += 1
+            yield from self._decode(list(prompt_ids), params, gen, emit, drafter, stats)
+        finally:
+            if self.round_trips is not None:
+                stats.round_trips = (self.round_trips() - trips0) / self.moe_layers
 
-            def advance(token: int) -> torch.Tensor:
-                nonlocal cache, seen
-                tokens.append(token)
-                one = torch.tensor([[token]], dtype=torch.long, device=self.device)
-                step = self.model(one, cache, self.experts, last_only=True)[0, -1]  # [V]
-                if self._retracted() == seen:
-                    return step
+    def _decode(self, tokens: list[int], params: SamplingParams, gen: torch.Generator | None, emit: _Emitter,
+                drafter: Drafter | None, stats: StreamStats) -> Iterator[TokenEvent]:
+        """The eager decode loop: each step feeds the current token and up to k drafts in one forward and keeps the
+        drafts the target accepts (``speculative.py``); without a drafter, one token a step."""
+        dev = self.device
+        cache, built, seen = self._prefill(torch.tensor([tokens], dtype=torch.long, device=dev), True)
+        logits = built[0, -1]  # [V]
+        length = DraftLength() if drafter is not None else None
+        forced: int | None = None  # the token speculative sampling drew at a rejection
+        while True:
+            nxt = forced if forced is not None else sample_next(logits, params, gen)
+            ev = emit(nxt)
+            yield ev
+            if ev.finish:
+                return
+            tokens.append(nxt)
+            draft: list[int] = []
+            if drafter is not None and length is not None:
+                k = length.choose(emit.left)
+                draft = [int(d) for d in drafter.propose(tokens, k)][:k] if k else []
+            start = time.perf_counter()
+            before = cache.length
+            fed = [nxt, *draft]
+            out = self.model(torch.tensor([fed], dtype=torch.long, device=dev), cache, self.experts,
+                             last_only=not draft)[0]  # [1 + len(draft), V] (or [1, V])
+            stats.steps += 1
+            if self._retracted() != seen:
                 # a ban since this cache was built (in this step, or in another conversation's): the cache may
                 # hold a liar's unchecked results, so it is built again from every token so far
-                log.info("a member was banned: recomputing this conversation's cache (%d tokens)", len(tokens))
-                self.recomputed_tokens += len(tokens)
-                cache, again, seen = self._prefill(torch.tensor([tokens], dtype=torch.long, device=self.device),
-                                                   True)
-                return again[0, -1]
-
-        for i in range(params.max_tokens):
-            nxt = sample_next(logits, params, gen)
-            if nxt in stops:
-                tail = text_filter.push(decoder.flush()) + text_filter.flush() if decoder else ""
-                yield TokenEvent(nxt, tail, "stop")
-                return
-            out = text_filter.push(decoder.push(nxt)) if decoder else ""
-            if text_filter.hit:
-                yield TokenEvent(nxt, out, "stop")
-                return
-            if i == params.max_tokens - 1:
-                tail = text_filter.push(decoder.flush()) + text_filter.flush() if decoder else ""
-                yield TokenEvent(nxt, out + tail, "stop" if text_filter.hit else "length")
-                return
-            yield TokenEvent(nxt, out)
-            logits = advance(nxt)
+                log.info("a member was banned: recomputing this conversation's cache (%d tokens)",
+                         len(tokens) + len(draft))
+                self.recomputed_tokens += len(tokens) + len(draft)
+                cache, again, seen = self._prefill(torch.tensor([tokens + draft], dtype=torch.long, device=dev),
+                                                   False)
+                out = again[0, -len(fed):]
+            if not draft:
+                logits, forced = out[-1], None
+                if length is not None:
+                    length.update(0, 0, time.perf_counter() - start)
+                continue
+            n, forced = accept(out, draft, params.temperature, params.top_k, params.top_p, gen)
+            assert length is not None
+            length.update(len(draft), n, time.perf_counter() - start)
+            stats.drafted += len(draft)
+            stats.accepted += n
+            if n < len(draft):
+                cache.truncate(before + 1 + n)  # the rejected drafts' positions
+            logits = out[n]
+            for d in draft[:n]:
+                tokens.append(d)
+                ev = emit(d)
+                yield ev
+                if ev.finish:
+                    return
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams()) -> GenerationResult:
         """Runs ``stream`` to the end. ``token_ids`` excludes a final stop id; ``text`` excludes stop strings."""
@@ -256,7 +313,8 @@ class Generator:
         tokens: list[int] = []
         parts: list[str] = []
         reason = "length"
-        for ev in self.stream(prompt_ids, params):
+        stats = StreamStats()
+        for ev in self.stream(prompt_ids, params, stats):
             if first is None:
                 first = time.perf_counter()
             parts.append(ev.text)
@@ -266,7 +324,32 @@ class Generator:
         end = time.perf_counter()
         ttft = (first or end) - t0
         rate = (len(tokens) - 1) / (end - first) if first is not None and len(tokens) > 1 and end > first else 0.0
-        return GenerationResult(tokens, "".join(parts), reason, len(prompt_ids), ttft, rate)
+        return GenerationResult(tokens, "".join(parts), reason, len(prompt_ids), ttft, rate, stats=stats)
+
+
+class _Emitter:
+    """Turns generated ids into ``TokenEvent``s: text deltas, stop ids, stop strings, ``max_tokens``. ``left``: how
+    many tokens may still follow."""
+
+    def __init__(self, gen: Generator, params: SamplingParams) -> None:
+        self.stops = gen.default_stop_ids if params.stop_ids is None else params.stop_ids
+        self.decoder = gen.tokenizer.stream_decoder() if gen.tokenizer else None
+        self.filter = _StopStringFilter(params.stop_strings)
+        self.left = params.max_tokens
+
+    def __call__(self, token: int) -> TokenEvent:
+        assert self.left > 0
+        self.left -= 1
+        dec, flt = self.decoder, self.filter
+        if token in self.stops:
+            return TokenEvent(token, flt.push(dec.flush()) + flt.flush() if dec else "", "stop")
+        out = flt.push(dec.push(token)) if dec else ""
+        if flt.hit:
+            return TokenEvent(token, out, "stop")
+        if self.left == 0:
+            tail = flt.push(dec.flush()) + flt.flush() if dec else ""
+            return TokenEvent(token, out + tail, "stop" if flt.hit else "length")
+        return TokenEvent(token, out)
 
 
 class _StopStringFilter:

@@ -39,7 +39,7 @@ import torch
 
 from ekmesh.api.types import ServedModel, context_of
 from ekmesh.core import heap, threads
-from ekmesh.core.constants import VERIFY_FRACTION
+from ekmesh.core.constants import SPECULATIVE, VERIFY_FRACTION
 from ekmesh.core.errors import EkmeshError, ExpertUnavailableError
 from ekmesh.core.ids import Endpoint, ExpertKey, Fingerprint
 from ekmesh.core.tls import TlsIdentity
@@ -73,8 +73,9 @@ class Serving:
     def __init__(self, peer_id: str, store: Store, identity: TlsIdentity, attention: bool | None,
                  set_data_addr: Callable[[Endpoint | None], None], device: str | None = None,
                  dtype: str | None = None, verify: float = VERIFY_FRACTION,
-                 mesh_warning: Callable[[], str | None] = lambda: None) -> None:
+                 mesh_warning: Callable[[], str | None] = lambda: None, speculative: str = SPECULATIVE) -> None:
         self.peer_id, self.store, self.identity = peer_id, store, identity
+        self.speculative = speculative  # how answers are decoded by default (``infer/speculative.py``)
         self.mesh_warning = mesh_warning  # the node's: e.g. alone, its bootstrap peers refusing its mesh key
         self.attention = attention
         self.verify = verify  # fraction of remote expert results recomputed (``infer/dataplane/verify.py``)
@@ -255,7 +256,8 @@ class Serving:
         verifier = Verifier(self.verify, Reference(ck.config.expert_spec(), self.device, self.dtype, self._fallback))
         self.remote = RemoteExperts(limits, local, self.holders, pool, self._fallback, verifier=verifier)
         gen = Generator(dense, self.remote, tok, default_stop_ids=() if tok else eos_ids_in(ck.path),
-                        retractions=verifier.ban_count)
+                        retractions=verifier.ban_count, speculative=self.speculative,
+                        round_trips=self.remote.rounds_here)
         self.model = ServedModel(m.id, aliases_of(m.id, self.store), gen, tok, context_of(sm.hf_config),
                                  peer_stats=self._peer_stats, verify_stats=verifier.status,
                                  mesh_warning=self.mesh_warning)

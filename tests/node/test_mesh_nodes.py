@@ -29,6 +29,7 @@ import pytest
 
 from ekmesh.core import threads
 from ekmesh.infer.dataplane import poll
+from tests.families import BUILDERS
 from tests.infer.test_deepseek import make_tiny_deepseek, write_fp8
 from tests.infer.test_gpt_oss import make_tiny_gpt_oss, write_mxfp4
 from tests.node.servingmesh import (
@@ -40,12 +41,6 @@ from tests.node.servingmesh import (
 )
 from tests.tiny_models import make_tiny, random_prompt
 
-BUILDERS: dict[str, Callable[[Path], Any]] = {
-    **{arch: functools.partial(make_tiny, arch) for arch in ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")},
-    "deepseek_v2": functools.partial(make_tiny_deepseek, "v2_group_limited_no_q_lora"),
-    "deepseek_v3": functools.partial(make_tiny_deepseek, "v3_noaux_tc"),
-    "gpt_oss": make_tiny_gpt_oss,
-}
 # the same families with dimensions q4's groups (32..256) divide: hidden 64, expert intermediate 32 or 64
 QUANT_BUILDERS: dict[str, Callable[[Path], Any]] = {
     **{arch: functools.partial(make_tiny, arch, hidden_size=64, moe_intermediate_size=32)

@@ -122,6 +122,7 @@ class RemoteExperts:
         self.verifier = verifier
         self._stats: dict[str, PeerStats] = {}
         self._tokens: dict[tuple[int, int], np.ndarray] = {}
+        self._here = threading.local()  # .rounds: waves with a remote frame made by this thread
         self._lock = threading.Lock()
 
     # --- stats and choice ---------------------------------------------------------------------------------------
@@ -185,6 +186,11 @@ class RemoteExperts:
         self.local.add(layer, expert, self.fallback(layer, expert))
         return LOCAL
 
+    def rounds_here(self) -> int:
+        """Data-plane rounds (waves that sent at least one frame; each is one network round trip, however many peers
+        it went to) made by the calling thread so far: a generation's round trips, counted per thread."""
+        return int(getattr(self._here, "rounds", 0))
+
     def failing(self) -> set[str]:
         """Peers that failed a request within the last ``cooldown_s`` (chosen last meanwhile)."""
         now = time.monotonic()
@@ -232,6 +238,8 @@ class RemoteExperts:
                     self._failed(peer, str(exc))
                     excluded.add(peer)
                     failed.append(_indices(mine, t * k))
+            if sent:
+                self._here.rounds = getattr(self._here, "rounds", 0) + 1
             checked = None
             if LOCAL in groups or plan is not None:
                 try:

@@ -13,11 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from ekmesh.core.errors import UnsupportedArchitectureError
-from ekmesh.infer.models import deepseek, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
+from ekmesh.infer.models import deepseek, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3, qwen3_moe
 from ekmesh.infer.models.family import Family
 
 # Any: each family takes only its own Config; which one a checkpoint has is known at runtime (family.py)
-FAMILIES: tuple[Family[Any], ...] = (qwen3_moe, qwen2_moe, mixtral, olmoe, gpt_oss, deepseek)
+FAMILIES: tuple[Family[Any], ...] = (qwen3_moe, qwen2_moe, mixtral, olmoe, gpt_oss, deepseek, qwen3)
 
 
 def supported_architectures() -> list[str]:

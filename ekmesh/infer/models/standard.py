@@ -1,5 +1,6 @@
 """The dense hyper-parameters shared by the "standard" MoE families (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, gpt-oss):
-GQA attention + RoPE + RMSNorm, routed experts of one SwiGLU shape.
+GQA attention + RoPE + RMSNorm, routed experts of one SwiGLU shape; and by the dense Qwen3 (``dense_fields``: no
+routed experts, every layer a dense SwiGLU MLP).
 
 Each family file owns a frozen config dataclass built by ``from_hf_config(dict)``; this module holds the part of
 that translation they have in common, so a field is read from config.json the same way everywhere.
@@ -60,16 +61,27 @@ def standard_fields(hf: dict[str, Any], architecture: str, *, num_experts_key: s
         num_experts_key = "num_local_experts"
     require(hf, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", num_experts_key,
             "num_experts_per_tok")
+    f = dense_fields(hf, architecture)
+    num_experts = int(hf[num_experts_key])
+    top_k = int(hf["num_experts_per_tok"])
+    if not 0 < top_k <= num_experts:
+        raise ConfigError(f"num_experts_per_tok={top_k} must be in [1, {num_experts}]")
+    f.update(num_experts=num_experts, top_k=top_k,
+             moe_intermediate_size=int(hf.get(moe_intermediate_key) or hf.get("intermediate_size") or 0),
+             moe_layers=tuple([True] * f["num_layers"]))
+    return f
+
+
+def dense_fields(hf: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """The fields of a model without routed experts (``num_experts`` 0, every layer a dense SwiGLU MLP); a MoE
+    family's ``standard_fields`` starts from these."""
+    require(hf, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
     hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     head_dim = int(hf.get("head_dim") or hidden // heads)
     n_layers = int(hf["num_hidden_layers"])
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ConfigError(f"unsupported hidden_act {act!r} for {architecture} (supported: silu)")
-    num_experts = int(hf[num_experts_key])
-    top_k = int(hf["num_experts_per_tok"])
-    if not 0 < top_k <= num_experts:
-        raise ConfigError(f"num_experts_per_tok={top_k} must be in [1, {num_experts}]")
     return dict(
         architecture=architecture,
         vocab_size=int(hf["vocab_size"]),
@@ -82,11 +94,11 @@ def standard_fields(hf: dict[str, Any], architecture: str, *, num_experts_key: s
         rope=RopeSpec.from_hf_config(hf, head_dim),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         windows=layer_windows(hf, n_layers),
-        num_experts=num_experts,
-        top_k=top_k,
-        moe_intermediate_size=int(hf.get(moe_intermediate_key) or hf.get("intermediate_size") or 0),
+        num_experts=0,
+        top_k=0,
+        moe_intermediate_size=0,
         intermediate_size=int(hf.get("intermediate_size") or 0),
-        moe_layers=tuple([True] * n_layers),
+        moe_layers=tuple([False] * n_layers),
     )
 
 

@@ -1,0 +1,200 @@
+"""Speculative decoding: where drafted tokens come from, how the target accepts them, and how many to draft.
+
+A decode step of the target costs one dependent data-plane round trip per MoE layer whatever the number of tokens it
+carries, so the host drafts k tokens cheaply, runs the target once over the current token and the k drafts (every
+MoE layer then sends one frame per peer carrying all k + 1 tokens), and keeps the drafts the target agrees with
+(``Generator.stream`` runs the loop; rejected positions are cut from the KV cache with ``KVCache.truncate``).
+
+- Drafters (``Drafter``): ``NgramDrafter`` (prompt lookup: the tokens that followed the most recent earlier
+  occurrence of the context's last n tokens, n = 3, 2, 1; no model) and, later, a small draft model on the host.
+- Acceptance (``accept``): greedy keeps a draft while it is the target's argmax, so the output is the plain greedy
+  output; sampling keeps draft d with probability min(1, p(d) / q(d)) and, at the first rejection, draws the next
+  token from the residual max(0, p - q) renormalised (speculative sampling: every emitted token has the target's
+  distribution p, after temperature, top-k and top-p; a prompt-lookup draft has q one-hot on d).
+- Length (``DraftLength``): k maximises the expected tokens per second of a step, (1 - a^(k+1)) / (1 - a) tokens for
+  base + k × extra seconds, from the measured per-token acceptance a and the measured cost of a step's base and of
+  each extra token. On a mesh the base (the round trips) dwarfs the extra cost and k grows to its cap; on one CPU
+  process a drafted token costs about as much as a decoded one and only a high acceptance pays.
+
+Invariants: a drafter never sees rejected drafts (its context only grows by accepted tokens); ``accept`` returns n
+accepted drafts and the token that follows them when it drew one (sampling, a rejection), else None.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from ekmesh.core.constants import SPECULATIVE_MODES
+from ekmesh.core.errors import ConfigError
+
+MODES = SPECULATIVE_MODES
+MAX_DRAFT = 8  # tokens drafted per step at most
+NGRAM_SIZES = (3, 2, 1)  # suffix lengths tried, longest first
+
+
+class Drafter(Protocol):
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        """Up to ``k`` tokens likely to follow ``context`` (which only ever grows between calls)."""
+        ...
+
+
+class NgramDrafter:
+    """Prompt lookup: finds the most recent earlier occurrence of the context's last n tokens (n from
+    ``NGRAM_SIZES``, longest first) and proposes the tokens that followed it. Indexes each new token once: an n-gram
+    maps to the end of its last two occurrences (the last is the suffix itself)."""
+
+    def __init__(self, sizes: Sequence[int] = NGRAM_SIZES) -> None:
+        self.sizes = tuple(sizes)
+        self._last: dict[tuple[int, ...], int] = {}
+        self._prev: dict[tuple[int, ...], int] = {}
+        self._seen: list[int] = []
+
+    def _index(self, context: Sequence[int]) -> None:
+        seen = self._seen
+        assert len(context) >= len(seen), "a drafter's context only grows"
+        for end in range(len(seen) + 1, len(context) + 1):
+            seen.append(int(context[end - 1]))
+            for n in self.sizes:
+                if end >= n:
+                    gram = tuple(seen[end - n:end])
+                    if gram in self._last:
+                        self._prev[gram] = self._last[gram]
+                    self._last[gram] = end
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        if k <= 0:
+            return []
+        self._index(context)
+        end = len(self._seen)
+        for n in self.sizes:
+            if end < n:
+                continue
+            gram = tuple(self._seen[end - n:])
+            at = self._last.get(gram)
+            if at == end:
+                at = self._prev.get(gram)
+            if at is not None and at < end:
+                return self._seen[at:at + k]
+        return []
+
+
+def target_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [V] -> the distribution sampling draws from [V] (fp32, CPU): temperature, then top-k, then top-p."""
+    x = logits.detach().to("cpu", torch.float32) / temperature  # [V]
+    if top_k and top_k < x.numel():
+        kth = torch.topk(x, top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        # drop a token when the mass before it already reaches top_p; the first token always stays
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return torch.softmax(x, dim=-1)
+
+
+def accept(logits: torch.Tensor, draft: Sequence[int], temperature: float, top_k: int, top_p: float,
+           gen: torch.Generator | None, draft_probs: torch.Tensor | None = None) -> tuple[int, int | None]:
+    """logits [len(draft) + 1, V] of the target at the current token and each draft -> (n drafts accepted, the
+    token drawn after them or None). ``draft_probs`` [len(draft), V]: the draft model's distributions (None: each
+    draft was proposed with certainty, as prompt lookup does)."""
+    if temperature == 0:
+        best = torch.argmax(logits[: len(draft)], dim=-1).tolist()  # [k] the target's choice at each position
+        n = 0
+        while n < len(draft) and best[n] == draft[n]:
+            n += 1
+        return n, None
+    for i, d in enumerate(draft):
+        p = target_probs(logits[i], temperature, top_k, top_p)  # [V]
+        q = None if draft_probs is None else draft_probs[i].to("cpu", torch.float32)
+        qd = 1.0 if q is None else float(q[d])
+        u = float(torch.rand((), generator=gen))
+        if qd > 0 and u < min(1.0, float(p[d]) / qd):
+            continue
+        if q is None:  # residual of a one-hot draft: p without d
+            residual = p.clone()
+            residual[d] = 0.0
+        else:
+            residual = (p - q).clamp_min(0.0)
+        total = float(residual.sum())
+        if total <= 0.0:  # p == q: any draw from p is exact
+            residual, total = p, float(p.sum())
+        return i, int(torch.multinomial(residual / total, 1, generator=gen))
+    return len(draft), None
+
+
+class DraftLength:
+    """Chooses k per step from the measured acceptance and step costs (module docstring). ``cap``: k at most.
+
+    Costs: a least-squares line seconds = base + extra × drafted over the recent steps (weights decaying by 0.9 a
+    step); when recent steps all drafted alike the line is undetermined and a step without drafts is taken (at most
+    one in ``PROBE_EVERY``) to measure the base."""
+
+    PROBE_EVERY = 32
+
+    def __init__(self, cap: int = MAX_DRAFT) -> None:
+        if cap < 0:
+            raise ConfigError(f"the draft length cap must be >= 0, got {cap}")
+        self.cap = cap
+        self.acceptance = 0.7  # EWMA of P(a drafted token is accepted): optimistic, so drafting is tried
+        self.steps = 0
+        self._sums = [0.0] * 5  # decayed sums of w, w·n, w·n², w·t, w·n·t
+        self._since_probe = 0
+        self._since_draft = 0
+
+    def costs(self) -> tuple[float, float] | None:
+        """(base, extra) seconds from the recent steps, or None while undetermined."""
+        s0, s1, s2, t0, t1 = self._sums
+        det = s0 * s2 - s1 * s1
+        if s0 <= 0 or det <= 1e-9 * max(1.0, s0 * s2):
+            return None
+        extra = (s0 * t1 - s1 * t0) / det
+        base = (t0 - extra * s1) / s0
+        return max(base, 1e-9), max(extra, 0.0)
+
+    def choose(self, limit: int) -> int:
+        """k for the next step, at most ``limit`` (tokens left to generate after the current one)."""
+        cap = min(self.cap, limit)
+        if cap <= 0:
+            return 0
+        costs = self.costs()
+        if costs is None:
+            if self.steps and self._since_probe >= self.PROBE_EVERY:
+                return 0  # measure a step without drafts
+            return cap
+        base, extra = costs
+        a = min(self.acceptance, 0.999)
+        best_k, best = 0, 1.0 / base
+        for k in range(1, cap + 1):
+            rate = (1 - a ** (k + 1)) / (1 - a) / (base + k * extra)
+            if rate > best * (1 + 1e-9):
+                best_k, best = k, rate
+        if best_k == 0 and self._since_draft >= 16:
+            best_k = 1  # keep measuring the acceptance: it changes with the text
+        return best_k
+
+    def update(self, drafted: int, accepted: int, seconds: float) -> None:
+        """One step's outcome: ``drafted`` tokens proposed, ``accepted`` kept, the target forward took ``seconds``."""
+        self.steps += 1
+        self._since_probe = 0 if drafted == 0 else self._since_probe + 1
+        if drafted:
+            self._since_draft = 0
+            judged = accepted + (1 if accepted < drafted else 0)  # the drafts the target ruled on
+            self.acceptance = 0.8 * self.acceptance + 0.2 * (accepted / judged)
+        else:
+            self._since_draft += 1
+        if math.isfinite(seconds) and seconds > 0:
+            n = float(drafted)
+            self._sums = [0.9 * x for x in self._sums]
+            for i, v in enumerate((1.0, n, n * n, seconds, n * seconds)):
+                self._sums[i] += v
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ConfigError(f"unknown speculative mode {mode!r} (use {', '.join(MODES)})")
+    return mode

@@ -1,0 +1,213 @@
+"""Speculative decoding (``infer/speculative.py`` and ``Generator``'s decode loop).
+
+- prompt lookup proposes what followed the most recent earlier occurrence of the longest matching suffix;
+- greedy with drafts equals greedy without them, token for token, for every family (its KV cache kind included:
+  sliding windows and sinks in gpt-oss, DeepSeek's MLA), with prompt lookup on a prompt that repeats itself and with
+  a drafter that proposes the right continuation corrupted at random places (so drafts are accepted, partly
+  accepted and rejected, and rejected positions are cut from the cache);
+- speculative sampling keeps the target's distribution: chi-square tests of ``accept`` on a tiny model's real
+  distributions, with one-hot drafts (prompt lookup) and with draft distributions, and of whole two-token answers;
+- the draft length follows the measured costs: long when a step's base dominates, none when drafts cost as much as
+  they save.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from ekmesh.core.errors import GenerationError
+from ekmesh.infer.generate import Generator, SamplingParams, StreamStats
+from ekmesh.infer.loader import load_all
+from ekmesh.infer.speculative import DraftLength, NgramDrafter, accept, target_probs
+from tests.families import BUILDERS
+from tests.tiny_models import make_tiny
+
+GREEDY = SamplingParams(max_tokens=40, stop_ids=frozenset())
+
+
+def test_ngram_proposes_what_followed_the_last_match() -> None:
+    d = NgramDrafter()
+    assert d.propose([1, 2, 3], 4) == []  # nothing repeats
+    ctx = [1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 6, 2, 3]
+    assert d.propose(ctx, 3) == [7, 8, 6]  # "2 3" last seen before at 7..8 (the longest suffix "6 2 3" never was)
+    ctx += [7]
+    assert d.propose(ctx, 2) == [8, 6]  # "2 3 7" seen once before
+    assert d.propose(ctx + [5], 4) == [9, 1, 2, 3]  # "5" alone: its only earlier occurrence
+    assert d.propose(ctx + [5, 0], 4) == []
+    assert d.propose(ctx + [5, 0], 0) == []
+
+
+class _Oracle:
+    """Proposes the target's own greedy continuation, corrupted with probability ``noise`` per token."""
+
+    def __init__(self, answer: Sequence[int], prompt_len: int, noise: float, seed: int) -> None:
+        self.answer, self.start, self.noise = list(answer), prompt_len, noise
+        self.rng = random.Random(seed)
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        done = len(context) - self.start
+        out = self.answer[done:done + k]
+        return [t if self.rng.random() >= self.noise else (t + 1) % 50 for t in out]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_greedy_with_drafts_equals_greedy_without(arch: str, tmp_path) -> None:
+    path, _ = BUILDERS[arch](tmp_path / arch)
+    _, model, experts = load_all(path)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    half = torch.randint(0, vocab, (12,), generator=g).tolist()
+    prompt = half + half[:9]  # repeats itself: prompt lookup has something to propose
+    plain = Generator(model, experts).generate(prompt, GREEDY)
+    assert plain.stats.steps == len(plain.token_ids) - 1 and plain.stats.drafted == 0
+
+    ngram = Generator(model, experts, speculative="ngram").generate(prompt, GREEDY)
+    assert ngram.token_ids == plain.token_ids
+    # every step gives its accepted drafts and the token after them (the last one may end on a draft)
+    n = len(plain.token_ids)
+    assert ngram.stats.drafted > 0 and n - 1 <= ngram.stats.steps + ngram.stats.accepted <= n
+
+    for noise in (0.0, 0.3):
+        oracle = Generator(model, experts, speculative="draft",
+                           draft=lambda n=noise: _Oracle(plain.token_ids, len(prompt), n, seed=1))
+        got = oracle.generate(prompt, GREEDY)
+        s = got.stats
+        print(f"{arch} noise {noise}: {s.steps} steps for {len(got.token_ids)} tokens, {s.accepted}/{s.drafted}")
+        assert got.token_ids == plain.token_ids
+        assert s.drafted > 0 and n - 1 <= s.steps + s.accepted <= n
+        if noise == 0.0:
+            assert s.accepted == s.drafted
+        else:
+            assert 0 < s.accepted < s.drafted
+
+
+def test_a_request_can_turn_drafting_off_and_bad_modes_are_refused(tmp_path) -> None:
+    path, _ = make_tiny("qwen3_moe", tmp_path / "m")
+    _, model, experts = load_all(path)
+    gen = Generator(model, experts, speculative="ngram")
+    prompt = [3, 4, 5, 3, 4, 5, 3, 4]
+    off = gen.generate(prompt, SamplingParams(max_tokens=12, stop_ids=frozenset(), speculative="off"))
+    assert off.stats.speculative == "off" and off.stats.drafted == 0
+    with pytest.raises(GenerationError, match="speculative must be one of"):
+        gen.generate(prompt, SamplingParams(max_tokens=4, speculative="medusa"))
+    with pytest.raises(GenerationError, match="needs a draft model"):
+        gen.generate(prompt, SamplingParams(max_tokens=4, speculative="draft"))
+
+
+def _chi2_ok(counts: Counter[int], probs: dict[int, float], n: int) -> tuple[bool, float, int]:
+    """Pearson's chi-square over the cells with an expected count >= 5 (the rest pooled); True when below the
+    0.999 quantile (Wilson-Hilferty approximation)."""
+    cells, rest_obs, rest_exp = [], 0, 0.0
+    for tok, p in probs.items():
+        if n * p >= 5:
+            cells.append((counts.get(tok, 0), n * p))
+        else:
+            rest_obs += counts.get(tok, 0)
+            rest_exp += n * p
+    rest_obs += sum(c for t, c in counts.items() if t not in probs)
+    if rest_exp >= 5 or rest_obs:
+        cells.append((rest_obs, max(rest_exp, 1e-9)))
+    stat = sum((o - e) ** 2 / e for o, e in cells)
+    dof = len(cells) - 1
+    z = 3.09  # 0.999
+    crit = dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+    return stat < crit, stat, dof
+
+
+@pytest.fixture(scope="module")
+def tiny_logits(tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
+    path, _ = make_tiny("qwen3_moe", tmp_path_factory.mktemp("spec") / "m")
+    _, model, experts = load_all(path)
+    return Generator(model, experts).logits([5, 17, 33, 2, 71, 8])[-3:] * 4  # [3, V] sharpened a little
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 8, 0.9)])
+@pytest.mark.parametrize("kind", ["one-hot", "distribution"])
+def test_speculative_sampling_keeps_the_target_distribution(tiny_logits: torch.Tensor, temperature: float,
+                                                            top_k: int, top_p: float, kind: str) -> None:
+    """The token emitted at the first drafted position, over many draws, follows the target's distribution there,
+    whatever the draft: a likely token, an unlikely one, or (a draft model) a different distribution."""
+    n = 6000
+    p0 = target_probs(tiny_logits[0], temperature, top_k, top_p)
+    probs = {i: float(v) for i, v in enumerate(p0.tolist()) if v > 0}
+    likely = max(probs, key=lambda i: probs[i])
+    gen = torch.Generator().manual_seed(11)
+    for draft_token in (likely, min(probs, key=lambda i: probs[i])):
+        q = None
+        if kind == "distribution":  # a draft model's distribution, mostly on other tokens than the target's
+            q = torch.softmax(torch.randn(1, tiny_logits.shape[1], generator=gen) * 2, dim=-1)  # [1, V]
+        counts: Counter[int] = Counter()
+        for _ in range(n):
+            if q is not None:
+                draft_token = int(torch.multinomial(q[0], 1, generator=gen))  # a draft model samples its draft
+            acc, nxt = accept(tiny_logits[:2], [draft_token], temperature, top_k, top_p, gen, q)
+            counts[draft_token if acc == 1 else nxt] += 1  # type: ignore[index]
+        ok, stat, dof = _chi2_ok(counts, probs, n)
+        print(f"{kind} draft {draft_token}: chi2 {stat:.1f} on {dof} dof")
+        assert ok, f"chi2 {stat:.1f} on {dof} dof: the emitted tokens do not follow the target distribution"
+    # the check can fail: emitting the draft whenever the target would draw it or keep it (no residual) is biased
+    wrong: Counter[int] = Counter()
+    for _ in range(n):
+        acc, nxt = accept(tiny_logits[:2], [likely], temperature, top_k, top_p, gen)
+        wrong[likely if acc == 1 else int(torch.multinomial(p0, 1, generator=gen))] += 1
+    assert not _chi2_ok(wrong, probs, n)[0]
+
+
+def test_whole_answers_sampled_with_drafts_follow_the_target(tmp_path) -> None:
+    """Two-token answers at temperature 1 through the generator, drafting (the oracle drafter proposes a fixed
+    token) or not: the joint distribution of (first, second) tokens is the same (chi-square against the target's
+    exact probabilities, computed from its logits)."""
+    path, _ = make_tiny("qwen3_moe", tmp_path / "m")
+    _, model, experts = load_all(path)
+    prompt = [5, 17, 33, 2, 71, 8]
+    base = Generator(model, experts)
+    params = SamplingParams(max_tokens=2, temperature=1.0, top_k=4, stop_ids=frozenset())
+    p_first = target_probs(base.logits(prompt)[-1], 1.0, 4, 1.0)
+    joint: dict[int, float] = {}
+    firsts = [i for i, v in enumerate(p_first.tolist()) if v > 0]
+    for a in firsts:
+        p_second = target_probs(base.logits(prompt + [a])[-1], 1.0, 4, 1.0)
+        for b, v in enumerate(p_second.tolist()):
+            if v > 0:
+                joint[a * 100000 + b] = float(p_first[a]) * v
+    fixed = max(range(model.config.vocab_size), key=lambda b: sum(v for c, v in joint.items() if c % 100000 == b))
+
+    class Fixed:
+        def propose(self, context: Sequence[int], k: int) -> list[int]:
+            return [fixed][:k]
+
+    spec = Generator(model, experts, speculative="draft", draft=Fixed)
+    n = 2500
+    counts: Counter[int] = Counter()
+    drafted = 0
+    for seed in range(n):
+        stats = StreamStats()
+        ids = [ev.token_id for ev in spec.stream(prompt, SamplingParams(**{**params.__dict__, "seed": seed}), stats)]
+        drafted += stats.drafted
+        counts[ids[0] * 100000 + ids[1]] += 1
+    ok, stat, dof = _chi2_ok(counts, joint, n)
+    print(f"joint of two sampled tokens with drafts: chi2 {stat:.1f} on {dof} dof ({drafted} drafts)")
+    assert drafted > 0 and ok
+
+
+def test_draft_length_follows_the_costs() -> None:
+    mesh = DraftLength(cap=8)  # a step is 10 ms of round trips, each drafted token 0.1 ms more
+    cpu = DraftLength(cap=8)  # a drafted token costs as much as the step itself
+    for i in range(200):
+        k = i % 4
+        mesh.update(k, k if k < 3 else 2, 0.010 + 0.0001 * k)
+        cpu.update(k, k if k < 3 else 2, 0.002 * (1 + k))
+    assert mesh.choose(100) == 8
+    assert mesh.choose(3) == 3  # never past what is left to generate
+    assert cpu.choose(100) == 0
+    low = DraftLength(cap=8)
+    for _ in range(50):
+        low.update(4, 0, 0.010 + 0.0001 * 4)
+        low.update(0, 0, 0.010)
+    assert low.choose(100) <= 1  # nothing is ever accepted: drafting does not pay
