@@ -158,9 +158,20 @@ def _three_nodes_equal_one_process(arch: str, tmp_path: Path, model_id: str,
             assert held[peer] == set(moe_layers), f"{arch}: {peer} holds experts of layers {held[peer]} only"
 
         out = post(mesh.api(host) + "/completions", {"prompt": prompt, "max_tokens": 24, "temperature": 0,
-                                                     "ignore_eos": True, "return_token_ids": True})
+                                                     "ignore_eos": True, "return_token_ids": True,
+                                                     "speculative": "off"})
         assert out["ekmesh"]["token_ids"] == expected, arch
         assert set(out["ekmesh"]["peers"]) == holders
+        assert out["ekmesh"]["steps"] == 23 and out["ekmesh"]["drafted"] == 0 and out["ekmesh"]["round_trips"] > 0
+        # drafted by prompt lookup (the node's default) on a prompt that repeats itself: the same tokens, and every
+        # target step gives its accepted drafts and the token after them
+        rep = prompt + prompt[:8]
+        spec = post(mesh.api(host) + "/completions", {"prompt": rep, "max_tokens": 24, "temperature": 0,
+                                                      "ignore_eos": True, "return_token_ids": True})["ekmesh"]
+        assert spec["token_ids"] == reference(rep, 24), arch
+        assert spec["speculative"] == "ngram" and spec["drafted"] > 0 and 23 <= spec["steps"] + spec["accepted"] <= 24
+        print(f"{arch}: ngram drafts {spec['accepted']}/{spec['drafted']} accepted, {spec['steps']} steps, "
+              f"{spec['round_trips']} round trips per MoE layer for 24 tokens")
         # (on a loaded machine an answer may miss its deadline; with R = 1 the host then computes that expert
         # itself from its blob, which keeps the answer exact, so local experts after the run are not an error)
         after = mesh.nodes[host].status()["serving"]
