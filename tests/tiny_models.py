@@ -72,3 +72,22 @@ def check_matches_transformers(path: Path, ref: Any, prompt: list[int], label: s
     assert diff <= tol, f"{label}: max abs diff {diff} > {tol}"
     assert gen.generate(prompt, SamplingParams(max_tokens=32, stop_ids=frozenset())).token_ids == ref_out
     return gen, ref_out
+
+
+DENSE: dict[str, Any] = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.1, bos_token_id=None,
+    eos_token_id=None, pad_token_id=None, tie_word_embeddings=False,
+)
+
+
+def make_tiny_dense(directory: Path, seed: int = 0, **overrides: Any) -> tuple[Path, Any]:
+    """A seeded random transformers ``Qwen3ForCausalLM`` saved to ``directory``; returns it in eval mode, fp32."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(**{**DENSE, **overrides})
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(cfg).to(torch.float32).eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    return directory, model

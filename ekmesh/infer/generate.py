@@ -267,10 +267,13 @@ class Generator:
                 return
             tokens.append(nxt)
             draft: list[int] = []
+            start = time.perf_counter()  # (a step's cost includes drafting it)
             if drafter is not None and length is not None:
                 k = length.choose(emit.left)
-                draft = [int(d) for d in drafter.propose(tokens, k)][:k] if k else []
-            start = time.perf_counter()
+                for d in drafter.propose(tokens, k)[:k] if k else []:
+                    if not 0 <= d < self.vocab_size:  # (a draft model's padded vocabulary)
+                        break
+                    draft.append(int(d))
             before = cache.length
             fed = [nxt, *draft]
             out = self.model(torch.tensor([fed], dtype=torch.long, device=dev), cache, self.experts,

@@ -6,7 +6,8 @@ MoE layer then sends one frame per peer carrying all k + 1 tokens), and keeps th
 (``Generator.stream`` runs the loop; rejected positions are cut from the KV cache with ``KVCache.truncate``).
 
 - Drafters (``Drafter``): ``NgramDrafter`` (prompt lookup: the tokens that followed the most recent earlier
-  occurrence of the context's last n tokens, n = 3, 2, 1; no model) and, later, a small draft model on the host.
+  occurrence of the context's last n tokens, n = 3, 2, 1; no model) and ``ModelDrafter`` (a small model with the
+  target's tokenizer on the host, e.g. the built-in model's packaged draft).
 - Acceptance (``accept``): greedy keeps a draft while it is the target's argmax, so the output is the plain greedy
   output; sampling keeps draft d with probability min(1, p(d) / q(d)) and, at the first rejection, draws the next
   token from the residual max(0, p - q) renormalised (speculative sampling: every emitted token has the target's
@@ -30,6 +31,8 @@ import torch
 
 from ekmesh.core.constants import SPECULATIVE_MODES
 from ekmesh.core.errors import ConfigError
+from ekmesh.infer.experts import ExpertsBackend
+from ekmesh.infer.models.common import CausalLM
 
 MODES = SPECULATIVE_MODES
 MAX_DRAFT = 8  # tokens drafted per step at most
@@ -80,6 +83,43 @@ class NgramDrafter:
             if at is not None and at < end:
                 return self._seen[at:at + k]
         return []
+
+
+class ModelDrafter:
+    """Drafts with a small causal LM on the host (the same tokenizer as the target): greedy tokens, so each draft is
+    proposed with certainty (``accept`` treats it as prompt lookup's). One per answer: it keeps its own KV cache of
+    the tokens it was fed, cut back to what the target kept at the next call, so each step feeds only the tokens
+    the target added since (the accepted drafts are already in it) and then drafts k tokens one forward each."""
+
+    def __init__(self, model: CausalLM, experts: ExpertsBackend | None = None, max_len: int | None = None) -> None:
+        self.model, self.experts = model, experts
+        self.device = next(model.parameters()).device
+        self.max_len = max_len  # the draft's context limit (its max_position_embeddings); past it: no drafts
+        self.cache = model.new_cache()
+        self.fed: list[int] = []  # tokens whose keys and values are in the cache, in order
+
+    @torch.inference_mode()
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        if k <= 0 or (self.max_len is not None and len(context) + k > self.max_len):
+            return []
+        same = 0
+        limit = min(len(self.fed), len(context))
+        while same < limit and self.fed[same] == context[same]:
+            same += 1
+        if same == len(context):  # (never: the target adds a token each step) keep one to compute logits from
+            same -= 1
+        self.cache.truncate(same)
+        del self.fed[same:]
+        new = list(context[same:])
+        out: list[int] = []
+        for _ in range(k):
+            ids = torch.tensor([new], dtype=torch.long, device=self.device)
+            logits = self.model(ids, self.cache, self.experts, last_only=True)[0, -1]  # [V]
+            self.fed.extend(new)
+            nxt = int(torch.argmax(logits))
+            out.append(nxt)
+            new = [nxt]
+        return out
 
 
 def target_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

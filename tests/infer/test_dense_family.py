@@ -21,32 +21,15 @@ from ekmesh.infer.loader import Checkpoint, load_all, load_dense, load_experts
 from ekmesh.infer.models import family_for, qwen3
 from ekmesh.infer.models.common import CausalLM, KVCache
 from ekmesh.infer.readplan import read_plan
-from tests.tiny_models import hf_greedy, random_prompt
+from tests.tiny_models import DENSE, hf_greedy, make_tiny_dense, random_prompt
 
 TOL = 1e-4
-DENSE: dict[str, Any] = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.1, bos_token_id=None,
-    eos_token_id=None, pad_token_id=None, tie_word_embeddings=False,
-)
 CASES: dict[str, dict[str, Any]] = {
     "untied": {},
     "tied": dict(tie_word_embeddings=True),
     # layers 1 and 2 attend to the last 4 keys only: shorter than the prompt and the decode
     "sliding": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
 }
-
-
-def make_tiny_dense(directory: Path, seed: int = 0, **overrides: Any) -> tuple[Path, Any]:
-    """A seeded random transformers ``Qwen3ForCausalLM`` saved to ``directory``; returns it in eval mode, fp32."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    cfg = Qwen3Config(**{**DENSE, **overrides})
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg).to(torch.float32).eval()
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    return directory, model
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

@@ -23,9 +23,9 @@ import torch
 from ekmesh.core.errors import GenerationError
 from ekmesh.infer.generate import Generator, SamplingParams, StreamStats
 from ekmesh.infer.loader import load_all
-from ekmesh.infer.speculative import DraftLength, NgramDrafter, accept, target_probs
+from ekmesh.infer.speculative import DraftLength, ModelDrafter, NgramDrafter, accept, target_probs
 from tests.families import BUILDERS
-from tests.tiny_models import make_tiny
+from tests.tiny_models import make_tiny, make_tiny_dense
 
 GREEDY = SamplingParams(max_tokens=40, stop_ids=frozenset())
 
@@ -85,6 +85,28 @@ def test_greedy_with_drafts_equals_greedy_without(arch: str, tmp_path) -> None:
             assert s.accepted == s.drafted
         else:
             assert 0 < s.accepted < s.drafted
+
+
+def test_a_draft_model_drafts_and_the_answer_stays_exact(tmp_path) -> None:
+    """``ModelDrafter``: the target itself as its own draft has every draft accepted (its cache follows what the
+    target kept, step after step); a random dense draft (the dense Qwen3 family, the target's vocabulary plus
+    padding) has some rejected; greedy tokens equal plain decoding either way, also when the draft's context limit
+    is reached mid-answer."""
+    path, _ = make_tiny("qwen3_moe", tmp_path / "m")
+    _, model, experts = load_all(path)
+    prompt = [5, 17, 33, 2, 71, 8, 40, 11]
+    plain = Generator(model, experts).generate(prompt, GREEDY).token_ids
+    itself = Generator(model, experts, speculative="draft", draft=lambda: ModelDrafter(model, experts))
+    got = itself.generate(prompt, GREEDY)
+    assert got.token_ids == plain
+    assert got.stats.drafted > 0 and got.stats.accepted == got.stats.drafted, got.stats
+    dpath, _ = make_tiny_dense(tmp_path / "draft", vocab_size=model.config.vocab_size + 32)
+    _, dmodel, _ = load_all(dpath)
+    for limit in (None, len(prompt) + 20):
+        other = Generator(model, experts, speculative="draft", draft=lambda n=limit: ModelDrafter(dmodel, None, n))
+        got = other.generate(prompt, GREEDY)
+        print(f"random draft (limit {limit}): {got.stats.accepted}/{got.stats.drafted} accepted")
+        assert got.token_ids == plain and got.stats.drafted > 0
 
 
 def test_a_request_can_turn_drafting_off_and_bad_modes_are_refused(tmp_path) -> None:
