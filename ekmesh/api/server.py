@@ -169,6 +169,7 @@ class Run:
         self.end: float | None = None
         self._before = served.peer_stats() if served.peer_stats else {}
         self._verify_before = served.verify_stats() if served.verify_stats else None
+        served.generator.check(params)  # (a GenerationError here is the request's fault: 400)
         self._recomputed_before = served.generator.recomputed_tokens
         from ekmesh.infer.generate import StreamStats
 

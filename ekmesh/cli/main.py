@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -41,10 +42,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ekmesh.core import threads
     from ekmesh.infer.generate import SamplingParams
     from ekmesh.infer.session import LocalModel
-    from ekmesh.registry.lookup import open_model
+    from ekmesh.registry.lookup import draft_of, open_model, resolve_store
 
     n_threads = threads.configure(torch)
-    lm = LocalModel.open(open_model(args.model), device=args.device, dtype=args.dtype)
+    draft = args.draft
+    if draft is None and args.speculative == "draft" and not os.path.isdir(args.model):
+        draft = draft_of(resolve_store(args.model).resolve(args.model))  # e.g. builtin -> builtin-draft
+    lm = LocalModel.open(open_model(args.model), device=args.device, dtype=args.dtype,
+                         draft=None if draft is None else open_model(draft))
     ids = args.prompt_ids if args.prompt_ids is not None else lm.encode_prompt(args.prompt, chat=args.chat,
                                                                                system=args.system)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -105,8 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--speculative", choices=SPECULATIVE_MODES, default=None,
-                   help="ngram: draft tokens by prompt lookup and check them in one forward (the same output); off: "
-                        "one token a step (default: off in this process; with --mesh, the node's --speculative)")
+                   help="ngram: draft tokens by prompt lookup, draft: with a draft model (--draft), and check them in "
+                        "one forward (the same output); off: one token a step (default: off in this process; with "
+                        "--mesh, the node's --speculative)")
+    g.add_argument("--draft", default=None, metavar="MODEL",
+                   help="draft model for --speculative draft (a directory, model id or alias with the same "
+                        "tokenizer; default: the model's own, e.g. builtin-draft for builtin)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
     g.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: bf16 on cuda, fp16 on mps, else fp32)")
     g.add_argument("--json", action="store_true", help="print one JSON object with token_ids and text")

@@ -71,10 +71,14 @@ def register(subparsers: Any) -> None:
                       help="as attention host, recompute this fraction of the expert results peers return (on another "
                            "replica or here) and ban a peer whose results are wrong (0: off; default "
                            f"{VERIFY_FRACTION})")
-    join.add_argument("--speculative", choices=SPECULATIVE_MODES, default=SPECULATIVE,
-                      help="as attention host, how answers are decoded unless a request says otherwise: ngram drafts "
-                           "tokens by prompt lookup and checks them in one forward (fewer round trips per token; "
-                           f"the same output), off decodes one token a step (default {SPECULATIVE})")
+    join.add_argument("--speculative", choices=SPECULATIVE_MODES, default=None,
+                      help="as attention host, how answers are decoded unless a request says otherwise: draft tokens "
+                           "with a draft model (draft) or by prompt lookup (ngram) and check them in one forward "
+                           "(fewer round trips per token, the same output), or one token a step (off); default: "
+                           f"draft when a draft model is loaded, else {SPECULATIVE}")
+    join.add_argument("--draft", default=None, metavar="MODEL",
+                      help="as attention host, the draft model (a directory, model id or alias with the model's "
+                           "tokenizer; default: the model's own by name, e.g. builtin-draft; none: no draft model)")
     join.add_argument("--exit-with-parent", action="store_true",
                       help="leave the mesh and exit when the process that started this one ends (for launchers)")
     join.add_argument("--no-mdns", action="store_true", help="do not discover peers on the LAN with mDNS")
@@ -156,7 +160,8 @@ def cmd_join(args: argparse.Namespace) -> int:
             relay_via=args.relay_via, reserve=not args.no_reserve, timeouts=timeouts, model=args.model,
             replicas=args.replicas, attention=args.attention, experts=not args.no_experts,
             api_port=None if args.no_api else args.api_port, device=args.device, dtype=args.dtype,
-            verify=args.verify, speculative=args.speculative, exit_with_parent=args.exit_with_parent)
+            verify=args.verify, speculative=args.speculative, draft=args.draft,
+            exit_with_parent=args.exit_with_parent)
         node = Node(config, on_event=lambda ev: _print_event(ev, args.json))
         trio.run(node.run)
     except EkmeshError as exc:

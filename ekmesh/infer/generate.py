@@ -207,13 +207,18 @@ class Generator:
             log.info("a member was banned during a forward of %d tokens: computing it again", ids.shape[1])
         return cache, logits, seen
 
+    def check(self, params: SamplingParams) -> None:
+        """Raises ``GenerationError`` for parameters this generator cannot honour (before anything is generated)."""
+        params.validate()
+        if (params.speculative or self.speculative) == "draft" and self.draft is None:
+            raise GenerationError("speculative mode 'draft' needs a draft model (--draft MODEL), and none is loaded")
+
     def _drafter(self, mode: str) -> Drafter | None:
         if mode == "off":
             return None
         if mode == "ngram":
             return NgramDrafter()
-        if self.draft is None:
-            raise GenerationError("speculative mode 'draft' needs a draft model (--draft MODEL), and none is loaded")
+        assert self.draft is not None  # (check)
         return self.draft()
 
     @torch.inference_mode()
@@ -221,7 +226,7 @@ class Generator:
                stats: StreamStats | None = None) -> Iterator[TokenEvent]:
         """Yields one ``TokenEvent`` per generated token. The last event's token may be a stop id. ``stats`` (if
         given) is filled in as the answer is decoded."""
-        params.validate()
+        self.check(params)
         self._check_prompt(prompt_ids)
         stats = stats if stats is not None else StreamStats()
         stats.speculative = mode = params.speculative or self.speculative

@@ -18,6 +18,7 @@ from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.generate import Generator, pick_device, pick_dtype
 from ekmesh.infer.loader import Checkpoint, load_dense, load_experts
 from ekmesh.infer.models.common import CausalLM
+from ekmesh.infer.speculative import load_draft
 from ekmesh.infer.tokenizer import Tokenizer, eos_ids_in
 
 
@@ -33,8 +34,11 @@ class LocalModel:
 
     @classmethod
     def open(cls, source: str | os.PathLike[str] | Checkpoint, device: str | None = None,
-             dtype: str | None = None) -> LocalModel:
-        """``source``: a checkpoint directory, or an opened ``Checkpoint`` (e.g. one the registry resolved)."""
+             dtype: str | None = None, draft: str | os.PathLike[str] | Checkpoint | None = None,
+             speculative: str = "off") -> LocalModel:
+        """``source``: a checkpoint directory, or an opened ``Checkpoint`` (e.g. one the registry resolved);
+        ``draft``: a draft model for speculative mode "draft" (the same tokenizer); ``speculative``: the mode
+        answers use unless a request says otherwise."""
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
         ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source)
@@ -42,7 +46,9 @@ class LocalModel:
         experts = LocalExperts(ckpt.config.expert_spec(), dev, dt)
         load_experts(ckpt, experts)
         tok = Tokenizer.from_dir(ckpt.path) if (ckpt.path / "tokenizer.json").exists() else None
-        gen = Generator(model, experts, tok, default_stop_ids=() if tok else eos_ids_in(ckpt.path))
+        drafts = None if draft is None else load_draft(draft, dev, dt, ckpt.path)
+        gen = Generator(model, experts, tok, default_stop_ids=() if tok else eos_ids_in(ckpt.path),
+                        speculative=speculative, draft=drafts)
         return cls(ckpt, model, experts, tok, gen, dev, dt)
 
     def encode_prompt(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:

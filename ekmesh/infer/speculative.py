@@ -23,8 +23,11 @@ accepted drafts and the token that follows them when it drew one (sampling, a re
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -32,7 +35,10 @@ import torch
 from ekmesh.core.constants import SPECULATIVE_MODES
 from ekmesh.core.errors import ConfigError
 from ekmesh.infer.experts import ExpertsBackend
+from ekmesh.infer.loader import Checkpoint, load_all
 from ekmesh.infer.models.common import CausalLM
+
+log = logging.getLogger(__name__)
 
 MODES = SPECULATIVE_MODES
 MAX_DRAFT = 8  # tokens drafted per step at most
@@ -120,6 +126,24 @@ class ModelDrafter:
             out.append(nxt)
             new = [nxt]
         return out
+
+
+def load_draft(source: str | os.PathLike[str] | Checkpoint, device: torch.device, dtype: torch.dtype,
+               tokenizer_dir: Path) -> Callable[[], ModelDrafter]:
+    """Loads a draft model (a checkpoint directory or an opened ``Checkpoint``: a dense model, or an MoE with its
+    experts here) and returns a factory of drafters over it (one per answer; the weights are shared). Refuses a
+    draft whose ``tokenizer.json`` differs from the one in ``tokenizer_dir`` (the target's): its ids would mean
+    other text (both without one: token ids in, token ids out)."""
+    ckpt, model, experts = load_all(source, device, dtype)
+    mine, theirs = tokenizer_dir / "tokenizer.json", ckpt.path / "tokenizer.json"
+    if (mine.read_bytes() if mine.exists() else None) != (theirs.read_bytes() if theirs.exists() else None):
+        why = "differs" if mine.exists() and theirs.exists() else "only one of them has one"
+        raise ConfigError(f"draft model {ckpt.label} does not have the target's tokenizer (tokenizer.json {why}): "
+                          "its drafts would be other text")
+    uses = experts if any(ckpt.config.moe_layers) else None
+    limit = ckpt.hf_config.get("max_position_embeddings")
+    log.info("draft model %s loaded on %s", ckpt.label, device)
+    return lambda: ModelDrafter(model, uses, int(limit) if limit else None)
 
 
 def target_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

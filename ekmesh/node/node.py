@@ -42,7 +42,7 @@ from libp2p.peer.id import ID
 from ekmesh import __version__
 from ekmesh.api.server import ApiServer
 from ekmesh.api.types import ServedModel
-from ekmesh.core.constants import API_PORT, SPECULATIVE, STATUS_PATH, VERIFY_FRACTION
+from ekmesh.core.constants import API_PORT, STATUS_PATH, VERIFY_FRACTION
 from ekmesh.core.errors import ConfigError
 from ekmesh.core.ids import Endpoint, PeerId
 from ekmesh.core.tls import TlsIdentity
@@ -100,8 +100,12 @@ class NodeConfig:
     dtype: str | None = None
     verify: float = VERIFY_FRACTION
     """As attention host, the fraction of remote expert results recomputed to catch a lying member (``--verify``)."""
-    speculative: str = SPECULATIVE
-    """As attention host, how answers are decoded unless a request says otherwise (``--speculative``)."""
+    speculative: str | None = None
+    """As attention host, how answers are decoded unless a request says otherwise (``--speculative``; None: with
+    a draft model if one is loaded, else ``SPECULATIVE``)."""
+    draft: str | None = None
+    """As attention host, the draft model (``--draft``: a directory, model id or alias; None: the model's own by
+    name, e.g. ``builtin-draft``; "none": no draft model)."""
     exit_with_parent: bool = False
     """Leave and exit when the parent process ends (``ekmesh demo``'s peers: none outlives a killed demo)."""
 
@@ -144,7 +148,7 @@ class Node:
             identity = TlsIdentity.generate(self.peer_id)  # blob exchange and the data plane are pinned on it
             self.serving = Serving(self.peer_id, store, identity, config.attention, self.set_data_addr,
                                    config.device, config.dtype, config.verify, self.mesh_warning,
-                                   config.speculative)
+                                   config.speculative, config.draft)
             self.claimer = Claimer(self.peer_id, store, claim_cfg, identity, self._live_adverts, self.set_models,
                                    hooks=self.serving)
         self._membership: Membership | None = None

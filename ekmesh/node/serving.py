@@ -54,8 +54,9 @@ from ekmesh.infer.expert import ExpertWeights
 from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.generate import Generator, pick_device, pick_dtype
 from ekmesh.infer.loader import Checkpoint, load_dense
+from ekmesh.infer.speculative import Drafter, load_draft
 from ekmesh.infer.tokenizer import Tokenizer, eos_ids_in
-from ekmesh.registry.lookup import aliases_of
+from ekmesh.registry.lookup import aliases_of, draft_of, open_model
 from ekmesh.shard.manifest import Manifest
 from ekmesh.shard.placement import Placement
 from ekmesh.shard.reader import StoreTensors, open_store_model
@@ -73,9 +74,12 @@ class Serving:
     def __init__(self, peer_id: str, store: Store, identity: TlsIdentity, attention: bool | None,
                  set_data_addr: Callable[[Endpoint | None], None], device: str | None = None,
                  dtype: str | None = None, verify: float = VERIFY_FRACTION,
-                 mesh_warning: Callable[[], str | None] = lambda: None, speculative: str = SPECULATIVE) -> None:
+                 mesh_warning: Callable[[], str | None] = lambda: None, speculative: str | None = None,
+                 draft: str | None = None) -> None:
         self.peer_id, self.store, self.identity = peer_id, store, identity
-        self.speculative = speculative  # how answers are decoded by default (``infer/speculative.py``)
+        # how answers are decoded by default (``infer/speculative.py``; None: "draft" when a draft model is
+        # loaded, else SPECULATIVE) and with which draft model (None: the model's own by name; "none": no draft)
+        self.speculative, self.draft = speculative, draft
         self.mesh_warning = mesh_warning  # the node's: e.g. alone, its bootstrap peers refusing its mesh key
         self.attention = attention
         self.verify = verify  # fraction of remote expert results recomputed (``infer/dataplane/verify.py``)
@@ -246,6 +250,7 @@ class Serving:
             dense = load_dense(ck, self.device, self.dtype)
             # without a tokenizer the API still answers prompts given as token ids
             tok = Tokenizer.from_dir(ck.path) if (ck.path / "tokenizer.json").exists() else None
+            drafts = self._load_draft(m.id, ck.path)
         except EkmeshError as exc:
             self.failed = True
             self.state = f"cannot host attention: {exc}"
@@ -255,15 +260,31 @@ class Serving:
         pool = ChannelPool(self.identity, lambda p: self._pins.get(p), lambda p: self._addrs.get(p), limits)
         verifier = Verifier(self.verify, Reference(ck.config.expert_spec(), self.device, self.dtype, self._fallback))
         self.remote = RemoteExperts(limits, local, self.holders, pool, self._fallback, verifier=verifier)
+        mode = self.speculative or ("draft" if drafts is not None else SPECULATIVE)
         gen = Generator(dense, self.remote, tok, default_stop_ids=() if tok else eos_ids_in(ck.path),
-                        retractions=verifier.ban_count, speculative=self.speculative,
-                        round_trips=self.remote.rounds_here)
+                        retractions=verifier.ban_count, speculative=mode, round_trips=self.remote.rounds_here,
+                        draft=drafts)
         self.model = ServedModel(m.id, aliases_of(m.id, self.store), gen, tok, context_of(sm.hf_config),
                                  peer_stats=self._peer_stats, verify_stats=verifier.status,
                                  mesh_warning=self.mesh_warning)
         self._sm = sm  # keeps its files directory alive
         self.state = "serving"
         log.info("model %s: attention host ready on %s (%s)", m.id, self.device, str(self.dtype).split(".")[-1])
+
+    def _load_draft(self, model_id: str, tokenizer_dir: Path) -> Callable[[], Drafter] | None:
+        """The draft model's drafter factory: ``--draft`` (a directory, model id or alias), else the model's own by
+        name (``registry.lookup.draft_of``), else None. A draft that cannot be loaded is logged, not fatal (answers
+        then draft by prompt lookup), unless ``--speculative draft`` asked for it."""
+        ref = self.draft if self.draft is not None else draft_of(model_id, self.store)
+        if ref is None or ref == "none":
+            return None
+        try:
+            return load_draft(open_model(ref, self.store), self.device, self.dtype, tokenizer_dir)
+        except EkmeshError as exc:
+            if self.speculative == "draft":
+                raise
+            log.warning("draft model %s not used: %s", ref, exc)
+            return None
 
     def _peer_stats(self) -> dict[str, tuple[int, float]]:
         if self.remote is None:

@@ -28,9 +28,10 @@ def open_checkpoint(ref: str, store: Store | None = None) -> Checkpoint:
     return Checkpoint.from_source(sm.files_dir, sm.hf_config, sm.tensors, sm.label, sm.manifest.experts_format)
 
 
-def resolve_store(model: str) -> Store:
-    """The store that knows ``model`` (model id, id prefix or alias): the user's, else the packaged one."""
-    store = Store()
+def resolve_store(model: str, store: Store | None = None) -> Store:
+    """The store that knows ``model`` (model id, id prefix or alias): ``store`` (default: the user's), else the
+    packaged one."""
+    store = store or Store()
     try:
         store.resolve(model)
         return store
@@ -47,13 +48,29 @@ def resolve_store(model: str) -> Store:
         raise
 
 
-def open_model(model: str) -> str | Checkpoint:
-    """A checkpoint directory path as given, or the store's ``Checkpoint`` for a model id / alias."""
+def open_model(model: str, store: Store | None = None) -> str | Checkpoint:
+    """A checkpoint directory path as given, or the ``Checkpoint`` of a model id / alias in ``store`` (default: the
+    user's) or the packaged store."""
     if os.path.isdir(model):
         return model
     try:
-        store = resolve_store(model)
+        found = resolve_store(model, store)
     except ShardMissingError as exc:
         raise CheckpointError(f"{model} is not a checkpoint directory, nor a model id or alias in the store "
                               f"(see `ekmesh models`)") from exc
-    return open_checkpoint(model, store)
+    return open_checkpoint(model, found)
+
+
+DRAFT_SUFFIX = "-draft"
+
+
+def draft_of(model_id: str, store: Store | None = None) -> str | None:
+    """The draft model that goes with ``model_id`` by name: for an alias A of it, a model aliased ``A-draft`` in
+    ``store`` (default: the user's) or the packaged store (the built-in model's is ``builtin-draft``); None if
+    there is none."""
+    stores = [store or Store()] + [s for s in [packaged_store()] if s is not None]
+    for alias in aliases_of(model_id, store):
+        for s in stores:
+            if alias + DRAFT_SUFFIX in s.aliases():
+                return alias + DRAFT_SUFFIX
+    return None
