@@ -39,6 +39,26 @@ def test_generate_json_prompt_ids_matches_transformers(tiny):
     assert out["prompt_ids"] == prompt and out["device"] == "cpu" and out["dtype"] == "float32"
 
 
+def test_generate_speculative_modes_give_the_same_tokens(tiny):
+    """``--speculative ngram`` and ``--speculative draft --draft DIR`` (the model as its own draft: every draft
+    accepted) answer as plain decoding; --json says how (steps, drafts); a draft mode without a draft is an error."""
+    path, _ = tiny
+    args = ["generate", str(path), "--prompt-ids", "4,8,15,4,8,15,4,8", "--max-tokens", "20", "--json"]
+    runs = {mode: run_cli(*args, "--speculative", mode, *(["--draft", str(path)] if mode == "draft" else []))
+            for mode in ("off", "ngram", "draft")}
+    outs = {}
+    for mode, r in runs.items():
+        assert r.returncode == 0, r.stderr
+        outs[mode] = json.loads(r.stdout)
+        assert outs[mode]["speculative"] == mode
+    assert outs["ngram"]["token_ids"] == outs["draft"]["token_ids"] == outs["off"]["token_ids"]
+    assert outs["off"]["steps"] == 19 and outs["off"]["drafted"] == 0
+    d = outs["draft"]
+    assert d["drafted"] > 0 and d["accepted"] == d["drafted"] and d["steps"] < 19
+    r = run_cli(*args, "--speculative", "draft")  # a directory has no draft by name
+    assert r.returncode != 0 and "needs a draft model" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_generate_plain_output_without_tokenizer_prints_ids(tiny):
     path, _ = tiny
     r = run_cli("generate", str(path), "--prompt-ids", "4,8,15", "--max-tokens", "3", "--seed", "1",
