@@ -32,6 +32,7 @@ order and all released before the next wave, so concurrent callers cannot deadlo
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -69,6 +70,8 @@ class RemoteTimeouts:
     first_s: float = 10.0  # before any measurement (includes opening the channel)
     cooldown_s: float = 5.0  # a failed peer is chosen last for this long
     max_waves: int = 8  # re-assignment rounds per call before giving up
+    check_slack: float = 2.0  # a checking replica outside the wave may be this much slower than its slowest peer,
+    check_margin_s: float = 0.005  # or this much (under it, a blob fetch to check here would cost more than waiting)
 
 
 @dataclass
@@ -154,21 +157,27 @@ class RemoteExperts:
                     best, choice = key, peer
         return choice
 
-    def _verifier_of(self, layer: int, expert: int, peer: str, excluded: set[str]) -> str | None:
-        """Another replica of the expert to recompute a pair ``peer`` answered: not excluded, not down, the lowest
-        latency × (1 + in flight); None: none (this host recomputes it)."""
+    def _verifier_of(self, layer: int, expert: int, peer: str, excluded: set[str], wave: set[str]) -> str | None:
+        """Another replica of the expert to recompute a pair ``peer`` answered: not excluded, not down; one that
+        this wave sends a frame anyway first, else the lowest latency × (1 + in flight) among those no slower than
+        ``check_slack`` × the wave's slowest peer or ``check_margin_s`` more (a slower one would hold the whole layer
+        up); None: none (this host recomputes it)."""
         holders = self.holders(layer, expert)
         if len(holders) < 2:
             return None
-        now = time.monotonic()
-        best: tuple[float, int] | None = None
+        now, t_ = time.monotonic(), self.timeouts
+        best: tuple[bool, float, int] | None = None
         choice = None
         with self._lock:
+            slowest = max([self._stat(p).ewma_rtt_s or 1e-3 for p in wave], default=1e-3)
             for rank, q in enumerate(holders):
                 s = self._stat(q)
                 if q == peer or q in excluded or s.down_until > now:
                     continue
-                key = ((s.ewma_rtt_s or 1e-3) * (1 + s.in_flight), rank)
+                latency = s.ewma_rtt_s or 1e-3
+                if q not in wave and latency > max(t_.check_slack * slowest, slowest + t_.check_margin_s):
+                    continue
+                key = (q not in wave, latency * (1 + s.in_flight), rank)
                 if best is None or key < best:
                     best, choice = key, q
         return choice
@@ -224,9 +233,10 @@ class RemoteExperts:
         excluded: set[str] = set(vf.banned) if vf is not None else set()  # banned peers are never asked
         for _ in range(self.timeouts.max_waves):
             groups = self._group(layer, exp, todo, excluded)
+            wave = {p for p in groups if p != LOCAL}
             plan = None if vf is None else vf.plan(
                 groups, t * k, k, exp, hidden.shape[1] * hidden.element_size(),
-                lambda e, p: self._verifier_of(layer, e, p, excluded))
+                functools.partial(self._verifier_of, layer, excluded=excluded, wave=wave))
             failed: list[np.ndarray] = []
             sent: list[_Sent] = []
             for peer in sorted({p for p in groups if p != LOCAL} | (set(plan.extra) if plan else set())):

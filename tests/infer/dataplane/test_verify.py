@@ -383,7 +383,9 @@ class _Servers:
                            lambda p: self.servers[p].address if p in self.servers else None, self.limits)
         return RemoteExperts(self.limits, LocalExperts(self.ckpt.config.expert_spec(), device, dtype), holders, pool,
                              weights,
-                             RemoteTimeouts(first_s=20.0, floor_s=2.0), verifier=Verifier(fraction, ref)), weights
+                             # (replicas check whatever their latency: a slow one is not skipped for a local check)
+                             RemoteTimeouts(first_s=20.0, floor_s=2.0, check_margin_s=60.0),
+                             verifier=Verifier(fraction, ref)), weights
 
     def close(self) -> None:
         for s in self.servers.values():
