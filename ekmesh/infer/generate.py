@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ekmesh.core.errors import ConfigError, GenerationError
+from ekmesh.infer.batching import StepBatcher
 from ekmesh.infer.cuda_graph import GraphDecoder
 from ekmesh.infer.experts import ExpertsBackend, LocalExperts
 from ekmesh.infer.models.common import CausalLM, KVCache
@@ -114,6 +115,7 @@ class StreamStats:
     accepted: int = 0
     round_trips: float | None = None
     speculative: str = "off"
+    rounds: int = 0  # data-plane rounds counted so far (round_trips × MoE layers)
 
 
 @dataclass
@@ -155,6 +157,7 @@ class Generator:
         self.speculative = check_mode(speculative)  # a request may choose another (SamplingParams.speculative)
         self.round_trips = round_trips  # data-plane rounds made by this thread so far (None: no mesh)
         self.draft = draft  # a new drafter per answer for mode "draft" (e.g. a draft model with its own cache)
+        self.batcher = StepBatcher(model, experts, round_trips)  # concurrent conversations' steps, batched
         self.moe_layers = max(1, sum(1 for m in model.config.moe_layers if m))
         self.recomputed_tokens = 0  # tokens computed again after a retraction, over this generator's life
         self.tokenizer = tokenizer
@@ -238,29 +241,35 @@ class Generator:
         emit = _Emitter(self, params)
         if params.max_tokens == 0:
             return
-        trips0 = self.round_trips() if self.round_trips is not None else 0
+        if self.cuda_graphs and drafter is None:  # (every expert local: no mesh, no round trips)
+            runner = self._graph_for(len(prompt_ids) + params.max_tokens)
+            logits = runner.prefill(prompt_ids)
+            while True:
+                ev = emit(sample_next(logits, params, gen))
+                yield ev
+                if ev.finish:
+                    return
+                logits = runner.step(ev.token_id)
+                stats.steps += 1
+        self.batcher.active += 1
         try:
-            if self.cuda_graphs and drafter is None:
-                runner = self._graph_for(len(prompt_ids) + params.max_tokens)
-                logits = runner.prefill(prompt_ids)
-                while True:
-                    ev = emit(sample_next(logits, params, gen))
-                    yield ev
-                    if ev.finish:
-                        return
-                    logits = runner.step(ev.token_id)
-                    stats.steps += 1
             yield from self._decode(list(prompt_ids), params, gen, emit, drafter, stats)
         finally:
+            self.batcher.active -= 1
             if self.round_trips is not None:
-                stats.round_trips = (self.round_trips() - trips0) / self.moe_layers
+                stats.round_trips = stats.rounds / self.moe_layers
+
+    def _rounds(self) -> int:
+        return self.round_trips() if self.round_trips is not None else 0
 
     def _decode(self, tokens: list[int], params: SamplingParams, gen: torch.Generator | None, emit: _Emitter,
                 drafter: Drafter | None, stats: StreamStats) -> Iterator[TokenEvent]:
         """The eager decode loop: each step feeds the current token and up to k drafts in one forward and keeps the
         drafts the target accepts (``speculative.py``); without a drafter, one token a step."""
         dev = self.device
+        r0 = self._rounds()
         cache, built, seen = self._prefill(torch.tensor([tokens], dtype=torch.long, device=dev), True)
+        stats.rounds += self._rounds() - r0
         logits = built[0, -1]  # [V]
         length = DraftLength() if drafter is not None else None
         forced: int | None = None  # the token speculative sampling drew at a rejection
@@ -281,17 +290,20 @@ class Generator:
                     draft.append(int(d))
             before = cache.length
             fed = [nxt, *draft]
-            out = self.model(torch.tensor([fed], dtype=torch.long, device=dev), cache, self.experts,
-                             last_only=not draft)[0]  # [1 + len(draft), V] (or [1, V])
+            # [1 + len(draft), V] (or [1, V]), in one forward with the steps of other conversations waiting now
+            out, rounds, _ = self.batcher.step(torch.tensor([fed], dtype=torch.long, device=dev), cache, not draft)
             stats.steps += 1
+            stats.rounds += rounds
             if self._retracted() != seen:
                 # a ban since this cache was built (in this step, or in another conversation's): the cache may
                 # hold a liar's unchecked results, so it is built again from every token so far
                 log.info("a member was banned: recomputing this conversation's cache (%d tokens)",
                          len(tokens) + len(draft))
                 self.recomputed_tokens += len(tokens) + len(draft)
+                r0 = self._rounds()
                 cache, again, seen = self._prefill(torch.tensor([tokens + draft], dtype=torch.long, device=dev),
                                                    False)
+                stats.rounds += self._rounds() - r0
                 out = again[0, -len(fed):]
             if not draft:
                 logits, forced = out[-1], None

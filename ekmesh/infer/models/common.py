@@ -436,6 +436,18 @@ class CausalLM(nn.Module):
         passes its own static tensor.
         """
         t = input_ids.shape[1]
+        x, step = self._begin(input_ids, cache, experts, positions)  # [B, T, D]
+        for layer in self.model.layers:
+            x = layer(x, step)
+        cache.length += t
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+    def _begin(self, input_ids: torch.Tensor, cache: KVCache, experts: ExpertsBackend | None,
+               positions: torch.Tensor | None) -> tuple[torch.Tensor, Step]:
+        """(embeddings [B, T, D], the step: positions, cache, rotary tables) of a forward over ``input_ids``."""
+        t = input_ids.shape[1]
         device = input_ids.device
         if positions is None:
             positions = torch.arange(cache.length, cache.length + t, device=device)  # [T]
@@ -449,12 +461,33 @@ class CausalLM(nn.Module):
                 self._rope_cache[key] = (inv.to(device), scale)
             inv, scale = self._rope_cache[key]
             step.rope[name] = rope_cos_sin(inv, scale, positions, x.dtype)
+        return x, step
+
+    def forward_many(self, inputs: Sequence[tuple[torch.Tensor, KVCache]], experts: ExpertsBackend | None,
+                     last_only: Sequence[bool] | None = None) -> list[torch.Tensor]:
+        """Several sequences as one step: ``inputs`` [(input_ids [1, T_i], its cache)] -> logits [T_i or 1, V] each.
+
+        Attention runs per sequence over its own cache; everything after it in a layer (norm, router, routed and
+        shared experts, dense MLP) works token by token, so it runs once over the new tokens of every sequence
+        together: one experts call per MoE layer for the whole batch (one frame per peer on a mesh). Each sequence
+        gets the logits it would get alone, up to the rounding of differently sized matmuls."""
+        started = [self._begin(ids, cache, experts, None) for ids, cache in inputs]
+        xs = [x for x, _ in started]  # [1, T_i, D] each
+        lens = [x.shape[1] for x in xs]
+        mlp_step = started[0][1]  # (the MLP part uses only the experts backend)
         for layer in self.model.layers:
-            x = layer(x, step)
-        cache.length += t
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+            assert isinstance(layer, DecoderLayer)
+            hs = [x + layer.self_attn(layer.input_layernorm(x), step) for x, (_, step) in zip(xs, started, strict=True)]
+            both = torch.cat(hs, dim=1)  # [1, sum T_i, D]
+            ys = torch.split(layer.mlp(layer.post_attention_layernorm(both), mlp_step), lens, dim=1)
+            xs = [h + y for h, y in zip(hs, ys, strict=True)]
+        out = []
+        for i, (x, (_, cache)) in enumerate(zip(xs, inputs, strict=True)):
+            cache.length += lens[i]
+            if last_only is not None and last_only[i]:
+                x = x[:, -1:]
+            out.append(self.lm_head(self.model.norm(x))[0])  # [T_i or 1, V]
+        return out
 
     def expert_spec(self) -> ExpertSpec:
         return self.config.expert_spec()
