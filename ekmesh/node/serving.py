@@ -350,6 +350,11 @@ class Serving:
                      "blocked": poll.STATS.blocked},
             # results checked, and peers banned for wrong ones with the reason (``infer/dataplane/verify.py``)
             "verify": self.remote.verifier.status() if self.remote and self.remote.verifier else None,
+            # how answers are decoded: the default speculative mode, whether a draft model is loaded, conversations
+            # decoding now and the batch sizes of recent target steps (``infer/batching.py``)
+            "decoding": None if self.model is None else {
+                "speculative": self.model.generator.speculative, "draft": self.model.generator.draft is not None,
+                **self.model.generator.batcher.status()},
         }
 
     def close(self) -> None:

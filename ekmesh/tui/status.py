@@ -94,6 +94,12 @@ def serving_line(serving: dict[str, Any], names: dict[str, str]) -> Text:
             f"{names.get(p, short_id(p))} {s['mean_rtt_ms']:.2f} ms" + (f" ({s['failures']} failed)"
                                                                          if s.get("failures") else "")
             for p, s in sorted(used.items())))
+    decoding = serving.get("decoding") or {}
+    if decoding:
+        text.append(f" · decoding: {decoding.get('speculative')}"
+                    + (" (draft model)" if decoding.get("draft") else "")
+                    + f", {decoding.get('active', 0)} active, batch {decoding.get('mean_batch', 0):g} mean / "
+                      f"{decoding.get('max_batch', 0)} max")
     verify = serving.get("verify") or {}
     if verify:
         text.append(f" · verified {verify.get('pairs', 0)} results ({100 * verify.get('fraction', 0):g}% sampled)")

@@ -135,3 +135,14 @@ def test_verification_and_bans_on_the_serving_line():
     text = " ".join(render(snap, width=400).split())
     assert "verified 120 results (5% sampled)" in text
     assert "banned charlie: layer 3 experts [1]: answer differs by 0.9 > bound 0.05" in text
+
+
+def test_decoding_on_the_serving_line():
+    snap = snapshot()
+    snap["serving"] = {"model": "blake3:abcd", "attention": True, "state": "serving", "ready": True,
+                       "missing_experts": 0, "device": "cpu", "dtype": "float32", "loaded_experts": 0,
+                       "api_url": None, "peers": {},
+                       "decoding": {"speculative": "draft", "draft": True, "active": 3, "recent_steps": 200,
+                                    "mean_batch": 2.4, "max_batch": 4}}
+    text = " ".join(render(snap, width=400).split())
+    assert "decoding: draft (draft model), 3 active, batch 2.4 mean / 4 max" in text
