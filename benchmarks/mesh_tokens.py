@@ -24,6 +24,7 @@ emulated links time per token ≤ 1.2× the floor.
 
     python benchmarks/mesh_tokens.py [--links loopback,lan,wifi] [--layout remote|spread] [--holders 2|1]
                                      [--model builtin|wide] [--tokens 64] [--repeats 3] [--json]
+                                     [--speculative ngram,draft] [--prompt-kind kjv|repeat] [--concurrency N]
 
 ``--layout spread`` gives the attention host its placement share of the experts too (a third, R = 1, as the demo
 does): it then computes its own pairs while its frames are out, and a token whose experts are all its own makes
@@ -35,6 +36,15 @@ a CPU, so a round trip per layer weighs heavily), a random Qwen3-MoE whose layer
 2048, 32 query / 4 key-value heads of 128, experts of 768, top-8) but 4 layers and 32 experts (2.4 GB in fp32), built
 with transformers (``pip install -e .[dev]``), imported into one holder's store (the others fetch from it) and
 prompted with token ids.
+
+``--speculative ngram,draft``: the same mesh also answers the same prompt drafting (prompt lookup; the built-in
+model's draft model), reported against plain decoding in the same run: tokens/s and the ratio, round trips per
+generated token per MoE layer (the ``ekmesh`` block's ``round_trips`` over its tokens; plain decoding makes ~1), the
+acceptance, and tokens/s against the cap 1 / (MoE layers × RTT) that plain decoding cannot pass. ``--prompt-kind
+repeat`` asks the model to repeat a passage with an edit (what prompt lookup is for). ``--concurrency N``: N
+conversations with different prompts at once (batched on the host) against the same N one after the other:
+aggregate tokens/s and the ratio. Every answer's tokens must equal one process's (plain decoding, alone), else the
+run fails.
 
 ``--holders 1`` runs the attention host with one expert holder instead of two (the holder then has every expert, so
 a layer is always one frame to one peer, never two frames whose slower answer sets the pace).
@@ -160,8 +170,18 @@ def post(url: str, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]
     return out
 
 
-def completion(tokens: int, prompt: str | list[int] = PROMPT) -> dict[str, Any]:
-    return {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+def completion(tokens: int, prompt: str | list[int] = PROMPT, speculative: str = "off") -> dict[str, Any]:
+    return {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+            "speculative": speculative}
+
+
+PROMPTS = [PROMPT, "In the beginning God created the heaven and the earth. And the earth was without form,",
+           "The LORD is my shepherd; I shall not want. He maketh me to lie down", "Blessed are the poor in spirit:",
+           "And Moses said unto the people, Fear ye not,", "Then Jesus said unto his disciples,",
+           "Hear, O Israel: The LORD our God is one LORD:", "Let not your heart be troubled:"]
+# a prompt that asks to repeat a passage with an edit (prompt lookup finds what follows in the prompt itself)
+REPEAT = ("Repeat the passage, with Moses for Aaron. Passage: And Aaron said unto the people, Fear ye not, stand "
+          "still, and see the salvation of the LORD, which he will shew to you to day. Repeated: And Moses said")
 
 
 WIDE = dict(vocab_size=4096, hidden_size=2048, intermediate_size=6144, num_hidden_layers=4, num_attention_heads=32,
@@ -387,6 +407,19 @@ def drive(home: str) -> None:
                 time.sleep(0.002)
             sock.close()
             out = {"mean_s": statistics.fmean(times), "median_s": statistics.median(times)}
+        elif cmd["op"] == "many":  # concurrent conversations: each answer's ekmesh block and the wall time
+            answers: list[dict[str, Any]] = [{} for _ in cmd["bodies"]]
+
+            def ask(i: int, body: dict[str, Any], answers: list[dict[str, Any]] = answers, url: str = api) -> None:
+                answers[i] = post(url + "/completions", body)["ekmesh"]
+
+            t0 = time.perf_counter()
+            workers = [threading.Thread(target=ask, args=(i, b)) for i, b in enumerate(cmd["bodies"])]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            out = {"answers": answers, "wall_s": time.perf_counter() - t0}
         else:
             out = post(api + "/completions", cmd["body"])["ekmesh"]
         print(json.dumps(out), flush=True)
@@ -465,11 +498,18 @@ def run_link(link: str, args: argparse.Namespace, one: str, facts: dict[str, int
         post(one + "/completions", completion(8, args.prompt))  # warm-up, both sides
         driver.ask(300, op="complete", body=completion(8, args.prompt))
         mesh, local = [], []
+        modes: dict[str, list[dict[str, Any]]] = {m: [] for m in args.speculative}
         for _ in range(args.repeats):
             local.append(post(one + "/completions", completion(args.tokens, args.prompt))["ekmesh"])
             mesh.append(driver.ask(600, op="complete", body=completion(args.tokens, args.prompt)))
-        return {**summarise(link, mesh, local, rtt, facts), "host_threads": ready["threads"],
-                "holder_threads": holders.get("EKMESH_THREADS", "as the host")}
+            for m in modes:  # (same prompt; each mode's tokens must equal one process's)
+                modes[m].append(driver.ask(600, op="complete", body=completion(args.tokens, args.prompt, m)))
+        out = {**summarise(link, mesh, local, rtt, facts), "host_threads": ready["threads"],
+               "holder_threads": holders.get("EKMESH_THREADS", "as the host")}
+        out["speculative"] = {m: speculative_summary(runs, mesh, local, rtt, facts) for m, runs in modes.items()}
+        if args.concurrency > 1:
+            out["concurrency"] = run_concurrent(driver, one, args, local)
+        return out
 
 
 def holder_env(holders: int) -> dict[str, str]:
@@ -506,6 +546,43 @@ def summarise(link: str, mesh: list[dict[str, Any]], local: list[dict[str, Any]]
     }
 
 
+def speculative_summary(runs: list[dict[str, Any]], plain: list[dict[str, Any]], local: list[dict[str, Any]],
+                        rtt: dict[str, float], facts: dict[str, int]) -> dict[str, Any]:
+    """One speculative mode against plain decoding on the same mesh, same prompt, in the same run."""
+    tps = statistics.median(r["tokens_per_s"] for r in runs)
+    plain_tps = statistics.median(r["tokens_per_s"] for r in plain)
+    cap = 1 / (facts["moe_layers"] * rtt["mean_s"])  # one dependent round trip per MoE layer per token
+    return {"tok_s": tps, "ratio_vs_plain": tps / plain_tps, "cap_tok_s": cap, "ratio_vs_cap": tps / cap,
+            "round_trips_per_token": statistics.median(r["round_trips"] / r["tokens"] for r in runs),
+            "plain_round_trips_per_token": statistics.median(r["round_trips"] / r["tokens"] for r in plain),
+            "steps": statistics.median(r["steps"] for r in runs),
+            "acceptance": statistics.median(r["accepted"] / r["drafted"] if r["drafted"] else 0.0 for r in runs),
+            "runs_tok_s": [r["tokens_per_s"] for r in runs],
+            "tokens_equal": all(r["token_ids"] == local[0]["token_ids"] for r in runs)}
+
+
+def run_concurrent(driver: Proc, one: str, args: argparse.Namespace, local: list[dict[str, Any]]) -> dict[str, Any]:
+    """N conversations at once (different prompts, plain decoding; batched on the host) against one at a time on
+    the same mesh: aggregate tokens/s, each answer checked against one process."""
+    n = args.concurrency
+    prompts = [PROMPTS[i % len(PROMPTS)] if isinstance(args.prompt, str) else
+               [(t + 7 * i) % 4096 for t in args.prompt] for i in range(n)]
+    expected = [post(one + "/completions", completion(args.tokens, p))["ekmesh"]["token_ids"] for p in prompts]
+    alone, together = [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for p in prompts:  # one after the other
+            driver.ask(600, op="complete", body=completion(args.tokens, p))
+        alone.append(n * args.tokens / (time.perf_counter() - t0))
+        r = driver.ask(1200, op="many", bodies=[completion(args.tokens, p) for p in prompts])
+        together.append({"tok_s": n * args.tokens / r["wall_s"],
+                         "equal": [a["token_ids"] for a in r["answers"]] == expected})
+    agg = statistics.median(t["tok_s"] for t in together)
+    seq = statistics.median(alone)
+    return {"n": n, "aggregate_tok_s": agg, "one_at_a_time_tok_s": seq, "ratio": agg / seq,
+            "tokens_equal": all(t["equal"] for t in together)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--links", default="loopback,lan,wifi")
@@ -517,6 +594,11 @@ def main() -> None:
     ap.add_argument("--layout", choices=sorted(ROLES), default="remote")
     ap.add_argument("--holders", type=int, choices=[1, 2], default=2)
     ap.add_argument("--model", choices=["builtin", "wide"], default="builtin")
+    ap.add_argument("--speculative", default="", help="comma-separated modes (ngram, draft) measured against plain "
+                                                        "decoding on the same mesh")
+    ap.add_argument("--prompt-kind", choices=["kjv", "repeat"], default="kjv",
+                    help="repeat: a prompt asking to repeat a passage with an edit (prompt lookup's case)")
+    ap.add_argument("--concurrency", type=int, default=1, help="also N conversations at once vs one at a time")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--forward", help=argparse.SUPPRESS)
     ap.add_argument("--drive", help=argparse.SUPPRESS)
@@ -531,6 +613,7 @@ def main() -> None:
     if args.echo:
         echo()
         return
+    args.speculative = [m for m in args.speculative.split(",") if m]
     links = args.links.split(",")
     if any(LINKS[x] for x in links):
         if os.geteuid() != 0 or shutil.which("ip") is None:
@@ -546,7 +629,7 @@ def main() -> None:
             args.wide_dir, args.prompt = tmp / "wide", WIDE_PROMPT
             facts = make_wide(args.wide_dir)
         else:
-            args.wide_dir, args.prompt = None, PROMPT
+            args.wide_dir, args.prompt = None, REPEAT if args.prompt_kind == "repeat" else PROMPT
             facts = model_facts()
         one = Proc([sys.executable, "-m", "ekmesh.api", "--model", str(args.wide_dir or "builtin"), "--port", "0"],
                    log=tmp / "one.log")
@@ -559,10 +642,15 @@ def main() -> None:
         if one is not None:
             one.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    differ = [r["link"] for r in results if not (r["tokens_equal"] and all(
+        s["tokens_equal"] for s in r.get("speculative", {}).values()) and r.get("concurrency", {}).get(
+        "tokens_equal", True))]
     if args.json:
         print(json.dumps({"model": args.model, "facts": facts, "layout": args.layout, "holders": args.holders,
                           "tokens": args.tokens, "repeats": args.repeats,
                           "emulator": args.emulator, "results": results}, indent=1))
+    if differ:
+        sys.exit(f"token ids differ between the mesh and one process on: {', '.join(differ)}")
 
 
 def report(r: dict[str, Any], facts: dict[str, int], args: argparse.Namespace) -> None:
@@ -577,6 +665,15 @@ def report(r: dict[str, Any], facts: dict[str, int], args: argparse.Namespace) -
           f"round trip {r['mean_layer_rtt_ms']:.3f} ms | TTFT {r['ttft_s_mesh'] * 1e3:.0f} vs "
           f"{r['ttft_s_one'] * 1e3:.0f} ms | tokens equal: {r['tokens_equal']} | torch threads: host "
           f"{r['host_threads']}, holders {r['holder_threads']}", flush=True)
+    for mode, s in r.get("speculative", {}).items():
+        print(f"  {mode}: {s['tok_s']:.1f} tok/s = {s['ratio_vs_plain']:.2f}× plain, {s['ratio_vs_cap']:.2f}× the "
+              f"cap {s['cap_tok_s']:.1f} tok/s (1 / ({facts['moe_layers']} × RTT)) | round trips per token per MoE "
+              f"layer {s['round_trips_per_token']:.2f} (plain {s['plain_round_trips_per_token']:.2f}) | acceptance "
+              f"{s['acceptance']:.2f} | tokens equal: {s['tokens_equal']}", flush=True)
+    c = r.get("concurrency")
+    if c:
+        print(f"  {c['n']} conversations at once: {c['aggregate_tok_s']:.1f} tok/s vs {c['one_at_a_time_tok_s']:.1f} "
+              f"one at a time = {c['ratio']:.2f}× | tokens equal: {c['tokens_equal']}", flush=True)
 
 
 if __name__ == "__main__":
