@@ -10,7 +10,9 @@ test reads (``tests/tools/data/builtin_heldout_windows.json``). The checkpoint d
 
     python -m tools.package_builtin /tmp/ckpt --data .train
 
-Invariants: the store holds exactly one manifest, aliased ``builtin``; the held-out loss is the definition of
+Invariants: the store it writes holds exactly one manifest, aliased ``builtin`` (a draft shipped before is dropped
+with the old store and must be distilled from the new built-in and shipped again: ``tools/package_draft.py`` adds
+it, aliased ``builtin-draft``, with its figures under ``draft`` in the card); the held-out loss is the definition of
 ``tools/builtin_data.heldout_windows`` (mean next-token cross-entropy, fp32 from the bf16 weights), over every
 window and over the test's subset ``windows[::SUBSET_STRIDE]``.
 """
@@ -68,6 +70,9 @@ def package(checkpoint: Path, data: Path, report: Path | None) -> dict[str, Any]
     from ekmesh.shard.store import Store
 
     if STORE.exists():
+        if "builtin-draft" in json.loads((STORE / "aliases.json").read_text()):
+            print("dropping the shipped builtin-draft with the old store: distil and package it again from the new "
+                  "built-in (tools/train_draft.py, tools/package_draft.py)")
         shutil.rmtree(STORE)
     res = import_full(str(checkpoint), alias=ALIAS, store=Store(STORE))
     for sub in ("verified", "tmp", "quarantine", "imports"):

@@ -82,12 +82,24 @@ def test_heldout_loss_at_or_below_card(empty_home):
 
 
 def test_card_matches_store():
+    """The store holds the built-in's manifest, aliased ``builtin``, and, exactly when the card has a ``draft``
+    entry, the draft's, aliased ``builtin-draft`` (tests/tools/test_builtin_draft.py checks the draft itself)."""
+    from tools.package_draft import ALIAS, DRAFT_MAX_BYTES
+
     store = packaged_store()
     assert store is not None and store.read_only
     assert store.resolve("builtin") == CARD["model_id"]
-    assert store.models() == [CARD["model_id"]]
+    draft = {ALIAS: CARD["draft"]["model_id"]} if "draft" in CARD else {}
+    assert store.aliases() == {"builtin": CARD["model_id"], **draft}
+    assert store.models() == sorted([CARD["model_id"], *draft.values()])
     size = sum(p.stat().st_size for p in PACKAGED_ROOT.rglob("*") if p.is_file())
-    assert size == CARD["store_bytes"] <= 50_000_000
+    builtin_blobs = store.load_manifest(CARD["model_id"]).blob_ids()
+    draft_bytes = sum(store.manifest_path(mid).stat().st_size + sum(
+        store.blob_path(b).stat().st_size for b in store.load_manifest(mid).blob_ids() - builtin_blobs)
+        for mid in draft.values())  # what the draft adds: its manifest and the blobs the built-in does not use
+    assert draft_bytes <= DRAFT_MAX_BYTES
+    assert size == CARD["store_bytes"]
+    assert size - draft_bytes <= 50_000_000
     assert sorted(p.name for p in PACKAGED_ROOT.iterdir()) == ["aliases.json", "blobs", "manifests"]
 
 
