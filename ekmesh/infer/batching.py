@@ -51,7 +51,15 @@ class StepBatcher:
         self._queue: list[_Step] = []
         self._busy = False
         self.sizes: collections.deque[int] = collections.deque(maxlen=256)  # recent batch sizes (for status)
-        self.active = 0  # conversations decoding now
+        self.active = 0  # conversations decoding now (``joined`` / ``left``)
+
+    def joined(self) -> None:
+        with self._cond:
+            self.active += 1
+
+    def left(self) -> None:
+        with self._cond:
+            self.active -= 1
 
     def step(self, ids: torch.Tensor, cache: KVCache, last_only: bool) -> tuple[torch.Tensor, int, int]:
         """Blocking: the logits [T or 1, V] of ``ids`` [1, T] continuing ``cache``, the data-plane rounds its batch

@@ -251,11 +251,11 @@ class Generator:
                     return
                 logits = runner.step(ev.token_id)
                 stats.steps += 1
-        self.batcher.active += 1
+        self.batcher.joined()
         try:
             yield from self._decode(list(prompt_ids), params, gen, emit, drafter, stats)
         finally:
-            self.batcher.active -= 1
+            self.batcher.left()
             if self.round_trips is not None:
                 stats.round_trips = stats.rounds / self.moe_layers
 
