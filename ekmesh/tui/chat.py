@@ -77,8 +77,8 @@ def _int(v: Any) -> int:
 
 
 def status_line(answer: Answer) -> Text:
-    """``12.3 tok/s · first token 0.21 s · 3 peers · layer round trip 0.41 ms · 64 tokens``; a figure the
-    stats lack is left out, and an answer that did not end by itself says why."""
+    """``12.3 tok/s · first token 0.21 s · 3 peers · layer round trip 0.41 ms · 64 tokens · 3.2 per step (draft)``;
+    a figure the stats lack is left out, and an answer that did not end by itself says why."""
     s = answer.stats
     parts = []
     if isinstance(s.get("tokens_per_s"), (int, float)):
@@ -92,6 +92,10 @@ def status_line(answer: Answer) -> Text:
         parts.append(f"layer round trip {s['mean_layer_rtt_ms']:.2f} ms")
     if isinstance(s.get("tokens"), int):
         parts.append(f"{s['tokens']} token" + ("" if s["tokens"] == 1 else "s"))
+        steps = s.get("steps")
+        if isinstance(steps, int) and steps > 0 and s.get("speculative") not in (None, "off"):
+            # tokens per target step: what drafting saved (a step is one round trip per MoE layer on a mesh)
+            parts.append(f"{s['tokens'] / (steps + 1):.1f} per step ({s['speculative']})")
     if answer.finish_reason == "length":
         parts.append("cut at max tokens")
     elif answer.finish_reason == "cancelled":

@@ -58,6 +58,13 @@ def test_status_line_shows_every_figure():
         "12.3 tok/s · first token 0.21 s · 3 peers · layer round trip 0.41 ms · 64 tokens\n"
 
 
+def test_status_line_shows_tokens_per_step_when_drafting():
+    drafted = {**STATS, "speculative": "draft", "steps": 19, "drafted": 140, "accepted": 44}
+    assert render(status_line(answer(drafted)), width=200) == ("12.3 tok/s · first token 0.21 s · 3 peers · layer round trip "
+                                                               "0.41 ms · 64 tokens · 3.2 per step (draft)\n")
+    assert "per step" not in render(status_line(answer({**STATS, "speculative": "off", "steps": 63})))
+
+
 def test_status_line_leaves_out_what_is_missing_and_says_why_an_answer_ended():
     local = {"ttft_s": 0.02, "tokens_per_s": 110.0, "tokens": 1, "peers": [], "mean_layer_rtt_ms": None}
     assert render(status_line(answer(local, "length"))) == \
