@@ -60,8 +60,8 @@ def test_status_line_shows_every_figure():
 
 def test_status_line_shows_tokens_per_step_when_drafting():
     drafted = {**STATS, "speculative": "draft", "steps": 19, "drafted": 140, "accepted": 44}
-    assert render(status_line(answer(drafted)), width=200) == ("12.3 tok/s · first token 0.21 s · 3 peers · layer round trip "
-                                                               "0.41 ms · 64 tokens · 3.2 per step (draft)\n")
+    want = "12.3 tok/s · first token 0.21 s · 3 peers · layer round trip 0.41 ms · 64 tokens · 3.2 per step (draft)\n"
+    assert render(status_line(answer(drafted)), width=200) == want
     assert "per step" not in render(status_line(answer({**STATS, "speculative": "off", "steps": 63})))
 
 
