@@ -1,6 +1,6 @@
 """The API's HTTP transport: a threaded HTTP/1.1 server whose every resource is bounded, and a request handler whose
 every answer, ``http.server``'s own errors included, is JSON in OpenAI's error shape
-``{"error": {"message", "type", "code"}}``.
+``{"error": {"message", "type", "code"}}`` (and ``param`` where a request field is at fault).
 
 Role: accept connections, bound what each one may hold, read each request's head and body within a deadline, and
 give handlers JSON answers. Not responsible for OpenAI's requests, models or generation (``api.server`` builds on
@@ -63,11 +63,16 @@ HTTP_ERROR_CODES = {400: "bad_request", 408: "request_timeout", 413: "body_too_l
                     431: "header_too_large", 501: "unsupported_method", 505: "unsupported_http_version"}
 
 
-def error_body(status: int, message: str, code: str | None, kind: str | None = None) -> bytes:
-    """OpenAI's error shape; ``kind`` (the ``type``) follows from the status unless given."""
+def error_body(status: int, message: str, code: str | None, kind: str | None = None,
+               param: str | None = None) -> bytes:
+    """OpenAI's error shape; ``kind`` (the ``type``) follows from the status unless given; ``param`` (the request
+    field at fault) only when there is one."""
     kind = kind or ("rate_limit_error" if status == 429 else "invalid_request_error" if status < 500
                     else "server_error")
-    return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
+    err: dict[str, Any] = {"message": message, "type": kind, "code": code}
+    if param is not None:
+        err["param"] = param
+    return json.dumps({"error": err}).encode()
 
 
 def _linger(sock: socket.socket, seconds: float) -> None:
@@ -350,6 +355,6 @@ class JsonRequestHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _error(self, status: int, message: str, kind: str | None, code: str | None = None,
-               retry_after: int | None = None) -> None:
-        self._send_bytes(status, error_body(status, message, code, kind),
+               retry_after: int | None = None, param: str | None = None) -> None:
+        self._send_bytes(status, error_body(status, message, code, kind, param),
                          {"Retry-After": str(retry_after)} if retry_after is not None else None)

@@ -27,7 +27,7 @@ json, tokenizers, jinja2) are translated once, at the boundary of the package th
     ├── ExpertUnavailableError       a routed expert has no live holder and no source to fetch it from
     ├── ExpertNotLoadedError         a token was routed to an expert the backend asked does not hold (names it)
     ├── ApiError                     an API request cannot be answered (the HTTP server maps each to a status)
-    │   ├── BadRequestError          the request is not a valid request (400)
+    │   ├── BadRequestError          the request is not a valid request (400; names the field at fault)
     │   ├── UnknownModelError        the request names a model this node does not serve (404)
     │   └── NotServingError          this node cannot answer now: no model, or not ready yet (503)
     ├── LocalNodeError               the node of this EKMESH_HOME cannot be reached or started
@@ -192,7 +192,12 @@ class ApiError(EkmeshError):
 
 
 class BadRequestError(ApiError):
-    """The request body is not a valid request (HTTP 400)."""
+    """The request body is not a valid request (HTTP 400). ``param``: the request field at fault, when one is (the
+    ``param`` of OpenAI's error shape), e.g. a field ekmesh does not support."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class UnknownModelError(ApiError):

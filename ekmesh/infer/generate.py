@@ -2,8 +2,10 @@
 
 Responsibilities: turning a prompt (token ids) into a stream of new tokens with reproducible sampling
 (a seeded CPU ``torch.Generator`` so a seed gives the same tokens on every device), and text deltas that never
-contain half a UTF-8 character or any part of a stop string. Not responsible for: loading (``loader``), chat
-templates (``tokenizer``), or where experts run (the experts backend it is handed).
+contain half a UTF-8 character or any part of a stop string; on request (``SamplingParams.logprobs``), each token's
+log-probability under the target's logits at its position (``token_logprobs``: fp32, temperature 1, before top-k /
+top-p; with drafts, from the verification forward that accepted it), computed only then. Not responsible for:
+loading (``loader``), chat templates (``tokenizer``), or where experts run (the experts backend it is handed).
 
 Also holds the device/dtype choice shared by the CLI and the node: ``pick_device`` and ``pick_dtype``.
 """
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GRAPH_BUCKET = 1024  # static KV cache capacity granularity for CUDA-graph decode
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (``SamplingParams.logprobs``)
 MAX_REBUILDS = 8  # rebuilds of one forward in a row (each follows a ban, and a banned member stays banned)
 
 _DTYPES = {
@@ -80,6 +83,8 @@ class SamplingParams:
     stop_ids: frozenset[int] | None = None  # None = the model's defaults (tokenizer / generation_config)
     stop_strings: tuple[str, ...] = ()
     speculative: str | None = None  # "off" | "ngram" | "draft"; None: the generator's default
+    # log-probs: None = none computed; N = each token's log-prob and the N most likely alternatives (TokenEvent)
+    logprobs: int | None = None
 
     def validate(self) -> None:
         if self.max_tokens < 0:
@@ -94,15 +99,39 @@ class SamplingParams:
             raise GenerationError("stop strings must not be empty")
         if self.speculative is not None and self.speculative not in MODES:
             raise GenerationError(f"speculative must be one of {', '.join(MODES)}, got {self.speculative!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise GenerationError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
 
 
 @dataclass
 class TokenEvent:
-    """One generated token; ``text`` is the newly printable text (may be empty while a stop string is pending)."""
+    """One generated token; ``text`` is the newly printable text (may be empty while a stop string is pending).
+    With ``SamplingParams.logprobs`` set: ``logprob``, the token's log-probability, and ``top``, the most likely
+    tokens as (id, log-prob), most likely first (``token_logprobs``); else both None."""
 
     token_id: int
     text: str
     finish: str | None = None  # set on the last event: "stop" (stop id or stop string) or "length"
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+Logprobs = list[tuple[float, list[tuple[int, float]]]]  # per position: (log p(token), [(id, log p)] most likely first)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> Logprobs:
+    """logits [T, V] and the token that follows each position -> per position (log p(token), the ``top`` most
+    likely (id, log p), most likely first). The model's own distribution: fp32 log-softmax of the logits, at
+    temperature 1 and before top-k / top-p, whatever the request samples with."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
+    ids = torch.tensor(list(tokens), dtype=torch.long, device=lp.device)
+    chosen = lp.gather(1, ids[:, None])[:, 0].tolist()  # [T]
+    k = min(top, lp.shape[-1])
+    if not k:
+        return [(c, []) for c in chosen]
+    best = torch.topk(lp, k, dim=-1)  # values, indices [T, k]
+    return [(c, list(zip(i, v, strict=True))) for c, i, v in zip(chosen, best.indices.tolist(), best.values.tolist(),
+                                                                strict=True)]
 
 
 @dataclass
@@ -158,6 +187,7 @@ class Generator:
         self.round_trips = round_trips  # data-plane rounds made by this thread so far (None: no mesh)
         self.draft = draft  # a new drafter per answer for mode "draft" (e.g. a draft model with its own cache)
         self.batcher = StepBatcher(model, experts, round_trips)  # concurrent conversations' steps, batched
+        self._lengths = {"ngram": DraftLength(), "draft": DraftLength()}  # k per mode, learnt across answers
         self.moe_layers = max(1, sum(1 for m in model.config.moe_layers if m))
         self.recomputed_tokens = 0  # tokens computed again after a retraction, over this generator's life
         self.tokenizer = tokenizer
@@ -193,6 +223,10 @@ class Generator:
         self._check_prompt(prompt_ids)
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
         return self._prefill(ids, last_only=False)[1][0].float()
+
+    def prompt_logprobs(self, prompt_ids: Sequence[int], top: int) -> Logprobs:
+        """``token_logprobs`` of prompt tokens 1..T-1 (each given the tokens before it), from one prefill."""
+        return token_logprobs(self.logits(prompt_ids)[:-1], prompt_ids[1:], top)
 
     def _retracted(self) -> int:
         return self.retractions() if self.retractions is not None else 0
@@ -245,7 +279,7 @@ class Generator:
             runner = self._graph_for(len(prompt_ids) + params.max_tokens)
             logits = runner.prefill(prompt_ids)
             while True:
-                ev = emit(sample_next(logits, params, gen))
+                ev = emit(sample_next(logits, params, gen), logits)
                 yield ev
                 if ev.finish:
                     return
@@ -271,11 +305,11 @@ class Generator:
         cache, built, seen = self._prefill(torch.tensor([tokens], dtype=torch.long, device=dev), True)
         stats.rounds += self._rounds() - r0
         logits = built[0, -1]  # [V]
-        length = DraftLength() if drafter is not None else None
+        length = self._lengths.get(params.speculative or self.speculative) if drafter is not None else None
         forced: int | None = None  # the token speculative sampling drew at a rejection
         while True:
             nxt = forced if forced is not None else sample_next(logits, params, gen)
-            ev = emit(nxt)
+            ev = emit(nxt, logits)  # (a forced token was drawn at the rejected position: ``logits`` is out[n])
             yield ev
             if ev.finish:
                 return
@@ -318,9 +352,9 @@ class Generator:
             if n < len(draft):
                 cache.truncate(before + 1 + n)  # the rejected drafts' positions
             logits = out[n]
-            for d in draft[:n]:
+            for i, d in enumerate(draft[:n]):
                 tokens.append(d)
-                ev = emit(d)
+                ev = emit(d, out[i])  # the verification forward's logits where d was accepted
                 yield ev
                 if ev.finish:
                     return
@@ -356,8 +390,16 @@ class _Emitter:
         self.decoder = gen.tokenizer.stream_decoder() if gen.tokenizer else None
         self.filter = _StopStringFilter(params.stop_strings)
         self.left = params.max_tokens
+        self.logprobs = params.logprobs
 
-    def __call__(self, token: int) -> TokenEvent:
+    def __call__(self, token: int, logits: torch.Tensor) -> TokenEvent:
+        """``logits`` [V]: the target's at the position ``token`` was chosen for (read only for log-probs)."""
+        ev = self._event(token)
+        if self.logprobs is not None:
+            ev.logprob, ev.top = token_logprobs(logits[None], [token], self.logprobs)[0]
+        return ev
+
+    def _event(self, token: int) -> TokenEvent:
         assert self.left > 0
         self.left -= 1
         dec, flt = self.decoder, self.filter

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -192,23 +193,29 @@ def accept(logits: torch.Tensor, draft: Sequence[int], temperature: float, top_k
 
 
 class DraftLength:
-    """Chooses k per step from the measured acceptance and step costs (module docstring). ``cap``: k at most.
+    """Chooses k per step from the measured acceptance and step costs (module docstring). ``cap``: k at most. One per
+    generator and mode, shared by its answers (so a short answer starts from what earlier ones measured); thread-safe.
 
-    Costs: a least-squares line seconds = base + extra × drafted over the recent steps (weights decaying by 0.9 a
-    step); when recent steps all drafted alike the line is undetermined and a step without drafts is taken (at most
-    one in ``PROBE_EVERY``) to measure the base."""
+    Acceptance: drafts accepted over drafts the target ruled on (all accepted ones, and the first rejected one),
+    both sums decaying by 0.9 a step. Costs: a least-squares line seconds = base + extra × drafted over the recent
+    steps (same decay). While the line is undetermined (every recent step drafted alike) steps alternate between
+    the cap and half of it, and once in ``EXPLORE_EVERY`` steps k is halved (or, at 0, set to 1), so the line keeps
+    seeing more than one point and the acceptance keeps being measured."""
 
-    PROBE_EVERY = 32
+    EXPLORE_EVERY = 8
 
     def __init__(self, cap: int = MAX_DRAFT) -> None:
         if cap < 0:
             raise ConfigError(f"the draft length cap must be >= 0, got {cap}")
         self.cap = cap
-        self.acceptance = 0.7  # EWMA of P(a drafted token is accepted): optimistic, so drafting is tried
         self.steps = 0
+        self._accepted, self._judged = 0.7, 1.0  # decayed sums: an optimistic start, so drafting is tried
         self._sums = [0.0] * 5  # decayed sums of w, w·n, w·n², w·t, w·n·t
-        self._since_probe = 0
-        self._since_draft = 0
+        self._lock = threading.Lock()
+
+    @property
+    def acceptance(self) -> float:
+        return self._accepted / self._judged
 
     def costs(self) -> tuple[float, float] | None:
         """(base, extra) seconds from the recent steps, or None while undetermined."""
@@ -225,37 +232,34 @@ class DraftLength:
         cap = min(self.cap, limit)
         if cap <= 0:
             return 0
-        costs = self.costs()
+        with self._lock:
+            costs, a, step = self.costs(), min(self.acceptance, 0.999), self.steps
         if costs is None:
-            if self.steps and self._since_probe >= self.PROBE_EVERY:
-                return 0  # measure a step without drafts
-            return cap
+            return cap if step % 2 == 0 else cap // 2
         base, extra = costs
-        a = min(self.acceptance, 0.999)
         best_k, best = 0, 1.0 / base
         for k in range(1, cap + 1):
             rate = (1 - a ** (k + 1)) / (1 - a) / (base + k * extra)
             if rate > best * (1 + 1e-9):
                 best_k, best = k, rate
-        if best_k == 0 and self._since_draft >= 16:
-            best_k = 1  # keep measuring the acceptance: it changes with the text
+        if step % self.EXPLORE_EVERY == self.EXPLORE_EVERY - 1:
+            return best_k // 2 if best_k > 1 else 1
         return best_k
 
     def update(self, drafted: int, accepted: int, seconds: float) -> None:
-        """One step's outcome: ``drafted`` tokens proposed, ``accepted`` kept, the target forward took ``seconds``."""
-        self.steps += 1
-        self._since_probe = 0 if drafted == 0 else self._since_probe + 1
-        if drafted:
-            self._since_draft = 0
-            judged = accepted + (1 if accepted < drafted else 0)  # the drafts the target ruled on
-            self.acceptance = 0.8 * self.acceptance + 0.2 * (accepted / judged)
-        else:
-            self._since_draft += 1
-        if math.isfinite(seconds) and seconds > 0:
-            n = float(drafted)
-            self._sums = [0.9 * x for x in self._sums]
-            for i, v in enumerate((1.0, n, n * n, seconds, n * seconds)):
-                self._sums[i] += v
+        """One step's outcome: ``drafted`` tokens proposed, ``accepted`` kept, the step (drafting and the target
+        forward) took ``seconds``."""
+        with self._lock:
+            self.steps += 1
+            if drafted:
+                judged = accepted + (1 if accepted < drafted else 0)  # the drafts the target ruled on
+                self._accepted = 0.9 * self._accepted + accepted
+                self._judged = 0.9 * self._judged + judged
+            if math.isfinite(seconds) and seconds > 0:
+                n = float(drafted)
+                self._sums = [0.9 * x for x in self._sums]
+                for i, v in enumerate((1.0, n, n * n, seconds, n * seconds)):
+                    self._sums[i] += v
 
 
 def check_mode(mode: str) -> str:

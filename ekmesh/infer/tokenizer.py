@@ -239,6 +239,10 @@ class Tokenizer:
         """The id of one token string, or None when the vocabulary has no such token."""
         return self._backend.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary's string for one id (e.g. byte-level ``Ġthe``), or None outside the vocabulary."""
+        return self._backend.id_to_token(token_id)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` applies tokenizer.json's post-processor (e.g. BOS)."""
         if not isinstance(text, str):
