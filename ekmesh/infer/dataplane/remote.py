@@ -37,7 +37,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -53,7 +53,8 @@ from ekmesh.infer.dataplane.frames import (
     as_numpy,
     encode_request,
 )
-from ekmesh.infer.dataplane.poll import Registration, Waits
+from ekmesh.infer.dataplane.peerstats import PeerStats, RemoteTimeouts
+from ekmesh.infer.dataplane.poll import Registration
 from ekmesh.infer.dataplane.verify import LOCAL, Plan, Verifier
 from ekmesh.infer.expert import ExpertWeights
 from ekmesh.infer.experts import LocalExperts
@@ -61,37 +62,6 @@ from ekmesh.infer.experts import LocalExperts
 log = logging.getLogger(__name__)
 
 NO_PAIRS = np.zeros(0, dtype=np.int64)  # a frame that only carries pairs to verify
-
-
-@dataclass(frozen=True)
-class RemoteTimeouts:
-    floor_s: float = 0.3  # never wait less than this for an answer (a busy peer's scheduling jitter)
-    rtt_multiple: float = 10.0  # ... nor less than this many times what the peer is expected to take for the frame
-    first_s: float = 10.0  # before any measurement (includes opening the channel)
-    cooldown_s: float = 5.0  # a failed peer is chosen last for this long
-    max_waves: int = 8  # re-assignment rounds per call before giving up
-    check_slack: float = 2.0  # a checking replica outside the wave may be this much slower than its slowest peer,
-    check_margin_s: float = 0.005  # or this much (under it, a blob fetch to check here would cost more than waiting)
-
-
-@dataclass
-class PeerStats:
-    """Per-peer data-plane statistics (for ``ekmesh chat``'s status line and peer choice)."""
-
-    round_trips: int = 0
-    failures: int = 0
-    total_rtt_s: float = 0.0
-    ewma_rtt_s: float | None = None
-    ewma_wait_s: float = 0.0  # round trip less the server's compute: network, queues, framing
-    ewma_row_s: float = 0.0  # the server's compute per row of a frame
-    server_compute_s: float = 0.0
-    in_flight: int = 0
-    down_until: float = 0.0
-    waits: Waits = field(default_factory=Waits)  # recent waits for this peer's answers: how long to poll
-
-    @property
-    def mean_rtt_s(self) -> float:
-        return self.total_rtt_s / self.round_trips if self.round_trips else 0.0
 
 
 @dataclass
@@ -113,7 +83,7 @@ class RemoteExperts:
     def __init__(self, limits: ModelLimits, local: LocalExperts | None,
                  holders: Callable[[int, int], list[str]], channels: ChannelPool,
                  fallback: Callable[[int, int], ExpertWeights] | None = None,
-                 timeouts: RemoteTimeouts = RemoteTimeouts(), verifier: Verifier | None = None) -> None:
+                 timeouts: RemoteTimeouts | None = None, verifier: Verifier | None = None) -> None:
         if fallback is not None and local is None:
             raise ConfigError("RemoteExperts needs a LocalExperts to cache experts computed from the fallback")
         self.limits = limits
@@ -121,7 +91,7 @@ class RemoteExperts:
         self.holders = holders
         self.channels = channels
         self.fallback = fallback
-        self.timeouts = timeouts
+        self.timeouts = timeouts or RemoteTimeouts()
         self.verifier = verifier
         self._stats: dict[str, PeerStats] = {}
         self._tokens: dict[tuple[int, int], np.ndarray] = {}
@@ -432,15 +402,9 @@ class RemoteExperts:
         return acc.index_add_(0, rows, y.float() * torch.from_numpy(w[pairs]).to(dev)[:, None])
 
     def answer_deadline_s(self, peer: str, rows: int) -> float:
-        """How long an answer of ``peer`` to a frame of ``rows`` rows is waited for: ``first_s`` before any
-        measurement, else max(floor, multiple × (its wait EWMA + rows × its per-row compute EWMA))."""
-        t_ = self.timeouts
+        """How long an answer of ``peer`` to a frame of ``rows`` rows is waited for (``PeerStats.deadline_s``)."""
         with self._lock:
-            st = self._stat(peer)
-            if st.ewma_rtt_s is None:
-                return t_.first_s
-            expected = st.ewma_wait_s + rows * st.ewma_row_s  # this frame's size, not the last frames'
-        return max(t_.floor_s, t_.rtt_multiple * expected)
+            return self._stat(peer).deadline_s(rows, self.timeouts)
 
     def _send(self, peer: str, layer: int, hidden: torch.Tensor, pairs: np.ndarray | None, k: int,
               exp: np.ndarray, w: np.ndarray, extra: np.ndarray | None = None) -> _Sent:
@@ -507,17 +471,7 @@ class RemoteExperts:
             st = self._stat(s.peer)
             st.in_flight -= 1
             if ok:
-                st.round_trips += 1
-                st.total_rtt_s += rtt
-                st.server_compute_s += f.aux * 1e-6
-                compute = min(f.aux * 1e-6, rtt)
-                if st.ewma_rtt_s is None:
-                    st.ewma_rtt_s, st.ewma_wait_s, st.ewma_row_s = rtt, rtt - compute, compute / s.n_rows
-                else:
-                    st.ewma_rtt_s = 0.8 * st.ewma_rtt_s + 0.2 * rtt
-                    st.ewma_wait_s = 0.8 * st.ewma_wait_s + 0.2 * (rtt - compute)
-                    st.ewma_row_s = 0.8 * st.ewma_row_s + 0.2 * compute / s.n_rows
-                st.down_until = 0.0
+                st.measured(rtt, f.aux * 1e-6, s.n_rows)
         if f.kind is Kind.ERROR:
             if f.code == ErrorCode.PROTOCOL:
                 s.channel.close()  # the server closes its end after a PROTOCOL error

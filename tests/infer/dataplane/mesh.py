@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ekmesh.infer.dataplane.channel import ChannelPool, TlsIdentity
 from ekmesh.infer.dataplane.frames import ModelLimits
-from ekmesh.infer.dataplane.remote import RemoteExperts, RemoteTimeouts
+from ekmesh.infer.dataplane.peerstats import RemoteTimeouts
+from ekmesh.infer.dataplane.remote import RemoteExperts
 from ekmesh.infer.expert import ExpertWeights
 from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.loader import Checkpoint

@@ -29,7 +29,8 @@ from ekmesh.core.errors import ConfigError, ExpertUnavailableError
 from ekmesh.infer.dataplane import liar
 from ekmesh.infer.dataplane.channel import ChannelPool, TlsIdentity
 from ekmesh.infer.dataplane.frames import ModelLimits
-from ekmesh.infer.dataplane.remote import RemoteExperts, RemoteTimeouts
+from ekmesh.infer.dataplane.peerstats import RemoteTimeouts
+from ekmesh.infer.dataplane.remote import RemoteExperts
 from ekmesh.infer.dataplane.server import ExpertServer
 from ekmesh.infer.dataplane.verify import (
     LOCAL,
