@@ -39,7 +39,7 @@ from tests.node.servingmesh import (
     seeds_splitting_every_layer,
     stream_token_ids,
 )
-from tests.tiny_models import make_tiny, random_prompt
+from tests.tiny_models import make_tiny, make_tiny_dense, random_prompt
 
 # the same families with dimensions q4's groups (32..256) divide: hidden 64, expert intermediate 32 or 64
 QUANT_BUILDERS: dict[str, Callable[[Path], Any]] = {
@@ -79,7 +79,7 @@ def test_three_nodes_equal_one_process(arch: str, tmp_path: Path) -> None:
     src = tmp_path / "ckpt"
     BUILDERS[arch](src)
     model_id = _import(src, tmp_path / "n0")
-    _three_nodes_equal_one_process(arch, tmp_path, model_id, _one_process(src))
+    _three_nodes_equal_one_process(arch, tmp_path, model_id, _one_process(src), draft=True)
 
 
 @pytest.mark.slow
@@ -132,8 +132,11 @@ def test_three_nodes_equal_one_process_checkpoint_formats(arch: str, fmt: str, t
 
 
 def _three_nodes_equal_one_process(arch: str, tmp_path: Path, model_id: str,
-                                   reference: Callable[[list[int], int], list[int]]) -> list[dict[str, Any]]:
-    """Runs the comparison; returns the holders' ``serving`` status after the answer."""
+                                   reference: Callable[[list[int], int], list[int]],
+                                   draft: bool = False) -> list[dict[str, Any]]:
+    """Runs the comparison; returns the holders' ``serving`` status after the answer. ``draft``: the attention
+    host also gets a tiny random dense draft model with the target's vocabulary (and some padding rows), and a third
+    answer drafts with it."""
     from ekmesh.shard.store import Store
     m = Store(tmp_path / "n0" / "store").load_manifest(model_id)
     moe_layers = sorted({layer for layer, _ in m.expert_ids()})
@@ -145,7 +148,8 @@ def _three_nodes_equal_one_process(arch: str, tmp_path: Path, model_id: str,
     # node 0 (its home has the import) starts first and the others bootstrap from it; node 1 hosts attention.
     # The holders' identities are chosen so that the placement gives each of them experts in every MoE layer.
     h0, h2 = seeds_splitting_every_layer(m, 2, 1, 4.0, arch)
-    roles = [HOLDER, HOST, HOLDER]
+    draft_args = ["--draft", str(make_tiny_dense(tmp_path / "draft", vocab_size=vocab + 16)[0])] if draft else []
+    roles = [HOLDER, [*HOST, *draft_args], HOLDER]
     with ServingMesh(tmp_path, model_id, roles, seeds=[h0, f"{arch}-host", h2],
                      extra=["--replicas", "1", "--memory", "4"]) as mesh:
         host = 1
@@ -167,11 +171,17 @@ def _three_nodes_equal_one_process(arch: str, tmp_path: Path, model_id: str,
         # target step gives its accepted drafts and the token after them
         rep = prompt + prompt[:8]
         spec = post(mesh.api(host) + "/completions", {"prompt": rep, "max_tokens": 24, "temperature": 0,
-                                                      "ignore_eos": True, "return_token_ids": True})["ekmesh"]
+                                                      "ignore_eos": True, "return_token_ids": True,
+                                                      "speculative": "ngram"})["ekmesh"]
         assert spec["token_ids"] == reference(rep, 24), arch
         assert spec["speculative"] == "ngram" and spec["drafted"] > 0 and 23 <= spec["steps"] + spec["accepted"] <= 24
         print(f"{arch}: ngram drafts {spec['accepted']}/{spec['drafted']} accepted, {spec['steps']} steps, "
               f"{spec['round_trips']} round trips per MoE layer for 24 tokens")
+        if draft:  # the draft model (the host's default mode once one is loaded): same tokens
+            by_draft = post(mesh.api(host) + "/completions", {"prompt": prompt, "max_tokens": 24, "temperature": 0,
+                                                              "ignore_eos": True, "return_token_ids": True})["ekmesh"]
+            assert by_draft["token_ids"] == expected and by_draft["speculative"] == "draft", arch
+            assert by_draft["drafted"] > 0 and 23 <= by_draft["steps"] + by_draft["accepted"] <= 24
         # (on a loaded machine an answer may miss its deadline; with R = 1 the host then computes that expert
         # itself from its blob, which keeps the answer exact, so local experts after the run are not an error)
         after = mesh.nodes[host].status()["serving"]
