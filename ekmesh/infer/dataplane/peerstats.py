@@ -4,7 +4,9 @@
 flight)), of its wait (the round trip less the compute the server reports in each answer: network, queues, framing)
 and of its compute per row. An answer's deadline follows the frame's size: max(floor, multiple × (wait + rows ×
 per-row)), so a prefill's frame of hundreds of rows is not held to a decode step's latency and a hung peer costs a
-decode step about the floor; before any measurement, ``first_s`` (it includes opening the channel).
+decode step about the floor (0.3 s) when a replica can take over; when some expert of the frame has no other holder
+the next step is fetching its blob and computing it on the host (which then keeps it), so the floor is 2 s: a busy
+peer is not replaced by a download. Before any measurement, ``first_s`` (it includes opening the channel).
 
 Invariants: only ``RemoteExperts`` mutates a ``PeerStats``, under its lock; the EWMAs move only on good answers.
 """
@@ -19,6 +21,7 @@ from ekmesh.infer.dataplane.poll import Waits
 @dataclass(frozen=True)
 class RemoteTimeouts:
     floor_s: float = 0.3  # never wait less than this for an answer (a busy peer's scheduling jitter)
+    fallback_floor_s: float = 2.0  # ... or this, when an expert of the frame has no other holder (a blob fetch next)
     rtt_multiple: float = 10.0  # ... nor less than this many times what the peer is expected to take for the frame
     first_s: float = 10.0  # before any measurement (includes opening the channel)
     cooldown_s: float = 5.0  # a failed peer is chosen last for this long
@@ -60,8 +63,10 @@ class PeerStats:
             self.ewma_wait_s = 0.8 * self.ewma_wait_s + 0.2 * (rtt_s - compute)
             self.ewma_row_s = 0.8 * self.ewma_row_s + 0.2 * compute / rows
 
-    def deadline_s(self, rows: int, t: RemoteTimeouts) -> float:
-        """How long an answer to a frame of ``rows`` rows is waited for (module docstring)."""
+    def deadline_s(self, rows: int, t: RemoteTimeouts, replicated: bool = True) -> float:
+        """How long an answer to a frame of ``rows`` rows is waited for (module docstring); ``replicated``: another
+        holder could take the frame's pairs (else the floor is ``fallback_floor_s``)."""
         if self.ewma_rtt_s is None:
             return t.first_s
-        return max(t.floor_s, t.rtt_multiple * (self.ewma_wait_s + rows * self.ewma_row_s))
+        floor = t.floor_s if replicated else t.fallback_floor_s
+        return max(floor, t.rtt_multiple * (self.ewma_wait_s + rows * self.ewma_row_s))

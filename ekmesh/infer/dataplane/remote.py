@@ -401,10 +401,12 @@ class RemoteExperts:
             acc = torch.zeros(hidden.shape, dtype=torch.float32, device=dev)  # [T, D]
         return acc.index_add_(0, rows, y.float() * torch.from_numpy(w[pairs]).to(dev)[:, None])
 
-    def answer_deadline_s(self, peer: str, rows: int) -> float:
-        """How long an answer of ``peer`` to a frame of ``rows`` rows is waited for (``PeerStats.deadline_s``)."""
+    def answer_deadline_s(self, peer: str, rows: int, replicated: bool = True) -> float:
+        """How long an answer of ``peer`` to a frame of ``rows`` rows is waited for (``PeerStats.deadline_s``);
+        ``replicated``: every expert of the frame has another holder to fail over to (else the next step is a blob
+        fetch and a local computation, worth waiting longer to avoid)."""
         with self._lock:
-            return self._stat(peer).deadline_s(rows, self.timeouts)
+            return self._stat(peer).deadline_s(rows, self.timeouts, replicated)
 
     def _send(self, peer: str, layer: int, hidden: torch.Tensor, pairs: np.ndarray | None, k: int,
               exp: np.ndarray, w: np.ndarray, extra: np.ndarray | None = None) -> _Sent:
@@ -426,7 +428,9 @@ class RemoteExperts:
             data = encode_request(rid, layer, inv, exp[pairs], w[pairs], sub)  # sub: [R, D]
         now = time.monotonic()
         n_rows = (t if rows is None else len(rows)) + n_extra
-        deadline = now + self.answer_deadline_s(peer, n_rows)
+        experts = set((exp if pairs is None else exp[pairs]).tolist())
+        replicated = all(len(self.holders(layer, e)) > 1 for e in experts)
+        deadline = now + self.answer_deadline_s(peer, n_rows, replicated)
         with self._lock:
             self._stat(peer).in_flight += 1
         try:

@@ -123,6 +123,9 @@ def test_answer_deadlines_follow_the_frame_size(tmp_path):
                   f"{small:.3f} s (1 row), {big:.1f} s (1e6 rows)")
             assert small == max(t.floor_s, t.rtt_multiple * (st.ewma_wait_s + st.ewma_row_s))
             assert big > small >= t.floor_s
+            # no replica to fail over to (R = 1 here): the fallback's floor
+            assert remote.answer_deadline_s(peer, 1, replicated=False) == max(
+                t.fallback_floor_s, t.rtt_multiple * (st.ewma_wait_s + st.ewma_row_s))
             assert bigger - big == pytest.approx(t.rtt_multiple * 10**6 * st.ewma_row_s)
     finally:
         mesh.close()
