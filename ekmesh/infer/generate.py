@@ -25,7 +25,16 @@ from ekmesh.infer.batching import StepBatcher
 from ekmesh.infer.cuda_graph import GraphDecoder
 from ekmesh.infer.experts import ExpertsBackend, LocalExperts
 from ekmesh.infer.models.common import CausalLM, KVCache
-from ekmesh.infer.speculative import MODES, Drafter, DraftLength, NgramDrafter, accept, check_mode, target_probs
+from ekmesh.infer.speculative import (
+    MODES,
+    Drafter,
+    DraftLength,
+    Draws,
+    NgramDrafter,
+    accept,
+    check_mode,
+    target_probs,
+)
 
 if TYPE_CHECKING:
     from ekmesh.infer.tokenizer import Tokenizer
@@ -268,10 +277,9 @@ class Generator:
         stats = stats if stats is not None else StreamStats()
         stats.speculative = mode = params.speculative or self.speculative
         drafter = self._drafter(mode)
-        gen = None
+        draws = None  # one generator per answer position (speculative.Draws): the same tokens for a seed in any mode
         if params.temperature > 0:
-            gen = torch.Generator()
-            gen.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
+            draws = Draws(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
         emit = _Emitter(self, params)
         if params.max_tokens == 0:
             return
@@ -279,7 +287,7 @@ class Generator:
             runner = self._graph_for(len(prompt_ids) + params.max_tokens)
             logits = runner.prefill(prompt_ids)
             while True:
-                ev = emit(sample_next(logits, params, gen), logits)
+                ev = emit(sample_next(logits, params, draws(emit.position) if draws else None), logits)
                 yield ev
                 if ev.finish:
                     return
@@ -287,7 +295,7 @@ class Generator:
                 stats.steps += 1
         self.batcher.joined()
         try:
-            yield from self._decode(list(prompt_ids), params, gen, emit, drafter, stats)
+            yield from self._decode(list(prompt_ids), params, draws, emit, drafter, stats)
         finally:
             self.batcher.left()
             if self.round_trips is not None:
@@ -296,7 +304,7 @@ class Generator:
     def _rounds(self) -> int:
         return self.round_trips() if self.round_trips is not None else 0
 
-    def _decode(self, tokens: list[int], params: SamplingParams, gen: torch.Generator | None, emit: _Emitter,
+    def _decode(self, tokens: list[int], params: SamplingParams, draws: Draws | None, emit: _Emitter,
                 drafter: Drafter | None, stats: StreamStats) -> Iterator[TokenEvent]:
         """The eager decode loop: each step feeds the current token and up to k drafts in one forward and keeps the
         drafts the target accepts (``speculative.py``); without a drafter, one token a step."""
@@ -308,7 +316,7 @@ class Generator:
         length = self._lengths.get(params.speculative or self.speculative) if drafter is not None else None
         forced: int | None = None  # the token speculative sampling drew at a rejection
         while True:
-            nxt = forced if forced is not None else sample_next(logits, params, gen)
+            nxt = forced if forced is not None else sample_next(logits, params, draws(emit.position) if draws else None)
             ev = emit(nxt, logits)  # (a forced token was drawn at the rejected position: ``logits`` is out[n])
             yield ev
             if ev.finish:
@@ -344,7 +352,7 @@ class Generator:
                 if length is not None:
                     length.update(0, 0, time.perf_counter() - start)
                 continue
-            n, forced = accept(out, draft, params.temperature, params.top_k, params.top_p, gen)
+            n, forced = accept(out, draft, params.temperature, params.top_k, params.top_p, draws, emit.position)
             assert length is not None
             length.update(len(draft), n, time.perf_counter() - start)
             stats.drafted += len(draft)
@@ -389,8 +397,13 @@ class _Emitter:
         self.stops = gen.default_stop_ids if params.stop_ids is None else params.stop_ids
         self.decoder = gen.tokenizer.stream_decoder() if gen.tokenizer else None
         self.filter = _StopStringFilter(params.stop_strings)
-        self.left = params.max_tokens
+        self.left = self.max_tokens = params.max_tokens
         self.logprobs = params.logprobs
+
+    @property
+    def position(self) -> int:
+        """The answer position of the next token (how many were emitted)."""
+        return self.max_tokens - self.left
 
     def __call__(self, token: int, logits: torch.Tensor) -> TokenEvent:
         """``logits`` [V]: the target's at the position ``token`` was chosen for (read only for log-probs)."""

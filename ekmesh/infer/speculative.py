@@ -9,9 +9,11 @@ MoE layer then sends one frame per peer carrying all k + 1 tokens), and keeps th
   occurrence of the context's last n tokens, n = 3, 2, 1; no model) and ``ModelDrafter`` (a small model with the
   target's tokenizer on the host, e.g. the built-in model's packaged draft).
 - Acceptance (``accept``): greedy keeps a draft while it is the target's argmax, so the output is the plain greedy
-  output; sampling keeps draft d with probability min(1, p(d) / q(d)) and, at the first rejection, draws the next
-  token from the residual max(0, p - q) renormalised (speculative sampling: every emitted token has the target's
-  distribution p, after temperature, top-k and top-p; a prompt-lookup draft has q one-hot on d).
+  output; sampling draws the target's token at each drafted position as plain decoding would (one seeded generator
+  per answer position, ``Draws``) and keeps a draft while it equals it, so every emitted token has the target's
+  distribution p (after temperature, top-k and top-p) and a seed gives the tokens it gives without drafts; for a
+  draft model that samples, speculative sampling (keep d with probability min(1, p(d)/q(d)), else draw from the
+  residual max(0, p - q)).
 - Length (``DraftLength``): k maximises the expected tokens per second of a step, (1 - a^(k+1)) / (1 - a) tokens for
   base + k × extra seconds, from the measured per-token acceptance a and the measured cost of a step's base and of
   each extra token. On a mesh the base (the round trips) dwarfs the extra cost and k grows to its cap; on one CPU
@@ -162,11 +164,30 @@ def target_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     return torch.softmax(x, dim=-1)
 
 
+class Draws:
+    """An answer's randomness, one generator per token position: the token at position p is drawn with a generator
+    seeded by (seed, p). So the tokens a seed gives do not depend on how the answer was cut into steps: decoding with
+    drafts of any length, or without, draws each position's token the same way (``accept``)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __call__(self, position: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 0x9E3779B97F4A7C15 + position) % (1 << 63))
+
+
 def accept(logits: torch.Tensor, draft: Sequence[int], temperature: float, top_k: int, top_p: float,
-           gen: torch.Generator | None, draft_probs: torch.Tensor | None = None) -> tuple[int, int | None]:
+           draws: Callable[[int], torch.Generator] | None, first: int = 0,
+           draft_probs: torch.Tensor | None = None) -> tuple[int, int | None]:
     """logits [len(draft) + 1, V] of the target at the current token and each draft -> (n drafts accepted, the
-    token drawn after them or None). ``draft_probs`` [len(draft), V]: the draft model's distributions (None: each
-    draft was proposed with certainty, as prompt lookup does)."""
+    token drawn after them or None). Draft i stands at answer position ``first + i`` (its randomness: ``draws``).
+
+    Drafts proposed with certainty (``draft_probs`` None: prompt lookup, a greedy draft model): the target's token
+    at each position is drawn as plain decoding draws it (the position's own generator), and a draft is kept while
+    it equals that token; the first that differs gives the drawn token. Each emitted token then has the target's
+    distribution, and a seed gives the same tokens as decoding without drafts. ``draft_probs`` [len(draft), V] (a
+    draft model that samples): speculative sampling (keep d with probability min(1, p(d)/q(d)), else draw from the
+    residual max(0, p - q)), which keeps the distribution but not the tokens of a seed."""
     if temperature == 0:
         best = torch.argmax(logits[: len(draft)], dim=-1).tolist()  # [k] the target's choice at each position
         n = 0
@@ -175,16 +196,18 @@ def accept(logits: torch.Tensor, draft: Sequence[int], temperature: float, top_k
         return n, None
     for i, d in enumerate(draft):
         p = target_probs(logits[i], temperature, top_k, top_p)  # [V]
-        q = None if draft_probs is None else draft_probs[i].to("cpu", torch.float32)
-        qd = 1.0 if q is None else float(q[d])
+        gen = draws(first + i) if draws is not None else None
+        if draft_probs is None:
+            x = int(torch.multinomial(p, 1, generator=gen))
+            if x == d:
+                continue
+            return i, x
+        q = draft_probs[i].to("cpu", torch.float32)
+        qd = float(q[d])
         u = float(torch.rand((), generator=gen))
         if qd > 0 and u < min(1.0, float(p[d]) / qd):
             continue
-        if q is None:  # residual of a one-hot draft: p without d
-            residual = p.clone()
-            residual[d] = 0.0
-        else:
-            residual = (p - q).clamp_min(0.0)
+        residual = (p - q).clamp_min(0.0)
         total = float(residual.sum())
         if total <= 0.0:  # p == q: any draw from p is exact
             residual, total = p, float(p.sum())

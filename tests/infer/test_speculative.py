@@ -109,6 +109,25 @@ def test_a_draft_model_drafts_and_the_answer_stays_exact(tmp_path) -> None:
         assert got.token_ids == plain and got.stats.drafted > 0
 
 
+@pytest.mark.parametrize("temperature,top_p", [(0.6, 1.0), (0.4, 0.9)])
+def test_a_seed_gives_the_same_sampled_tokens_with_or_without_drafts(tmp_path, temperature: float,
+                                                                      top_p: float) -> None:
+    """Each answer position draws from its own seeded generator, so how many drafts each step carried does not
+    change a seeded answer: off, prompt lookup and a draft model (the target itself: drafts often kept) agree."""
+    path, _ = make_tiny("qwen3_moe", tmp_path / "m")
+    _, model, experts = load_all(path)
+    prompt = [5, 17, 33, 2, 71, 8, 5, 17, 33]
+    gen = Generator(model, experts, draft=lambda: ModelDrafter(model, experts))
+    kept = 0
+    for seed in range(4):
+        runs = {mode: gen.generate(prompt, SamplingParams(max_tokens=30, temperature=temperature, top_p=top_p,
+                                                          seed=seed, stop_ids=frozenset(), speculative=mode))
+                for mode in ("off", "ngram", "draft")}
+        assert runs["ngram"].token_ids == runs["off"].token_ids == runs["draft"].token_ids, seed
+        kept += runs["draft"].stats.accepted
+    assert kept > 0  # (drafts were kept: the comparison covered accepted ones too)
+
+
 def test_a_request_can_turn_drafting_off_and_bad_modes_are_refused(tmp_path) -> None:
     path, _ = make_tiny("qwen3_moe", tmp_path / "m")
     _, model, experts = load_all(path)
@@ -168,7 +187,8 @@ def test_speculative_sampling_keeps_the_target_distribution(tiny_logits: torch.T
         for _ in range(n):
             if q is not None:
                 draft_token = int(torch.multinomial(q[0], 1, generator=gen))  # a draft model samples its draft
-            acc, nxt = accept(tiny_logits[:2], [draft_token], temperature, top_k, top_p, gen, q)
+            acc, nxt = accept(tiny_logits[:2], [draft_token], temperature, top_k, top_p, lambda _: gen,
+                              draft_probs=q)
             counts[draft_token if acc == 1 else nxt] += 1  # type: ignore[index]
         ok, stat, dof = _chi2_ok(counts, probs, n)
         print(f"{kind} draft {draft_token}: chi2 {stat:.1f} on {dof} dof")
@@ -176,7 +196,7 @@ def test_speculative_sampling_keeps_the_target_distribution(tiny_logits: torch.T
     # the check can fail: emitting the draft whenever the target would draw it or keep it (no residual) is biased
     wrong: Counter[int] = Counter()
     for _ in range(n):
-        acc, nxt = accept(tiny_logits[:2], [likely], temperature, top_k, top_p, gen)
+        acc, nxt = accept(tiny_logits[:2], [likely], temperature, top_k, top_p, lambda _: gen)
         wrong[likely if acc == 1 else int(torch.multinomial(p0, 1, generator=gen))] += 1
     assert not _chi2_ok(wrong, probs, n)[0]
 
