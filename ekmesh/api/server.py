@@ -3,8 +3,9 @@
 
 Role: translate HTTP requests into generation on an ``Engine`` (the node's attention host over the mesh, or a
 one-process model for ``python -m ekmesh.api``) and stream the tokens back. One thread per connection (the bounded
-transport of ``api.transport``); generation is blocking torch work and runs in that thread, so several
-conversations run at once (the engine serialises what cannot run concurrently).
+transport of ``api.transport``); generation is blocking torch work and runs in that thread (a request of several
+choices: one thread per choice), so several conversations run at once (the engine serialises what cannot run
+concurrently).
 
 Not responsible for: the model, the mesh, authentication (it binds 127.0.0.1 only, like the control endpoint's
 socket; an ``Authorization`` header is accepted and ignored so any OpenAI client works unchanged).
@@ -20,31 +21,43 @@ the bans made during it with their reasons, tokens computed again after a ban (`
 far; ``infer/dataplane/verify.py``). ``model`` may be a model id, an id prefix or an alias, or
 omitted. ``/v1/completions`` also takes ``prompt`` as a list of token ids (as OpenAI's does), which also works for a
 model without a tokenizer; ``"return_token_ids": true`` adds the generated ids to the ``ekmesh`` block as
-``token_ids`` (and to every streamed chunk, then sent even when its text is empty); ``"ignore_eos": true`` generates
-until ``max_tokens`` or a stop string.
+``token_ids`` (and to every streamed chunk, then sent even when its text is empty; with several choices, to each
+choice instead); ``"ignore_eos": true`` generates until ``max_tokens`` or a stop string.
+
+OpenAI's fields for clients and evaluation tools (parsed in ``api.request``, formatted in ``api.logprobs``):
+log-probs (completions: ``logprobs: N`` and ``echo``, with ``max_tokens: 0`` to score a prompt only, what
+lm-evaluation-harness's ``local-completions`` sends; chat: ``logprobs``, ``top_logprobs``), of the model's
+distribution at temperature 1 before any top-k / top-p, in fp32 from the target's logits at each position (streamed
+chunks carry their tokens'); ``n`` choices per prompt and a batch of prompts (choices decode concurrently, one
+thread each, so their steps batch; ``usage`` adds them up; streamed chunks carry their ``index``); ``stop`` as a
+list; ``seed`` (choice i: seed + i). Fields asking for what ekmesh does not do (tools, ``response_format`` other
+than text, ``logit_bias``, ``suffix``, ``best_of`` > 1) are refused with 400 naming the field (``param``).
+Every non-streamed answer has ``usage``.
 
 Invariants (the HTTP-level bounds are ``api.transport``'s: backlog 128, at most ``max_connections`` connections
 = threads, in all and per source address, beyond them 429 ``too_many_connections``; a request's head and body read
 within ``request_deadline_s`` or 408; bodies over ``MAX_BODY`` refused 413 from the head; malformed heads 400, 414,
 431, 501, 505): request bodies are validated before any generation starts, prompt token ids included (each in the
-served model's vocabulary, else 400); at most ``max_active`` generations run at once (more get 429 ``busy`` with
-``Retry-After``); every socket read and write has a deadline (``SOCKET_TIMEOUT_S`` per write of a stream); every
-error is a JSON ``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status; a client that closes its
-connection mid-stream stops its generation at the next token; a stream always ends with ``data: [DONE]`` unless
+served model's vocabulary, else 400); at most ``max_active`` generations run at once, each choice counting as one
+(more get 429 ``busy`` with ``Retry-After``; a request of more choices than that, 400); every socket read and write
+has a deadline (``SOCKET_TIMEOUT_S`` per write of a stream); every error is a JSON ``{"error": {"message", "type",
+"code"}}`` (with ``param`` when a field is at fault) with a 4xx/5xx status; a client that closes its connection
+mid-stream stops its generations at their next token; a stream always ends with ``data: [DONE]`` unless
 the client left.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Generator as Gen
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ekmesh.api.logprobs import CompletionLogprobs, Entry, TokenTexts, chat_logprobs
+from ekmesh.api.request import Request, parse
+from ekmesh.api.runs import Echo, Run, echo_of, run_all, stats_of, usage_of
 from ekmesh.api.transport import (
     MAX_BODY,  # noqa: F401 (the API's body limit, named here too: ``server.MAX_BODY``)
     MAX_CONNECTIONS,
@@ -54,8 +67,8 @@ from ekmesh.api.transport import (
     BoundedHTTPServer,
     JsonRequestHandler,
 )
-from ekmesh.api.types import Engine, ServedModel, resolve
-from ekmesh.core.constants import API_PORT, SPECULATIVE_MODES
+from ekmesh.api.types import Engine, resolve
+from ekmesh.core.constants import API_PORT
 from ekmesh.core.errors import (
     BadRequestError,
     ConfigError,
@@ -66,169 +79,9 @@ from ekmesh.core.errors import (
     UnknownModelError,
 )
 
-if TYPE_CHECKING:  # torch is imported only where a model is served: a node without one never loads it
-    from ekmesh.infer.generate import SamplingParams, TokenEvent
-
 log = logging.getLogger(__name__)
 
-MAX_MESSAGES = 1024
-DEFAULT_MAX_TOKENS = 256
-MAX_ACTIVE = 16  # generations at once; more are answered 429 at once (each one holds a thread and a KV cache)
-
-
-# -- request parsing -------------------------------------------------------------------------------------------
-
-def _num(body: dict[str, Any], key: str, kind: type, default: Any, lo: float, hi: float) -> Any:
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
-        raise BadRequestError(f"'{key}' must be a{'n integer' if kind is int else ' number'}, got {v!r}")
-    if not lo <= v <= hi:
-        raise BadRequestError(f"'{key}' must be in [{lo}, {hi}], got {v!r}")
-    return kind(v)
-
-
-def sampling_from(body: dict[str, Any]) -> SamplingParams:
-    from ekmesh.infer.generate import SamplingParams
-
-    stop = body.get("stop")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 16:
-        stops = tuple(stop)
-    else:
-        raise BadRequestError("'stop' must be a string or a list of at most 16 strings")
-    if any(not s for s in stops):
-        raise BadRequestError("'stop' strings must not be empty")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    speculative = body.get("speculative")
-    if speculative is not None and speculative not in SPECULATIVE_MODES:
-        raise BadRequestError(f"'speculative' must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
-    return SamplingParams(
-        max_tokens=_num({"max_tokens": max_tokens}, "max_tokens", int, DEFAULT_MAX_TOKENS, 0, 1 << 20),
-        temperature=_num(body, "temperature", float, 1.0, 0.0, 2.0),
-        top_k=_num(body, "top_k", int, 0, 0, 1 << 20),
-        top_p=_num(body, "top_p", float, 1.0, 1e-9, 1.0),
-        seed=_num(body, "seed", int, None, -(1 << 63), (1 << 63) - 1),
-        stop_strings=stops,
-        stop_ids=frozenset() if body.get("ignore_eos") is True else None,
-        speculative=speculative,
-    )
-
-
-def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise BadRequestError("'messages' must be a non-empty list")
-    if len(msgs) > MAX_MESSAGES:
-        raise BadRequestError(f"at most {MAX_MESSAGES} messages")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
-            raise BadRequestError(f"messages[{i}] needs a 'role' of system, developer, user or assistant")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text is understood
-            parts = [p["text"] for p in content
-                     if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)]
-            if len(parts) != len(content):
-                raise BadRequestError(f"messages[{i}].content: only text parts are supported")
-            content = "".join(parts)
-        if not isinstance(content, str):
-            raise BadRequestError(f"messages[{i}].content must be a string")
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
-    return out
-
-
-# -- one generation with its statistics ------------------------------------------------------------------------
-
-class Run:
-    """One generation: yields ``TokenEvent``s, then ``stats()`` has the ekmesh block and ``usage()`` the counts."""
-
-    def __init__(self, served: ServedModel, prompt_ids: list[int], params: SamplingParams) -> None:
-        if len(prompt_ids) >= served.context:
-            raise BadRequestError(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
-                                  f"{served.context}")
-        vocab = served.generator.vocab_size
-        bad = next((i for i in prompt_ids if not 0 <= i < vocab), None)
-        if bad is not None:  # checked here so that it is a bad request, not a failed generation
-            raise BadRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
-        room = served.context - len(prompt_ids)
-        if params.max_tokens > room:
-            params = dataclasses.replace(params, max_tokens=room)
-        self.served, self.prompt_ids, self.params = served, prompt_ids, params
-        self.tokens = 0
-        self.token_ids: list[int] = []
-        self.counted = False  # whether the last event's token is part of the output
-        self.finish = "length"
-        self.t0 = time.perf_counter()
-        self.first: float | None = None
-        self.end: float | None = None
-        self._before = served.peer_stats() if served.peer_stats else {}
-        self._verify_before = served.verify_stats() if served.verify_stats else None
-        served.generator.check(params)  # (a GenerationError here is the request's fault: 400)
-        self._recomputed_before = served.generator.recomputed_tokens
-        from ekmesh.infer.generate import StreamStats
-
-        self.decoding = StreamStats()
-
-    def events(self) -> Gen[TokenEvent, None, None]:
-        lock = self.served.lock
-        if lock is not None:
-            lock.acquire()
-        try:
-            gen = self.served.generator
-            stops = gen.default_stop_ids if self.params.stop_ids is None else self.params.stop_ids
-            for ev in gen.stream(self.prompt_ids, self.params, self.decoding):
-                if self.first is None:
-                    self.first = time.perf_counter()
-                self.counted = not (ev.finish == "stop" and ev.token_id in stops)  # a final stop id is not output
-                if self.counted:
-                    self.tokens += 1
-                    self.token_ids.append(ev.token_id)
-                if ev.finish:
-                    self.finish = ev.finish
-                yield ev
-        finally:
-            self.end = time.perf_counter()
-            if lock is not None:
-                lock.release()
-
-    def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": self.tokens,
-                "total_tokens": len(self.prompt_ids) + self.tokens}
-
-    def stats(self) -> dict[str, Any]:
-        end = self.end or time.perf_counter()
-        first = self.first or end
-        rate = (self.tokens - 1) / (end - first) if self.tokens > 1 and end > first else 0.0
-        after = self.served.peer_stats() if self.served.peer_stats else {}
-        trips, rtt, peers = 0, 0.0, []
-        for peer, (n, total) in sorted(after.items()):
-            n0, t0 = self._before.get(peer, (0, 0.0))
-            if n > n0:
-                peers.append(peer)
-                trips += n - n0
-                rtt += total - t0
-        out = {"ttft_s": round(first - self.t0, 6), "tokens_per_s": round(rate, 3), "tokens": self.tokens,
-               "peers": peers, "mean_layer_rtt_ms": round(1e3 * rtt / trips, 4) if trips else None,
-               "speculative": self.decoding.speculative, "steps": self.decoding.steps,
-               "drafted": self.decoding.drafted, "accepted": self.decoding.accepted}
-        if self.decoding.round_trips is not None:
-            out["round_trips"] = round(self.decoding.round_trips, 3)
-        if self._verify_before is not None and self.served.verify_stats is not None:
-            v0, v1 = self._verify_before, self.served.verify_stats()
-            out["verify"] = {"fraction": v1["fraction"], **{n: v1[n] - v0[n] for n in ("pairs", "rows", "mismatches")},
-                             "bans": v1["banned"][len(v0["banned"]):],
-                             "recomputed_tokens": self.served.generator.recomputed_tokens - self._recomputed_before,
-                             "banned": sorted({b["peer"] for b in v1["banned"]})}
-        warning = self.served.mesh_warning() if self.served.mesh_warning else None
-        if warning:
-            out["warning"] = warning
-        return out
+MAX_ACTIVE = 16  # generations (choices) at once; more are answered 429 at once (each holds a thread and a KV cache)
 
 
 # -- HTTP ----------------------------------------------------------------------------------------------------
@@ -314,11 +167,15 @@ class _Handler(JsonRequestHandler):
         try:
             body = self.json_body()
             served = resolve(self.server.engine, body.get("model"))
-            params = sampling_from(body)
-            chat = path == "/v1/chat/completions"
-            prompt_ids = _prompt_ids(served, body, chat)
-            run = Run(served, prompt_ids, params)
-        except (BadRequestError, GenerationError, TokenizerError) as exc:
+            req = parse(served, body, path == "/v1/chat/completions")
+            if len(req.choices) > self.server.max_active:
+                raise BadRequestError(f"{len(req.choices)} choices (prompts × n) in one request; this node answers "
+                                      f"at most {self.server.max_active} at once", "n")
+            runs = [Run(served, prompt.ids, params) for prompt, params in req.choices]
+        except BadRequestError as exc:
+            self._error(400, str(exc), "invalid_request_error", param=exc.param)
+            return
+        except (GenerationError, TokenizerError) as exc:
             self._error(400, str(exc), "invalid_request_error")
             return
         except UnknownModelError as exc:
@@ -327,50 +184,80 @@ class _Handler(JsonRequestHandler):
         except NotServingError as exc:
             self._error(503, str(exc), "server_error", "not_ready")
             return
-        if not self.server.slots.acquire(blocking=False):
-            self._error(429, f"this node is answering {self.server.max_active} requests already; try again shortly",
-                        "rate_limit_error", "busy", retry_after=RETRY_AFTER_S)
-            return
+        taken = 0  # each choice is a generation: it takes a slot
+        while taken < len(runs) and self.server.slots.acquire(blocking=False):
+            taken += 1
         try:
-            if body.get("stream"):
-                self._stream(run, chat, body)
+            if taken < len(runs):
+                self._error(429, f"this node is answering {self.server.max_active} requests already; try again "
+                            "shortly", "rate_limit_error", "busy", retry_after=RETRY_AFTER_S)
+                return
+            try:
+                echoes = [echo_of(served, p, req.logprobs) for p in req.prompts] if req.echo else []
+            except EkmeshError as exc:
+                self._error(503, f"scoring the prompt failed: {exc}", "server_error", "mesh_unavailable")
+                return
+            if req.stream:
+                self._stream(req, runs, echoes)
             else:
-                self._complete(run, chat, body)
+                self._complete(req, runs, echoes)
         except _ClientGone:
-            log.info("API client left; its generation stopped after %d tokens", run.tokens)
+            log.info("API client left; its generation stopped after %d tokens", sum(r.tokens for r in runs))
         finally:
-            self.server.slots.release()
+            for _ in range(taken):
+                self.server.slots.release()
 
-    def _complete(self, run: Run, chat: bool, body: dict[str, Any]) -> None:
+    def _complete(self, req: Request, runs: list[Run], echoes: list[Echo]) -> None:
+        texts: list[list[str]] = [[] for _ in runs]
+        entries: list[list[Entry]] = [[] for _ in runs]
+        events = run_all(runs)
         try:
-            text = "".join(ev.text for ev in run.events())
+            for i, ev in events:
+                texts[i].append(ev.text)
+                if req.logprobs is not None and runs[i].is_output(ev):
+                    entries[i].append((ev.token_id, ev.logprob, ev.top))
         except EkmeshError as exc:  # e.g. ExpertUnavailableError: an expert with no holder and no source
             self._error(503, f"generation failed: {exc}", "server_error", "mesh_unavailable")
             return
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        choice: dict[str, Any] = {"index": 0, "finish_reason": run.finish, "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        self._send_json(200, {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                              "created": int(time.time()), "model": run.served.model_id, "choices": [choice],
-                              "usage": run.usage(), "ekmesh": _stats(run, body)})
+        finally:
+            events.close()
+        names = TokenTexts(runs[0].served.tokenizer)
+        choices = []
+        for i, run in enumerate(runs):
+            text = "".join(texts[i])
+            choice: dict[str, Any] = {"index": i, "finish_reason": run.finish, "logprobs": None}
+            if req.chat:
+                choice["message"] = {"role": "assistant", "content": text}
+                if req.logprobs is not None:
+                    choice["logprobs"] = chat_logprobs(names, entries[i])
+            else:
+                echo = echoes[i // req.n] if req.echo else Echo("", [])
+                choice["text"] = echo.text + text
+                if req.logprobs is not None:
+                    choice["logprobs"] = CompletionLogprobs(names).block(echo.entries + entries[i])
+            if req.token_ids and len(runs) > 1:
+                choice["token_ids"] = list(run.token_ids)
+            choices.append(choice)
+        self._send_json(200, {"id": ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex,
+                              "object": "chat.completion" if req.chat else "text_completion",
+                              "created": int(time.time()), "model": runs[0].served.model_id, "choices": choices,
+                              "usage": usage_of(req, runs), "ekmesh": stats_of(runs, req)})
 
-    def _stream(self, run: Run, chat: bool, body: dict[str, Any]) -> None:
-        opts = body.get("stream_options")
-        usage_chunk = isinstance(opts, dict) and bool(opts.get("include_usage"))
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": run.served.model_id}
+    def _stream(self, req: Request, runs: list[Run], echoes: list[Echo]) -> None:
+        chat = req.chat
+        base = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+                "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+                "model": runs[0].served.model_id}
+        names = TokenTexts(runs[0].served.tokenizer)
+        offsets = [CompletionLogprobs(names) for _ in runs]  # text_offset goes on from chunk to chunk
 
-        want_ids = body.get("return_token_ids") is True
-
-        def chunk(text: str | None, finish: str | None, first: bool = False,
-                  token: int | None = None) -> dict[str, Any]:
-            c: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-            if want_ids and token is not None:
+        def chunk(i: int, text: str | None, finish: str | None, first: bool = False, token: int | None = None,
+                  logprobs: list[Entry] | None = None) -> dict[str, Any]:
+            c: dict[str, Any] = {"index": i, "finish_reason": finish, "logprobs": None}
+            if req.token_ids and token is not None:
                 c["token_ids"] = [token]
+            if logprobs:
+                c["logprobs"] = chat_logprobs(names, logprobs) if chat else offsets[i].block(logprobs)
             if chat:
                 delta: dict[str, Any] = {"role": "assistant"} if first else {}
                 if text is not None:
@@ -381,58 +268,44 @@ class _Handler(JsonRequestHandler):
             return {**base, "choices": [c]}
 
         self._sse_start()
-        if chat:
-            self._sse(chunk("", None, first=True))
+        for i in range(len(runs)):
+            if chat:
+                self._sse(chunk(i, "", None, first=True))
+            elif req.echo:
+                echo = echoes[i // req.n]
+                self._sse(chunk(i, echo.text, None, logprobs=echo.entries))
+        done = [False] * len(runs)
+        last: dict[str, Any] | None = None  # the very last choice's last chunk: it carries the ekmesh block
         try:
-            events = run.events()
+            events = run_all(runs)
             try:
-                for ev in events:
+                for i, ev in events:
+                    out = runs[i].is_output(ev)
+                    scored: list[Entry] | None = [(ev.token_id, ev.logprob, ev.top)] \
+                        if req.logprobs is not None and out else None
                     if ev.finish:
-                        last = chunk(ev.text, ev.finish, token=ev.token_id if run.counted else None)
-                        break
-                    if ev.text or want_ids:
-                        self._sse(chunk(ev.text, None, token=ev.token_id))
-                else:
-                    last = chunk("", run.finish)
+                        done[i] = True
+                        c = chunk(i, ev.text, ev.finish, token=ev.token_id if out else None, logprobs=scored)
+                        if all(done):
+                            last = c
+                        else:
+                            self._sse(c)
+                    elif ev.text or req.token_ids or scored:
+                        self._sse(chunk(i, ev.text, None, token=ev.token_id, logprobs=scored))
             finally:
-                events.close()  # a client that left ends its generation here
+                events.close()  # a client that left ends its generations here
         except EkmeshError as exc:
             self._sse({"error": {"message": f"generation failed: {exc}", "type": "server_error",
                                  "code": "mesh_unavailable"}})
             return
-        if not usage_chunk:
-            last["ekmesh"] = _stats(run, body)
+        ends = [chunk(i, "", run.finish) for i, run in enumerate(runs) if not done[i]]  # (runs that made no token)
+        for c in ends[:-1]:
+            self._sse(c)
+        if last is None:
+            last = ends[-1]
+        if not req.include_usage:
+            last["ekmesh"] = stats_of(runs, req)
         self._sse(last)
-        if usage_chunk:
-            self._sse({**base, "choices": [], "usage": run.usage(), "ekmesh": _stats(run, body)})
+        if req.include_usage:
+            self._sse({**base, "choices": [], "usage": usage_of(req, runs), "ekmesh": stats_of(runs, req)})
         self._sse("[DONE]")
-
-
-def _prompt_ids(served: ServedModel, body: dict[str, Any], chat: bool) -> list[int]:
-    tok = served.tokenizer
-    if chat:
-        if tok is None:
-            raise BadRequestError(f"model {served.model_id} has no tokenizer: use /v1/completions with a prompt of "
-                                  "token ids")
-        return tok.encode_chat(chat_messages(body), add_generation_prompt=True)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, list):
-        if not prompt or len(prompt) > served.context or \
-                not all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
-            raise BadRequestError(f"'prompt' as token ids must be a non-empty list of at most {served.context} "
-                                  "integers")
-        return list(prompt)
-    if not isinstance(prompt, str) or not prompt:
-        raise BadRequestError("'prompt' must be a non-empty string or a list of token ids")
-    if tok is None:
-        raise BadRequestError(f"model {served.model_id} has no tokenizer: give the prompt as token ids")
-    return tok.encode(prompt, add_special_tokens=True)
-
-
-def _stats(run: Run, body: dict[str, Any]) -> dict[str, Any]:
-    stats = run.stats()
-    if body.get("return_token_ids") is True:
-        stats["token_ids"] = list(run.token_ids)
-    return stats

@@ -31,7 +31,8 @@ class Answer:
         assert self.status == status, (self.status, self.body[:300])
         assert self.headers.get("content-type") == "application/json", (self.headers, self.body[:300])
         err = self.json()["error"]
-        assert set(err) == {"message", "type", "code"} and isinstance(err["message"], str) and err["message"], err
+        assert set(err) - {"param"} == {"message", "type", "code"} and isinstance(err["message"], str) and \
+            err["message"], err  # (``param``: the request field at fault, when one is)
         assert err["type"] == ("invalid_request_error" if status < 500 and status != 429 else
                                "rate_limit_error" if status == 429 else "server_error"), err
         return dict(err)
