@@ -206,7 +206,8 @@ class RemoteExperts:
             wave = {p for p in groups if p != LOCAL}
             plan = None if vf is None else vf.plan(
                 groups, t * k, k, exp, hidden.shape[1] * hidden.element_size(),
-                functools.partial(self._verifier_of, layer, excluded=excluded, wave=wave))
+                functools.partial(self._verifier_of, layer, excluded=excluded, wave=wave),
+                None if vf.reference is None else functools.partial(vf.reference.can_check, layer))
             failed: list[np.ndarray] = []
             sent: list[_Sent] = []
             for peer in sorted({p for p in groups if p != LOCAL} | (set(plan.extra) if plan else set())):

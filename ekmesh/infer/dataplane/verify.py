@@ -7,7 +7,9 @@ What is checked. A peer answers one vector per token: the sum over that token's 
 whole. Each pair of a checked row is recomputed by a verifier: another live replica of its expert, which gets the
 pair as an extra row of its frame in the same wave (weight 1, one pair per row: no extra round trip when it was sent
 a frame anyway), else this host itself from the expert's blob (``Reference``: a bounded cache of experts kept apart
-from the routing's local experts, so verifying never changes where pairs go). The row's weighted sum of the
+from the routing's local experts, so verifying never changes where pairs go; experts it does not hold are fetched
+within a budget, ``FETCH_BURST`` at once and ``FETCHES_PER_S`` after, and a sampled row that would need more stays
+unchecked: with R = 1 and large experts, checking would otherwise keep downloading blobs). The row's weighted sum of the
 verifier's outputs is compared with the peer's answer.
 
 Tolerance. Let ``v_j`` be the verifier's output of pair j of a row, ``w_j`` its routing weight, and
@@ -59,8 +61,9 @@ difference and bound, for ``ekmesh status --json`` and the API's ``ekmesh`` bloc
 Probation. Until ``PROBATION_ROWS`` (32) of a peer's rows have been checked and agreed, at least
 ``PROBATION_PER_WAVE`` (2) rows of every wave it answers are checked, whatever f (f = 0 turns checking off
 altogether). A peer that is wrong from the start (a broken kernel, corrupted memory, a liar) is caught in the
-first wave it answers a wrong row in, and since that wave's pairs are redone without it, none of its wrong results is
-ever used: answers stay exact. Its cost is bounded: 32 rows per peer over the process's life.
+first wave it answers a wrong row in (when a replica checks, or this host may fetch the experts to: see the fetch
+budget above), and since that wave's pairs are redone without it, none of its wrong results is ever used: answers
+stay exact. Its cost is bounded: 32 rows per peer over the process's life.
 
 Not guaranteed: a peer that answers honestly through probation and lies later is caught at rate f; pairs that were
 not sampled before it was caught (earlier layers, earlier tokens) may have been wrong. The generator then builds its
@@ -173,18 +176,25 @@ class Outcome:
     unsettled: set[str] = field(default_factory=set)
 
 
+FETCHES_PER_S = 1.0  # experts a host may fetch per second to check rows no replica can (sustained), in bursts of
+FETCH_BURST = 8.0  # ... this many: with R = 1 and large experts, checks would otherwise fetch blobs without end
+
+
 class Reference:
     """This host's own computation of experts for verification: weights from ``weights(layer, expert)`` (the node
     fetches the blob), held on ``device`` in ``dtype``, at most ``max_experts`` at once (least recently used
     dropped). Separate from the routing's ``LocalExperts``, so verifying never makes this host a holder."""
 
     def __init__(self, spec: ExpertSpec, device: torch.device, dtype: torch.dtype,
-                 weights: Callable[[int, int], ExpertWeights], max_experts: int = 64) -> None:
+                 weights: Callable[[int, int], ExpertWeights], max_experts: int = 64,
+                 fetches_per_s: float = FETCHES_PER_S) -> None:
         if max_experts < 1:
             raise ConfigError(f"a verification reference must hold at least one expert, got {max_experts}")
         self.backend = LocalExperts(spec, device, dtype)
         self.weights = weights
         self.max_experts = max_experts
+        self.fetches_per_s = fetches_per_s
+        self._tokens, self._refilled = FETCH_BURST, time.monotonic()  # the fetch budget's bucket
         self.quantized = False
         self._lru: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._lock = threading.Lock()
@@ -192,6 +202,20 @@ class Reference:
     @property
     def eps(self) -> float:
         return local_eps(self.backend.dtype, self.quantized)
+
+    def can_check(self, layer: int, expert: int) -> bool:
+        """Whether a sampled row may be recomputed here with this expert now: it is held, or the fetch budget
+        (``fetches_per_s``, bursts of ``FETCH_BURST``) allows bringing it (and this takes one from the budget)."""
+        with self._lock:
+            if (layer, expert) in self._lru:
+                return True
+            now = time.monotonic()
+            self._tokens = min(FETCH_BURST, self._tokens + (now - self._refilled) * self.fetches_per_s)
+            self._refilled = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
 
     def __call__(self, layer: int, x: torch.Tensor, experts: np.ndarray) -> torch.Tensor:
         """x [V, D] (one pair per row), experts [V] -> [V, D] fp32: expert(x) per row, unweighted. Raises what
@@ -247,9 +271,12 @@ class Verifier:
     # -- sampling ---------------------------------------------------------------------------------------------------
 
     def plan(self, groups: dict[str, np.ndarray | None], n_pairs: int, k: int, exp: np.ndarray, row_bytes: int,
-             verifier_of: Callable[[int, str], str | None]) -> Plan | None:
+             verifier_of: Callable[[int, str], str | None],
+             local_ok: Callable[[int], bool] | None = None) -> Plan | None:
         """The checks of one wave over ``groups`` ({holder: its pair indices, None: all ``n_pairs``}; ``LOCAL`` is
-        skipped): None when nothing is sampled. ``verifier_of(expert, peer)``: another live replica, or None."""
+        skipped): None when nothing is sampled. ``verifier_of(expert, peer)``: another live replica, or None.
+        ``local_ok(expert)``: whether this host may recompute that expert now (``Reference.can_check``); a sampled
+        row that would need one it may not is left unchecked (counted in ``unchecked``)."""
         if self.fraction <= 0.0:
             return None
         pairs_l: list[np.ndarray] = []
@@ -274,11 +301,29 @@ class Verifier:
         if not pairs_l:
             return None
         pairs = np.concatenate(pairs_l)
+        chosen = [verifier_of(int(exp[pair]), peer) for pair, peer in zip(pairs.tolist(), owner, strict=True)]
+        if local_ok is not None:
+            ok: dict[int, bool] = {}
+            skipped: set[tuple[str, int]] = set()  # (peer, token): rows this host cannot recompute now
+            for pair, peer, q in zip(pairs.tolist(), owner, chosen, strict=True):
+                if q is None:
+                    e = int(exp[pair])
+                    if e not in ok:
+                        ok[e] = local_ok(e)
+                    if not ok[e]:
+                        skipped.add((peer, pair // k))
+            if skipped:
+                with self._lock:
+                    self.unchecked += len(skipped)
+                keep = [i for i, (pair, peer) in enumerate(zip(pairs.tolist(), owner, strict=True))
+                        if (peer, pair // k) not in skipped]
+                if not keep:
+                    return None
+                pairs, owner, chosen = pairs[keep], [owner[i] for i in keep], [chosen[i] for i in keep]
         by: list[str] = []
         extra: dict[str, list[int]] = {}
         room: dict[str, int] = {}
-        for i, (pair, peer) in enumerate(zip(pairs.tolist(), owner, strict=True)):
-            q = verifier_of(int(exp[pair]), peer)
+        for i, q in enumerate(chosen):
             if q is not None and room.setdefault(q, self.max_extra_bytes) >= row_bytes:
                 room[q] -= row_bytes
                 extra.setdefault(q, []).append(i)

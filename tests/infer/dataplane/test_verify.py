@@ -33,6 +33,7 @@ from ekmesh.infer.dataplane.peerstats import RemoteTimeouts
 from ekmesh.infer.dataplane.remote import RemoteExperts
 from ekmesh.infer.dataplane.server import ExpertServer
 from ekmesh.infer.dataplane.verify import (
+    FETCH_BURST,
     LOCAL,
     PROBATION_PER_WAVE,
     PROBATION_ROWS,
@@ -500,3 +501,25 @@ def test_on_cuda_mixed_devices_and_dtypes(tiny: Path, monkeypatch: pytest.Monkey
                 assert fmt is not None or diff < 0.1
         finally:
             servers.close()
+
+
+@pytest.mark.timeout(60)
+def test_local_checks_fetch_within_a_budget(tiny: Path) -> None:
+    """With no replica to check a row (R = 1), this host fetches the expert: at most ``FETCH_BURST`` at once, then
+    ``fetches_per_s``; rows that would need a fetch beyond it stay unchecked (counted) instead of fetching blobs
+    without end; experts already held are always checked."""
+    ckpt = Checkpoint.open(tiny)
+    weights = _Weights(ckpt)
+    ref = Reference(ckpt.config.expert_spec(), torch.device("cpu"), torch.float32, weights, fetches_per_s=0.0)
+    layer = next(i for i, m in enumerate(ckpt.config.moe_layers) if m)
+    budget = int(FETCH_BURST)
+    e = ckpt.config.num_experts
+    allowed = [ref.can_check(layer, x % e) if x < e else ref.can_check(layer + 1, x % e) for x in range(budget + 3)]
+    assert allowed == [True] * budget + [False] * 3
+    ref(layer, torch.randn(1, ckpt.config.hidden_size), np.array([0]))  # fetched: held from now on
+    assert ref.can_check(layer, 0) and not ref.can_check(layer, 1)
+    # a plan whose rows need experts this host may not fetch: nothing planned, the rows counted unchecked
+    v = Verifier(1.0, ref)
+    k, exp = 1, np.array([1, 2, 0])
+    p = v.plan({"a": None}, 3, k, exp, 64, _no_replica, lambda x: ref.can_check(layer, x))
+    assert p is not None and p.pairs.tolist() == [2] and v.unchecked == 2
