@@ -167,21 +167,26 @@ def _three_nodes_equal_one_process(arch: str, tmp_path: Path, model_id: str,
         assert out["ekmesh"]["token_ids"] == expected, arch
         assert set(out["ekmesh"]["peers"]) == holders
         assert out["ekmesh"]["steps"] == 23 and out["ekmesh"]["drafted"] == 0 and out["ekmesh"]["round_trips"] > 0
-        # drafted by prompt lookup (the node's default) on a prompt that repeats itself: the same tokens, and every
-        # target step gives its accepted drafts and the token after them
-        rep = prompt + prompt[:8]
-        spec = post(mesh.api(host) + "/completions", {"prompt": rep, "max_tokens": 24, "temperature": 0,
-                                                      "ignore_eos": True, "return_token_ids": True,
-                                                      "speculative": "ngram"})["ekmesh"]
-        assert spec["token_ids"] == reference(rep, 24), arch
-        assert spec["speculative"] == "ngram" and spec["drafted"] > 0 and 23 <= spec["steps"] + spec["accepted"] <= 24
-        print(f"{arch}: ngram drafts {spec['accepted']}/{spec['drafted']} accepted, {spec['steps']} steps, "
-              f"{spec['round_trips']} round trips per MoE layer for 24 tokens")
-        if draft:  # the draft model (the host's default mode once one is loaded): same tokens
-            by_draft = post(mesh.api(host) + "/completions", {"prompt": prompt, "max_tokens": 24, "temperature": 0,
-                                                              "ignore_eos": True, "return_token_ids": True})["ekmesh"]
-            assert by_draft["token_ids"] == expected and by_draft["speculative"] == "draft", arch
-            assert by_draft["drafted"] > 0 and 23 <= by_draft["steps"] + by_draft["accepted"] <= 24
+        # drafted by prompt lookup on a prompt that repeats itself: the same tokens, and every target step gives its
+        # accepted drafts and the token after them. (Float experts only: a quantized kernel's several-row path rounds
+        # otherwise than its one-row path, and q8/q4 read bf16 activations, which a step over several tokens can round
+        # to another value, so a near-tie may go the other way: README's limits say so.)
+        if m.experts_format_name() not in ("q8", "q4", "fp8", "mxfp4"):
+            rep = prompt + prompt[:8]
+            spec = post(mesh.api(host) + "/completions", {"prompt": rep, "max_tokens": 24, "temperature": 0,
+                                                          "ignore_eos": True, "return_token_ids": True,
+                                                          "speculative": "ngram"})["ekmesh"]
+            assert spec["token_ids"] == reference(rep, 24), arch
+            assert spec["speculative"] == "ngram" and spec["drafted"] > 0
+            assert 23 <= spec["steps"] + spec["accepted"] <= 24
+            print(f"{arch}: ngram drafts {spec['accepted']}/{spec['drafted']} accepted, {spec['steps']} steps, "
+                  f"{spec['round_trips']} round trips per MoE layer for 24 tokens")
+            if draft:  # the draft model (the host's default mode once one is loaded): same tokens
+                body = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+                        "return_token_ids": True}
+                by_draft = post(mesh.api(host) + "/completions", body)["ekmesh"]
+                assert by_draft["token_ids"] == expected and by_draft["speculative"] == "draft", arch
+                assert by_draft["drafted"] > 0 and 23 <= by_draft["steps"] + by_draft["accepted"] <= 24
         # (on a loaded machine an answer may miss its deadline; with R = 1 the host then computes that expert
         # itself from its blob, which keeps the answer exact, so local experts after the run are not an error)
         after = mesh.nodes[host].status()["serving"]
