@@ -31,13 +31,6 @@ def server(builtin_engine: local.LocalEngine) -> Iterator[api.ApiServer]:
         srv.stop()
 
 
-@pytest.fixture(scope="module")
-def client(server: api.ApiServer) -> Any:
-    import openai
-
-    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
-
-
 def _post(srv: api.ApiServer, path: str, body: dict[str, Any]) -> tuple[int, Any]:
     host, port = srv.server_address[:2]
     c = http.client.HTTPConnection(str(host), int(port), timeout=120)
