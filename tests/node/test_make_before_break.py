@@ -50,6 +50,10 @@ def _settled(snap: dict[str, Any], model: str, peers: int) -> bool:
         p["assigned"].get(model, 0) == (p["models"].get(model) or 0) for p in live)
 
 
+def _round_trips(snap: dict[str, Any], peer: str) -> int:
+    return int(snap["serving"]["peers"].get(peer, {}).get("round_trips", 0))
+
+
 def _seq(snap: dict[str, Any], peer: str) -> int:
     return int(next(p["seq"] for p in snap["peers"] if p["peer_id"] == peer))
 
@@ -120,6 +124,10 @@ def test_experts_move_to_a_new_holder_without_a_gap_and_answers_stay_exact(tmp_p
                 filler.unlink()  # space returns: B fetches and loads its share, then A gives it up
                 wait_until(lambda: _settled(polls[-1], model_id, 3), 60,
                            "the experts moved and every peer holds what the placement assigns it", interval=0.1)
+                # an answer that finished after the move may have started before it (on A alone): wait until the
+                # host has sent B a frame, then for one more answer
+                wait_until(lambda: bool(errors) or _round_trips(host.status(), b.peer_id) > 0, 30,
+                           "the host sending a frame to B after the move")
                 done = len(answers)
                 wait_until(lambda: len(answers) > done or bool(errors), 30, "one more answer after the move")
             finally:
@@ -142,5 +150,5 @@ def test_experts_move_to_a_new_holder_without_a_gap_and_answers_stay_exact(tmp_p
 
         # every answer, during the move too, equals one process; the host used both holders
         assert len(answers) >= 2 and all(got == expected[k] for k, got in answers), answers
-        used = host.status()["serving"]["peers"]
-        assert used[a.peer_id]["round_trips"] > 0 and used[b.peer_id]["round_trips"] > 0, used
+        used = host.status()
+        assert _round_trips(used, a.peer_id) > 0 and _round_trips(used, b.peer_id) > 0, used["serving"]["peers"]
