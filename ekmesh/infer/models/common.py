@@ -314,6 +314,22 @@ class Attention(nn.Module):
             self.sinks = nn.Parameter(torch.zeros(s.num_heads))
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        return self.o_proj(self._attend(*self._project(x, *step.rope["main"]), step))
+
+    def forward_many(self, x: torch.Tensor, lens: Sequence[int], steps: Sequence[Step]) -> torch.Tensor:
+        """x [1, sum T_i, D]: the new tokens of several sequences, each step over its own cache -> [1, sum T_i, D].
+
+        Projections, norms and RoPE are per token, so they run once over every sequence's tokens (each weight read
+        once per batch step, not once per sequence); only the cache write and attention itself run per sequence."""
+        cos = torch.cat([st.rope["main"][0] for st in steps])  # [sum T_i, dim]
+        sin = torch.cat([st.rope["main"][1] for st in steps])
+        q, k, v = self._project(x, cos, sin)  # [1, H(kv), sum T_i, d]
+        parts = zip(q.split(lens, 2), k.split(lens, 2), v.split(lens, 2), steps, strict=True)
+        return self.o_proj(torch.cat([self._attend(*qkv, st) for *qkv, st in parts], dim=1))
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q [B, H, T, d], k and v [B, Hkv, T, d], normed and rotated as the spec says."""
         s = self.spec
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*d], [B, T, Hkv*d] x2
@@ -327,12 +343,13 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, d], [B, Hkv, T, d]
         v = v.view(b, t, -1, s.head_dim).transpose(1, 2)  # [B, Hkv, T, d]
-        cos, sin = step.rope["main"]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        """This step's q, k, v (as ``_project`` gives them) over the step's cache -> [B, T, H*d]."""
         k, v = step.cache.update(self.layer, k, v)  # [B, Hkv, S, d]
         mask = step.mask(k.shape[2], self.window)
-        out = attend(q, k, v, mask, s.head_dim ** -0.5, self.sinks if s.sinks else None)  # [B, T, H*d]
-        return self.o_proj(out)
+        return attend(q, k, v, mask, self.spec.head_dim ** -0.5, self.sinks if self.spec.sinks else None)
 
 
 class DenseMLP(nn.Module):
@@ -472,22 +489,24 @@ class CausalLM(nn.Module):
         together: one experts call per MoE layer for the whole batch (one frame per peer on a mesh). Each sequence
         gets the logits it would get alone, up to the rounding of differently sized matmuls."""
         started = [self._begin(ids, cache, experts, None) for ids, cache in inputs]
-        xs = [x for x, _ in started]  # [1, T_i, D] each
-        lens = [x.shape[1] for x in xs]
-        mlp_step = started[0][1]  # (the MLP part uses only the experts backend)
+        steps = [step for _, step in started]
+        lens = [x.shape[1] for x, _ in started]
+        x = torch.cat([x for x, _ in started], dim=1)  # [1, sum T_i, D]
         for layer in self.model.layers:
             assert isinstance(layer, DecoderLayer)
-            hs = [x + layer.self_attn(layer.input_layernorm(x), step) for x, (_, step) in zip(xs, started, strict=True)]
-            both = torch.cat(hs, dim=1)  # [1, sum T_i, D]
-            ys = torch.split(layer.mlp(layer.post_attention_layernorm(both), mlp_step), lens, dim=1)
-            xs = [h + y for h, y in zip(hs, ys, strict=True)]
-        out = []
-        for i, (x, (_, cache)) in enumerate(zip(xs, inputs, strict=True)):
-            cache.length += lens[i]
-            if last_only is not None and last_only[i]:
-                x = x[:, -1:]
-            out.append(self.lm_head(self.model.norm(x))[0])  # [T_i or 1, V]
-        return out
+            h = layer.input_layernorm(x)
+            if isinstance(layer.self_attn, Attention):
+                x = x + layer.self_attn.forward_many(h, lens, steps)
+            else:  # an attention without a batched form (MLA): one call per sequence
+                x = x + torch.cat([layer.self_attn(hi, st) for hi, st in zip(h.split(lens, 1), steps, strict=True)],
+                                  dim=1)
+            x = x + layer.mlp(layer.post_attention_layernorm(x), steps[0])  # (the MLP uses only the experts backend)
+        for (_, cache), n in zip(inputs, lens, strict=True):
+            cache.length += n
+        xs = list(x.split(lens, dim=1))  # [1, T_i, D] each
+        keep = [x[:, -1:] if last_only is not None and last_only[i] else x for i, x in enumerate(xs)]
+        logits = self.lm_head(self.model.norm(torch.cat(keep, dim=1)))[0]  # [sum kept, V]
+        return list(logits.split([k.shape[1] for k in keep]))
 
     def expert_spec(self) -> ExpertSpec:
         return self.config.expert_spec()
