@@ -4,7 +4,9 @@ Each conversation decodes on its own thread (an API request's) with its own cach
 when it needs a target step it hands (input ids, cache) to the ``StepBatcher`` and waits. Whoever finds no batch
 running becomes the leader: it takes every step waiting (up to ``max_batch``) and runs them as one
 ``CausalLM.forward_many``, so every MoE layer makes one experts call, one frame per peer on a mesh, for all of
-them; steps that arrive meanwhile wait for the next batch, whose leader is one of them. A conversation alone runs
+them; steps that arrive meanwhile wait for the next batch, whose leader is one of them. Before it runs, a leader
+waits up to ``GATHER_S`` for the steps of the other conversations decoding now (they are sampling and sending the
+tokens of the last batch), so a batch holds all of them rather than whoever came first. A conversation alone runs
 its step at once through the plain forward (nothing waits for company), so batching costs nothing when there is
 none and grows with the load.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +29,9 @@ from ekmesh.infer.experts import ExpertsBackend
 from ekmesh.infer.models.common import CausalLM, KVCache
 
 MAX_BATCH = 32  # conversations per forward
+# How long a leader waits for the other active conversations' steps: they arrive within a few hundred microseconds of
+# Python each after a batch; a conversation still in its prefill (or whose client reads slowly) costs at most this.
+GATHER_S = 0.003
 
 
 @dataclass
@@ -45,8 +51,9 @@ class StepBatcher:
     made by the calling thread so far (None: no mesh)."""
 
     def __init__(self, model: CausalLM, experts: ExpertsBackend | None, rounds: Callable[[], int] | None = None,
-                 max_batch: int = MAX_BATCH) -> None:
+                 max_batch: int = MAX_BATCH, gather_s: float = GATHER_S) -> None:
         self.model, self.experts, self.rounds, self.max_batch = model, experts, rounds, max_batch
+        self.gather_s = gather_s
         self._cond = threading.Condition()
         self._queue: list[_Step] = []
         self._busy = False
@@ -60,6 +67,7 @@ class StepBatcher:
     def left(self) -> None:
         with self._cond:
             self.active -= 1
+            self._cond.notify_all()  # (a leader waiting for this conversation's step)
 
     def step(self, ids: torch.Tensor, cache: KVCache, last_only: bool) -> tuple[torch.Tensor, int, int]:
         """Blocking: the logits [T or 1, V] of ``ids`` [1, T] continuing ``cache``, the data-plane rounds its batch
@@ -67,6 +75,7 @@ class StepBatcher:
         me = _Step(ids, cache, last_only)
         with self._cond:
             self._queue.append(me)
+            self._cond.notify_all()  # (a leader gathering its batch)
         while True:
             with self._cond:
                 while self._busy and not me.done:
@@ -74,6 +83,12 @@ class StepBatcher:
                 if me.done:
                     break
                 self._busy = True
+                deadline = time.monotonic() + self.gather_s
+                while len(self._queue) < min(self.active, self.max_batch):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
             try:
                 self._run(batch)
