@@ -135,6 +135,8 @@ class KVCache:
     Static (``max_len`` set): buffers have ``max_len`` slots from the start, writes go to the step's positions
     (a device tensor, so a decode step can be captured in a CUDA graph) and attention sees every slot with a
     causal mask hiding the ones not yet written.
+    A family may cache one tensor per layer instead of a key and a value (``update_single``; DeepSeek's MLA keeps
+    its latent and rotary key there); ``truncate`` and both modes work the same for it.
     """
 
     def __init__(self, num_layers: int, max_len: int | None = None) -> None:
@@ -150,31 +152,33 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores k [B, Hkv, T, dk], v [B, Hkv, T, dv] for this step; returns keys/values [B, Hkv, S, d*]."""
+        return self._store(self.k, layer, k), self._store(self.v, layer, v)
+
+    def update_single(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Stores x [B, h, T, d], a layer's only cached tensor, for this step; returns [B, h, S, d]."""
+        return self._store(self.k, layer, x)
+
+    def _store(self, buffers: list[torch.Tensor | None], layer: int, x: torch.Tensor) -> torch.Tensor:
+        buf = buffers[layer]
         if self.max_len is not None:
-            kb, vb = self.k[layer], self.v[layer]
-            if kb is None or vb is None or kb.shape[0] != k.shape[0]:
-                kb = k.new_zeros(k.shape[0], k.shape[1], self.max_len, k.shape[3])
-                vb = v.new_zeros(v.shape[0], v.shape[1], self.max_len, v.shape[3])
-                self.k[layer], self.v[layer] = kb, vb
+            if buf is None or buf.shape[0] != x.shape[0]:
+                buf = buffers[layer] = x.new_zeros(x.shape[0], x.shape[1], self.max_len, x.shape[3])
             assert self.positions is not None
-            kb.index_copy_(2, self.positions, k)
-            vb.index_copy_(2, self.positions, v)
-            return kb, vb
-        start, t = self.length, k.shape[2]
-        end = start + t
-        kb, vb = self.k[layer], self.v[layer]
-        if kb is None or vb is None or kb.shape[2] < end or kb.shape[0] != k.shape[0]:
-            cap = max(end, 2 * (kb.shape[2] if kb is not None else 0), 16)
-            nk = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
-            nv = v.new_zeros(v.shape[0], v.shape[1], cap, v.shape[3])
-            if kb is not None and vb is not None and kb.shape[0] == k.shape[0]:
-                nk[:, :, :start] = kb[:, :, :start]
-                nv[:, :, :start] = vb[:, :, :start]
-            kb, vb = nk, nv
-            self.k[layer], self.v[layer] = kb, vb
-        kb[:, :, start:end] = k
-        vb[:, :, start:end] = v
-        return kb[:, :, :end], vb[:, :, :end]
+            buf.index_copy_(2, self.positions, x)
+            return buf
+        start, end = self.length, self.length + x.shape[2]
+        if buf is None or buf.shape[2] < end or buf.shape[0] != x.shape[0]:
+            cap = max(end, 2 * (buf.shape[2] if buf is not None else 0), 16)
+            grown = x.new_zeros(x.shape[0], x.shape[1], cap, x.shape[3])
+            if buf is not None and buf.shape[0] == x.shape[0]:
+                grown[:, :, :start] = buf[:, :, :start]
+            buf = buffers[layer] = grown
+        buf[:, :, start:end] = x
+        return buf[:, :, :end]
+
+    def bytes_per_token(self) -> int:
+        """Bytes one position of one sequence takes in this cache, over every layer (what context costs)."""
+        return sum(t.shape[1] * t.shape[3] * t.element_size() for t in (*self.k, *self.v) if t is not None)
 
     def truncate(self, length: int) -> None:
         """Forgets every position at or after ``length`` (e.g. rejected speculative tokens)."""
@@ -325,7 +329,7 @@ class Attention(nn.Module):
         sin = torch.cat([st.rope["main"][1] for st in steps])
         q, k, v = self._project(x, cos, sin)  # [1, H(kv), sum T_i, d]
         parts = zip(q.split(lens, 2), k.split(lens, 2), v.split(lens, 2), steps, strict=True)
-        return self.o_proj(torch.cat([self._attend(*qkv, st) for *qkv, st in parts], dim=1))
+        return self.o_proj(torch.cat([self._attend(qi, ki, vi, st) for qi, ki, vi, st in parts], dim=1))
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
