@@ -27,11 +27,23 @@ MXFP4, as a checkpoint in those formats holds them and ekmesh keeps them in memo
 through its CUDA graph on a GPU) with its float experts and with the same experts quantized, ms per token and the
 experts' bytes in memory, in one run; greedy tokens are reported, not required to match (quantization changes
 them). ``--layers`` keeps a 30B-class shape within one GPU's memory next to its quantized copies.
+
+``--context N [N ...]`` (DeepSeek shapes: ``deepseek-v3``, DeepSeek-V3's config with 4 layers, 3 dense and 1 MoE;
+``deepseek-small`` for a CPU smoke run) measures MLA's KV cache: for the latent cache (the default) and the expanded
+per-head keys and values, KV bytes per cached token (read from the cache), then at each context N the cache filled
+to N tokens (a prefill in ``--chunk``-token forwards, timed) and ``--tokens`` decode steps after it (through the
+CUDA graph on a GPU, eager elsewhere; the minimum over ``--repeats``, the cache cut back to N between them): ms per
+token and tokens/s. Random weights; no transformers side. ``--absorb always|never`` forces the latent cache's
+attention path (default: chosen per forward by cost) to compare prefill both ways.
+
+    python benchmarks/local_decode.py --shape deepseek-v3 --context 4096 32768 --device cuda
+    python benchmarks/local_decode.py --shape deepseek-small --context 64 256 --tokens 4    # CPU smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -40,10 +52,13 @@ import time
 
 import torch
 
+from ekmesh.infer.cuda_graph import GraphDecoder
 from ekmesh.infer.expert import ExpertSpec, ExpertWeights, expert_forward
 from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.generate import Generator, SamplingParams, pick_device, pick_dtype
-from ekmesh.infer.models import qwen3_moe
+from ekmesh.infer.models import deepseek, qwen3_moe
+from ekmesh.infer.models.cache import KVCache
+from ekmesh.infer.models.common import CausalLM
 from ekmesh.infer.qtensor import QuantizedTensor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -59,6 +74,28 @@ SHAPES = {
                   num_attention_heads=8, num_key_value_heads=2, head_dim=64, moe_intermediate_size=256,
                   num_experts=32, num_experts_per_tok=4, norm_topk_prob=True, rms_norm_eps=1e-6,
                   max_position_embeddings=4096),
+}
+
+
+# DeepSeek shapes for --context (config.json fields; deepseek.Config reads them)
+DEEPSEEK_SHAPES = {
+    # deepseek-ai/DeepSeek-V3's config.json, 4 of its 61 layers (its first 3 are dense, then 1 MoE layer)
+    "deepseek-v3": dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=129280,
+                        hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=4,
+                        first_k_dense_replace=3, num_attention_heads=128, num_key_value_heads=128,
+                        n_shared_experts=1, n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4,
+                        routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=1536, kv_lora_rank=512,
+                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, rms_norm_eps=1e-6,
+                        max_position_embeddings=163840, rope_theta=10000.0,
+                        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096,
+                                          beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)),
+    "deepseek-small": dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=4096,
+                           hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=3,
+                           first_k_dense_replace=1, num_attention_heads=8, num_key_value_heads=8,
+                           n_shared_experts=1, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                           routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=96, kv_lora_rank=64,
+                           qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, rms_norm_eps=1e-6,
+                           max_position_embeddings=65536, rope_theta=10000.0),
 }
 
 
@@ -95,6 +132,99 @@ def build_pair(shape: dict, device: torch.device, dtype: torch.dtype, seed: int)
         pre = f"model.layers.{layer}.mlp.experts"
         experts.set_layer(layer, every, sd[f"{pre}.gate_up_proj"], sd[f"{pre}.down_proj"])
     return hf, ours, experts
+
+
+def build_deepseek(shape: dict, device: torch.device, dtype: torch.dtype, seed: int, absorb: str = "auto"
+                   ) -> tuple[dict[str, CausalLM], LocalExperts]:
+    """ekmesh's DeepSeek model with random weights, once per MLA cache kind ("latent", "expanded") sharing the same
+    tensors, and every routed expert in one backend. ``absorb``: how the latent one computes attention."""
+    cfg = deepseek.Config.from_hf_config(shape)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        proto = deepseek.build(cfg)
+    state = {}
+    for name, p in proto.named_parameters():
+        keep32 = any(name.endswith(s) for s in deepseek.KEEP_FP32)
+        t = torch.empty(p.shape, device=device, dtype=torch.float32 if keep32 else dtype)
+        if name.endswith("norm.weight"):
+            t.fill_(1.0)
+        elif keep32:
+            t.zero_()
+        else:
+            t.normal_(0.0, 0.02, generator=g)
+        state[name] = t
+    models = {}
+    for kind in ("latent", "expanded"):
+        with torch.device("meta"):
+            model = deepseek.build(dataclasses.replace(cfg, mla_cache=kind, mla_absorb=absorb))
+        model.load_state_dict(state, strict=True, assign=True)  # shares the tensors, no copy
+        models[kind] = model.requires_grad_(False).eval()
+    spec = cfg.expert_spec()
+    experts = LocalExperts(spec, device, dtype)
+    every = list(range(spec.num_experts))
+    for layer in (i for i, moe in enumerate(cfg.moe_layers) if moe):
+        gate_up = torch.empty(spec.num_experts, 2 * spec.intermediate, spec.hidden, device=device, dtype=dtype)
+        down = torch.empty(spec.num_experts, spec.hidden, spec.intermediate, device=device, dtype=dtype)
+        experts.set_layer(layer, every, gate_up.normal_(0.0, 0.02, generator=g), down.normal_(0.0, 0.02, generator=g))
+    return models, experts
+
+
+def decode_at_context(model: CausalLM, experts: LocalExperts, context: int, args: argparse.Namespace,
+                      device: torch.device) -> dict:
+    """The cache filled to ``context`` tokens, then ``args.tokens`` decode steps: prefill seconds, ms per token
+    (minimum over ``args.repeats``), the cache's bytes per token."""
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(1)).to(device)
+    runner = GraphDecoder(model, experts, context + args.tokens + 1) if device.type == "cuda" else None
+    cache: KVCache = runner.cache if runner is not None else model.new_cache()
+    with torch.inference_mode():
+
+        def fill() -> None:
+            cache.length = 0
+            for i in range(0, context, args.chunk):
+                model(ids[:, i:i + args.chunk], cache, experts, last_only=True)
+
+        prefill_s = timed(fill, device)
+
+        def decode() -> None:
+            cache.truncate(context)
+            for j in range(args.tokens):
+                if runner is not None:
+                    runner.step(j % vocab)
+                else:
+                    model(torch.tensor([[j % vocab]], device=device), cache, experts, last_only=True)
+
+        decode()  # warm-up (the graph captured on a GPU)
+        best = min(timed(decode, device) for _ in range(args.repeats)) / args.tokens
+    return {"prefill_s": round(prefill_s, 3), "ms_per_token": round(best * 1000, 3),
+            "tok_per_s": round(1 / best, 2), "kv_bytes_per_token": cache.bytes_per_token(),
+            "kv_gib_at_context": round(cache.bytes_per_token() * context / 2**30, 4)}
+
+
+def mla_context(shape: dict, device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> dict:
+    """KV bytes per token and decode speed at each context, latent vs expanded MLA cache (module docstring)."""
+    models, experts = build_deepseek(shape, device, dtype, args.seed, args.absorb)
+    runs: dict[str, dict[str, dict]] = {kind: {} for kind in models}
+    for context in args.context:
+        for kind, model in models.items():
+            runs[kind][str(context)] = decode_at_context(model, experts, context, args, device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    per_token = {kind: next(iter(r.values()))["kv_bytes_per_token"] for kind, r in runs.items()}
+    return {"mode": "MLA KV cache: latent vs expanded", "shape": args.shape,
+            "layers": shape["num_hidden_layers"], "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "decode_tokens": args.tokens, "prefill_chunk": args.chunk,
+            "latent_absorb": args.absorb,
+            "kv_bytes_per_token": per_token,
+            "kv_bytes_per_token_per_layer": {k: v // shape["num_hidden_layers"] for k, v in per_token.items()},
+            "expanded_over_latent": round(per_token["expanded"] / per_token["latent"], 1),
+            **{f"{kind}_by_context": r for kind, r in runs.items()},
+            "latent_speedup_by_context": {c: round(runs["expanded"][c]["ms_per_token"]
+                                                   / runs["latent"][c]["ms_per_token"], 2) for c in runs["latent"]},
+            **({"peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
+               if device.type == "cuda" else {})}
 
 
 def sync(device: torch.device) -> None:
@@ -280,7 +410,7 @@ def whole_model(shape: dict, formats: list[str], device: torch.device, dtype: to
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--shape", choices=sorted(SHAPES) + sorted(DEEPSEEK_SHAPES), default="small")
     ap.add_argument("--layers", type=int, default=None, help="override the number of layers")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
@@ -296,15 +426,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--whole-model", action="store_true",
                     help="--quantize: time whole decode steps (dense part + experts) instead of the experts alone")
+    ap.add_argument("--context", type=int, nargs="+", default=None,
+                    help="DeepSeek shapes: KV bytes per token and decode speed with the cache filled to each N "
+                         "tokens, latent vs expanded MLA cache")
+    ap.add_argument("--chunk", type=int, default=1024, help="--context: tokens per prefill forward")
+    ap.add_argument("--absorb", choices=["auto", "always", "never"], default="auto",
+                    help="--context: the latent cache's attention (always: absorbed even in prefill; never: expanded)")
     args = ap.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    shape = dict(SHAPES[args.shape])
+    if (args.context is None) != (args.shape not in DEEPSEEK_SHAPES):
+        ap.error("--context goes with a DeepSeek shape (" + ", ".join(sorted(DEEPSEEK_SHAPES)) + ") and they with it")
+    shape = dict(SHAPES[args.shape] if args.context is None else DEEPSEEK_SHAPES[args.shape])
     if args.layers:
         shape["num_hidden_layers"] = args.layers
+    if args.context is not None:
+        report = mla_context(shape, device, dtype, args)
+        print(json.dumps(report) if args.json else "\n".join(f"{k:32s} {v}" for k, v in report.items()))
+        return
     if args.quantize and args.whole_model:
         whole = whole_model(shape, args.quantize, device, dtype, args)
         print(json.dumps(whole) if args.json else "\n".join(f"{k:32s} {v}" for k, v in whole.items()))

@@ -19,7 +19,8 @@ from ekmesh.core.errors import ConfigError
 from ekmesh.infer.generate import Generator, SamplingParams
 from ekmesh.infer.loader import Checkpoint, load_all, load_dense, load_experts
 from ekmesh.infer.models import family_for, qwen3
-from ekmesh.infer.models.common import CausalLM, KVCache
+from ekmesh.infer.models.cache import KVCache
+from ekmesh.infer.models.common import CausalLM
 from ekmesh.infer.readplan import read_plan
 from tests.tiny_models import DENSE, hf_greedy, make_tiny_dense, random_prompt
 

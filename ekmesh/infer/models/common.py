@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from ekmesh.core.errors import ConfigError
 from ekmesh.infer.expert import ExpertSpec
 from ekmesh.infer.experts import ExpertsBackend
 from ekmesh.infer.fusion import fusable
+from ekmesh.infer.models.cache import KVCache, Step
 
 # ---------------------------------------------------------------------------------------------------- config
 
@@ -128,82 +129,6 @@ def require(hf: dict[str, Any], *keys: str) -> None:
 # ---------------------------------------------------------------------------------------------------- runtime
 
 
-class KVCache:
-    """Per-layer key/value buffers. ``length`` tokens are valid in every layer.
-
-    Dynamic (default): buffers grow by doubling and attention sees exactly ``length`` positions.
-    Static (``max_len`` set): buffers have ``max_len`` slots from the start, writes go to the step's positions
-    (a device tensor, so a decode step can be captured in a CUDA graph) and attention sees every slot with a
-    causal mask hiding the ones not yet written.
-    A family may cache one tensor per layer instead of a key and a value (``update_single``; DeepSeek's MLA keeps
-    its latent and rotary key there); ``truncate`` and both modes work the same for it.
-    """
-
-    def __init__(self, num_layers: int, max_len: int | None = None) -> None:
-        self.k: list[torch.Tensor | None] = [None] * num_layers
-        self.v: list[torch.Tensor | None] = [None] * num_layers
-        self.length = 0
-        self.max_len = max_len
-        self.positions: torch.Tensor | None = None  # [T] positions of the step being computed
-
-    @property
-    def static(self) -> bool:
-        return self.max_len is not None
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stores k [B, Hkv, T, dk], v [B, Hkv, T, dv] for this step; returns keys/values [B, Hkv, S, d*]."""
-        return self._store(self.k, layer, k), self._store(self.v, layer, v)
-
-    def update_single(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Stores x [B, h, T, d], a layer's only cached tensor, for this step; returns [B, h, S, d]."""
-        return self._store(self.k, layer, x)
-
-    def _store(self, buffers: list[torch.Tensor | None], layer: int, x: torch.Tensor) -> torch.Tensor:
-        buf = buffers[layer]
-        if self.max_len is not None:
-            if buf is None or buf.shape[0] != x.shape[0]:
-                buf = buffers[layer] = x.new_zeros(x.shape[0], x.shape[1], self.max_len, x.shape[3])
-            assert self.positions is not None
-            buf.index_copy_(2, self.positions, x)
-            return buf
-        start, end = self.length, self.length + x.shape[2]
-        if buf is None or buf.shape[2] < end or buf.shape[0] != x.shape[0]:
-            cap = max(end, 2 * (buf.shape[2] if buf is not None else 0), 16)
-            grown = x.new_zeros(x.shape[0], x.shape[1], cap, x.shape[3])
-            if buf is not None and buf.shape[0] == x.shape[0]:
-                grown[:, :, :start] = buf[:, :, :start]
-            buf = buffers[layer] = grown
-        buf[:, :, start:end] = x
-        return buf[:, :, :end]
-
-    def bytes_per_token(self) -> int:
-        """Bytes one position of one sequence takes in this cache, over every layer (what context costs)."""
-        return sum(t.shape[1] * t.shape[3] * t.element_size() for t in (*self.k, *self.v) if t is not None)
-
-    def truncate(self, length: int) -> None:
-        """Forgets every position at or after ``length`` (e.g. rejected speculative tokens)."""
-        self.length = min(self.length, length)
-
-
-@dataclass
-class Step:
-    """What every layer needs for one forward pass over T new tokens."""
-
-    positions: torch.Tensor  # [T] absolute positions of the new tokens
-    cache: KVCache
-    experts: ExpertsBackend | None
-    rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> cos, sin [T, dim]
-    masks: dict[tuple[int, int | None], torch.Tensor | None] = field(default_factory=dict)
-
-    def mask(self, s: int, window: int | None) -> torch.Tensor | None:
-        """The attention mask [T, S] for keys returned by ``cache.update`` (None when every key is visible).
-        Built once per step and window, not once per layer."""
-        key = (s, window)
-        if key not in self.masks:
-            self.masks[key] = attention_mask(self.positions, s, window, always=self.cache.static)
-        return self.masks[key]
-
-
 def rope_cos_sin(inv_freq: torch.Tensor, scale: float, positions: torch.Tensor, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, dim/2]
@@ -220,23 +145,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, dim] rotated by cos/sin [T, dim] (half-split layout)."""
     return x * cos + rotate_half(x) * sin
-
-
-def attention_mask(positions: torch.Tensor, s: int, window: int | None, always: bool = False
-                   ) -> torch.Tensor | None:
-    """Bool mask [T, S], True where a query may attend: causal, and within ``window`` keys when set.
-
-    None (no mask needed) for one query over exactly its visible keys, unless ``always``.
-    """
-    t = positions.shape[0]
-    if not always and t == 1 and (window is None or s <= window):
-        return None
-    kpos = torch.arange(s, device=positions.device)[None, :]  # [1, S]
-    qpos = positions[:, None]  # [T, 1]
-    allowed = kpos <= qpos
-    if window is not None:
-        allowed = allowed & (kpos > qpos - window)
-    return allowed
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float,

@@ -21,10 +21,11 @@ Numerics follow transformers 5.23 ``modeling_deepseek_v2.py`` / ``modeling_deeps
 - Layer i is MoE when ``i >= first_k_dense_replace`` and ``i % moe_layer_freq == 0`` (DeepSeek's rule;
   transformers ignores ``moe_layer_freq``, which is 1 in every released checkpoint).
 
-Invariants: the KV cache holds the expanded per-head k ``[B, H, S, qk_head_dim]`` and v ``[B, H, S, v_head_dim]``
-(transformers caches the latent and re-expands it every step; same numbers). ``num_key_value_heads`` is ignored:
-MLA has one latent shared by all heads. Parameters beyond ``num_hidden_layers`` (V3's multi-token-prediction layer
-``model.layers.{num_hidden_layers}.*``) are never built, so the loader never reads them.
+Invariants: the KV cache holds MLA's normed latent and rotary key per token, one copy for all heads, and decode
+absorbs the up projections (``deepseek_mla``; ``mla_cache="expanded"`` keeps per-head keys and values instead).
+``num_key_value_heads`` is ignored: MLA has one latent shared by all heads. Parameters beyond ``num_hidden_layers``
+(V3's multi-token-prediction layer ``model.layers.{num_hidden_layers}.*``) are never built, so the loader never reads
+them.
 """
 
 from __future__ import annotations
@@ -39,18 +40,9 @@ from torch import nn
 
 from ekmesh.core.errors import ConfigError
 from ekmesh.infer.expert import ExpertSpec, ExpertWeights
-from ekmesh.infer.models.common import (
-    CausalLM,
-    DecoderLayer,
-    DenseMLP,
-    RMSNorm,
-    RopeSpec,
-    Step,
-    apply_rope,
-    attend,
-    call_experts,
-    require,
-)
+from ekmesh.infer.models.cache import Step
+from ekmesh.infer.models.common import CausalLM, DecoderLayer, DenseMLP, RopeSpec, call_experts, require
+from ekmesh.infer.models.deepseek_mla import MLASpec, MLAttention
 from ekmesh.infer.models.family import ExpertReader
 
 ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
@@ -58,7 +50,6 @@ MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 # parameters kept in fp32 whatever the model dtype (transformers does the same: expert choice is sensitive to it)
 KEEP_FP32 = ("e_score_correction_bias",)
 
-LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm are built without the config's eps
 TOPK_METHODS = {2: ("greedy", "group_limited_greedy"), 3: ("noaux_tc",)}
 
 # transformers' config defaults for the fields that differ between the two versions or that real configs omit
@@ -117,6 +108,16 @@ class Config:
     norm_topk_prob: bool
     routed_scaling_factor: float
     moe_layers: tuple[bool, ...]
+    mla_cache: str = "latent"  # not from config.json: what the KV cache holds (deepseek_mla.MLA_CACHES)
+    mla_absorb: str = "auto"  # how attention runs over the latent cache (deepseek_mla.MLA_ABSORB)
+
+    def __post_init__(self) -> None:
+        self.mla_spec()  # validates the MLA settings
+
+    def mla_spec(self) -> MLASpec:
+        return MLASpec(self.hidden_size, self.num_heads, self.q_lora_rank, self.kv_lora_rank, self.qk_nope_head_dim,
+                       self.qk_rope_head_dim, self.v_head_dim, self.attention_bias, self.rope_interleave,
+                       self.softmax_scale, self.mla_cache, self.mla_absorb)
 
     @property
     def qk_head_dim(self) -> int:
@@ -206,60 +207,6 @@ class Config:
         )
 
 
-# ---------------------------------------------------------------------------------------------------- attention
-
-
-def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, dim] whose pairs (x0, x1), (x2, x3), ... rotate by one frequency each; cos/sin [T, dim] are
-    ``cat(freqs, freqs)``. Returns the rotated evens then the rotated odds (transformers' V3 layout)."""
-    half = cos.shape[-1] // 2
-    c, s = cos[..., :half], sin[..., :half]  # [T, dim/2]
-    x1, x2 = x[..., 0::2], x[..., 1::2]  # [B, H, T, dim/2] each
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)  # [B, H, T, dim]
-
-
-class MLAttention(nn.Module):
-    """Multi-head latent attention (see the module docstring). H heads, dn/dr/dv the nope/rope/v head dims."""
-
-    def __init__(self, cfg: Config, layer: int) -> None:
-        super().__init__()
-        self.cfg, self.layer = cfg, layer
-        d, h, bias = cfg.hidden_size, cfg.num_heads, cfg.attention_bias
-        if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, h * cfg.qk_head_dim, bias=False)
-        else:
-            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=bias)
-
-    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
-        c = self.cfg
-        b, t, _ = x.shape
-        h, dn, dr, dv = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-        q = (self.q_proj(x) if c.q_lora_rank is None
-             else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))))  # [B, T, H*(dn+dr)]
-        q = q.view(b, t, h, dn + dr).transpose(1, 2)  # [B, H, T, dn+dr]
-        q_nope, q_rot = torch.split(q, [dn, dr], dim=-1)  # [B, H, T, dn], [B, H, T, dr]
-        compressed = self.kv_a_proj_with_mqa(x)  # [B, T, r+dr]
-        latent, k_rot = torch.split(compressed, [c.kv_lora_rank, dr], dim=-1)  # [B, T, r], [B, T, dr]
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent))  # [B, T, H*(dn+dv)]
-        kv = kv.view(b, t, h, dn + dv).transpose(1, 2)  # [B, H, T, dn+dv]
-        k_nope, v = torch.split(kv, [dn, dv], dim=-1)  # [B, H, T, dn], [B, H, T, dv]
-        k_rot = k_rot.view(b, 1, t, dr)  # [B, 1, T, dr], one rope key shared by all heads
-        cos, sin = step.rope["main"]
-        rope = apply_rope_interleaved if c.rope_interleave else apply_rope
-        q_rot, k_rot = rope(q_rot, cos, sin), rope(k_rot, cos, sin)
-        q = torch.cat([q_nope, q_rot], dim=-1)  # [B, H, T, dn+dr]
-        k = torch.cat([k_nope, k_rot.expand(b, h, t, dr)], dim=-1)  # [B, H, T, dn+dr]
-        k, v = step.cache.update(self.layer, k, v.contiguous())  # [B, H, S, dn+dr], [B, H, S, dv]
-        mask = step.mask(k.shape[2], None)
-        return self.o_proj(attend(q, k, v, mask, c.softmax_scale))  # [B, T, D]
-
-
 # ---------------------------------------------------------------------------------------------------- MoE
 
 
@@ -331,7 +278,7 @@ def build(cfg: Config) -> CausalLM:
     for i in range(cfg.num_layers):
         mlp: nn.Module = DeepseekMoE(cfg, i) if cfg.moe_layers[i] else DenseMLP(cfg.hidden_size,
                                                                                  cfg.intermediate_size)
-        layers.append(DecoderLayer(MLAttention(cfg, i), mlp, cfg.hidden_size, cfg.rms_eps))
+        layers.append(DecoderLayer(MLAttention(cfg.mla_spec(), i), mlp, cfg.hidden_size, cfg.rms_eps))
     return CausalLM(cfg, layers, {"main": cfg.rope})
 
 

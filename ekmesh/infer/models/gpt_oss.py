@@ -37,13 +37,13 @@ from torch import nn
 
 from ekmesh.core.errors import ConfigError, MissingTensorError, TensorShapeError
 from ekmesh.infer.expert import ExpertSpec, ExpertWeights
+from ekmesh.infer.models.cache import Step
 from ekmesh.infer.models.common import (
     Attention,
     AttentionSpec,
     CausalLM,
     DecoderLayer,
     RMSNorm,
-    Step,
     call_experts,
 )
 from ekmesh.infer.models.family import ExpertReader
