@@ -10,6 +10,8 @@ Invariants:
   ``BadRequestError`` naming the field (``param``), as does every malformed field.
 - Choice ``i`` of prompt ``p`` is ``Request.choices[p * n + i]`` (OpenAI's order); with a seed, choice ``i`` samples
   with ``seed + i`` (reproducible, and distinct); without one, each choice draws its own random seed.
+- ``presence_penalty`` and ``frequency_penalty`` (each in [-2, 2]) reach ``SamplingParams`` and every decoding mode
+  honours them (``infer.sampling``); the log-probs an answer carries stay the unpenalised model's.
 - Log-probs: ``/v1/completions`` ``logprobs: N`` (0..5) and ``echo``; ``/v1/chat/completions`` ``logprobs: true``
   and ``top_logprobs: N`` (0..20). ``Request.logprobs`` is N, or None when none were asked for.
 """
@@ -21,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ekmesh.api.types import ServedModel
-from ekmesh.core.constants import SPECULATIVE_MODES
+from ekmesh.core.constants import MAX_PENALTY, SPECULATIVE_MODES
 from ekmesh.core.errors import BadRequestError
 
 if TYPE_CHECKING:  # torch is imported only where a model is served: a node without one never loads it
@@ -113,6 +115,8 @@ def sampling_from(body: dict[str, Any]) -> SamplingParams:
         stop_strings=stops,
         stop_ids=frozenset() if body.get("ignore_eos") is True else None,
         speculative=speculative,
+        presence_penalty=_num(body, "presence_penalty", float, 0.0, -MAX_PENALTY, MAX_PENALTY),
+        frequency_penalty=_num(body, "frequency_penalty", float, 0.0, -MAX_PENALTY, MAX_PENALTY),
     )
 
 

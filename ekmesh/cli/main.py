@@ -54,7 +54,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                                                                system=args.system)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop or ()),
-                            speculative=args.speculative)
+                            speculative=args.speculative, presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty)
     if args.json:
         res = lm.generator.generate(ids, params)
         out = {
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--presence-penalty", type=float, default=0.0, metavar="P",
+                   help="minus P from the logit of every token already generated (-2..2, OpenAI's; default 0)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="F",
+                   help="minus F times how often a token was generated from its logit (-2..2; default 0)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--speculative", choices=SPECULATIVE_MODES, default=None,
                    help="ngram: draft tokens by prompt lookup, draft: with a draft model (--draft), and check them in "

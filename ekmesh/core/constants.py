@@ -21,6 +21,9 @@ lookup drafts, whose length adapts to what they save (``infer/speculative.py``; 
 SPECULATIVE_MODES = ("off", "ngram", "draft")
 """``--speculative`` and the API's ``speculative`` field (``infer/speculative.MODES``)."""
 
+MAX_PENALTY = 2.0
+"""OpenAI's bound on ``presence_penalty`` and ``frequency_penalty``: each in [-2, 2] (``infer/sampling.py``)."""
+
 VERIFY_FRACTION = 0.05
 """The default fraction of remote (token, expert) results an attention host recomputes (``ekmesh join --verify``;
 why this value, as measured: ``infer/dataplane/verify.py``)"""

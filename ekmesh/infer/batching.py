@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from ekmesh.infer.experts import ExpertsBackend
-from ekmesh.infer.models.common import CausalLM, KVCache
+from ekmesh.infer.models.cache import KVCache
+from ekmesh.infer.models.common import CausalLM
 
 MAX_BATCH = 32  # conversations per forward
 # How long a leader waits for the other active conversations' steps: they arrive within a few hundred microseconds of

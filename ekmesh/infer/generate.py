@@ -3,9 +3,11 @@
 Responsibilities: turning a prompt (token ids) into a stream of new tokens with reproducible sampling
 (a seeded CPU ``torch.Generator`` so a seed gives the same tokens on every device), and text deltas that never
 contain half a UTF-8 character or any part of a stop string; on request (``SamplingParams.logprobs``), each token's
-log-probability under the target's logits at its position (``token_logprobs``: fp32, temperature 1, before top-k /
-top-p; with drafts, from the verification forward that accepted it), computed only then. Not responsible for:
-loading (``loader``), chat templates (``tokenizer``), or where experts run (the experts backend it is handed).
+log-probability under the target's logits at its position (``token_logprobs``: fp32, temperature 1, before
+penalties, top-k and top-p; with drafts, from the verification forward that accepted it), computed only then.
+Presence and frequency penalties (``sampling.Penalties``) change what every mode samples from, never the log-probs.
+Not responsible for: loading (``loader``), chat templates (``tokenizer``), or where experts run (the experts backend
+it is handed).
 
 Also holds the device/dtype choice shared by the CLI and the node: ``pick_device`` and ``pick_dtype``.
 """
@@ -24,7 +26,9 @@ from ekmesh.core.errors import ConfigError, GenerationError
 from ekmesh.infer.batching import StepBatcher
 from ekmesh.infer.cuda_graph import GraphDecoder
 from ekmesh.infer.experts import ExpertsBackend, LocalExperts
-from ekmesh.infer.models.common import CausalLM, KVCache
+from ekmesh.infer.models.cache import KVCache
+from ekmesh.infer.models.common import CausalLM
+from ekmesh.infer.sampling import MAX_PENALTY, Penalties
 from ekmesh.infer.speculative import (
     MODES,
     Drafter,
@@ -94,6 +98,8 @@ class SamplingParams:
     speculative: str | None = None  # "off" | "ngram" | "draft"; None: the generator's default
     # log-probs: None = none computed; N = each token's log-prob and the N most likely alternatives (TokenEvent)
     logprobs: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: minus this from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # and minus this times how often it was generated (``sampling.Penalties``)
 
     def validate(self) -> None:
         if self.max_tokens < 0:
@@ -110,6 +116,9 @@ class SamplingParams:
             raise GenerationError(f"speculative must be one of {', '.join(MODES)}, got {self.speculative!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise GenerationError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise GenerationError(f"{name} must be in [{-MAX_PENALTY}, {MAX_PENALTY}], got {getattr(self, name)}")
 
 
 @dataclass
@@ -169,7 +178,8 @@ class GenerationResult:
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    """logits [V] -> next id. Greedy at temperature 0; else temperature, top-k, top-p, then a seeded draw."""
+    """logits [V] (already penalised: ``Penalties.apply``) -> next id. Greedy at temperature 0; else temperature,
+    top-k, top-p, then a seeded draw."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
     probs = target_probs(logits, params.temperature, params.top_k, params.top_p)  # [V]
@@ -287,7 +297,8 @@ class Generator:
             runner = self._graph_for(len(prompt_ids) + params.max_tokens)
             logits = runner.prefill(prompt_ids)
             while True:
-                ev = emit(sample_next(logits, params, draws(emit.position) if draws else None), logits)
+                ev = emit(sample_next(emit.penalties.apply(logits), params, draws(emit.position) if draws else None),
+                          logits)
                 yield ev
                 if ev.finish:
                     return
@@ -316,7 +327,8 @@ class Generator:
         length = self._lengths.get(params.speculative or self.speculative) if drafter is not None else None
         forced: int | None = None  # the token speculative sampling drew at a rejection
         while True:
-            nxt = forced if forced is not None else sample_next(logits, params, draws(emit.position) if draws else None)
+            nxt = forced if forced is not None else sample_next(emit.penalties.apply(logits), params,
+                                                                draws(emit.position) if draws else None)
             ev = emit(nxt, logits)  # (a forced token was drawn at the rejected position: ``logits`` is out[n])
             yield ev
             if ev.finish:
@@ -352,7 +364,9 @@ class Generator:
                 if length is not None:
                     length.update(0, 0, time.perf_counter() - start)
                 continue
-            n, forced = accept(out, draft, params.temperature, params.top_k, params.top_p, draws, emit.position)
+            # row i is penalised with the counts of the tokens before it: the current one and drafts 0..i-1
+            n, forced = accept(emit.penalties.rows(out, fed), draft, params.temperature, params.top_k, params.top_p,
+                               draws, emit.position)
             assert length is not None
             length.update(len(draft), n, time.perf_counter() - start)
             stats.drafted += len(draft)
@@ -399,6 +413,7 @@ class _Emitter:
         self.filter = _StopStringFilter(params.stop_strings)
         self.left = self.max_tokens = params.max_tokens
         self.logprobs = params.logprobs
+        self.penalties = Penalties(params.presence_penalty, params.frequency_penalty)  # counts of emitted tokens
 
     @property
     def position(self) -> int:
@@ -408,6 +423,7 @@ class _Emitter:
     def __call__(self, token: int, logits: torch.Tensor) -> TokenEvent:
         """``logits`` [V]: the target's at the position ``token`` was chosen for (read only for log-probs)."""
         ev = self._event(token)
+        self.penalties.add(token)
         if self.logprobs is not None:
             ev.logprob, ev.top = token_logprobs(logits[None], [token], self.logprobs)[0]
         return ev

@@ -179,8 +179,9 @@ class Draws:
 def accept(logits: torch.Tensor, draft: Sequence[int], temperature: float, top_k: int, top_p: float,
            draws: Callable[[int], torch.Generator] | None, first: int = 0,
            draft_probs: torch.Tensor | None = None) -> tuple[int, int | None]:
-    """logits [len(draft) + 1, V] of the target at the current token and each draft -> (n drafts accepted, the
-    token drawn after them or None). Draft i stands at answer position ``first + i`` (its randomness: ``draws``).
+    """logits [len(draft) + 1, V] of the target at the current token and each draft (already penalised, row i with
+    the tokens before it: ``sampling.Penalties.rows``) -> (n drafts accepted, the token drawn after them or None).
+    Draft i stands at answer position ``first + i`` (its randomness: ``draws``).
 
     Drafts proposed with certainty (``draft_probs`` None: prompt lookup, a greedy draft model): the target's token
     at each position is drawn as plain decoding draws it (the position's own generator), and a draft is kept while
