@@ -153,7 +153,7 @@ class _Handler(JsonRequestHandler):
             models = self.server.engine.served()
             self._send_json(200, {"object": "list", "data": [
                 {"id": m.model_id, "object": "model", "created": m.created, "owned_by": "ekmesh",
-                 "aliases": sorted(m.aliases), "context_length": m.context} for m in models]})
+                 "aliases": sorted(m.names() - {m.model_id}), "context_length": m.context} for m in models]})
         elif path in ("/v1", "/health", "/v1/health"):
             self._send_json(200, {"ok": True, "serving": [m.model_id for m in self.server.engine.served()]})
         else:

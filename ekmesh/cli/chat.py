@@ -98,7 +98,8 @@ def generate_via_api(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
                             "top_p": args.top_p, "return_token_ids": True}
     for key, value in (("seed", args.seed), ("stop", args.stop), ("top_k", args.top_k or None),
-                       ("speculative", args.speculative)):
+                       ("speculative", args.speculative), ("presence_penalty", args.presence_penalty or None),
+                       ("frequency_penalty", args.frequency_penalty or None)):
         if value is not None:
             body[key] = value
     if args.chat:

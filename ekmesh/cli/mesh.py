@@ -48,9 +48,10 @@ def register(subparsers: Any) -> None:
     key.add_argument("--mesh-key-file", metavar="PATH", help="read the mesh key from a file")
     join.add_argument("--name", help="name shown to other peers (default: host name)")
     join.add_argument("--memory", type=float, metavar="GB", help="memory offered to the mesh, in GiB")
-    join.add_argument("--model", metavar="ID_OR_ALIAS",
+    join.add_argument("--model", metavar="ID_OR_NAME",
                       help="claim a share of this model's experts: fetch them from peers, verify them, advertise them "
-                           "ready (a model id the store lacks: its manifest comes from a peer)")
+                           "ready (a model id or name the store lacks: the model a live peer advertises under that "
+                           "name, waited for up to a minute, and its manifest come from the mesh)")
     join.add_argument("--replicas", type=int, default=2, metavar="R",
                       help="copies of each expert the mesh keeps where memory allows (with --model; default 2)")
     attention = join.add_mutually_exclusive_group()
@@ -167,7 +168,24 @@ def cmd_join(args: argparse.Namespace) -> int:
     except EkmeshError as exc:
         print(f"ekmesh join: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # trio's nurseries group what a part raised (e.g. the claim's ModelNameError)
+        found = _ekmesh_error(exc)
+        if found is None:
+            raise
+        print(f"ekmesh join: {found}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _ekmesh_error(exc: BaseException) -> EkmeshError | None:
+    """The first ``EkmeshError`` inside ``exc`` and the exception groups it nests."""
+    if isinstance(exc, EkmeshError):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = _ekmesh_error(inner)
+        if found is not None:
+            return found
+    return None
 
 
 def _print_event(ev: dict[str, Any], as_json: bool) -> None:

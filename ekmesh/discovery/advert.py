@@ -13,6 +13,12 @@ Adverts stay small (gossip-friendly): the experts a peer holds ready travel as o
 (``layers`` half-open × ``experts`` bits, row-major), e.g. 48 layers × 128 experts = 768 bytes. Every field is
 bounded and checked before use, and parsed once here into typed values: ``data_addr`` and ``blob_addr`` are
 ``Endpoint``s, ``tls_fp`` a ``Fingerprint``; an advert with a malformed one is rejected whole.
+
+``names`` (optional) maps the names a peer knows the model it serves by (its store's aliases, the hub id it was
+imported from) to that model's id, so ``join --model NAME`` elsewhere can find it (``discovery.names``). A name is
+``NAME_RE`` (letters, digits, ``._-``; one ``/`` as in a hub id ``org/repo``; no ``:``, so no name looks like a model
+id), at most ``MAX_NAME`` characters, at most ``MAX_NAMES`` of them; the id has the form ``algo:hex``. One bad entry
+rejects the advert whole, as for every other field.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +46,15 @@ MAX_MODELS = 32
 MAX_TEXT = 256
 MAX_GRID_BITS = 1 << 20
 STATES = ("up", "left")
+MAX_NAMES = 16
+MAX_NAME = 160
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?\Z")
+MODEL_ID_FORM = re.compile(r"[a-z0-9]{1,16}:[0-9a-f]{16,128}\Z")
+
+
+def valid_name(name: str) -> bool:
+    """Whether ``name`` may travel in an advert as a model's name (see the module docstring)."""
+    return len(name) <= MAX_NAME and NAME_RE.match(name) is not None
 
 
 @dataclass(frozen=True)
@@ -131,6 +147,8 @@ class Advert:
     tls_fp: Fingerprint | None = None
     """SHA-256 fingerprint of the peer's TLS certificate (``core.tls``; hex on the wire), pinned by direct
     connections (blob exchange and the data plane)."""
+    names: Mapping[str, str] = field(default_factory=dict)
+    """Names of the models this peer serves (``{name: model id}``; at most ``MAX_NAMES``)."""
 
     @property
     def order(self) -> tuple[int, int]:
@@ -159,6 +177,8 @@ class Advert:
             obj["blob_addr"] = str(self.blob_addr)
         if self.tls_fp is not None:
             obj["tls_fp"] = self.tls_fp.hex()
+        if self.names:
+            obj["names"] = dict(sorted(self.names.items()))
         return obj
 
     @classmethod
@@ -192,6 +212,7 @@ class Advert:
             load=_number(obj.get("load"), "load"),
             blob_addr=None if blob_addr is None else _endpoint(blob_addr, "blob_addr"),
             tls_fp=None if tls_fp is None else _fingerprint(tls_fp, "tls_fp"),
+            names=_names(obj.get("names", {})),
         )
 
 
@@ -270,6 +291,21 @@ def _fingerprint(x: Any, what: str) -> Fingerprint:
         return Fingerprint.from_hex(_text(x, what))
     except ValueError as exc:
         raise ProtocolError(f"advert {what!r}: {exc}") from exc
+
+
+def _names(x: Any) -> dict[str, str]:
+    if not isinstance(x, dict) or len(x) > MAX_NAMES:
+        raise ProtocolError(f"advert 'names' must be an object of at most {MAX_NAMES} entries")
+    out = {}
+    for name, model_id in x.items():
+        if not isinstance(name, str) or not valid_name(name):
+            raise ProtocolError(f"advert 'names': {str(name)[:MAX_NAME]!r} is not a model name (letters, digits, "
+                                f"'._-', at most one '/', at most {MAX_NAME} characters)")
+        if not isinstance(model_id, str) or not MODEL_ID_FORM.match(model_id):
+            raise ProtocolError(f"advert 'names': {name!r} must name a model id (algo:hex), got "
+                                f"{str(model_id)[:80]!r}")
+        out[name] = model_id
+    return out
 
 
 def _list(x: Any, what: str, limit: int) -> list[Any]:

@@ -24,7 +24,8 @@ Schema (version 1); every field is always present, ``null`` where unknown::
                    "holders": [[int, ...], ...],   # (hi - lo) rows × experts: live peers holding it ready
                    "coverage": float,             # share of cells with ≥ 1 holder
                    "replicated": float,           # share of cells with ≥ 2 holders
-                   "per_peer": {peer_id: int}}    # experts ready per live peer
+                   "per_peer": {peer_id: int},    # experts ready per live peer
+                   "names": [str]}                # names live peers advertise for it (aliases, hub id)
       }
     }
 
@@ -43,6 +44,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ekmesh.discovery.advert import ModelReady
+from ekmesh.discovery.names import MeshNames
 from ekmesh.discovery.view import MeshView
 
 SCHEMA = 1
@@ -65,6 +67,10 @@ def build_snapshot(view: MeshView, addrs: list[str], mesh_open: bool, key_id: st
             "models": {m: r.count() for m, r in sorted(a.models.items())},
         })
     live = {e.peer_id: e.signed.advert.models for e in entries if e.state in LIVE}
+    maps = shard_maps(live)
+    names = MeshNames.of(e.signed.advert for e in entries if e.state in LIVE)
+    for model_id, shard in maps.items():
+        shard["names"] = names.names_of(model_id)
     return {
         "schema": SCHEMA,
         "generated_at": time.time(),
@@ -72,7 +78,7 @@ def build_snapshot(view: MeshView, addrs: list[str], mesh_open: bool, key_id: st
         "addrs": list(addrs),
         "mesh": {"open": mesh_open, "key_id": key_id},
         "peers": peers,
-        "models": shard_maps(live),
+        "models": maps,
     }
 
 

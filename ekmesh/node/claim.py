@@ -10,6 +10,8 @@ id, checked against the id: the id is the hash of the manifest's bytes; ``node.m
 that advertise the model and from any other live peer that serves blobs (one that claims no experts, e.g. an
 attention-only host that imported the model, stores it without advertising it); while none has it, ``state`` says
 why and the log warns. Such non-claiming peers are also the last sources asked for the expert and dense blobs.
+A name neither store knows is looked up in the live view first (``manifest_search.NameLookup``); once the manifest is
+known the node advertises the model's names (``names``: aliases here, hub id, the name it was started with).
 
 "Ready" means *verified in the store and loaded*: with ``hooks`` (``ClaimHooks``; the node's ``Serving``), an
 expert is advertised only once ``hooks.load`` has put it on this node's device; ``hooks.unload`` runs when the node
@@ -51,8 +53,8 @@ import trio
 from ekmesh.core.errors import BlobUnavailableError, ConfigError, EkmeshError, ShardMissingError, StoreFullError
 from ekmesh.core.ids import Endpoint, ExpertKey, Fingerprint
 from ekmesh.core.tls import TlsIdentity, make_context
-from ekmesh.discovery.advert import Advert, ModelReady
-from ekmesh.node.manifest_search import ManifestSearch
+from ekmesh.discovery.advert import MAX_NAMES, Advert, ModelReady, valid_name
+from ekmesh.node.manifest_search import ManifestSearch, NameLookup
 from ekmesh.shard.blobserver import BlobListener, BlobServer
 from ekmesh.shard.exchange import TlsDialer
 from ekmesh.shard.fetch.fetcher import FetchConfig, Fetcher, FetchReport, source_fallback
@@ -63,6 +65,9 @@ from ekmesh.shard.store import Store, packaged_store
 log = logging.getLogger(__name__)
 
 MANIFEST_WARN_AFTER_S = 5.0  # a node still without its manifest after this long (or meet_s) says so in the log
+# How long ``join --model NAME`` waits for a live peer that advertises NAME: long enough for mDNS, a bootstrap
+# peer's sync and a DHT rendezvous to bring the mesh's adverts, short enough that a typo fails visibly.
+MODEL_NAME_WAIT_S = 60.0
 T = TypeVar("T")
 
 
@@ -80,6 +85,8 @@ class ClaimConfig:
     # would load every expert only to drop most of them a moment later).
     meet_s: float = 0.0
     dense: bool = False  # also fetch the dense blobs and model files (this node hosts attention)
+    name_wait_s: float = MODEL_NAME_WAIT_S  # ``model`` a name no store knows: wait this long for the mesh's
+    name_settle_s: float = 2.0  # ... and take the model it names once it named the same one for this long
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -156,14 +163,17 @@ class Claimer:
         self._next_fetch = 0.0
         self._started = time.monotonic()
         self._search: ManifestSearch | None = None  # while the manifest comes from peers
+        self._lookup: NameLookup | None = None  # while the model is a name only the mesh knows
+        self.names: dict[str, str] = {}
+        """``{name: model id}`` for this node's advert, once the manifest is known (replaced whole)."""
         try:
             self.model_id = store.resolve(config.model)
         except ShardMissingError:
             if self.packaged is not None and self._packaged_has(config.model):
                 self.model_id = self.packaged.resolve(config.model)
-            elif not ID_RE.match(config.model):
-                raise ConfigError(f"--model {config.model!r}: not in the store; give the full model id to get its "
-                                  "manifest from the mesh") from None
+            elif ID_RE.match(config.model):
+                self.model_id = config.model  # its manifest comes from a peer
+            # else: a name only the mesh may know, looked up in the live view (``_resolve_name``)
 
     def _packaged_has(self, ref: str) -> bool:
         try:
@@ -213,6 +223,10 @@ class Claimer:
         self._started = time.monotonic()
         assert self._fetcher is not None, "run() before open()"
         try:
+            while self.model_id is None:  # a name only the mesh knows: which model it means comes first
+                self.model_id = self._resolve_name()  # raises ModelNameError (bare: outside the nursery)
+                if self.model_id is None:
+                    await trio.sleep(self.config.tick_s)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_peers)
                 await self._claim(nursery)
@@ -235,6 +249,7 @@ class Claimer:
             if self.manifest is None:
                 await trio.sleep(self.config.tick_s)
         self.model_id = self.manifest.id
+        self.names = await trio.to_thread.run_sync(self._names_here, self.manifest.id)
         self._source_fallback = source_fallback(self.store, self.manifest)
         if self.hooks is not None:
             attention = await trio.to_thread.run_sync(self.hooks.prepare, self.manifest)
@@ -259,7 +274,8 @@ class Claimer:
     async def _find_manifest(self, nursery: trio.Nursery) -> Manifest | None:
         """The store's or the package's manifest, else one a peer gave (``ManifestSearch``; asks run in
         ``nursery``)."""
-        mid = self.model_id or self.config.model
+        mid = self.model_id
+        assert mid is not None, "the model's name is resolved before the claim starts"
         try:
             return await trio.to_thread.run_sync(self.store.load_manifest, mid)
         except ShardMissingError:
@@ -280,6 +296,26 @@ class Claimer:
             return None
         await trio.to_thread.run_sync(self.store.save_manifest, found)
         return found
+
+    def _resolve_name(self) -> str | None:
+        """The model id the live peers' adverts give ``config.model`` (``NameLookup``); None while waiting."""
+        if self._lookup is None:
+            self._lookup = NameLookup(self.config.model, self.config.name_wait_s, self.config.name_settle_s)
+        live = [a for a in self._refresh_peers().values() if a.peer_id != self.peer_id]
+        found = self._lookup.round(live, time.monotonic() - self._started)  # its errors end the claim and the node
+        self.state = self._lookup.why
+        return found
+
+    def _names_here(self, model_id: str) -> dict[str, str]:
+        """What this node advertises as ``names``: the model's names here (``registry.lookup.names_of``) and the
+        name it was started with, those that may travel in an advert (``advert.valid_name``)."""
+        from ekmesh.registry.lookup import names_of  # imports torch (the loader): not at the node's import
+
+        names = names_of(model_id, self.store)
+        joined_by = self._lookup.mesh_name if self._lookup is not None else None
+        if joined_by is not None and joined_by not in names:
+            names.append(joined_by)
+        return {n: model_id for n in [n for n in names if valid_name(n)][:MAX_NAMES]}
 
     async def _step(self) -> None:
         m, cfg, me = self.manifest, self.config, self.peer_id
@@ -424,6 +460,7 @@ class Claimer:
         s = self.stats
         return {
             "model": self.model_id or self.config.model,
+            "names": sorted(self.names),
             "state": self.state,
             "ready_means": "verified in the store and loaded" if self.hooks else "verified in the store",
             "dense_ready": self.dense_ready if self.dense else None,

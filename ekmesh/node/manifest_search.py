@@ -1,4 +1,11 @@
-"""Finding one model's manifest among the live peers, for a node started with a model id it has no manifest for.
+"""Finding one model among the live peers: which model a name means (``NameLookup``), then its manifest
+(``ManifestSearch``), for a node started with a model its store lacks.
+
+``NameLookup`` (a name, an alias or hub id given on another peer, that no local store knows): the live peers'
+adverts name the models they serve (``discovery.names``); the name is taken once it named the same model for
+``settle_s`` (adverts arrive over a few syncs: a conflict must have had the time to show). It fails with
+``AmbiguousModelNameError`` (every id and the peers behind it) as soon as live peers advertise the name for
+different models, and with ``ModelNameError`` once ``wait_s`` passed without a peer that advertises it.
 
 Role (``Claimer``'s first step): ask peers over blob exchange for the manifest (``ask(peer, model_id)``: a GET of the
 model id, checked against the id, which is the hash of the manifest's bytes, so any peer's answer is safe to take).
@@ -26,14 +33,50 @@ from collections.abc import Callable, Collection
 
 import trio
 
-from ekmesh.core.errors import EkmeshError, ShardMissingError
+from ekmesh.core.errors import EkmeshError, ModelNameError, ShardMissingError
 from ekmesh.discovery.advert import Advert
+from ekmesh.discovery.names import MeshNames
 from ekmesh.shard.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
 REASK_MAX_S = 30.0  # longest wait before asking again a peer that said it has no manifest of the model
 WARN_EVERY_S = 60.0
+
+
+class NameLookup:
+    """Which model the live peers mean by ``name``; ``why`` says what it waits for (the claim's ``state``)."""
+
+    def __init__(self, name: str, wait_s: float, settle_s: float) -> None:
+        self.name, self.wait_s, self.settle_s = name, wait_s, settle_s
+        self.why = f"looking for a peer that serves a model named {name!r}"
+        self.mesh_name: str | None = None  # ``name``, once found as a name (not as an id prefix)
+        self._seen: tuple[str, float] | None = None  # the model the name named, since when (``waited``)
+
+    def round(self, live: list[Advert], waited: float) -> str | None:
+        """The model id once settled, else None (``live``: the other live peers' adverts; ``waited``: seconds since
+        the node started). Raises ``AmbiguousModelNameError``, or ``ModelNameError`` past ``wait_s``."""
+        names = MeshNames.of(live)
+        found = names.resolve(self.name)
+        if found is None:
+            self._seen = None
+            if waited >= self.wait_s:
+                known = sorted({n for a in live for n in a.names})
+                raise ModelNameError(self.name, f"no model named {self.name!r}: neither this node's store nor any "
+                                     f"of the {len(live)} live peers knows it after {self.wait_s:.0f} s (names "
+                                     f"they serve: {', '.join(known) or 'none'}); import it here (`ekmesh import`), "
+                                     "give its full model id, or start a peer that serves it")
+            self.why = (f"waiting for a peer that serves a model named {self.name!r} ({len(live)} live peers; "
+                        f"{waited:.0f} of {self.wait_s:.0f} s)")
+            return None
+        if self._seen is None or self._seen[0] != found:
+            self._seen = (found, waited)
+        if waited - self._seen[1] < self.settle_s:
+            self.why = f"model name {self.name!r} is {found} in the mesh; checking that no peer means another model"
+            return None
+        log.info("model name %r is model %s in the mesh", self.name, found)
+        self.mesh_name = self.name if self.name in names.table else None
+        return found
 
 
 class ManifestSearch:

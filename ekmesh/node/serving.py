@@ -8,7 +8,8 @@ As attention host (``--attention``, the default), once the dense blobs are verif
 and a ``Generator`` over ``RemoteExperts``: local experts first, else the live peers advertising the expert ready
 (best first in placement order; the backend then prefers the lowest measured latency), else — no live holder — the
 expert's blob is fetched (peers, package, model source: the ``fetch_blobs`` the node hands to ``load_attention``)
-and computed here. ``served()`` is the ``api.Engine`` the node's OpenAI API uses.
+and computed here. ``served()`` is the ``api.Engine`` the node's OpenAI API uses; the model answers to its id, its
+names here and the names live peers advertise for it (``discovery.names``, rebuilt at ``refresh``).
 
 It holds no reference to the claimer: what it needs of claiming (the placement, banned peers, whether the dense part
 is verified, a way to fetch a blob) the node passes into ``refresh``, ``can_load_attention`` and ``load_attention``.
@@ -44,6 +45,7 @@ from ekmesh.core.errors import EkmeshError, ExpertUnavailableError
 from ekmesh.core.ids import Endpoint, ExpertKey, Fingerprint
 from ekmesh.core.tls import TlsIdentity
 from ekmesh.discovery.advert import Advert
+from ekmesh.discovery.names import MeshNames
 from ekmesh.infer.dataplane import poll
 from ekmesh.infer.dataplane.channel import ChannelPool
 from ekmesh.infer.dataplane.frames import ModelLimits
@@ -56,7 +58,7 @@ from ekmesh.infer.generate import Generator, pick_device, pick_dtype
 from ekmesh.infer.loader import Checkpoint, load_dense
 from ekmesh.infer.speculative import Drafter, load_draft
 from ekmesh.infer.tokenizer import Tokenizer, eos_ids_in
-from ekmesh.registry.lookup import aliases_of, draft_of, open_model
+from ekmesh.registry.lookup import draft_of, names_of, open_model
 from ekmesh.shard.manifest import Manifest
 from ekmesh.shard.placement import Placement
 from ekmesh.shard.reader import StoreTensors, open_store_model
@@ -106,6 +108,7 @@ class Serving:
         self._fetch_blobs: Callable[[list[str], Collection[str]], None] | None = None
         self._holders: dict[ExpertKey, list[str]] = {}
         self._view_key: object = None  # what the maps were last built from (``refresh``)
+        self._mesh_names: dict[str, dict[str, list[str]]] = {}  # name -> model id -> peers, from the live adverts
         self._read_lock = threading.Lock()
         self._files_dir = Path(tempfile.mkdtemp(prefix="ekmesh-serving-"))
 
@@ -203,6 +206,7 @@ class Serving:
         if key == self._view_key:  # (a placement compares by identity first: a new one is a new object)
             return
         self._view_key = key
+        self._mesh_names = MeshNames.of(adverts).as_dict()  # names the API accepts for a model (replaced whole)
         pins: dict[str, Fingerprint] = {}
         addrs: dict[str, Endpoint] = {}
         holders: dict[ExpertKey, list[str]] = {}
@@ -264,9 +268,9 @@ class Serving:
         gen = Generator(dense, self.remote, tok, default_stop_ids=() if tok else eos_ids_in(ck.path),
                         retractions=verifier.ban_count, speculative=mode, round_trips=self.remote.rounds_here,
                         draft=drafts)
-        self.model = ServedModel(m.id, aliases_of(m.id, self.store), gen, tok, context_of(sm.hf_config),
+        self.model = ServedModel(m.id, names_of(m.id, self.store), gen, tok, context_of(sm.hf_config),
                                  peer_stats=self._peer_stats, verify_stats=verifier.status,
-                                 mesh_warning=self.mesh_warning)
+                                 mesh_warning=self.mesh_warning, mesh_names=lambda: self._mesh_names)
         self._sm = sm  # keeps its files directory alive
         self.state = "serving"
         log.info("model %s: attention host ready on %s (%s)", m.id, self.device, str(self.dtype).split(".")[-1])

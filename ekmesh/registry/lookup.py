@@ -4,14 +4,18 @@
 prefix or alias in the store. A name the user's store does not know is looked up in the read-only store shipped
 inside the package (``shard.store.packaged_store``), so ``ekmesh generate builtin`` works offline on a fresh machine;
 the user's store wins where both know a name.
+
+``names_of`` gives the names a stored model goes by here (its aliases and the hub id it was imported from): what a
+node advertises to the mesh (``discovery.advert``'s ``names``) and what its API accepts as ``model``.
 """
 
 from __future__ import annotations
 
 import os
 
-from ekmesh.core.errors import CheckpointError, ShardMissingError
+from ekmesh.core.errors import CheckpointError, ShardError, ShardMissingError
 from ekmesh.infer.loader import Checkpoint
+from ekmesh.shard.manifest import Manifest
 from ekmesh.shard.reader import open_store_model
 from ekmesh.shard.store import Store, packaged_store
 
@@ -20,6 +24,30 @@ def aliases_of(model_id: str, store: Store | None = None) -> list[str]:
     """Every alias of ``model_id`` in ``store`` (default: the user's) and in the packaged store."""
     stores = [store or Store()] + [s for s in [packaged_store()] if s is not None]
     return sorted({a for s in stores for a, target in s.aliases().items() if target == model_id})
+
+
+def hub_id_of(manifest: Manifest) -> str | None:
+    """The hub id (``org/repo``) a model was imported from, if its manifest records one (an import from a directory
+    does not)."""
+    src = manifest.data.get("source")
+    if isinstance(src, dict) and src.get("kind") == "hub" and isinstance(src.get("repo"), str):
+        return str(src["repo"])
+    return None
+
+
+def names_of(model_id: str, store: Store | None = None) -> list[str]:
+    """The names ``model_id`` goes by here: its aliases in ``store`` (default: the user's) and the packaged store,
+    then the hub id it was imported from (if its manifest, in either store, records one)."""
+    names = aliases_of(model_id, store)
+    for s in [store or Store()] + [s for s in [packaged_store()] if s is not None]:
+        try:
+            hub = hub_id_of(s.load_manifest(model_id))
+        except ShardError:
+            continue
+        if hub is not None and hub not in names:
+            names.append(hub)
+        break
+    return names
 
 
 def open_checkpoint(ref: str, store: Store | None = None) -> Checkpoint:

@@ -2,7 +2,8 @@
 
 - the HTTP side lives in ``tui.api_client`` (``ApiClient``, ``AnswerStream``, ``Answer``), re-exported here;
 - ``ChatState`` holds the conversation; ``status_line``, ``stats_view``, ``models_view``, ``help_view`` are pure
-  functions of it (no I/O, no clock), so a fixed state renders to fixed text.
+  functions of it (no I/O, no clock), so a fixed state renders to fixed text; ``header`` names the model as the user
+  knows it (``tui.names``: ``tinyds (blake3:9063ab…)``).
 - ``run_chat`` is the interactive loop: readline input, tokens streamed through ``rich.live.Live`` and re-rendered
   as Markdown when the answer is complete, slash commands. Ctrl-C while an answer streams stops that answer (the
   partial text stays in the history, as the user saw it); Ctrl-C at the prompt asks, a second one in a row exits.
@@ -25,6 +26,7 @@ from rich.text import Text
 
 from ekmesh.core.errors import ConfigError, EkmeshError
 from ekmesh.tui.api_client import Answer, AnswerStream, ApiClient
+from ekmesh.tui.names import model_label
 
 PROMPT = "you> "
 REFRESH_S = 0.05  # redraw the streaming answer at most 20 times a second
@@ -147,6 +149,19 @@ def help_view() -> Text:
     return text
 
 
+def label_of(models: list[dict[str, Any]], model_id: str | None, wanted: str | None = None) -> str:
+    """How the chat names ``model_id``: its name (``wanted`` if that is one) with the id shortened."""
+    if model_id is None:
+        return "(the node's)"
+    aliases: list[Any] = next((m.get("aliases", []) for m in models if m.get("id") == model_id), [])
+    return model_label(model_id, [a for a in aliases if isinstance(a, str)], wanted)
+
+
+def header(models: list[dict[str, Any]], model_id: str | None, api_url: str, wanted: str | None = None) -> Text:
+    """The chat's first line: the model by name (id shortened) and the API it talks to."""
+    return Text.assemble(("ekmesh chat", "bold"), f" · model {label_of(models, model_id, wanted)} · {api_url}")
+
+
 def resolve_model(models: list[dict[str, Any]], wanted: str) -> str:
     """The id of the served model that ``wanted`` names: an id, an alias, or a unique prefix of an id (with or
     without its ``blake3:`` part). ``ConfigError`` if none or several match."""
@@ -168,13 +183,14 @@ def run_chat(client: ApiClient, state: ChatState, console: Console,
              read_line: Callable[[str], str] = input) -> int:
     """Chat until ``/exit``, Ctrl-D or two Ctrl-C in a row at the prompt; returns the exit code (0)."""
     models = client.models()
+    wanted = state.model
     if state.model is not None:
         state.model = resolve_model(models, state.model)
     elif models:
         state.model = str(models[0]["id"])
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
-    console.print(Text.assemble(("ekmesh chat", "bold"), f" · model {state.model} · {client.api_url}"),
+    console.print(header(models, state.model, client.api_url, wanted),
                   Text("/help lists the commands, /exit or Ctrl-D quits", style="dim"), sep="\n")
     asked = False
     while True:
@@ -230,7 +246,7 @@ def _command(line: str, client: ApiClient, state: ChatState, console: Console) -
         models = client.models()
         if arg:
             state.model = resolve_model(models, arg)
-            console.print(Text(f"model {state.model}", style="dim"))
+            console.print(Text(f"model {label_of(models, state.model, arg)}", style="dim"))
         else:
             console.print(models_view(models, state.model))
     else:

@@ -1,7 +1,8 @@
 """The ``ekmesh status`` view: a status snapshot (see ``ekmesh.discovery.snapshot``) → a rich renderable.
 
 Pure: no I/O, no clock; what it shows comes only from the snapshot, so a fixed snapshot renders to fixed text.
-Colour carries no information that the text lacks (counts are digits, states are words).
+Colour carries no information that the text lacks (counts are digits, states are words). Models are shown by name
+with the id shortened (``tui.names``) where the snapshot gives names, else by their whole id.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
+
+from ekmesh.tui.names import model_label
 
 STATE_STYLE = {"self": "bold cyan", "up": "green", "down": "red", "left": "dim"}
 GIB = 1 << 30
@@ -53,7 +56,8 @@ def claim_line(claim: dict[str, Any]) -> Text:
     me = claim.get("self", {})
     rate = claim.get("rate_bps")
     text = Text.assemble(
-        ("claiming ", "bold"), str(claim.get("model")), f" ({claim.get('state')}, R={claim.get('replicas')})",
+        ("claiming ", "bold"), model_label(str(claim.get("model")), claim.get("names") or []),
+        f" ({claim.get('state')}, R={claim.get('replicas')})",
         f" · this node: {me.get('ready', 0)} ready / {me.get('fetched', 0)} fetched / "
         f"{me.get('assigned', 0)} assigned",
     )
@@ -138,7 +142,7 @@ def shard_map(model_id: str, shard: dict[str, Any], names: dict[str, str]) -> Re
     lo, hi = shard["layers"]
     experts = shard["experts"]
     title = Text.assemble(
-        ("model ", "bold"), (model_id, "bold"),
+        ("model ", "bold"), (model_label(model_id, shard.get("names") or []), "bold"),
         f"  layers [{lo}, {hi}) × {experts} experts · coverage {shard['coverage']:.1%}"
         f" · replicated {shard['replicated']:.1%}",
     )

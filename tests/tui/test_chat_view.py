@@ -404,7 +404,7 @@ def test_run_chat_streams_answers_keeps_history_and_runs_commands(serve):
     state = ChatState(model="builtin", temperature=0.0)
     assert run_chat(ApiClient(url), state, console, read_line) == 0
     out = console.export_text()
-    assert f"ekmesh chat · model {MODEL} · {url}" in out
+    assert f"ekmesh chat · model builtin (blake3:906309…) · {url}" in out  # by name, the id shortened
     # shown as Markdown (no asterisks), then the status line
     assert len(re.findall(r"\nbold answer *\n12\.3 tok/s · first token 0\.21 s · 3 peers", out)) == 2
     assert "error: /temperature takes a number from 0 to 2, got 'hot'" in out
