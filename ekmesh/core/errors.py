@@ -26,13 +26,19 @@ json, tokenizers, jinja2) are translated once, at the boundary of the package th
     ├── OverBudgetError              a listener's memory budget had no room for what a peer sent, in time
     ├── ExpertUnavailableError       a routed expert has no live holder and no source to fetch it from
     ├── ExpertNotLoadedError         a token was routed to an expert the backend asked does not hold (names it)
+    ├── ModelNameError               a model name (alias, hub id) names no model the store or the live mesh knows
+    │   └── AmbiguousModelNameError  live peers advertise one name for different models (lists each id, its peers)
     ├── ApiError                     an API request cannot be answered (the HTTP server maps each to a status)
     │   ├── BadRequestError          the request is not a valid request (400; names the field at fault)
     │   ├── UnknownModelError        the request names a model this node does not serve (404)
     │   └── NotServingError          this node cannot answer now: no model, or not ready yet (503)
     ├── LocalNodeError               the node of this EKMESH_HOME cannot be reached or started
     │   ├── NodeNotRunningError      no node is running for this EKMESH_HOME
-    │   └── NodeAlreadyRunningError  another node already runs for this EKMESH_HOME
+    │   ├── NodeAlreadyRunningError  another node already runs for this EKMESH_HOME
+    │   └── RelayError               the local node's experts relay refused or failed (``ekmesh.hf``)
+    │       ├── RelayAuthError       the relay refused the token (a stale node.json, or another home's)
+    │       ├── ModelNotServedError  the local node serves another model (names what it serves)
+    │       └── ExpertsMissingError  some of the model's experts have no live holder (names how many)
     └── DemoError                    `ekmesh demo`'s local mesh could not start or become ready in time
 
 Exceptions that are not errors stay where they are used and private (``_ClientGone``, ``_Skip``: control flow
@@ -40,6 +46,8 @@ inside one module), or are interrupts (``DemoInterrupted`` is a ``KeyboardInterr
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 
 class EkmeshError(Exception):
@@ -187,6 +195,26 @@ class ExpertNotLoadedError(EkmeshError):
         super().__init__(f"expert (layer={layer}, expert={expert}) is not loaded in this backend")
 
 
+class ModelNameError(EkmeshError):
+    """``name`` (an alias, or the hub id a model was imported from) names no model that the store knows or that a
+    live peer advertises (``join --model NAME`` waited for the mesh until its deadline)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        super().__init__(message)
+
+
+class AmbiguousModelNameError(ModelNameError):
+    """Live peers advertise ``name`` for different models. ``models`` maps each model id to the peers (as
+    ``"name (peer id)"``) that advertise it under that name; the message lists them all."""
+
+    def __init__(self, name: str, models: Mapping[str, Sequence[str]]) -> None:
+        self.models = {mid: list(peers) for mid, peers in sorted(models.items())}
+        listed = "; ".join(f"{mid} (peers: {', '.join(sorted(peers)) or '-'})" for mid, peers in self.models.items())
+        super().__init__(name, f"{name!r} names {len(self.models)} different models in the mesh: {listed}; "
+                               "give the model id instead")
+
+
 class ApiError(EkmeshError):
     """An API request cannot be answered; the HTTP server answers each kind with its own status."""
 
@@ -218,6 +246,28 @@ class NodeNotRunningError(LocalNodeError):
 
 class NodeAlreadyRunningError(LocalNodeError):
     """Another node already runs for this ``EKMESH_HOME``; two nodes must not share one identity."""
+
+
+class RelayError(LocalNodeError):
+    """The local node's experts relay (``node/experts_relay.py``) refused a client or failed a request: it serves
+    no model yet, does not host attention, or could not compute a layer (the message says which)."""
+
+
+class RelayAuthError(RelayError):
+    """The relay refused the client's token: node.json belongs to an earlier run or to another ``EKMESH_HOME``."""
+
+
+class ModelNotServedError(RelayError):
+    """The local node serves another model than the one asked for (the message names the one it serves)."""
+
+
+class ExpertsMissingError(RelayError):
+    """Some routed experts of the model have no live holder in the mesh, so its layers cannot be computed there.
+    ``missing``: how many; the message names a few as (layer, expert)."""
+
+    def __init__(self, message: str, missing: int = 0) -> None:
+        self.missing = missing
+        super().__init__(message)
 
 
 class DemoError(EkmeshError):

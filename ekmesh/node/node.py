@@ -7,7 +7,9 @@ membership (signed adverts, failure detection, leave on shutdown) and the local 
 ``ekmesh status`` talks to; with ``--model``, claiming (``node.claim``: this node's share of the model's experts,
 fetched from peers over blob exchange, loaded on the device and only then advertised ready) and serving
 (``node.serving``: the expert server for them and, as attention host, generation over the mesh); and on every
-node the OpenAI-compatible API on localhost (``ekmesh.api``; its URL is in node.json as ``api_url``).
+node the OpenAI-compatible API on localhost (``ekmesh.api``; its URL is in node.json as ``api_url``); with
+``--model``, the experts relay through which ``ekmesh.hf`` computes a transformers model's experts on the mesh
+(``node.experts_relay``; its address and token are in node.json, mode 0600).
 
 Wiring: every part gets its collaborators as constructor arguments, built in dependency order (the TLS identity,
 then ``Serving``, then the ``Claimer`` with ``Serving`` as its hooks); none is handed to another by assigning an
@@ -61,6 +63,7 @@ from ekmesh.node.claim import ClaimConfig, Claimer
 from ekmesh.shard.store import Store
 
 if TYPE_CHECKING:
+    from ekmesh.node.experts_relay import ExpertsRelay
     from ekmesh.node.serving import Serving
 
 log = logging.getLogger(__name__)
@@ -136,6 +139,7 @@ class Node:
         self.claimer: Claimer | None = None
         self.serving: Serving | None = None
         self.api: ApiServer | None = None
+        self.experts_relay: ExpertsRelay | None = None  # with --model: the local experts relay (``ekmesh.hf``)
         if config.model is not None:
             if config.attention is False and not config.experts:
                 raise ConfigError("--no-attention with --no-experts leaves this node nothing to do for --model")
@@ -183,7 +187,8 @@ class Node:
             for p in snap["peers"]:
                 p["assigned"] = {claim["model"]: claim["assigned"].get(p["peer_id"], 0)}
         if self.serving is not None:
-            snap["serving"] = {**self.serving.status(), "api_url": self.api.url if self.api else None}
+            snap["serving"] = {**self.serving.status(), "api_url": self.api.url if self.api else None,
+                               "relay_addr": self.experts_relay.addr if self.experts_relay else None}
         snap["bootstrap"] = self._membership.bootstrap_status() if self._membership is not None else []
         return snap
 
@@ -239,12 +244,18 @@ class Node:
                 self.serving.open(bind, advertise)
         if cfg.api_port is not None:
             self.api = ApiServer(self, port=cfg.api_port).start()
+        if self.serving is not None:
+            from ekmesh.node.experts_relay import ExpertsRelay  # torch: only a node that serves a model loads it
+
+            self.experts_relay = ExpertsRelay.for_serving(self.serving).start()
         try:
             await self._run_parts_with_api(host, handle_signals, task_status)
         finally:
             with trio.CancelScope(shield=True):
                 if self.api is not None:
                     await trio.to_thread.run_sync(self.api.stop)
+                if self.experts_relay is not None:  # before serving: it computes through serving's backend
+                    await trio.to_thread.run_sync(self.experts_relay.stop)
                 if self.serving is not None:
                     await trio.to_thread.run_sync(self.serving.close)
 
@@ -262,7 +273,8 @@ class Node:
                 relay.add_relay(peer_id, addr)
         self._membership = membership
         control = ControlServer(cfg.home, self.peer_id, self._control, timeouts.control_timeout,
-                                extra={"api_url": self.api.url} if self.api else None)
+                                extra={**({"api_url": self.api.url} if self.api else {}),
+                                       **(self.experts_relay.node_json() if self.experts_relay else {})})
         async with trio.open_nursery() as nursery:
             await nursery.start(control.run)
             await nursery.start(relay.run)
@@ -338,6 +350,7 @@ class Node:
             data_addr=self.data_addr, models=dict(self.models), load=round(load1, 3),
             blob_addr=self.claimer.blob_addr if self.claimer else None,
             tls_fp=self.claimer.tls_fp if self.claimer else None,
+            names=dict(self.claimer.names) if self.claimer else {},
         )
         return sign_advert(advert, self.key_pair.private_key)
 
