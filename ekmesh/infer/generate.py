@@ -241,7 +241,7 @@ class Generator:
         """Logits [T, V] (fp32) for every prompt position: one prefill, no sampling."""
         self._check_prompt(prompt_ids)
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
-        return self._prefill(ids, last_only=False)[1][0].float()
+        return self._prefill(ids, last_only=False)[1].float()
 
     def prompt_logprobs(self, prompt_ids: Sequence[int], top: int) -> Logprobs:
         """``token_logprobs`` of prompt tokens 1..T-1 (each given the tokens before it), from one prefill."""
@@ -250,18 +250,22 @@ class Generator:
     def _retracted(self) -> int:
         return self.retractions() if self.retractions is not None else 0
 
-    def _prefill(self, ids: torch.Tensor, last_only: bool) -> tuple[KVCache, torch.Tensor, int]:
-        """(cache, logits [1, T or 1, V], the retraction count it was built under): one forward over ``ids`` [1, T],
-        again while a retraction happened during it."""
+    def _prefill(self, ids: torch.Tensor, last_only: bool) -> tuple[KVCache, torch.Tensor, int, int]:
+        """(cache, logits [T or 1, V], the retraction count it was built under, the data-plane rounds it made): one
+        forward over ``ids`` [1, T], in one batch with the steps of the other conversations waiting now (so
+        conversations that start together share their prefills' round trips), again while a retraction happened
+        during it."""
+        rounds = 0
         for _ in range(MAX_REBUILDS):
             seen = self._retracted()
             cache = self.model.new_cache()
-            logits = self.model(ids, cache, self.experts, last_only=last_only)
+            logits, made, _ = self.batcher.step(ids, cache, last_only)
+            rounds += made
             if self._retracted() == seen:
                 break
             self.recomputed_tokens += ids.shape[1]
             log.info("a member was banned during a forward of %d tokens: computing it again", ids.shape[1])
-        return cache, logits, seen
+        return cache, logits, seen, rounds
 
     def check(self, params: SamplingParams) -> None:
         """Raises ``GenerationError`` for parameters this generator cannot honour (before anything is generated)."""
@@ -312,18 +316,14 @@ class Generator:
             if self.round_trips is not None:
                 stats.round_trips = stats.rounds / self.moe_layers
 
-    def _rounds(self) -> int:
-        return self.round_trips() if self.round_trips is not None else 0
-
     def _decode(self, tokens: list[int], params: SamplingParams, draws: Draws | None, emit: _Emitter,
                 drafter: Drafter | None, stats: StreamStats) -> Iterator[TokenEvent]:
         """The eager decode loop: each step feeds the current token and up to k drafts in one forward and keeps the
         drafts the target accepts (``speculative.py``); without a drafter, one token a step."""
         dev = self.device
-        r0 = self._rounds()
-        cache, built, seen = self._prefill(torch.tensor([tokens], dtype=torch.long, device=dev), True)
-        stats.rounds += self._rounds() - r0
-        logits = built[0, -1]  # [V]
+        cache, built, seen, rounds = self._prefill(torch.tensor([tokens], dtype=torch.long, device=dev), True)
+        stats.rounds += rounds
+        logits = built[-1]  # [V]
         length = self._lengths.get(params.speculative or self.speculative) if drafter is not None else None
         forced: int | None = None  # the token speculative sampling drew at a rejection
         while True:
@@ -354,11 +354,10 @@ class Generator:
                 log.info("a member was banned: recomputing this conversation's cache (%d tokens)",
                          len(tokens) + len(draft))
                 self.recomputed_tokens += len(tokens) + len(draft)
-                r0 = self._rounds()
-                cache, again, seen = self._prefill(torch.tensor([tokens + draft], dtype=torch.long, device=dev),
-                                                   False)
-                stats.rounds += self._rounds() - r0
-                out = again[0, -len(fed):]
+                cache, again, seen, rounds = self._prefill(
+                    torch.tensor([tokens + draft], dtype=torch.long, device=dev), False)
+                stats.rounds += rounds
+                out = again[-len(fed):]
             if not draft:
                 logits, forced = out[-1], None
                 if length is not None:

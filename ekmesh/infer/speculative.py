@@ -37,6 +37,7 @@ import torch
 
 from ekmesh.core.constants import SPECULATIVE_MODES
 from ekmesh.core.errors import ConfigError
+from ekmesh.infer.batching import StepBatcher
 from ekmesh.infer.experts import ExpertsBackend
 from ekmesh.infer.loader import Checkpoint, load_all
 from ekmesh.infer.models.common import CausalLM
@@ -98,10 +99,14 @@ class ModelDrafter:
     """Drafts with a small causal LM on the host (the same tokenizer as the target): greedy tokens, so each draft is
     proposed with certainty (``accept`` treats it as prompt lookup's). One per answer: it keeps its own KV cache of
     the tokens it was fed, cut back to what the target kept at the next call, so each step feeds only the tokens
-    the target added since (the accepted drafts are already in it) and then drafts k tokens one forward each."""
+    the target added since (the accepted drafts are already in it) and then drafts k tokens one forward each.
+    ``batcher``: the draft model's ``StepBatcher``, shared by every answer drafting with it: the forwards of the
+    answers drafting at the same moment run as one (it waits only for answers inside ``propose``)."""
 
-    def __init__(self, model: CausalLM, experts: ExpertsBackend | None = None, max_len: int | None = None) -> None:
+    def __init__(self, model: CausalLM, experts: ExpertsBackend | None = None, max_len: int | None = None,
+                 batcher: StepBatcher | None = None) -> None:
         self.model, self.experts = model, experts
+        self.batcher = batcher if batcher is not None else StepBatcher(model, experts)
         self.device = next(model.parameters()).device
         self.max_len = max_len  # the draft's context limit (its max_position_embeddings); past it: no drafts
         self.cache = model.new_cache()
@@ -121,13 +126,17 @@ class ModelDrafter:
         del self.fed[same:]
         new = list(context[same:])
         out: list[int] = []
-        for _ in range(k):
-            ids = torch.tensor([new], dtype=torch.long, device=self.device)
-            logits = self.model(ids, self.cache, self.experts, last_only=True)[0, -1]  # [V]
-            self.fed.extend(new)
-            nxt = int(torch.argmax(logits))
-            out.append(nxt)
-            new = [nxt]
+        self.batcher.joined()
+        try:
+            for _ in range(k):
+                ids = torch.tensor([new], dtype=torch.long, device=self.device)
+                logits = self.batcher.step(ids, self.cache, True)[0][-1]  # [V]
+                self.fed.extend(new)
+                nxt = int(torch.argmax(logits))
+                out.append(nxt)
+                new = [nxt]
+        finally:
+            self.batcher.left()
         return out
 
 
@@ -146,7 +155,8 @@ def load_draft(source: str | os.PathLike[str] | Checkpoint, device: torch.device
     uses = experts if any(ckpt.config.moe_layers) else None
     limit = ckpt.hf_config.get("max_position_embeddings")
     log.info("draft model %s loaded on %s", ckpt.label, device)
-    return lambda: ModelDrafter(model, uses, int(limit) if limit else None)
+    batcher = StepBatcher(model, uses)
+    return lambda: ModelDrafter(model, uses, int(limit) if limit else None, batcher)
 
 
 def target_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
