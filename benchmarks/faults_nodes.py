@@ -44,7 +44,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,7 @@ from ekmesh.infer.session import LocalModel  # noqa: E402
 from ekmesh.registry.imports import import_full  # noqa: E402
 from ekmesh.shard.store import Store  # noqa: E402
 from tests.discovery.meshproc import NodeProc, wait_until  # noqa: E402
-from tests.node.servingmesh import BASE, ServingMesh, seed_identity  # noqa: E402
+from tests.node.servingmesh import BASE, ServingMesh, seed_identity, stream_chunks  # noqa: E402
 from tests.tiny_models import COMMON, make_tiny, random_prompt  # noqa: E402
 
 KINDS = ("kill", "stop", "partition", "slow", "liar")
@@ -85,25 +84,16 @@ class Answer:
 
 def stream(api: str, prompt: list[int], n: int, on_token: Callable[[int], None] | None = None) -> Answer:
     """A greedy streamed completion; ``on_token(count)`` after each chunk with tokens."""
-    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True,
-            "return_token_ids": True}
-    req = urllib.request.Request(api + "/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True}
     out, t0 = Answer(), time.monotonic()
     try:
-        with urllib.request.urlopen(req, timeout=300) as resp:
-            for raw in resp:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(chunk["error"]["message"])
-                out.ekmesh = chunk.get("ekmesh", out.ekmesh)
-                new = [t for c in chunk["choices"] for t in c.get("token_ids", [])]
-                out.tokens += new
-                out.times += [time.time()] * len(new)
-                if new and on_token is not None:
-                    on_token(len(out.tokens))
+        for chunk in stream_chunks(api, body, timeout=300):
+            out.ekmesh = chunk.get("ekmesh", out.ekmesh)
+            new = [t for c in chunk["choices"] for t in c.get("token_ids", [])]
+            out.tokens += new
+            out.times += [time.time()] * len(new)
+            if new and on_token is not None:
+                on_token(len(out.tokens))
     except (OSError, RuntimeError, ValueError) as exc:
         out.error = f"{type(exc).__name__}: {exc}"
     out.seconds = time.monotonic() - t0

@@ -15,6 +15,9 @@ with the old store and must be distilled from the new built-in and shipped again
 it, aliased ``builtin-draft``, with its figures under ``draft`` in the card); the held-out loss is the definition of
 ``tools/builtin_data.heldout_windows`` (mean next-token cross-entropy, fp32 from the bf16 weights), over every
 window and over the test's subset ``windows[::SUBSET_STRIDE]``.
+
+``seal`` (what only a writable store keeps removed, every blob re-hashed), ``store_bytes`` and ``cli`` (the command
+line) serve ``tools/package_draft.py`` too.
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ekmesh.shard.store import Store
 
 ALIAS = "builtin"
 SUBSET_STRIDE = 4  # the test recomputes the loss over windows[::4] (13 of 50 windows) to stay under a minute
@@ -32,6 +39,38 @@ ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "ekmesh" / "builtin" / "store"
 CARD = ROOT / "ekmesh" / "builtin" / "card.json"
 WINDOWS = ROOT / "tests" / "tools" / "data" / "builtin_heldout_windows.json"
+WRITABLE_ONLY = ("verified", "tmp", "quarantine", "imports")  # what only a writable store keeps
+
+
+def store_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def seal(root: Path) -> Store:
+    """Removes what only a writable store keeps from the store at ``root`` and re-hashes every blob of every model
+    through a read-only ``Store``, which it returns."""
+    from ekmesh.shard.store import Store
+
+    for sub in WRITABLE_ONLY:
+        shutil.rmtree(root / sub, ignore_errors=True)
+    ro = Store(root, read_only=True)
+    for mid in ro.models():
+        m = ro.load_manifest(mid)
+        for bid in sorted(m.blob_ids()):
+            ro.verify(bid, m.size(bid))
+    return ro
+
+
+def cli(module: str, doc: str, trainer: str, package: Callable[[Path, Path, Path | None], dict[str, Any]],
+        argv: list[str] | None) -> None:
+    """The command line of ``python -m tools.<module>``: a checkpoint directory that ``trainer`` wrote, ``--data``
+    and ``--report``; prints what ``package`` returns as JSON."""
+    p = argparse.ArgumentParser(prog=f"python -m tools.{module}", description=doc.split("\n")[0])
+    p.add_argument("checkpoint", type=Path, help=f"the Hugging Face checkpoint directory that {trainer} wrote")
+    p.add_argument("--data", type=Path, default=Path(".train"), help="prepare's directory (held-out windows)")
+    p.add_argument("--report", type=Path, default=None, help=f"{trainer}'s --report JSON, copied into card.json")
+    args = p.parse_args(argv)
+    print(json.dumps(package(args.checkpoint, args.data, args.report), indent=1))
 
 
 def heldout_loss(source: Any, windows: list[list[int]], batch: int = 16) -> float:
@@ -75,13 +114,9 @@ def package(checkpoint: Path, data: Path, report: Path | None) -> dict[str, Any]
                   "built-in (tools/train_draft.py, tools/package_draft.py)")
         shutil.rmtree(STORE)
     res = import_full(str(checkpoint), alias=ALIAS, store=Store(STORE))
-    for sub in ("verified", "tmp", "quarantine", "imports"):
-        shutil.rmtree(STORE / sub, ignore_errors=True)
-    ro = Store(STORE, read_only=True)
+    ro = seal(STORE)  # (the store holds this one model)
     m = ro.load_manifest(ro.resolve(ALIAS))
-    for bid in sorted(m.blob_ids()):
-        ro.verify(bid, m.size(bid))
-    size = sum(p.stat().st_size for p in STORE.rglob("*") if p.is_file())
+    size = store_bytes(STORE)
     print(f"imported {res.model_id} as {ALIAS!r}: {res.blobs} blobs, {res.bytes} bytes; store {size} bytes")
 
     windows = json.loads((data / "heldout.json").read_text())
@@ -113,12 +148,7 @@ def package(checkpoint: Path, data: Path, report: Path | None) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tools.package_builtin", description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", type=Path, help="the Hugging Face checkpoint directory that train wrote")
-    p.add_argument("--data", type=Path, default=Path(".train"), help="prepare's directory (held-out windows)")
-    p.add_argument("--report", type=Path, default=None, help="train's --report JSON, copied into card.json")
-    args = p.parse_args(argv)
-    print(json.dumps(package(args.checkpoint, args.data, args.report), indent=1))
+    cli("package_builtin", __doc__ or "", "train", package, argv)
 
 
 if __name__ == "__main__":

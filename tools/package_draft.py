@@ -24,14 +24,12 @@ equal the test's ``tests/tools/data/builtin_heldout_windows.json``; ``greedy_agr
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from tools.draft_figures import TEACHER, TOKENIZER_FILES, evaluate_pair, heldout_figures, load_pair
-from tools.package_builtin import CARD, STORE, SUBSET_STRIDE, WINDOWS
+from tools.package_builtin import CARD, STORE, SUBSET_STRIDE, WINDOWS, cli, seal, store_bytes
 
 ALIAS = "builtin-draft"
 DRAFT_MAX_BYTES = 8_000_000  # what shipping a draft may add to the package's store
@@ -41,10 +39,6 @@ CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_k
 TRAINING_KEYS = ("device", "torch", "transformers", "seed", "steps", "best_step", "stop", "select", "batch",
                  "seq_len", "tokens_seen", "lr", "warmup", "alpha", "weight_decay", "teacher_dtype", "train_seconds",
                  "wall_seconds", "argv")
-
-
-def store_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
 def check_checkpoint(checkpoint: Path, builtin: Any, files: dict[str, bytes]) -> dict[str, Any]:
@@ -91,13 +85,7 @@ def package(checkpoint: Path, data: Path, report: Path | None = None, root: Path
     rw.gc()
     before = store_bytes(root)
     res = import_full(str(checkpoint), alias=ALIAS, store=rw)
-    for sub in ("verified", "tmp", "quarantine", "imports"):
-        shutil.rmtree(root / sub, ignore_errors=True)
-    ro = Store(root, read_only=True)
-    for mid in ro.models():
-        m = ro.load_manifest(mid)
-        for bid in sorted(m.blob_ids()):
-            ro.verify(bid, m.size(bid))
+    ro = seal(root)
     size = store_bytes(root)
     m = ro.load_manifest(res.model_id)
     print(f"imported {res.model_id} as {ALIAS!r}: {len(m.blob_ids())} blobs, {size - before} bytes added; "
@@ -139,12 +127,7 @@ def package(checkpoint: Path, data: Path, report: Path | None = None, root: Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tools.package_draft", description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", type=Path, help="the Hugging Face checkpoint directory that train_draft wrote")
-    p.add_argument("--data", type=Path, default=Path(".train"), help="prepare's directory (held-out windows)")
-    p.add_argument("--report", type=Path, default=None, help="train_draft's --report JSON, copied into card.json")
-    args = p.parse_args(argv)
-    print(json.dumps(package(args.checkpoint, args.data, args.report), indent=1))
+    cli("package_draft", __doc__ or "", "train_draft", package, argv)
 
 
 if __name__ == "__main__":

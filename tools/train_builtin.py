@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -33,10 +32,11 @@ from array import array
 from pathlib import Path
 from typing import Any
 
+from tools.schedule import BUDGET_PROBE, Schedule
+
 SAMPLE_PROMPTS = ("Genesis 1", "Recite Psalm 23", "Tell me about light.", "Continue: In the beginning",
                   "Who was Moses?", "John 11:35")
 
-BUDGET_PROBE = 40  # with --budget, the step at which the step count is fixed from the measured speed
 MODEL: dict[str, Any] = dict(
     vocab_size=4096, hidden_size=384, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
     head_dim=48, intermediate_size=1024, moe_intermediate_size=160, num_experts=12, num_experts_per_tok=2,
@@ -230,13 +230,6 @@ def train(args: argparse.Namespace) -> None:
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.startswith("cuda"))
     warmup = args.warmup
     probe = min(BUDGET_PROBE, warmup - 1)  # the step count must be fixed while the schedule ignores it
-    total_steps = args.steps
-
-    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10%
-        if step < warmup:
-            return args.lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
     def snapshot() -> dict[str, Any]:
         return {k: v.detach().to(torch.bfloat16).clone() for k, v in model.state_dict().items()}
@@ -255,13 +248,15 @@ def train(args: argparse.Namespace) -> None:
     use_amp = device.startswith("cuda")
     losses: list[float] = []
     curve: list[dict[str, float]] = []  # one entry per evaluation
-    best: dict[str, Any] = {"loss": math.inf, "step": -1, "state": None}
-    t_train = time.time()
-    t_eval = 0.0  # seconds spent evaluating, left out of the speed measurement
+    best: dict[str, Any] = {"loss": float("inf"), "step": -1, "state": None}
+    sched = Schedule(args.lr, warmup, args.steps, probe, 2 * warmup, args.budget, args.time_limit, args.patience,
+                     args.eval_every, log)
+    t_train = sched.t_train
     steps_done = step = 0
     stop = ""
     while True:
-        if step % args.eval_every == 0 or step == total_steps:
+        evaluated = sched.evaluates(step)
+        if evaluated:
             t0 = time.time()
             state = snapshot()
             held = measure(state, track)
@@ -269,33 +264,16 @@ def train(args: argparse.Namespace) -> None:
             curve.append(entry)
             if held < best["loss"]:
                 best = {"loss": held, "step": step, "state": state}
-            t_eval += time.time() - t0
+            sched.evaluated(t0)
             log(f"eval step {step:5d}  held-out {held:.4f}  (best {best['loss']:.4f} at {best['step']})  "
                 f"{time.time() - t_train:.0f}s")
-            if step - best["step"] >= args.patience:
-                stop = f"no held-out improvement for {args.patience} steps"
-        if step >= total_steps:
-            stop = stop or "all steps done"
-        elif time.time() - t_train > args.time_limit:
-            stop = stop or f"time limit {args.time_limit}s"
+        stop = sched.stop(step, best["step"], evaluated)
         if stop:
             break
         model.train()
-        if step in (10, probe) and use_amp:
-            torch.cuda.synchronize()  # time the GPU's work, not the launch queue
-        if step == 10:
-            t_rate, e_rate = time.time(), t_eval
-        if step == probe and args.budget:
-            # Fix the step count from the measured speed while still in warm-up, where the schedule does not
-            # depend on it: the run is then the same as one started with --steps <total_steps>.
-            per_step = (time.time() - t_rate - (t_eval - e_rate)) / (probe - 10)
-            per_step += (t_eval / max(1, len(curve))) / args.eval_every
-            fit = probe + int((args.budget - (time.time() - t_train)) / per_step)
-            total_steps = max(2 * warmup, min(args.steps, fit))
-            log(f"{1 / per_step:.1f} steps/s with evaluations: training for {total_steps} steps "
-                f"(replay with --steps {total_steps})")
+        sched.before_update(step, torch.cuda.synchronize if use_amp else None)  # (--budget: the step count)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = sched.lr_at(step)
         starts = torch.randint(0, n_tokens - seq_len - 1, (batch_size,), generator=gen).to(device)
         batch = stream[starts[:, None] + offsets]  # [batch_size, seq_len + 1]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
@@ -307,11 +285,12 @@ def train(args: argparse.Namespace) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         steps_done = step = step + 1
-        if step % 25 == 0 or step == total_steps:  # step = updates done
+        if step % 25 == 0 or step == sched.total_steps:  # step = updates done
             losses.append(ce.item())
-            if step % args.log_every == 0 or step == total_steps:
+            if step % args.log_every == 0 or step == sched.total_steps:
                 el = time.time() - t_train
-                log(f"step {step:5d}  ce {ce.item():.4f}  aux {out.aux_loss.item():.3f}  lr {lr_at(step - 1):.2e}  "
+                log(f"step {step:5d}  ce {ce.item():.4f}  aux {out.aux_loss.item():.3f}  "
+                    f"lr {sched.lr_at(step - 1):.2e}  "
                     f"{step * batch_size * seq_len / el / 1e3:.0f}k tok/s  {el:.0f}s")
     train_time = time.time() - t_train
     log(f"stopped after {steps_done} steps ({stop}); best held-out {best['loss']:.4f} at step {best['step']}")
@@ -346,12 +325,12 @@ def train(args: argparse.Namespace) -> None:
               "warmup": warmup, "weight_decay": args.weight_decay, "dropout": args.dropout,
               "train_loss_at_best": train_loss, "train_eval_windows": len(train_probe), "train_curve": losses,
               "eval_curve": curve, "heldout_loss": held, "heldout_tokens": held_tokens,
-              "tracked_windows": len(track), "train_seconds": train_time, "eval_seconds": t_eval,
+              "tracked_windows": len(track), "train_seconds": train_time, "eval_seconds": sched.t_eval,
               "wall_seconds": time.time() - t_start, "samples": samples, "argv": sys.argv[1:]}
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1))
     log(f"best step {best['step']} of {steps_done}: train loss {train_loss:.4f}; held-out loss {held:.4f}; "
-        f"{steps_done} steps in {train_time:.0f}s ({t_eval:.0f}s evaluating); checkpoint {size / 1e6:.1f} MB; "
+        f"{steps_done} steps in {train_time:.0f}s ({sched.t_eval:.0f}s evaluating); checkpoint {size / 1e6:.1f} MB; "
         f"wall {report['wall_seconds']:.0f}s")
 
 

@@ -17,7 +17,8 @@ bf16-rounded weights, in fp32 (TF32 off), are compared with the fp32 teacher's l
 windows (greedy agreement and KL, ``draft_figures``); the best state (``--select``) is saved as a Hugging Face
 directory in bf16 with the shipped tokenizer files; training stops after ``--patience`` steps without
 improvement, at ``--time-limit``, or at the step count that ``--budget`` fixes from the speed measured at step
-``BUDGET_PROBE`` (while still in warm-up, so the run equals one started with that ``--steps``).
+``BUDGET_PROBE`` (while still in warm-up, so the run equals one started with that ``--steps``): the schedule of
+``tools/schedule.py``, which ``train_builtin`` uses too.
 
 Invariants: seeded (weights, data windows; GPU kernels are not bitwise deterministic); the held-out figure that
 selects the saved state is computed from the bf16 weights that are saved; nothing here writes into the package.
@@ -48,9 +49,9 @@ from tools.draft_figures import (
     ms_per_token,
     open_teacher,
 )
+from tools.schedule import BUDGET_PROBE, Schedule
 from tools.train_builtin import log
 
-BUDGET_PROBE = 40
 SHAPE: dict[str, Any] = dict(  # the draft's config; --hidden, --layers, --heads, --kv-heads, --head-dim, --intermediate
     hidden_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
     intermediate_size=768, vocab_size=4096, tie_word_embeddings=True, max_position_embeddings=2048,
@@ -143,13 +144,8 @@ def train(args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                             fused=cuda)
-    warmup, total_steps = args.warmup, args.steps
+    warmup = args.warmup
     probe = min(BUDGET_PROBE, max(2, warmup - 1))
-
-    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10%
-        if step < warmup:
-            return args.lr * (step + 1) / warmup
-        return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup))))
 
     def snapshot() -> dict[str, Any]:
         return {k: v.detach().to(torch.bfloat16).clone() for k, v in model.state_dict().items()}
@@ -171,42 +167,29 @@ def train(args: argparse.Namespace) -> None:
     offsets = torch.arange(seq_len + 1, device=device)
     curve: list[dict[str, float]] = []
     best: dict[str, Any] = {"m": {"agreement": -1.0, "kl": math.inf}, "step": -1, "state": None}
-    t_train, t_eval, step, stop = time.time(), 0.0, 0, ""
-    t_rate = e_rate = 0.0
+    sched = Schedule(args.lr, warmup, args.steps, probe, probe + 1, args.budget, args.time_limit, args.patience,
+                     args.eval_every, log)
+    t_train, step, stop = sched.t_train, 0, ""
     while True:
-        if step % args.eval_every == 0 or step == total_steps:
+        evaluated = sched.evaluates(step)
+        if evaluated:
             t0 = time.time()
             state = snapshot()
             m = measure(state)
             curve.append({"step": step, **m})
             if better(m, best["m"]):
                 best = {"m": m, "step": step, "state": state}
-            t_eval += time.time() - t0
+            sched.evaluated(t0)
             log(f"eval step {step:5d}  held-out agreement {m['agreement']:.4f}  KL {m['kl']:.4f}  (best "
                 f"{best['m']['agreement']:.4f} / {best['m']['kl']:.4f} at {best['step']})  "
                 f"{time.time() - t_train:.0f}s")
-            if step - best["step"] >= args.patience:
-                stop = f"no held-out improvement for {args.patience} steps"
-        if step >= total_steps:
-            stop = stop or "all steps done"
-        elif time.time() - t_train > args.time_limit:
-            stop = stop or f"time limit {args.time_limit}s"
+        stop = sched.stop(step, best["step"], evaluated)
         if stop:
             break
-        if step in (10, probe) and cuda:
-            torch.cuda.synchronize()
-        if step == 10:
-            t_rate, e_rate = time.time(), t_eval
-        if step == probe and args.budget and probe > 10:
-            per_step = (time.time() - t_rate - (t_eval - e_rate)) / (probe - 10)
-            per_step += (t_eval / len(curve)) / args.eval_every
-            fit = probe + int((args.budget - (time.time() - t_train)) / per_step)
-            total_steps = max(probe + 1, min(args.steps, fit))
-            log(f"{1 / per_step:.1f} steps/s with evaluations: training for {total_steps} steps "
-                f"(replay with --steps {total_steps})")
+        sched.before_update(step, torch.cuda.synchronize if cuda else None)  # (--budget: the step count)
         model.train()
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = sched.lr_at(step)
         starts = torch.randint(0, n_tokens - seq_len - 1, (batch_size,), generator=gen).to(device)
         batch = stream[starts[:, None] + offsets]  # [B, seq_len + 1]
         t_logp = teach(batch[:, :-1])  # [B, T, V]
@@ -221,11 +204,11 @@ def train(args: argparse.Namespace) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % args.log_every == 0 or step == total_steps:
+        if step % args.log_every == 0 or step == sched.total_steps:
             agree = (s_logp.argmax(-1) == t_logp.argmax(-1)).float().mean().item()
             el = time.time() - t_train
             log(f"step {step:5d}  kl {kl.item():.4f}  ce {ce.item():.4f}  batch agreement {agree:.4f}  "
-                f"lr {lr_at(step - 1):.2e}  {step * batch_size * seq_len / el / 1e3:.0f}k tok/s  {el:.0f}s")
+                f"lr {sched.lr_at(step - 1):.2e}  {step * batch_size * seq_len / el / 1e3:.0f}k tok/s  {el:.0f}s")
     train_time = time.time() - t_train
     log(f"stopped after {step} steps ({stop}); best held-out agreement {best['m']['agreement']:.4f} "
         f"(KL {best['m']['kl']:.4f}) at step {best['step']}")
@@ -254,11 +237,11 @@ def train(args: argparse.Namespace) -> None:
               "tokens_seen": step * batch_size * seq_len, "lr": args.lr, "warmup": warmup, "alpha": args.alpha,
               "weight_decay": args.weight_decay, "teacher_dtype": "bf16" if cuda else "fp32",
               "teacher_batched": batched, "eval_curve": curve, "heldout": final, "tracked_windows": len(track),
-              "train_seconds": train_time, "eval_seconds": t_eval, "wall_seconds": time.time() - t_start,
+              "train_seconds": train_time, "eval_seconds": sched.t_eval, "wall_seconds": time.time() - t_start,
               "argv": sys.argv[1:]}
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1))
-    log(f"best step {best['step']} of {step}; {step} steps in {train_time:.0f}s ({t_eval:.0f}s evaluating); "
+    log(f"best step {best['step']} of {step}; {step} steps in {train_time:.0f}s ({sched.t_eval:.0f}s evaluating); "
         f"checkpoint {size / 1e6:.1f} MB; wall {report['wall_seconds']:.0f}s")
 
 

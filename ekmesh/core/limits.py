@@ -22,11 +22,16 @@ Role: the one mechanism both listeners share. It knows sockets and peer ids, not
   for room until a deadline. The data plane reserves frame memory from it as bytes arrive.
 - ``RateLimitedLog``: refusal warnings, at most ``log_burst`` lines per source and 50 in all per
   ``log_interval_s``; the next line of that source says how many were suppressed.
+- ``GatedListener``: the accept loop both the data plane's expert server and the experts relay run: it binds,
+  admits each connection through a ``Gate`` (a refusal is closed at once, without a thread), serves each admitted
+  one on a thread of its own (a ``Connection``, which leaves the gate when its thread ends), and ``stop()`` closes
+  the listener, shuts every open connection down and joins the threads.
 
 Invariants: a gate's and a budget's counts change under their own lock only; a ticket leaves its gate once
 (``leave`` is idempotent); a connection shut down by the gate (evicted) is woken through a duplicate of its socket
 (``shutdown`` acts on the connection, whatever thread blocks on it), which the gate closes when the ticket stops
-being pending, so no socket the listener still uses is ever closed by the gate.
+being pending, so no socket the listener still uses is ever closed by the gate; a ``GatedListener``'s open
+connections change under its lock only, and once ``stopping`` is set it starts no thread.
 """
 
 from __future__ import annotations
@@ -39,8 +44,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from ekmesh.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 LOG_INTERVAL_S = 10.0  # refusal logs: at most LOG_BURST lines per source per LOG_INTERVAL_S
@@ -304,6 +312,114 @@ class Gate:
     def authenticated(self, peer: str | None = None) -> int:
         with self._lock:
             return self._n_auth if peer is None else self._auth.get(peer, 0)
+
+
+class Connection:
+    """One connection a ``GatedListener`` admitted: the socket its thread uses (a thread that wraps it in TLS puts
+    the wrapped socket here, so that ``kill`` reaches it), the address it came from and its gate ticket."""
+
+    def __init__(self, sock: socket.socket, addr: object, ticket: Ticket) -> None:
+        self.sock, self.addr, self.ticket = sock, addr, ticket
+
+    def kill(self) -> None:
+        """Shuts the connection down, waking its thread (blocked in recv); the thread closes the socket."""
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # the descriptor's: not TLS's, which its thread owns
+        except OSError:
+            pass  # it had closed already
+
+    def send(self, data: bytes | bytearray, timeout_s: float) -> bool:
+        """Sends all of ``data`` within ``timeout_s``; whether it did (a failure means the connection is gone)."""
+        try:
+            self.sock.settimeout(timeout_s)
+            self.sock.sendall(data)
+            return True
+        except OSError as exc:  # (ssl.SSLError is one)
+            log.debug("sending to %s failed: %s", self.ticket.peer or self.ticket.address, exc)
+            return False
+
+
+C = TypeVar("C", bound=Connection)
+
+
+class GatedListener(Generic[C]):
+    """A TCP listener on ``(host, port)`` (bound here; ``address`` is (host, port)) whose connections ``gate``
+    admits. ``start()`` runs the accept loop: each admitted connection becomes ``make(sock, addr, ticket)``, is kept
+    in ``conns`` (admission order) and is served by ``serve(conn)`` on a thread named ``name``; when that returns,
+    the connection leaves ``conns``, its socket is closed and its ticket leaves the gate. ``refused()`` is called for
+    each connection the gate refused. ``conns`` and ``stopping`` change under ``lock`` only: an owner that passes its
+    own lock (a ``Condition``) may use them under it. ``stop()`` sets ``stopping``, calls ``wake()`` under the lock
+    (what the owner's threads wait on besides their sockets), then closes the listener, shuts every open connection
+    down and joins the threads (5 s each)."""
+
+    def __init__(self, gate: Gate, make: Callable[[socket.socket, object, Ticket], C], serve: Callable[[C], None],
+                 name: str, host: str = "127.0.0.1", port: int = 0, backlog: int = 64,
+                 lock: threading.Lock | threading.Condition | None = None,
+                 refused: Callable[[], None] = lambda: None, wake: Callable[[], None] = lambda: None) -> None:
+        self.gate, self.name = gate, name
+        self._make, self._serve, self._refused, self._wake = make, serve, refused, wake
+        self.lock = lock if lock is not None else threading.Lock()
+        self.conns: dict[int, C] = {}  # insertion order = admission order
+        self.stopping = False
+        self._threads: list[threading.Thread] = []
+        self._sock = socket.create_server((host, port), backlog=backlog)
+        self.address: tuple[str, int] = self._sock.getsockname()[:2]
+
+    def start(self) -> None:
+        t = threading.Thread(target=self._accept_loop, name=f"{self.name}-accept", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self) -> None:
+        with self.lock:
+            if self.stopping:
+                return
+            self.stopping = True
+            conns = list(self.conns.values())
+            self._wake()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected: closing is enough
+        self._sock.close()
+        for c in conns:
+            c.kill()
+        for t in list(self._threads):
+            t.join(timeout=5)
+
+    def _accept_loop(self) -> None:
+        while not self.stopping:
+            try:
+                raw, addr = self._sock.accept()
+            except OSError:
+                return  # listener closed by stop()
+            ticket = self.gate.admit(raw, addr)  # a refusal closes at once, without a thread
+            if ticket is None:
+                self._refused()
+                raw.close()
+                continue
+            conn = self._make(raw, addr, ticket)
+            with self.lock:
+                if self.stopping:
+                    raw.close()
+                    self.gate.leave(ticket)
+                    return
+                self.conns[id(conn)] = conn
+            t = threading.Thread(target=self._run, args=(conn,), name=f"{self.name}-conn", daemon=True)
+            t.start()
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+
+    def _run(self, conn: C) -> None:
+        try:
+            self._serve(conn)
+        finally:
+            with self.lock:
+                self.conns.pop(id(conn), None)
+            try:
+                conn.sock.close()
+            except OSError:
+                pass  # (a TLS socket may fail to close cleanly; the descriptor is released anyway)
+            self.gate.leave(conn.ticket)  # last: this connection's thread is done with everything it counted
 
 
 class ByteBudget:

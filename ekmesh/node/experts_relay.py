@@ -15,7 +15,8 @@ is pending from accept until its hello's token checked (8 per source, 64 in all,
 hello); the hello has a fixed size, so nothing is allocated from an unauthenticated client's input; authenticated
 connections count against the listener (``RELAY_LISTENER``: 64 in all, all of them one "peer"); a frame's header
 is checked against ``RELAY_FRAMES`` and the served model before its payload is allocated. One thread per admitted
-connection. Refusals log at most 5 lines per source per 10 s.
+connection (``GatedListener``: the accept loop the data plane's expert server runs too). Refusals log at most 5
+lines per source per 10 s.
 
 Invariants: every refusal reaches the client as an ERROR frame whose ``aux`` is a ``Refusal`` (a malformed frame
 closes the connection after it; a request that failed to compute does not); a request's pairs must be k per token
@@ -28,8 +29,6 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
-import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from ekmesh.core.errors import (
     ProtocolError,
     RelayError,
 )
-from ekmesh.core.limits import Gate, ListenerLimits, RateLimitedLog, Ticket
+from ekmesh.core.limits import Connection, Gate, GatedListener, ListenerLimits, RateLimitedLog
 from ekmesh.core.relaywire import (
     DEFAULT_TIMEOUTS,
     HELLO,
@@ -117,12 +116,9 @@ class ExpertsRelay:
         self.stats = RelayStats()
         self._refusals = RateLimitedLog(log, listen.log_interval_s, listen.log_burst)
         self.gate = Gate(listen, self._refusals, "experts relay")
-        self._listener = socket.create_server((host, port), backlog=64)
-        self.address: tuple[str, int] = self._listener.getsockname()[:2]
-        self._lock = threading.Lock()
-        self._conns: dict[int, socket.socket] = {}
-        self._threads: list[threading.Thread] = []
-        self._stopping = False
+        self._listener = GatedListener(self.gate, Connection, self._serve, "ekmesh-relay", host, port,
+                                       refused=self._refused_at_accept)
+        self.address = self._listener.address
 
     @classmethod
     def for_serving(cls, serving: Serving) -> ExpertsRelay:
@@ -138,30 +134,12 @@ class ExpertsRelay:
         return {NODE_JSON_KEY: {"addr": self.addr, "token": self.token.hex()}}
 
     def start(self) -> ExpertsRelay:
-        t = threading.Thread(target=self._accept_loop, name="ekmesh-relay-accept", daemon=True)
-        t.start()
-        self._threads.append(t)
+        self._listener.start()
         log.info("experts relay listening on %s", self.addr)
         return self
 
     def stop(self) -> None:
-        with self._lock:
-            if self._stopping:
-                return
-            self._stopping = True
-            conns = list(self._conns.values())
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # not connected: closing is enough
-        self._listener.close()
-        for s in conns:
-            try:
-                s.shutdown(socket.SHUT_RDWR)  # wakes its thread, blocked in recv
-            except OSError:
-                pass  # it had closed already
-        for t in list(self._threads):
-            t.join(timeout=5)
+        self._listener.stop()
 
     def __enter__(self) -> ExpertsRelay:
         return self.start()
@@ -170,51 +148,30 @@ class ExpertsRelay:
         self.stop()
 
     # --- connections -------------------------------------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        while not self._stopping:
-            try:
-                sock, addr = self._listener.accept()
-            except OSError:
-                return  # listener closed by stop()
-            ticket = self.gate.admit(sock, addr)  # a refusal closes at once, without a thread
-            if ticket is None:
-                self.stats.refused += 1
-                sock.close()
-                continue
-            with self._lock:
-                if self._stopping:
-                    sock.close()
-                    self.gate.leave(ticket)
-                    return
-                self._conns[id(sock)] = sock
-            t = threading.Thread(target=self._serve, args=(sock, ticket), name="ekmesh-relay-conn", daemon=True)
-            t.start()
-            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+    def _refused_at_accept(self) -> None:
+        self.stats.refused += 1
 
-    def _serve(self, sock: socket.socket, ticket: Ticket) -> None:
-        try:
-            target = self._hello(sock, ticket)
-            if target is not None:
-                self.stats.accepted += 1
-                with torch.inference_mode():
-                    self._loop(sock, target)
-        finally:
-            with self._lock:
-                self._conns.pop(id(sock), None)
-            sock.close()
-            self.gate.leave(ticket)
+    def _serve(self, conn: Connection) -> None:
+        """(A connection's thread; the listener closes the socket and frees the ticket when it returns.)"""
+        target = self._hello(conn)
+        if target is not None:
+            self.stats.accepted += 1
+            with torch.inference_mode():
+                self._loop(conn, target)
 
-    def _refuse(self, sock: socket.socket, ticket: Ticket, why: Refusal, message: str) -> None:
+    def _refuse(self, conn: Connection, why: Refusal, message: str) -> None:
+        ticket = conn.ticket
         self.stats.refused += 1
         self.stats.by_refusal[why.name] = self.stats.by_refusal.get(why.name, 0) + 1
         if why in (Refusal.PROTOCOL, Refusal.TOKEN, Refusal.BUSY) and not ticket.evicted:
             self._refusals.warning(ticket.source, "experts relay: refused %s: %s", ticket.address, message)
         else:
             log.info("experts relay: refused %s: %s", ticket.address, message)
-        self._send(sock, encode_error(0, ErrorCode.PROTOCOL, message, aux=why, limits=self.frame_limits))
+        self._send(conn, encode_error(0, ErrorCode.PROTOCOL, message, aux=why, limits=self.frame_limits))
 
-    def _hello(self, sock: socket.socket, ticket: Ticket) -> RelayTarget | None:
+    def _hello(self, conn: Connection) -> RelayTarget | None:
         """Reads and checks the hello within the ticket's deadline; the target, or None (refused and told)."""
+        sock, ticket = conn.sock, conn.ticket
         buf = bytearray()
         try:
             while len(buf) < HELLO.size:
@@ -235,36 +192,36 @@ class ExpertsRelay:
         try:
             token, fp = decode_hello(bytes(buf))
         except ProtocolError as exc:
-            self._refuse(sock, ticket, Refusal.PROTOCOL, str(exc))
+            self._refuse(conn, Refusal.PROTOCOL, str(exc))
             return None
         if not hmac.compare_digest(token, self.token):
-            self._refuse(sock, ticket, Refusal.TOKEN, "wrong relay token: node.json is from another run or "
-                                                      "another EKMESH_HOME")
+            self._refuse(conn, Refusal.TOKEN, "wrong relay token: node.json is from another run or "
+                                              "another EKMESH_HOME")
             return None
         why = self.gate.authenticate(ticket, _CLIENT)
         if why is not None:
-            self._refuse(sock, ticket, Refusal.BUSY, f"experts relay busy: {why}")
+            self._refuse(conn, Refusal.BUSY, f"experts relay busy: {why}")
             return None
         try:
             target = self.resolve(fp)
         except ModelNotServedError as exc:
-            self._refuse(sock, ticket, Refusal.MODEL, str(exc))
+            self._refuse(conn, Refusal.MODEL, str(exc))
             return None
         except ExpertsMissingError as exc:
-            self._refuse(sock, ticket, Refusal.MISSING, str(exc))
+            self._refuse(conn, Refusal.MISSING, str(exc))
             return None
         except RelayError as exc:
-            self._refuse(sock, ticket, Refusal.NOT_READY, str(exc))
+            self._refuse(conn, Refusal.NOT_READY, str(exc))
             return None
-        return target if self._send(sock, encode_ping(0, pong=True)) else None
+        return target if self._send(conn, encode_ping(0, pong=True)) else None
 
-    def _loop(self, sock: socket.socket, target: RelayTarget) -> None:
-        reader = FrameReader(sock, target.limits, self.frame_limits, _CLIENT)
-        while not self._stopping:
+    def _loop(self, conn: Connection, target: RelayTarget) -> None:
+        reader = FrameReader(conn.sock, target.limits, self.frame_limits, _CLIENT)
+        while not self._listener.stopping:
             try:
                 f = reader.read(time.monotonic() + self.timeouts.idle_s, body_timeout=self.timeouts.send_s)
                 if f.kind is Kind.PING:
-                    if not self._send(sock, encode_ping(f.request_id, pong=True)):
+                    if not self._send(conn, encode_ping(f.request_id, pong=True)):
                         return
                     continue
                 if f.kind is not Kind.REQUEST:
@@ -274,7 +231,7 @@ class ExpertsRelay:
                 self.stats.failed += 1
                 self._refusals.warning(_CLIENT, "experts relay: closing a client connection: malformed frame: %s",
                                        exc)
-                self._send(sock, encode_error(0, ErrorCode.PROTOCOL, str(exc), aux=Refusal.PROTOCOL,
+                self._send(conn, encode_error(0, ErrorCode.PROTOCOL, str(exc), aux=Refusal.PROTOCOL,
                                               limits=self.frame_limits))
                 return
             except PeerClosedError as exc:
@@ -290,17 +247,11 @@ class ExpertsRelay:
                 log.warning("experts relay: layer %d failed: %s", f.layer, exc)
                 answer = encode_error(f.request_id, ErrorCode.INTERNAL, str(exc), layer=f.layer, aux=why,
                                       limits=self.frame_limits)
-            if not self._send(sock, answer):
+            if not self._send(conn, answer):
                 return
 
-    def _send(self, sock: socket.socket, data: bytes | bytearray) -> bool:
-        try:
-            sock.settimeout(self.timeouts.send_s)
-            sock.sendall(data)
-            return True
-        except OSError as exc:
-            log.debug("experts relay: sending to a client failed: %s", exc)
-            return False
+    def _send(self, conn: Connection, data: bytes | bytearray) -> bool:
+        return conn.send(data, self.timeouts.send_s)
 
 
 def _regular(f: Frame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,41 +10,22 @@ from __future__ import annotations
 
 import http.client
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from ekmesh.api import local
 from ekmesh.api import server as api
+from tests.api.rawhttp import post
 
 PROMPT = "In the beginning"
 CHAT = [{"role": "user", "content": "Psalms 23"}]
 
 
-@pytest.fixture(scope="module")
-def server(builtin_engine: local.LocalEngine) -> Iterator[api.ApiServer]:
-    srv = api.ApiServer(builtin_engine, port=0).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 def _post(srv: api.ApiServer, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    host, port = srv.server_address[:2]
-    c = http.client.HTTPConnection(str(host), int(port), timeout=120)
-    try:
-        c.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
-        r = c.getresponse()
-        data = r.read()
-    finally:
-        c.close()
-    if body.get("stream") and r.status == 200:
-        events = [ln[len(b"data: "):] for ln in data.split(b"\n\n") if ln.startswith(b"data: ")]
-        assert events[-1] == b"[DONE]"
-        return r.status, [json.loads(e) for e in events[:-1]]
-    return r.status, json.loads(data)
+    """(status, the answer's JSON, or a stream's events)."""
+    answer = post(srv, path, body)
+    return answer.status, answer.events() if body.get("stream") and answer.status == 200 else answer.json()
 
 
 def _sampled(client: Any, n: int, seed: int) -> Any:

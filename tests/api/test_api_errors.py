@@ -16,16 +16,14 @@ import pytest
 
 from ekmesh.api import local
 from ekmesh.api import server as api
-from tests.api.rawhttp import closed_by_server, connect, exchange, read_answer
+from tests.api.rawhttp import closed_by_server, connect, exchange, read_answer, serving
 
 
 @pytest.fixture
 def server(builtin_engine: local.LocalEngine) -> Iterator[api.ApiServer]:
-    srv = api.ApiServer(builtin_engine, port=0).start()
-    try:
+    """A server per test (conftest's ``server`` is one per module)."""
+    with serving(builtin_engine) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _post_head(path: str, length: int | str, extra: str = "") -> bytes:

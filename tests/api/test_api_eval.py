@@ -10,8 +10,6 @@ lm-evaluation-harness's ``local-completions`` model sends it and scored as it sc
 
 from __future__ import annotations
 
-import http.client
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch
 from ekmesh.api import server as api
 from ekmesh.api.logprobs import CompletionLogprobs, TokenTexts
 from ekmesh.api.types import ServedModel, context_of
+from tests.api.rawhttp import post, serving
 
 TOL = 1e-5  # fp32: the API's log-probs against one prefill over the same tokens
 PROMPT = "And God said, Let there be light: and there was light. And God said,"
@@ -49,28 +48,8 @@ def served() -> ServedModel:
 
 @pytest.fixture(scope="module")
 def server(served: ServedModel) -> Iterator[api.ApiServer]:
-    srv = api.ApiServer(_Engine(served), port=0).start()
-    try:
+    with serving(_Engine(served)) as srv:
         yield srv
-    finally:
-        srv.stop()
-
-
-def _post(srv: api.ApiServer, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
-    host, port = srv.server_address[:2]
-    c = http.client.HTTPConnection(str(host), int(port), timeout=120)
-    try:
-        c.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
-        r = c.getresponse()
-        return r.status, r.read()
-    finally:
-        c.close()
-
-
-def _sse(data: bytes) -> list[dict[str, Any]]:
-    lines = [ln[len(b"data: "):] for ln in data.split(b"\n\n") if ln.startswith(b"data: ")]
-    assert lines[-1] == b"[DONE]", lines[-1]
-    return [json.loads(ln) for ln in lines[:-1]]
 
 
 def _model_logprobs(served: ServedModel, ids: list[int]) -> torch.Tensor:
@@ -190,14 +169,14 @@ def test_chat_logprobs_through_the_openai_client_streamed_and_not(client: Any, s
 @pytest.mark.timeout(120)
 def test_a_streamed_completion_carries_the_same_logprobs_in_pieces(server: api.ApiServer) -> None:
     body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "echo": True, "logprobs": 2}
-    status, whole = _post(server, "/v1/completions", body)
-    assert status == 200
-    want = json.loads(whole)["choices"][0]
-    status, data = _post(server, "/v1/completions", {**body, "stream": True})
-    assert status == 200
+    whole = post(server, "/v1/completions", body)
+    assert whole.status == 200
+    want = whole.json()["choices"][0]
+    streamed = post(server, "/v1/completions", {**body, "stream": True})
+    assert streamed.status == 200
     got: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     text = ""
-    for chunk in _sse(data):
+    for chunk in streamed.events():
         c = chunk["choices"][0]
         text += c["text"]
         for key in got:
@@ -257,9 +236,9 @@ def test_a_loglikelihood_task_as_lm_eval_sends_it(server: api.ApiServer, served:
         scores_api, scores_model = [], []
         for cont_text in choices:
             cont = tok.encode(context + cont_text)[len(ctx):]  # lm-eval splits the pair's tokens at the context's end
-            status, data = _post(server, "/v1/completions", _lm_eval_request(ctx, cont))
-            assert status == 200, data[:300]
-            answer = json.loads(data)
+            reply = post(server, "/v1/completions", _lm_eval_request(ctx, cont))
+            assert reply.status == 200, reply.body[:300]
+            answer = reply.json()
             assert len(answer["choices"][0]["logprobs"]["tokens"]) == len(ctx) + len(cont) + 1  # echo + 1 token
             ll, greedy = _lm_eval_parse(answer, len(ctx))
             rows = _model_logprobs(served, ctx + cont)[len(ctx) - 1:]

@@ -7,7 +7,6 @@ answer carries stay the unpenalised model's, and a penalty outside [-2, 2] or no
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -15,20 +14,10 @@ import pytest
 import torch
 
 from ekmesh.api import local
-from ekmesh.api import server as api
 from ekmesh.infer.generate import SamplingParams
 
 PROMPT = "And God said, Let there be light: and there was light. And God said,"
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def server(builtin_engine: local.LocalEngine) -> Iterator[api.ApiServer]:
-    srv = api.ApiServer(builtin_engine, port=0).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.mark.timeout(180)

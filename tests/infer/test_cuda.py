@@ -212,6 +212,24 @@ def test_quantized_experts_on_cuda_equal_dequantized_cpu(fmt, tmp_path):
         assert rel <= 3e-2, rel
 
 
+def _graph_against_eager(runner, model, cache, experts, prompt, tokens, relative):
+    """Teacher-forced over ``tokens``: the graph runner's last logits (prefill of ``prompt``, then one step per
+    token) against ``model``'s eager forward over ``cache``. Returns (steps whose top-1 token agrees, the largest
+    max |graph - eager|, divided by max |eager| when ``relative``); each of the runner's logits must be finite."""
+    agree, worst = 0, 0.0
+    with torch.inference_mode():
+        want = model(torch.tensor([prompt], device="cuda"), cache, experts, last_only=True)[0, -1]
+        got = runner.prefill(prompt)
+        for t in tokens:
+            assert torch.isfinite(got).all()
+            agree += int(got.argmax() == want.argmax())
+            diff = (got.float() - want.float()).abs().max()
+            worst = max(worst, (diff / want.float().abs().max() if relative else diff).item())
+            want = model(torch.tensor([[t]], device="cuda"), cache, experts, last_only=True)[0, -1]
+            got = runner.step(t)
+    return agree, worst
+
+
 @pytest.mark.parametrize("fmt", ["q8", "q4", "fp8", "mxfp4"])
 def test_quantized_graph_decode_equals_eager(fmt, tmp_path):
     """CUDA-graph decode over quantized experts (``_gathered_q``: packed weights gathered on the device) against
@@ -225,17 +243,7 @@ def test_quantized_graph_decode_equals_eager(fmt, tmp_path):
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     tokens = eager.generate(prompt, SamplingParams(max_tokens=20, stop_ids=frozenset())).token_ids
     runner = graph._graph_for(len(prompt) + len(tokens))
-    cache = model.new_cache()
-    agree, worst = 0, 0.0
-    with torch.inference_mode():
-        ref = model(torch.tensor([prompt], device="cuda"), cache, experts, last_only=True)[0, -1]
-        got = runner.prefill(prompt)
-        for t in tokens:
-            assert torch.isfinite(got).all()
-            agree += int(got.argmax() == ref.argmax())
-            worst = max(worst, ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item())
-            ref = model(torch.tensor([[t]], device="cuda"), cache, experts, last_only=True)[0, -1]
-            got = runner.step(t)
+    agree, worst = _graph_against_eager(runner, model, model.new_cache(), experts, prompt, tokens, relative=True)
     assert runner.graph is not None
     # bf16: fused kernels round differently and a random tiny router can flip a near-tie (as for float experts),
     # so only most steps must agree on the top token; the exact check of the captured expert path is below
@@ -308,16 +316,7 @@ def test_deepseek_latent_cache_graph_decode_equals_expanded_eager(tmp_path):
         assert graph.cuda_graphs
         runner = graph._graph_for(len(prompt) + len(tokens))
         cache = expanded.new_cache()
-        agree, worst = 0, 0.0
-        with torch.inference_mode():
-            want = expanded(torch.tensor([prompt], device="cuda"), cache, experts, last_only=True)[0, -1]
-            got = runner.prefill(prompt)
-            for t in tokens:
-                assert torch.isfinite(got).all()
-                agree += int(got.argmax() == want.argmax())
-                worst = max(worst, (got.float() - want.float()).abs().max().item())
-                want = expanded(torch.tensor([[t]], device="cuda"), cache, experts, last_only=True)[0, -1]
-                got = runner.step(t)
+        agree, worst = _graph_against_eager(runner, expanded, cache, experts, prompt, tokens, relative=False)
         assert runner.graph is not None
         size = torch.finfo(dtype).bits // 8
         assert runner.cache.bytes_per_token() == c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * size

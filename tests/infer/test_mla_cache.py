@@ -210,10 +210,10 @@ def test_absorbing_is_chosen_for_few_new_tokens_over_a_long_cache() -> None:
     """With DeepSeek-V3's dims: decode and verification steps absorb, a prefill expands (crossover ~170 tokens)."""
     from ekmesh.infer.models.deepseek_mla import MLASpec, absorb_pays
 
-    v3 = MLASpec(hidden=7168, num_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+    v3 = MLASpec(hidden_size=7168, num_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
                  qk_rope_head_dim=64, v_head_dim=128, attention_bias=False, rope_interleave=True, softmax_scale=0.1)
     assert v3.cached_values_per_token() == 576
-    assert dataclasses.replace(v3, cache="expanded").cached_values_per_token() == 128 * 320
+    assert dataclasses.replace(v3, mla_cache="expanded").cached_values_per_token() == 128 * 320
     for s in (4096, 32768):
         assert absorb_pays(v3, 1, s) and absorb_pays(v3, 8, s) and absorb_pays(v3, 128, s)
         assert not absorb_pays(v3, 256, s) and not absorb_pays(v3, 1024, s + 1024)

@@ -81,13 +81,13 @@ def post(url: str, body: dict[str, Any], timeout: float = 60.0) -> dict[str, Any
     return out
 
 
-def stream_token_ids(api_url: str, body: dict[str, Any], timeout: float = 300.0) -> Iterator[list[int]]:
-    """Streams ``POST {api_url}/completions`` (``body`` + stream, token ids returned); yields the ids received so
-    far after each chunk. An error event raises ``RuntimeError`` with its message."""
+def stream_chunks(api_url: str, body: dict[str, Any], timeout: float = 300.0) -> Iterator[dict[str, Any]]:
+    """Streams ``POST {api_url}/completions`` (``body`` + stream, token ids returned); yields each chunk as it
+    arrives. An error event raises ``RuntimeError`` with its message. (``benchmarks/faults_nodes.py`` reads its
+    answers through this too.)"""
     req = urllib.request.Request(api_url + "/completions",
                                  json.dumps({**body, "stream": True, "return_token_ids": True}).encode(),
                                  {"Content-Type": "application/json"})
-    got: list[int] = []
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         for raw in resp:
             line = raw.decode().strip()
@@ -96,9 +96,16 @@ def stream_token_ids(api_url: str, body: dict[str, Any], timeout: float = 300.0)
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
-            for c in chunk["choices"]:
-                got.extend(c.get("token_ids", []))
-            yield got
+            yield chunk
+
+
+def stream_token_ids(api_url: str, body: dict[str, Any], timeout: float = 300.0) -> Iterator[list[int]]:
+    """``stream_chunks``, yielding the token ids received so far after each chunk."""
+    got: list[int] = []
+    for chunk in stream_chunks(api_url, body, timeout):
+        for c in chunk["choices"]:
+            got.extend(c.get("token_ids", []))
+        yield got
 
 
 class ServingMesh:

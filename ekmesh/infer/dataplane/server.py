@@ -12,7 +12,8 @@ Each connection thread reads through a ``FrameReader`` (one reusable buffer) and
 whole life; a thread serving a client on the same machine is made SCHED_BATCH (``_no_wakeup_preemption``), so that
 a frame waking it does not preempt the attention host before that has sent its frames to its other peers.
 
-Bounds (``ListenerLimits``, shared with blob exchange; ``ekmesh.core.limits`` says what happens when full): until
+Bounds (``ListenerLimits``, shared with blob exchange; ``ekmesh.core.limits`` says what happens when full, and its
+``GatedListener`` runs the accept loop, as the experts relay's): until
 its pin check passes a connection is pending and counts against its source address (8) and the listener (64), and
 its TLS handshake has one deadline (3 s); authenticated, it counts against its peer (8) and the listener (128):
 beyond, it is answered ERROR BUSY and closed. One thread per admitted connection. A frame's payload is reserved from
@@ -58,7 +59,16 @@ from ekmesh.core.errors import (
     PeerIdentityError,
     ProtocolError,
 )
-from ekmesh.core.limits import DEFAULT_LISTENER, ByteBudget, Gate, ListenerLimits, RateLimitedLog, Ticket
+from ekmesh.core.limits import (
+    DEFAULT_LISTENER,
+    ByteBudget,
+    Connection,
+    Gate,
+    GatedListener,
+    ListenerLimits,
+    RateLimitedLog,
+    Ticket,
+)
 from ekmesh.infer.dataplane import liar
 from ekmesh.infer.dataplane.channel import Pins, TlsIdentity, check_peer_cert, make_context
 from ekmesh.infer.dataplane.frames import (
@@ -98,19 +108,13 @@ class _Job:
     answer: bytes | bytearray = b""
 
 
-class _Conn:
+class _Conn(Connection):
+    """A client connection: its peer once pinned, and its requests waiting for the worker (under ``_cv``)."""
+
     def __init__(self, sock: socket.socket, addr: object, ticket: Ticket) -> None:
-        self.sock = sock
-        self.addr = addr
-        self.ticket = ticket
+        super().__init__(sock, addr, ticket)
         self.peer: str | None = None
         self.pending: deque[_Job] = deque()
-
-    def kill(self) -> None:
-        try:
-            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # wakes a reader blocked in recv
-        except OSError:
-            pass
 
 
 @dataclass
@@ -151,19 +155,20 @@ class ExpertServer:
         self.budget = ByteBudget(listen.frame_budget, listen.frame_budget_per_peer)
         self._on_cpu = backend.device.type == "cpu"
         self._ctx = make_context(identity, server=True)
-        self._listener = socket.create_server((host, port), backlog=64)
-        self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._cv = threading.Condition()
-        self._conns: dict[int, _Conn] = {}  # insertion order = round-robin order
+        # its ``conns`` (under ``_cv``): insertion order = round-robin order
+        self._listener = GatedListener(self.gate, _Conn, self._serve_conn, "ekmesh-expert", host, port,
+                                       lock=self._cv, wake=self._wake)
+        self.address = self._listener.address
         self._n_pending = 0
         self._computing = False  # a reader is computing a batch
-        self._stopping = False
-        self._threads: list[threading.Thread] = []
+
+    @property
+    def _stopping(self) -> bool:
+        return self._listener.stopping
 
     def start(self) -> ExpertServer:
-        t = threading.Thread(target=self._accept_loop, name="ekmesh-expert-accept", daemon=True)
-        t.start()
-        self._threads.append(t)
+        self._listener.start()
         log.info("expert server for %s listening on %s:%d", self.identity.peer_id, *self.address)
         return self
 
@@ -174,94 +179,49 @@ class ExpertServer:
         self.stop()
 
     def stop(self) -> None:
-        with self._cv:
-            if self._stopping:
-                return
-            self._stopping = True
-            conns = list(self._conns.values())
-            self._cv.notify_all()
+        self._listener.stop()  # (``_wake`` wakes the readers waiting for the worker or for frame memory)
+
+    def _wake(self) -> None:
+        """(Under ``_cv``, stopping.)"""
+        self._cv.notify_all()
         self.budget.close()  # wakes readers waiting for frame memory
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
-        for c in conns:
-            c.kill()
-        for t in list(self._threads):
-            t.join(timeout=5)
 
     # --- connections -------------------------------------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        while not self._stopping:
-            try:
-                raw, addr = self._listener.accept()
-            except OSError:
-                return  # listener closed by stop()
-            ticket = self.gate.admit(raw, addr)  # a refusal closes at once, without a thread
-            if ticket is None:
-                raw.close()
-                continue
-            conn = _Conn(raw, addr, ticket)
-            with self._cv:
-                if self._stopping:
-                    raw.close()
-                    self.gate.leave(ticket)
-                    return
-                self._conns[id(conn)] = conn
-            t = threading.Thread(target=self._serve_conn, args=(conn,), name="ekmesh-expert-conn", daemon=True)
-            t.start()
-            self._threads = [x for x in self._threads if x.is_alive()] + [t]
-
     def _serve_conn(self, conn: _Conn) -> None:
+        """(A connection's thread; the listener closes the socket and frees the ticket when it returns.)"""
+        ticket = conn.ticket
         try:
-            ticket = conn.ticket
-            try:
-                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn.sock.settimeout(max(ticket.left(), 1e-3))  # the TLS handshake: one deadline inside ssl
-                conn.sock = self._ctx.wrap_socket(conn.sock, server_side=True)
-                conn.peer = check_peer_cert(conn.sock, self.pins)
-            except PeerIdentityError as exc:
-                self.stats.refused += 1
-                self._refused(ticket, "refused data channel from %s: %s", conn.addr, exc)
-                return
-            except (OSError, ssl.SSLError) as exc:
-                self.stats.refused += 1
-                self._refused(ticket, "data channel from %s failed its TLS handshake: %s", conn.addr, exc)
-                return
-            why = self.gate.authenticate(ticket, conn.peer)
-            if why is not None:  # told in an ERROR frame: the client reads it as the answer to its first PING
-                self.stats.refused += 1
-                self._refused(ticket, "refused data channel from %s (peer %s): %s", conn.addr, conn.peer, why)
-                self._send(conn, encode_error(0, ErrorCode.BUSY, f"data channel refused: {why}",
-                                              limits=self.frame_limits))
-                return
-            log.debug("data channel from peer %s (%s) open", conn.peer, conn.addr)
-            if _same_host(conn.sock):
-                _no_wakeup_preemption()
-            with torch.inference_mode(), Registration():  # inference mode: once per thread, not per request
-                self._read_loop(conn)
-        finally:
-            with self._cv:
-                self._conns.pop(id(conn), None)
-            try:
-                conn.sock.close()
-            except OSError:
-                pass
-            self.gate.leave(conn.ticket)  # last: this connection's thread is done with everything it counted
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.sock.settimeout(max(ticket.left(), 1e-3))  # the TLS handshake: one deadline inside ssl
+            conn.sock = self._ctx.wrap_socket(conn.sock, server_side=True)
+            conn.peer = check_peer_cert(conn.sock, self.pins)
+        except PeerIdentityError as exc:
+            self.stats.refused += 1
+            self._refused(ticket, "refused data channel from %s: %s", conn.addr, exc)
+            return
+        except (OSError, ssl.SSLError) as exc:
+            self.stats.refused += 1
+            self._refused(ticket, "data channel from %s failed its TLS handshake: %s", conn.addr, exc)
+            return
+        why = self.gate.authenticate(ticket, conn.peer)
+        if why is not None:  # told in an ERROR frame: the client reads it as the answer to its first PING
+            self.stats.refused += 1
+            self._refused(ticket, "refused data channel from %s (peer %s): %s", conn.addr, conn.peer, why)
+            self._send(conn, encode_error(0, ErrorCode.BUSY, f"data channel refused: {why}",
+                                          limits=self.frame_limits))
+            return
+        log.debug("data channel from peer %s (%s) open", conn.peer, conn.addr)
+        if _same_host(conn.sock):
+            _no_wakeup_preemption()
+        with torch.inference_mode(), Registration():  # inference mode: once per thread, not per request
+            self._read_loop(conn)
 
     def _refused(self, ticket: Ticket, msg: str, *args: object) -> None:
         if not ticket.evicted:  # (the gate logged why it closed an evicted one)
             self._refusals.warning(ticket.source, msg, *args)
 
     def _send(self, conn: _Conn, data: bytes | bytearray) -> bool:
-        try:
-            conn.sock.settimeout(self.timeouts.send_s)
-            conn.sock.sendall(data)
-            return True
-        except (OSError, ssl.SSLError) as exc:
-            log.debug("sending to peer %s failed: %s", conn.peer, exc)
-            return False
+        return conn.send(data, self.timeouts.send_s)
 
     def _read_loop(self, conn: _Conn) -> None:
         assert conn.peer is not None
@@ -351,7 +311,8 @@ class ExpertServer:
     def _take_batch(self) -> list[_Job]:
         """(Under ``_cv``.) Round robin: the first connection with work fixes the layer; then every connection,
         in turn, adds its pending requests for that layer. The first connection moves to the back of the order."""
-        order = list(self._conns.items())
+        conns = self._listener.conns
+        order = list(conns.items())
         first = next((i for i, (_, c) in enumerate(order) if c.pending), None)
         if first is None:
             return []
@@ -371,7 +332,7 @@ class ExpertServer:
                     keep.append(job)
             c.pending = keep
         self._n_pending -= len(batch)
-        self._conns[key] = self._conns.pop(key)  # to the back: the next batch starts with someone else
+        conns[key] = conns.pop(key)  # to the back: the next batch starts with someone else
         return batch
 
     def _run(self, batch: list[_Job]) -> None:

@@ -78,24 +78,17 @@ def _yarn_mscale(scale: float, mscale: float) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-@dataclass(frozen=True)
-class Config:
+@dataclass(frozen=True, kw_only=True)
+class Config(MLASpec):
+    """MLA's dimensions and settings (``MLASpec``: hidden_size, num_heads, the LoRA ranks and head dims,
+    attention_bias, rope_interleave, softmax_scale, mla_cache, mla_absorb), then the rest of the model."""
+
     architecture: str
     version: int  # 2 or 3
     vocab_size: int
-    hidden_size: int
     num_layers: int
-    num_heads: int
-    q_lora_rank: int | None
-    kv_lora_rank: int
-    qk_nope_head_dim: int
-    qk_rope_head_dim: int
-    v_head_dim: int
-    attention_bias: bool
     rms_eps: float
     rope: RopeSpec
-    rope_interleave: bool
-    softmax_scale: float
     tie_word_embeddings: bool
     intermediate_size: int  # dense MLP layers
     moe_intermediate_size: int
@@ -108,16 +101,6 @@ class Config:
     norm_topk_prob: bool
     routed_scaling_factor: float
     moe_layers: tuple[bool, ...]
-    mla_cache: str = "latent"  # not from config.json: what the KV cache holds (deepseek_mla.MLA_CACHES)
-    mla_absorb: str = "auto"  # how attention runs over the latent cache (deepseek_mla.MLA_ABSORB)
-
-    def __post_init__(self) -> None:
-        self.mla_spec()  # validates the MLA settings
-
-    def mla_spec(self) -> MLASpec:
-        return MLASpec(self.hidden_size, self.num_heads, self.q_lora_rank, self.kv_lora_rank, self.qk_nope_head_dim,
-                       self.qk_rope_head_dim, self.v_head_dim, self.attention_bias, self.rope_interleave,
-                       self.softmax_scale, self.mla_cache, self.mla_absorb)
 
     @property
     def qk_head_dim(self) -> int:
@@ -278,7 +261,7 @@ def build(cfg: Config) -> CausalLM:
     for i in range(cfg.num_layers):
         mlp: nn.Module = DeepseekMoE(cfg, i) if cfg.moe_layers[i] else DenseMLP(cfg.hidden_size,
                                                                                  cfg.intermediate_size)
-        layers.append(DecoderLayer(MLAttention(cfg.mla_spec(), i), mlp, cfg.hidden_size, cfg.rms_eps))
+        layers.append(DecoderLayer(MLAttention(cfg, i), mlp, cfg.hidden_size, cfg.rms_eps))
     return CausalLM(cfg, layers, {"main": cfg.rope})
 
 

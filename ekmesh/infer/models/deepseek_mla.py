@@ -40,11 +40,12 @@ MLA_CACHES = ("latent", "expanded")
 MLA_ABSORB = ("auto", "always", "never")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MLASpec:
-    """The dimensions and settings of one MLA layer (built from the family's Config)."""
+    """The dimensions and settings of one MLA layer, named as in the family's ``deepseek.Config``, which extends
+    this spec (so a Config is what an ``MLAttention`` is built from; the fields are declared once)."""
 
-    hidden: int
+    hidden_size: int
     num_heads: int
     q_lora_rank: int | None
     kv_lora_rank: int
@@ -54,18 +55,18 @@ class MLASpec:
     attention_bias: bool
     rope_interleave: bool
     softmax_scale: float
-    cache: str = "latent"  # MLA_CACHES
-    absorb: str = "auto"  # MLA_ABSORB
+    mla_cache: str = "latent"  # not from config.json: what the KV cache holds (MLA_CACHES)
+    mla_absorb: str = "auto"  # how attention runs over the latent cache (MLA_ABSORB)
 
     def __post_init__(self) -> None:
-        if self.cache not in MLA_CACHES:
-            raise ConfigError(f"mla_cache must be one of {', '.join(MLA_CACHES)}, got {self.cache!r}")
-        if self.absorb not in MLA_ABSORB:
-            raise ConfigError(f"mla_absorb must be one of {', '.join(MLA_ABSORB)}, got {self.absorb!r}")
+        if self.mla_cache not in MLA_CACHES:
+            raise ConfigError(f"mla_cache must be one of {', '.join(MLA_CACHES)}, got {self.mla_cache!r}")
+        if self.mla_absorb not in MLA_ABSORB:
+            raise ConfigError(f"mla_absorb must be one of {', '.join(MLA_ABSORB)}, got {self.mla_absorb!r}")
 
     def cached_values_per_token(self) -> int:
         """Values one token takes in one layer's cache."""
-        if self.cache == "latent":
+        if self.mla_cache == "latent":
             return self.kv_lora_rank + self.qk_rope_head_dim
         return self.num_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim)
 
@@ -95,7 +96,7 @@ class MLAttention(nn.Module):
         super().__init__()
         self.spec, self.layer = spec, layer
         s = spec
-        d, h, bias = s.hidden, s.num_heads, s.attention_bias
+        d, h, bias = s.hidden_size, s.num_heads, s.attention_bias
         qk_head_dim = s.qk_nope_head_dim + s.qk_rope_head_dim
         if s.q_lora_rank is None:
             self.q_proj = nn.Linear(d, h * qk_head_dim, bias=False)
@@ -121,7 +122,7 @@ class MLAttention(nn.Module):
         cos, sin = step.rope["main"]
         rope = apply_rope_interleaved if s.rope_interleave else apply_rope
         q_rot, k_rot = rope(q_rot, cos, sin), rope(k_rot.view(b, 1, t, dr), cos, sin)  # k_rot [B, 1, T, dr]
-        if s.cache == "expanded":
+        if s.mla_cache == "expanded":
             k_nope, v = self._expand(latent)  # [B, H, T, dn], [B, H, T, dv]
             k = torch.cat([k_nope, k_rot.expand(b, h, t, dr)], dim=-1)  # [B, H, T, dn+dr]
             k, v = step.cache.update(self.layer, k, v.contiguous())  # [B, H, S, dn+dr], [B, H, S, dv]
@@ -130,7 +131,7 @@ class MLAttention(nn.Module):
         cached = step.cache.update_single(self.layer, torch.cat([latent.unsqueeze(1), k_rot], dim=-1))  # [B,1,S,r+dr]
         n = cached.shape[2]
         mask = step.mask(n, None)
-        if s.absorb == "always" or (s.absorb == "auto" and absorb_pays(s, t, n)):
+        if s.mla_absorb == "always" or (s.mla_absorb == "auto" and absorb_pays(s, t, n)):
             return self.o_proj(self._absorbed(q_nope, q_rot, cached, mask))
         c_all, k_rot_all = torch.split(cached.squeeze(1), [s.kv_lora_rank, dr], dim=-1)  # [B, S, r], [B, S, dr]
         k_nope, v = self._expand(c_all)  # [B, H, S, dn], [B, H, S, dv]
