@@ -1,18 +1,11 @@
-"""``ekmesh.hf``: transformers models whose routed experts run on the mesh through the local node's experts relay.
+"""``ekmesh.hf`` against a real experts relay in this process (sockets on 127.0.0.1; its backend holds the
+checkpoint's experts, ``LocalExperts``): what needs no mesh. Every family through real nodes, pipelines and PEFT are
+in ``test_hf_mesh.py``.
 
-Through real nodes (slow): three ``ekmesh join`` processes (an attention host holding no expert, whose home the
-bridge uses, and two expert holders, R = 1) serve a tiny checkpoint; ``ekmesh.hf.from_pretrained`` loads it: its
-logits equal plain transformers on the same checkpoint within 1e-4 (fp32), greedy ``generate`` is identical, the
-read log holds no expert tensor, and the host made round trips to both holders. The same node refuses another
-checkpoint (``ModelNotServedError``); a host alone, whose experts no peer serves, is refused with
-``ExpertsMissingError``. One mesh per family costs ~15 s on two cores, so the real-node test runs three families
-(qwen3_moe: the built-in model's; deepseek_v3: MLA, shared experts, first dense layer; gpt_oss: fused biased
-experts) and every family runs in-process against a real relay (sockets on 127.0.0.1) whose backend holds the
-checkpoint's experts (``LocalExperts``): the relay and the bridge are the same code either way.
-
-Failure paths on a real relay: a wrong token, an oversized frame, a model the node does not serve, a connection
-that never says hello and a source over its pending cap (bounds before authentication); no node running; a node
-that serves no model. And ``AutoModelForCausalLM.from_pretrained(path, experts_implementation="ekmesh")``.
+``AutoModelForCausalLM.from_pretrained(path, experts_implementation="ekmesh")`` (transformers' own loader); a
+connection the relay closed while idle is reopened. Failure paths on a real relay: a wrong token, an oversized
+frame, a model the node does not serve, a connection that never says hello and a source over its pending cap
+(bounds before authentication); no node running; a node that serves no model.
 """
 
 from __future__ import annotations
@@ -29,7 +22,6 @@ import torch
 
 import ekmesh.hf
 from ekmesh.core.errors import (
-    ExpertsMissingError,
     ModelNotServedError,
     NodeNotRunningError,
     RelayAuthError,
@@ -41,14 +33,9 @@ from ekmesh.infer.dataplane.frames import HEADER, HEADER_SIZE, MAGIC, VERSION, K
 from ekmesh.infer.experts import LocalExperts
 from ekmesh.infer.loader import Checkpoint, load_experts
 from ekmesh.node.experts_relay import ExpertsRelay, RelayTarget
-from tests.discovery.meshproc import NodeProc, wait_until
-from tests.families import BUILDERS
-from tests.node.servingmesh import BASE, ServingMesh, seeds_splitting_every_layer
+from tests.discovery.meshproc import wait_until
 from tests.tiny_models import make_tiny, random_prompt
 
-HOST = ["--no-experts"]
-HOLDER = ["--no-attention"]
-MESH_FAMILIES = ("deepseek_v3", "gpt_oss", "qwen3_moe")
 TOL = 1e-4
 
 
@@ -80,49 +67,7 @@ def _local_relay(src: Path, **relay_args: Any) -> ExpertsRelay:
     return ExpertsRelay(resolve, **relay_args).start()
 
 
-def _compare(model: Any, ref: Any, vocab: int, label: str) -> None:
-    """Prefill logits within TOL of ``ref`` (max difference printed), 16 greedy tokens identical."""
-    ids = torch.tensor([random_prompt(vocab)])
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        got, want = model(ids).logits, ref(ids).logits
-        diff = (got - want).abs().max().item()
-        print(f"{label}: max |logits - transformers| = {diff:.3g}")
-        assert diff <= TOL, f"{label}: logits differ by {diff}"
-        kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, attention_mask=mask, pad_token_id=0,
-                  return_dict_in_generate=True, output_logits=True)
-        out, expected = model.generate(ids, **kw), ref.generate(ids, **kw)
-    assert out.sequences.tolist() == expected.sequences.tolist(), label
-    step = max((a - b).abs().max().item() for a, b in zip(out.logits, expected.logits, strict=True))
-    assert step <= TOL, f"{label}: the decode steps' logits differ by {step}"
-
-
-def _no_expert_read(model: Any, label: str) -> None:
-    log = ekmesh.hf.read_log(model)
-    assert log, label
-    experts = [n for n in log if ".experts." in n]
-    assert experts == [], f"{label}: expert tensors were read: {experts[:5]}"
-    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()]), label
-
-
-# --- in-process: every family through a real relay -----------------------------------------------------------------
-
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("arch", sorted(BUILDERS))
-def test_every_family_through_a_relay_equals_transformers(arch: str, tmp_path: Path) -> None:
-    src, ref = BUILDERS[arch](tmp_path / "ckpt")
-    with _local_relay(src) as relay:
-        _write_node_json(tmp_path / "home", relay)
-        model = ekmesh.hf.from_pretrained(src, home=tmp_path / "home")
-        from transformers import PreTrainedModel
-
-        assert isinstance(model, PreTrainedModel) and model.config._experts_implementation == "ekmesh"
-        _compare(model, ref, ref.config.vocab_size, arch)
-        _no_expert_read(model, arch)
-        assert relay.stats.requests > 0 and relay.stats.failed == 0
-        # the dense part only is held: no experts module keeps a parameter
-        assert not any(".experts." in n for n, _ in model.named_parameters()), arch
-
+# --- in-process: transformers' own loader, a relay connection closed while idle ----------------------------------
 
 @pytest.mark.timeout(120)
 def test_automodel_with_experts_implementation_ekmesh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -272,68 +217,3 @@ def test_no_node_running_is_a_clear_error(tmp_path: Path) -> None:
     _write_node_json(tmp_path / "nomodel", None)  # a node that serves no model has no relay
     with pytest.raises(RelayError, match="serves no model"):
         ekmesh.hf.from_pretrained(src, home=tmp_path / "nomodel")
-
-
-# --- real nodes ---------------------------------------------------------------------------------------------------
-
-def _import(src: Path, home: Path) -> str:
-    from ekmesh.registry.imports import import_full
-    from ekmesh.shard.store import Store
-
-    return import_full(str(src), store=Store(home / "store")).model_id
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("arch", MESH_FAMILIES)
-def test_three_nodes_serve_a_transformers_model(arch: str, tmp_path: Path) -> None:
-    from ekmesh.shard.store import Store
-
-    src, ref = BUILDERS[arch](tmp_path / "ckpt")
-    model_id = _import(src, tmp_path / "n0")
-    m = Store(tmp_path / "n0" / "store").load_manifest(model_id)
-    h0, h2 = seeds_splitting_every_layer(m, 2, 1, 4.0, arch)
-    with ServingMesh(tmp_path, model_id, [HOLDER, HOST, HOLDER], seeds=[h0, f"{arch}-host", h2],
-                     extra=["--replicas", "1", "--memory", "4"]) as mesh:
-        host = mesh.nodes[1]
-        snap = mesh.wait_ready(1, timeout=90)
-        holders = {p["peer_id"] for p in snap["peers"] if p["models"].get(model_id)}
-        assert len(holders) == 2 and snap["serving"]["loaded_experts"] == 0, snap["serving"]
-        assert snap["serving"]["relay_addr"], snap["serving"]
-
-        model = ekmesh.hf.from_pretrained(src, home=host.home)  # the directory the nodes imported
-        _compare(model, ref, ref.config.vocab_size, f"{arch} through 3 nodes")
-        _no_expert_read(model, arch)
-        after = host.status()["serving"]
-        assert all(after["peers"][p]["round_trips"] > 0 for p in holders), after["peers"]
-        # (a frame that misses its deadline on a loaded machine is computed by the host from the blob, exactly;
-        # so experts loaded on the host afterwards are not an error, as in tests/node/test_mesh_nodes.py)
-        assert after["verify"]["banned"] == []
-
-        # the stored model by id on the host (its dense blobs): the same model
-        by_id = ekmesh.hf.from_pretrained(model_id, home=host.home)
-        _compare(by_id, ref, ref.config.vocab_size, f"{arch} by model id")
-        _no_expert_read(by_id, arch)
-
-        other, _ = BUILDERS[arch](tmp_path / "other")  # another checkpoint (same seed: only its path differs)
-        cfg = json.loads((other / "config.json").read_text())
-        (other / "config.json").write_text(json.dumps({**cfg, "initializer_range": 0.5}))
-        with pytest.raises(ModelNotServedError, match=model_id):
-            ekmesh.hf.from_pretrained(other, home=host.home)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_a_node_whose_experts_no_peer_serves_is_refused(tmp_path: Path) -> None:
-    src, _ = make_tiny("mixtral", tmp_path / "ckpt")
-    model_id = _import(src, tmp_path / "n0")
-    node = NodeProc(tmp_path / "n0", *BASE, "--model", model_id, *HOST)
-    try:
-        wait_until(lambda: node.status()["serving"]["state"] == "serving", 60, "the lone host loading attention")
-        missing = node.status()["serving"]["missing_experts"]
-        assert missing == 3 * 8
-        with pytest.raises(ExpertsMissingError, match=f"{missing} routed experts of model {model_id}"):
-            ekmesh.hf.from_pretrained(src, home=tmp_path / "n0")
-    finally:
-        node.stop()
-
