@@ -462,47 +462,6 @@ def test_probation_checks_a_bounded_number_of_rows(tiny: Path, servers: _Servers
     assert 0 < st["rows"] <= 3 * (PROBATION_ROWS + PROBATION_PER_WAVE - 1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("fmt", [None, "q4"])
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_on_cuda_mixed_devices_and_dtypes(tiny: Path, monkeypatch: pytest.MonkeyPatch, fmt: str | None,
-                                          replicas: int) -> None:
-    """A bf16 CUDA attention host over holders on CUDA (bf16), the CPU (fp32) and the CPU (fp16), float or q4
-    experts, every result checked (here with R = 1, by the other replica with R = 2): nobody is banned (and with
-    float experts the logits stay within bf16 rounding of the host's own computation); a liar among them is
-    banned."""
-    ckpt, model, experts = load_all(tiny, "cuda", torch.bfloat16)
-    if fmt:
-        experts = LocalExperts(ckpt.config.expert_spec(), "cuda", torch.bfloat16)
-        for layer, e in ckpt.expert_addresses():
-            experts.add(layer, e, quantize_expert(ckpt.read_expert(layer, e), fmt))
-    where = {"p0": ("cuda", torch.bfloat16), "p1": ("cpu", torch.float32), "p2": ("cpu", torch.float16)}
-    prompt = torch.randint(0, 96, (16,), generator=torch.Generator().manual_seed(6)).tolist()
-    local = Generator(model, experts, cuda_graphs=False)
-    for lying in (set(), {"p2"}):
-        servers = _Servers(ckpt, spread(ckpt, list(where), replicas), lying, monkeypatch, where, fmt)
-        try:
-            remote, _ = servers.backend(1.0, "cuda", torch.bfloat16)
-            gen = Generator(model, remote, cuda_graphs=False)
-            logits = gen.logits(prompt)
-            gen.generate(prompt, GREEDY)
-            assert remote.verifier is not None
-            st = remote.verifier.status()
-            print(f"fmt={fmt} R={replicas} liar={sorted(lying)}: rows {st['rows']}, mismatches {st['mismatches']}, "
-                  f"banned {[b['peer'] for b in st['banned']]}")
-            assert [b["peer"] for b in st["banned"]] == sorted(lying), st
-            if not lying:
-                assert st["mismatches"] == 0 and st["rows"] > 0
-                diff = (logits - local.logits(prompt)).abs().max().item()
-                print(f"  max |logit diff| vs the host alone: {diff:.3g}")
-                # (float: bf16 rounding; q4's CUDA and CPU kernels differ more, which the float case rules out as a
-                # cause here: verification changed no result)
-                assert fmt is not None or diff < 0.1
-        finally:
-            servers.close()
-
-
 @pytest.mark.timeout(60)
 def test_local_checks_fetch_within_a_budget(tiny: Path) -> None:
     """With no replica to check a row (R = 1), this host fetches the expert: at most ``FETCH_BURST`` at once, then
