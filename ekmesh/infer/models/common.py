@@ -334,7 +334,8 @@ class DecoderLayer(nn.Module):
 class _Body(nn.Module):
     def __init__(self, vocab: int, hidden: int, layers: Sequence[nn.Module], eps: float) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(vocab, hidden)
+        # (an explicit weight skips the random init: on the meta device that init imports torch._dynamo, ~1.5 s)
+        self.embed_tokens = nn.Embedding(vocab, hidden, _weight=torch.empty(vocab, hidden))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(hidden, eps)
 
