@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -316,6 +316,15 @@ class SoftmaxMoE(nn.Module):
         return out.view(b, t, d)
 
 
+class SequenceAttention(Protocol):
+    """What a decoder layer's attention offers (``Attention``, DeepSeek's ``MLAttention``): a step over one cache,
+    and ``forward_many``, the steps of several sequences whose per-token work runs once over all their tokens."""
+
+    def __call__(self, x: torch.Tensor, step: Step) -> torch.Tensor: ...
+
+    def forward_many(self, x: torch.Tensor, lens: Sequence[int], steps: Sequence[Step]) -> torch.Tensor: ...
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
 
@@ -408,11 +417,7 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             assert isinstance(layer, DecoderLayer)
             h = layer.input_layernorm(x)
-            if isinstance(layer.self_attn, Attention):
-                x = x + layer.self_attn.forward_many(h, lens, steps)
-            else:  # an attention without a batched form (MLA): one call per sequence
-                x = x + torch.cat([layer.self_attn(hi, st) for hi, st in zip(h.split(lens, 1), steps, strict=True)],
-                                  dim=1)
+            x = x + cast(SequenceAttention, layer.self_attn).forward_many(h, lens, steps)
             x = x + layer.mlp(layer.post_attention_layernorm(x), steps[0])  # (the MLP uses only the experts backend)
         for (_, cache), n in zip(inputs, lens, strict=True):
             cache.length += n

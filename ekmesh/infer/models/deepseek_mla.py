@@ -26,6 +26,7 @@ the cache kind and path, a position's cached entry is written once by the forwar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,23 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(h * s.v_head_dim, d, bias=bias)
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        return self.o_proj(self._attend(*self._project(x, *step.rope["main"]), step))  # [B, T, D]
+
+    def forward_many(self, x: torch.Tensor, lens: Sequence[int], steps: Sequence[Step]) -> torch.Tensor:
+        """x [1, sum T_i, D]: the new tokens of several sequences, each step over its own cache -> [1, sum T_i, D].
+        The projections, the latent's norm and RoPE run once over every sequence's tokens; the cache write and
+        attention per sequence."""
+        cos = torch.cat([st.rope["main"][0] for st in steps])  # [sum T_i, dim]
+        sin = torch.cat([st.rope["main"][1] for st in steps])
+        q_nope, q_rot, latent, k_rot = (p.split(lens, dim=2) for p in self._project(x, cos, sin))  # per sequence
+        outs = [self._attend(qn, qr, c, kr, st) for qn, qr, c, kr, st in zip(q_nope, q_rot, latent, k_rot, steps,
+                                                                                strict=True)]
+        return self.o_proj(torch.cat(outs, dim=1))
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q_nope [B, H, T, dn], q_rot [B, H, T, dr] (rotated), the normed latent [B, 1, T, r] and
+        k_rot [B, 1, T, dr] (rotated): everything of a layer that works token by token."""
         s = self.spec
         b, t, _ = x.shape
         h, dn, dr = s.num_heads, s.qk_nope_head_dim, s.qk_rope_head_dim
@@ -118,25 +136,30 @@ class MLAttention(nn.Module):
         q = q.view(b, t, h, dn + dr).transpose(1, 2)  # [B, H, T, dn+dr]
         q_nope, q_rot = torch.split(q, [dn, dr], dim=-1)  # [B, H, T, dn], [B, H, T, dr]
         latent, k_rot = torch.split(self.kv_a_proj_with_mqa(x), [s.kv_lora_rank, dr], dim=-1)  # [B, T, r], [B, T, dr]
-        latent = self.kv_a_layernorm(latent)  # [B, T, r]
-        cos, sin = step.rope["main"]
+        latent = self.kv_a_layernorm(latent).unsqueeze(1)  # [B, 1, T, r]
         rope = apply_rope_interleaved if s.rope_interleave else apply_rope
-        q_rot, k_rot = rope(q_rot, cos, sin), rope(k_rot.view(b, 1, t, dr), cos, sin)  # k_rot [B, 1, T, dr]
+        return q_nope, rope(q_rot, cos, sin), latent, rope(k_rot.view(b, 1, t, dr), cos, sin)
+
+    def _attend(self, q_nope: torch.Tensor, q_rot: torch.Tensor, latent: torch.Tensor, k_rot: torch.Tensor,
+                step: Step) -> torch.Tensor:
+        """One sequence's step (as ``_project`` gives it) over its cache -> [B, T, H*dv] (before ``o_proj``)."""
+        s = self.spec
+        b, h, t, _ = q_nope.shape
+        dr = s.qk_rope_head_dim
         if s.mla_cache == "expanded":
-            k_nope, v = self._expand(latent)  # [B, H, T, dn], [B, H, T, dv]
+            k_nope, v = self._expand(latent.squeeze(1))  # [B, H, T, dn], [B, H, T, dv]
             k = torch.cat([k_nope, k_rot.expand(b, h, t, dr)], dim=-1)  # [B, H, T, dn+dr]
             k, v = step.cache.update(self.layer, k, v.contiguous())  # [B, H, S, dn+dr], [B, H, S, dv]
-            out = attend(torch.cat([q_nope, q_rot], dim=-1), k, v, step.mask(k.shape[2], None), s.softmax_scale)
-            return self.o_proj(out)  # [B, T, D]
-        cached = step.cache.update_single(self.layer, torch.cat([latent.unsqueeze(1), k_rot], dim=-1))  # [B,1,S,r+dr]
+            return attend(torch.cat([q_nope, q_rot], dim=-1), k, v, step.mask(k.shape[2], None), s.softmax_scale)
+        cached = step.cache.update_single(self.layer, torch.cat([latent, k_rot], dim=-1))  # [B, 1, S, r+dr]
         n = cached.shape[2]
         mask = step.mask(n, None)
         if s.mla_absorb == "always" or (s.mla_absorb == "auto" and absorb_pays(s, t, n)):
-            return self.o_proj(self._absorbed(q_nope, q_rot, cached, mask))
+            return self._absorbed(q_nope, q_rot, cached, mask)
         c_all, k_rot_all = torch.split(cached.squeeze(1), [s.kv_lora_rank, dr], dim=-1)  # [B, S, r], [B, S, dr]
         k_nope, v = self._expand(c_all)  # [B, H, S, dn], [B, H, S, dv]
         k = torch.cat([k_nope, k_rot_all.unsqueeze(1).expand(b, h, n, dr)], dim=-1)  # [B, H, S, dn+dr]
-        return self.o_proj(attend(torch.cat([q_nope, q_rot], dim=-1), k, v, mask, s.softmax_scale))
+        return attend(torch.cat([q_nope, q_rot], dim=-1), k, v, mask, s.softmax_scale)
 
     def _expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normed latents [B, S, r] -> per-head k_nope [B, H, S, dn] and v [B, H, S, dv] (``kv_b_proj``)."""
