@@ -126,8 +126,14 @@ def test_experts_move_to_a_new_holder_without_a_gap_and_answers_stay_exact(tmp_p
                            "the experts moved and every peer holds what the placement assigns it", interval=0.1)
                 # an answer that finished after the move may have started before it (on A alone): wait until the
                 # host has sent B a frame, then for one more answer
-                wait_until(lambda: bool(errors) or _round_trips(host.status(), b.peer_id) > 0, 30,
-                           "the host sending a frame to B after the move")
+                try:
+                    wait_until(lambda: bool(errors) or _round_trips(host.status(), b.peer_id) > 0, 30,
+                               "the host sending a frame to B after the move")
+                except AssertionError as exc:  # what the host knew of B, and whom it used
+                    st = host.status()
+                    raise AssertionError(f"{exc}; B = {b.peer_id}; host's serving: peers {st['serving']['peers']}, "
+                                         f"verify {st['serving']['verify']}; view {st['models'][model_id]}; "
+                                         f"B's serving {b.status()['serving']}") from exc
                 done = len(answers)
                 wait_until(lambda: len(answers) > done or bool(errors), 30, "one more answer after the move")
             finally:
