@@ -174,6 +174,8 @@ class Serving:
                 bid = ids[(layer, e)]
                 self.store.verify(bid, m.size(bid), rehash=True)
                 self.local.add(layer, e, self._read_expert(layer, e))
+                if self.remote is not None:  # (no longer a fallback copy the attention host may pass over)
+                    self.remote.adopt({(layer, e)})
             except EkmeshError as exc:
                 log.warning("could not load expert (layer=%d, expert=%d): %s", layer, e, exc)
                 continue

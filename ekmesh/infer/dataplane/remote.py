@@ -14,8 +14,9 @@ latency, and a hung peer costs a decode step ~the floor (0.3 s) instead of secon
 first measurement). A timeout, a broken channel, a refused certificate, a malformed answer or an ERROR
 frame fails that peer for the rest of the call (and puts it last for ``cooldown_s``); its pairs go to the next
 replica in a new wave. With no replica left, ``fallback(layer, expert)`` supplies the weights (the node fetches the
-blob), which are cached in ``local``; with no fallback the call raises ``ExpertUnavailableError`` naming (layer,
-expert). The caller never sees a peer loss the mesh can absorb.
+blob), which are cached in ``local`` and used while no holder is live (when one is again, it computes the
+expert); with no fallback the call raises ``ExpertUnavailableError`` naming (layer, expert). The caller never sees
+a peer loss the mesh can absorb.
 
 Verification (``verifier``, ``verify.py``): a wave with sampled pairs carries them as extra rows in the frames of
 other replicas (or recomputes them here), receives every answer before adding any, and checks the sampled rows; a
@@ -36,7 +37,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -91,6 +92,7 @@ class RemoteExperts:
         self.holders = holders
         self.channels = channels
         self.fallback = fallback
+        self._borrowed: set[tuple[int, int]] = set()  # experts in ``local`` only because the fallback supplied them
         self.timeouts = timeouts or RemoteTimeouts()
         self.verifier = verifier
         self._stats: dict[str, PeerStats] = {}
@@ -154,6 +156,13 @@ class RemoteExperts:
 
     def _holder(self, layer: int, expert: int, excluded: set[str]) -> str:
         if self.local is not None and self.local.has(layer, expert):
+            if (layer, expert) in self._borrowed:
+                # computed here only because no holder was live once: while one is, the mesh computes it (the copy
+                # stays for when it goes again), so a holder lost for a moment, or a holder map a moment behind a
+                # move, does not leave this host computing the expert for good
+                peer = self._choose(layer, expert, excluded)
+                if peer is not None:
+                    return peer
             return LOCAL
         peer = self._choose(layer, expert, excluded)
         if peer is not None:
@@ -163,7 +172,14 @@ class RemoteExperts:
             raise ExpertUnavailableError(layer, expert, tried)
         log.info("no live holder of expert (layer=%d, expert=%d): computing it here from its source", layer, expert)
         self.local.add(layer, expert, self.fallback(layer, expert))
+        with self._lock:
+            self._borrowed.add((layer, expert))
         return LOCAL
+
+    def adopt(self, items: Collection[tuple[int, int]]) -> None:
+        """These experts are now this node's own (its claim loaded them into ``local``): never given back."""
+        with self._lock:
+            self._borrowed.difference_update(items)
 
     def rounds_here(self) -> int:
         """Data-plane rounds (waves that sent at least one frame; each is one network round trip, however many peers

@@ -2,7 +2,8 @@
 
 fp32 on the wire, so logits must agree to 1e-6 and 32 greedy tokens must be identical; the same after a holder is
 SIGKILLed mid-generation (R = 2: a replica answers; R = 1 with a fallback: the host computes the expert from its
-source); with no replica and no fallback the error names the (layer, expert).
+source, and once the holder is back the mesh computes it again); with no replica and no fallback the error names the
+(layer, expert).
 """
 
 from __future__ import annotations
@@ -91,6 +92,18 @@ def test_sigkill_a_holder_mid_generation(tmp_path):
         assert _stream_killing(Generator(model, remote), prompt, mesh, "p1", after=8)[0] == expected
         held = remote.local.held()  # type: ignore[union-attr]
         assert held and all((layer, e) in mesh.procs["p1"].experts for layer, es in held.items() for e in es)
+
+        # p1 is back (a fresh process holding the same experts): the mesh computes them again, not this host (it
+        # keeps its copies for if p1 goes again)
+        mesh.restart("p1")
+        here: list[int] = []
+        computes = remote.local.__class__.__call__
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(type(remote.local), "__call__",
+                       lambda self, layer, *a: (here.append(layer), computes(self, layer, *a))[1])
+            assert Generator(model, remote).generate(prompt, GREEDY).token_ids == expected
+        assert here == [] and remote.local.held() == held  # type: ignore[union-attr]
+        mesh.procs["p1"].kill()
 
         bare = mesh.backend(with_fallback=False)
         with pytest.raises(ExpertUnavailableError) as info:
