@@ -78,24 +78,24 @@ SHAPES = {
 
 
 # DeepSeek shapes for --context (config.json fields; deepseek.Config reads them)
+_V3 = dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=129280, hidden_size=7168,
+           intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=4, first_k_dense_replace=3,
+           num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256,
+           num_experts_per_tok=8, n_group=8, topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True,
+           q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+           rms_norm_eps=1e-6, max_position_embeddings=163840, rope_theta=10000.0,
+           rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
+                             beta_slow=1, mscale=1.0, mscale_all_dim=1.0))
 DEEPSEEK_SHAPES = {
     # deepseek-ai/DeepSeek-V3's config.json, 4 of its 61 layers (its first 3 are dense, then 1 MoE layer)
-    "deepseek-v3": dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=129280,
-                        hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=4,
-                        first_k_dense_replace=3, num_attention_heads=128, num_key_value_heads=128,
-                        n_shared_experts=1, n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4,
-                        routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=1536, kv_lora_rank=512,
-                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, rms_norm_eps=1e-6,
-                        max_position_embeddings=163840, rope_theta=10000.0,
-                        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096,
-                                          beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)),
-    "deepseek-small": dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=4096,
-                           hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=3,
-                           first_k_dense_replace=1, num_attention_heads=8, num_key_value_heads=8,
-                           n_shared_experts=1, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
-                           routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=96, kv_lora_rank=64,
-                           qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, rms_norm_eps=1e-6,
-                           max_position_embeddings=65536, rope_theta=10000.0),
+    "deepseek-v3": _V3,
+    # the same architecture, small enough for a CPU smoke run (no YaRN)
+    "deepseek-small": {**{k: v for k, v in _V3.items() if k != "rope_scaling"},
+                       **dict(vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                              num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=8,
+                              num_key_value_heads=8, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+                              topk_group=2, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
+                              qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=65536)},
 }
 
 
