@@ -260,7 +260,7 @@ def profile_step(gen: Generator, ids: list[int]) -> dict:
 
     runner = gen._graph_for(len(ids) + 8)
     runner.prefill(ids)
-    with fusion.fused(), torch.inference_mode():
+    with fusion.fused(runner.fuse), torch.inference_mode():
         runner._run_static()  # the same code the graph captured, run eagerly once to count its kernels
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -269,10 +269,14 @@ def profile_step(gen: Generator, ids: list[int]) -> dict:
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     busy_ms = sum(e.device_time for e in kernels) / 1000
     top: dict[str, float] = {}
+    count: dict[str, int] = {}
     for e in kernels:
         top[e.name[:60]] = top.get(e.name[:60], 0.0) + e.device_time / 1000
+        count[e.name[:60]] = count.get(e.name[:60], 0) + 1
     return {"kernels_per_step": len(kernels), "gpu_busy_ms_per_step": round(busy_ms, 3),
-            "top_kernels_ms": {k: round(v, 3) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:8]}}
+            "top_kernels_ms": {k: round(v, 3) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]},
+            "kernels_by_count": {k: [n, round(top[k], 3)]
+                                 for k, n in sorted(count.items(), key=lambda kv: -kv[1])[:30]}}
 
 
 def capture(fn, experts: LocalExperts) -> torch.cuda.CUDAGraph:
@@ -292,6 +296,8 @@ def capture(fn, experts: LocalExperts) -> torch.cuda.CUDAGraph:
     return graph
 
 
+# transformers' experts implementations tried on CUDA (its fastest is the baseline)
+HF_EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
 QUANT_TOL = 3e-2  # max |quantized - dequantized reference| / max |reference| per layer output (tests: the same)
 
 
@@ -474,14 +480,23 @@ def main() -> None:
 
     results = {}
     gens = {"ekmesh": Generator(ours, experts)}
-    if device.type == "cuda":
+    if device.type == "cuda":  # the same graph with fewer fused kernels, and no graph at all
+        gens["ekmesh_compile_only"] = Generator(ours, experts, fuse="compile")
         gens["ekmesh_eager"] = Generator(ours, experts, cuda_graphs=False)
     ids = prompt[0].tolist()
     for name, gen in gens.items():
         def run(n: int, gen: Generator = gen) -> list[int]:
             return gen.generate(ids, SamplingParams(max_tokens=n, stop_ids=frozenset())).token_ids
         results[name] = per_token(run, args.tokens, device, args.repeats)
-    results["transformers"] = per_token(hf_gen, args.tokens, device, args.repeats)
+    hf_impls: dict[str, float] = {}
+    for impl in HF_EXPERTS_IMPLEMENTATIONS if device.type == "cuda" else (None,):
+        if impl is not None:
+            hf.set_experts_implementation(impl)
+        hf_impls[impl or "default"] = per_token(hf_gen, args.tokens, device, args.repeats)
+    best_impl = min(hf_impls, key=lambda k: hf_impls[k])
+    if device.type == "cuda":
+        hf.set_experts_implementation(best_impl)
+    results["transformers"] = hf_impls[best_impl]
 
     a, b = gens["ekmesh"].generate(ids, SamplingParams(max_tokens=16, stop_ids=frozenset())).token_ids, hf_gen(16)
     same = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), 16)
@@ -492,12 +507,15 @@ def main() -> None:
         "tokens": args.tokens,
         "ms_per_token": {k: round(v * 1000, 3) for k, v in results.items()},
         "tok_per_s": {k: round(1 / v, 2) for k, v in results.items()},
+        "transformers_experts_implementation": best_impl,
+        "transformers_ms_per_token_by_experts_implementation": {k: round(v * 1000, 3) for k, v in hf_impls.items()},
         "speedup_vs_transformers": round(results["transformers"] / results["ekmesh"], 2),
         "greedy_tokens_identical_prefix": same,
     }
     if device.type == "cuda":
         report["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         report.update(profile_step(gens["ekmesh"], ids))
+        report["compile_only"] = profile_step(gens["ekmesh_compile_only"], ids)
     if args.json:
         print(json.dumps(report))
     else:

@@ -7,24 +7,30 @@ Invariants: the graph reads its inputs from two static device tensors (token id,
 static output; the KV cache has a fixed capacity (``max_len``) and lives as long as the runner; the experts
 backend must hold every routed expert (its missing-expert check, a host sync, is off while the step is captured).
 Prefill runs eagerly on the same static cache. ``cache.length`` is advanced on the host after each replay.
-The captured step uses fused kernels (``ekmesh.infer.fusion``) unless ``fuse=False``.
+The captured step uses fused kernels at ``fuse``'s level (``ekmesh.infer.fusion``: "all" by default; "compile", or
+"off" for the plain code).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from ekmesh.infer import fusion
 from ekmesh.infer.experts import LocalExperts
-from ekmesh.infer.models.common import CausalLM
+from ekmesh.infer.models.common import Attention, CausalLM
 
 
 class GraphDecoder:
-    def __init__(self, model: CausalLM, experts: LocalExperts, max_len: int, fuse: bool = True) -> None:
+    def __init__(self, model: CausalLM, experts: LocalExperts, max_len: int, fuse: str = "all") -> None:
+        if fuse not in fusion.LEVELS:
+            raise ValueError(f"fusion level {fuse!r} is not one of {', '.join(fusion.LEVELS)}")
         self.fuse = fuse
+        if fuse == "all":  # q, k, v as one matmul (the same weights, viewed)
+            for m in model.modules():
+                if isinstance(m, Attention):
+                    m.fuse_projections()
         self.model = model
         self.experts = experts
         self.max_len = max_len
@@ -54,7 +60,7 @@ class GraphDecoder:
     def _capture(self) -> None:
         self.pos.fill_(self.cache.length)  # warm-up writes land in the slot the next real step overwrites
         self.experts.graph_mode = True
-        with fusion.fused() if self.fuse else contextlib.nullcontext():
+        with fusion.fused(self.fuse):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

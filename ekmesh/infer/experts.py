@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ekmesh.core.errors import ConfigError, ExpertNotLoadedError, TensorShapeError
+from ekmesh.infer import decode_experts, fusion
 from ekmesh.infer.expert import ExpertSpec, ExpertWeights, expert_activation
 from ekmesh.infer.qkernels import PackedWeight, kernel_dtype, pack, qlinear, stack_packed
 from ekmesh.infer.qtensor import QuantizedTensor
@@ -342,6 +343,10 @@ class LocalExperts:
             missing = slots < 0
             if bool(missing.any()):
                 raise ExpertNotLoadedError(layer, int(flat[missing][0]))
+        if isinstance(pack, _LayerPack) and fusion.kernels() and decode_experts.supports(hidden, pack.gate_up, t * k):
+            sp = self.spec  # a decode step in the fused (captured) path: two kernels, no sort or scatter
+            return decode_experts.moe(hidden, slots.view(t, k), weights, pack.gate_up, pack.down, pack.gate_up_bias,
+                                      pack.down_bias, sp.activation, sp.alpha, sp.limit)
         order = torch.argsort(slots, stable=True)  # [T*k], pairs grouped by slot
         token_of = order // k  # [T*k] token index of each sorted pair
         x = hidden[token_of]  # [T*k, D]

@@ -6,6 +6,10 @@ and their first tensor argument is on CUDA; then they run through ``torch.compil
 two kernels. The CUDA-graph decoder enables it while it captures its decode step; nothing else does, so prefill,
 CPU runs and CPU tests use the plain code.
 Invariant: a fused function computes the same function as its plain body (same dtype rules).
+
+Levels (``fused(level)``): ``"compile"`` compiles the ``@fusable`` functions; ``"all"`` (the decoder's default)
+also lets the hand-written decode kernels run where they apply (``kernels()``: ``decode_experts`` for the routed
+experts); ``"off"`` is the plain code. Benchmarks compare the levels in one run.
 """
 
 from __future__ import annotations
@@ -22,23 +26,33 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_enabled = False
+LEVELS = ("off", "compile", "all")
+_level = "off"
 
 
 @contextlib.contextmanager
-def fused() -> Iterator[None]:
-    """Within this block, ``@fusable`` functions called on CUDA tensors run compiled (used around a graph capture,
-    so only the captured decode step is fused and prefill keeps the reference code)."""
-    global _enabled
-    before, _enabled = _enabled, True
+def fused(level: str = "all") -> Iterator[None]:
+    """Within this block, ``@fusable`` functions called on CUDA tensors run compiled, and at level ``"all"`` the
+    decode kernels run where they apply (used around a graph capture, so only the captured decode step is fused and
+    prefill keeps the reference code)."""
+    global _level
+    if level not in LEVELS:
+        raise ValueError(f"fusion level {level!r} is not one of {', '.join(LEVELS)}")
+    before, _level = _level, level
     try:
         yield
     finally:
-        _enabled = before
+        _level = before
 
 
 def enabled() -> bool:
-    return _enabled
+    """Whether ``@fusable`` functions run compiled."""
+    return _level != "off"
+
+
+def kernels() -> bool:
+    """Whether the hand-written decode kernels may run."""
+    return _level == "all"
 
 
 def _allow_specialisations() -> None:
@@ -56,7 +70,7 @@ def fusable(fn: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        if _enabled and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
+        if _level != "off" and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
             if not compiled:
                 _allow_specialisations()
                 compiled.append(torch.compile(fn, fullgraph=True, dynamic=False))

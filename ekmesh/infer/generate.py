@@ -198,8 +198,10 @@ class Generator:
     def __init__(self, model: CausalLM, experts: ExpertsBackend | None, tokenizer: Tokenizer | None = None,
                  default_stop_ids: Sequence[int] = (), cuda_graphs: bool | None = None,
                  retractions: Callable[[], int] | None = None, speculative: str = "off",
-                 round_trips: Callable[[], int] | None = None, draft: Callable[[], Drafter] | None = None) -> None:
+                 round_trips: Callable[[], int] | None = None, draft: Callable[[], Drafter] | None = None,
+                 fuse: str = "all") -> None:
         self.model = model
+        self.fuse = fuse  # the CUDA-graph decode step's fusion level (``fusion.LEVELS``)
         self.experts = experts
         self.retractions = retractions
         self.speculative = check_mode(speculative)  # a request may choose another (SamplingParams.speculative)
@@ -226,7 +228,7 @@ class Generator:
         if runner is None:
             assert isinstance(self.experts, LocalExperts)
             self._graphs.clear()  # one static cache at a time
-            runner = self._graphs[cap] = GraphDecoder(self.model, self.experts, cap)
+            runner = self._graphs[cap] = GraphDecoder(self.model, self.experts, cap, self.fuse)
         return runner
 
     def _check_prompt(self, prompt_ids: Sequence[int]) -> None:

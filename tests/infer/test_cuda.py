@@ -84,6 +84,40 @@ def test_grouped_mm_experts_equal_loop(tmp_path):
     assert (a - b).abs().max() < 2e-2 * a.abs().max()
 
 
+@pytest.mark.parametrize("activation,bias", [("silu", False), ("gptoss", True), ("silu", True)])
+def test_decode_expert_kernels_equal_the_grouped_path(activation, bias):
+    """The two decode kernels (decode_experts) against the grouped path on fresh random bf16 inputs: odd sizes,
+    several tokens, repeated experts across tokens, biases, both activations; a pair whose slot is -1 adds nothing."""
+    from ekmesh.infer import decode_experts
+    from ekmesh.infer.expert import ExpertSpec, ExpertWeights
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for d, inter, n, t, k in [(64, 32, 8, 1, 2), (96, 40, 16, 3, 8), (130, 70, 9, 5, 4), (2048, 768, 16, 1, 8)]:
+        spec = ExpertSpec(d, inter, n, activation=activation, bias=bias)
+        experts = LocalExperts(spec, "cuda", torch.bfloat16)
+        def rnd(*shape: int) -> torch.Tensor:
+            return (torch.randn(*shape, device="cuda", generator=g) * 0.1).bfloat16()
+        for e in range(n):
+            experts.add(0, e, ExpertWeights(rnd(2 * inter, d), rnd(d, inter), rnd(2 * inter) if bias else None,
+                                            rnd(d) if bias else None))
+        x = rnd(t, d) * 10
+        ids = torch.stack([torch.randperm(n, device="cuda", generator=g)[:k] for _ in range(t)])  # [T, k]
+        w = torch.rand(t, k, device="cuda", generator=g).bfloat16()
+        ref = experts(0, x, ids, w).float()  # the grouped path (fusion off)
+        pack = experts._pack(0)
+        slots = pack.slot_of[ids]
+        got = decode_experts.moe(x, slots, w, pack.gate_up, pack.down, pack.gate_up_bias, pack.down_bias,
+                                 activation).float()
+        diff = ((got - ref).abs().max() / ref.abs().max()).item()
+        print(f"D={d} I={inter} T={t} k={k} {activation} bias={bias}: max rel diff {diff:.3g}")
+        assert diff < 2e-2
+        slots[0, 0] = -1  # not held: adds nothing
+        alone = experts(0, x[:1], ids[:1, 1:], w[:1, 1:]).float()
+        got = decode_experts.moe(x[:1], slots[:1], w[:1], pack.gate_up, pack.down, pack.gate_up_bias,
+                                 pack.down_bias, activation).float()
+        assert ((got - alone).abs().max() / alone.abs().max()).item() < 2e-2
+
+
 def test_remote_experts_on_cuda_equal_local(tmp_path):
     """The data plane with CUDA on both ends, bf16 on the wire: an attention host holding no expert and expert
     servers whose experts live on the GPU. With one server holding every expert its answer is returned as it came,

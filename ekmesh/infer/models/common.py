@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ekmesh.core.errors import ConfigError
+from ekmesh.infer import fusion
 from ekmesh.infer.expert import ExpertSpec
 from ekmesh.infer.experts import ExpertsBackend
 from ekmesh.infer.fusion import fusable
@@ -141,10 +142,31 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
 @fusable
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, dim] rotated by cos/sin [T, dim] (half-split layout)."""
-    return x * cos + rotate_half(x) * sin
+    return _rope(x, cos, sin)
+
+
+@fusable
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``apply_rope`` of q and of k in one fused call."""
+    return _rope(q, cos, sin), _rope(k, cos, sin)
+
+
+@fusable
+def head_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                   cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head q/k RMSNorm, the move of heads before tokens, then RoPE, in one fused call:
+    q [B, T, H, d], k [B, T, Hkv, d] -> q [B, H, T, d], k [B, Hkv, T, d]."""
+    q = _rms_norm(q, q_weight, eps).transpose(1, 2)  # [B, H, T, d]
+    k = _rms_norm(k, k_weight, eps).transpose(1, 2)  # [B, Hkv, T, d]
+    return _rope(q, cos, sin), _rope(k, cos, sin)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float,
@@ -182,13 +204,25 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-@fusable
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's RMSNorm: normalise in fp32, cast back, then scale."""
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x32 = x.to(torch.float32)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(dtype)
+
+
+@fusable
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm: normalise in fp32, cast back, then scale."""
+    return _rms_norm(x, weight, eps)
+
+
+@fusable
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual sum x + y and its RMSNorm, in one fused call."""
+    s = x + y
+    return s, _rms_norm(s, weight, eps)
 
 
 @dataclass(frozen=True)
@@ -224,6 +258,39 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(s.num_kv_heads * s.head_dim, s.rms_eps)
         if s.sinks:
             self.sinks = nn.Parameter(torch.zeros(s.num_heads))
+        self._qkv: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None  # fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """The q, k and v projections as one matmul from now on: their weights (and biases) become views of one
+        [H*d + 2*Hkv*d, D] tensor, so nothing is kept twice. The same function, one launch instead of three (the
+        CUDA-graph decoder's "all" fusion level: used where ``fusion.kernels()``). Parameters assigned anew later are
+        noticed and used unfused."""
+        if self._qkv is not None and self._qkv_current():
+            return
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        sizes = [p.weight.shape[0] for p in projs]
+        with torch.no_grad():
+            weight = torch.cat([p.weight for p in projs])  # [H*d + 2*Hkv*d, D]
+            bias = torch.cat([p.bias for p in projs]) if self.spec.qkv_bias else None
+        for p, w in zip(projs, weight.split(sizes), strict=True):
+            p.weight = nn.Parameter(w, requires_grad=False)
+        if bias is not None:
+            for p, b in zip(projs, bias.split(sizes), strict=True):
+                p.bias = nn.Parameter(b, requires_grad=False)
+        self._qkv = (weight, bias, sizes)
+
+    def _qkv_current(self) -> bool:
+        """Whether the fused projection still holds the module's q/k/v weights (none was assigned anew)."""
+        if self._qkv is None:
+            return False
+        weight, bias, sizes = self._qkv
+        views = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        offsets = [0, sizes[0], sizes[0] + sizes[1]]
+        row = weight.stride(0) * weight.element_size()
+        same = all(v.data_ptr() == weight.data_ptr() + o * row for v, o in zip(views, offsets, strict=True))
+        if bias is not None:
+            same = same and self.q_proj.bias is not None and self.q_proj.bias.data_ptr() == bias.data_ptr()
+        return same
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         return self.o_proj(self._attend(*self._project(x, *step.rope["main"]), step))
@@ -244,18 +311,23 @@ class Attention(nn.Module):
         """x [B, T, D] -> q [B, H, T, d], k and v [B, Hkv, T, d], normed and rotated as the spec says."""
         s = self.spec
         b, t, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*d], [B, T, Hkv*d] x2
+        if self._qkv is not None and fusion.kernels() and self._qkv_current():
+            weight, bias, sizes = self._qkv
+            q, k, v = F.linear(x, weight, bias).split(sizes, dim=-1)  # [B, T, H*d], [B, T, Hkv*d] x2
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*d], [B, T, Hkv*d] x2
         if s.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if s.clip_qkv is not None:
             q, k, v = (z.clamp(-s.clip_qkv, s.clip_qkv) for z in (q, k, v))
         q = q.view(b, t, -1, s.head_dim)  # [B, T, H, d]
         k = k.view(b, t, -1, s.head_dim)  # [B, T, Hkv, d]
-        if s.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, d], [B, Hkv, T, d]
         v = v.view(b, t, -1, s.head_dim).transpose(1, 2)  # [B, Hkv, T, d]
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        if s.qk_norm == "head":  # -> [B, H, T, d], [B, Hkv, T, d]
+            q, k = head_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, s.rms_eps, cos, sin)
+            return q, k, v
+        q, k = rope_qk(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, H, T, d], [B, Hkv, T, d]
+        return q, k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
         """This step's q, k, v (as ``_project`` gives them) over the step's cache -> [B, T, H*d]."""
@@ -278,13 +350,15 @@ class DenseMLP(nn.Module):
 
 
 @fusable
-def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] -> (weights [T, k] fp32, expert ids [T, k]) as transformers' softmax routers."""
+def softmax_topk(logits: torch.Tensor, k: int, normalize: bool, dtype: torch.dtype = torch.float32
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, k] computed in fp32, returned in ``dtype``; expert ids [T, k]) as
+    transformers' softmax routers."""
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
     w, ids = torch.topk(probs, k, dim=-1)  # [T, k]
     if normalize:
         w = w / w.sum(dim=-1, keepdim=True)
-    return w, ids
+    return w.to(dtype), ids
 
 
 def call_experts(step: Step, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -309,8 +383,8 @@ class SoftmaxMoE(nn.Module):
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         b, t, d = x.shape
         x2 = x.reshape(-1, d)  # [B*T, D]
-        w, ids = softmax_topk(self.gate(x2), self.top_k, self.normalize)  # [B*T, k]
-        out = call_experts(step, self.layer, x2, ids, w.to(x.dtype))  # [B*T, D]
+        w, ids = softmax_topk(self.gate(x2), self.top_k, self.normalize, x.dtype)  # [B*T, k]
+        out = call_experts(step, self.layer, x2, ids, w)  # [B*T, D]
         if self.has_shared:
             out = out + torch.sigmoid(self.shared_expert_gate(x2)) * self.shared_expert(x2)
         return out.view(b, t, d)
@@ -336,8 +410,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps)
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), step)
-        return x + self.mlp(self.post_attention_layernorm(x), step)
+        norm = self.post_attention_layernorm
+        x, h = add_rms_norm(x, self.self_attn(self.input_layernorm(x), step), norm.weight, norm.eps)
+        return x + self.mlp(h, step)
 
 
 class _Body(nn.Module):

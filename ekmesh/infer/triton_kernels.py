@@ -1,0 +1,78 @@
+"""The Triton kernels behind ``decode_experts`` (see there for what they compute). Importing this module imports
+Triton, so only ``decode_experts`` imports it, on first use on a CUDA device. Not type-checked (Triton's kernel
+language); the typed entry point is ``decode_experts.moe``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gate_up_act(x_ptr, w_ptr, b_ptr, slot_ptr, a_ptr, d, inter, stride_we, stride_wr, alpha, limit,
+                k: tl.constexpr, act_kind: tl.constexpr, has_bias: tl.constexpr,
+                block_i: tl.constexpr, block_d: tl.constexpr):
+    # one program: pair p, rows [bi*block_i, +block_i) of its gate and of its up projection
+    p = tl.program_id(0)
+    bi = tl.program_id(1)
+    slot = tl.load(slot_ptr + p)
+    base = w_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_we
+    rows = bi * block_i + tl.arange(0, block_i)
+    rmask = rows < tl.where(slot >= 0, inter, 0)  # no rows of an expert not held
+    x_row = x_ptr + (p // k).to(tl.int64) * d
+    acc_g = tl.zeros([block_i], dtype=tl.float32)
+    acc_u = tl.zeros([block_i], dtype=tl.float32)
+    for d0 in range(0, d, block_d):
+        cols = d0 + tl.arange(0, block_d)
+        cmask = cols < d
+        xv = tl.load(x_row + cols, mask=cmask, other=0.0).to(tl.float32)
+        m2 = rmask[:, None] & cmask[None, :]
+        g = tl.load(base + rows[:, None] * stride_wr + cols[None, :], mask=m2, other=0.0)
+        u = tl.load(base + (rows[:, None] + inter) * stride_wr + cols[None, :], mask=m2, other=0.0)
+        acc_g += tl.sum(g.to(tl.float32) * xv[None, :], axis=1)
+        acc_u += tl.sum(u.to(tl.float32) * xv[None, :], axis=1)
+    if has_bias:
+        bias = b_ptr + tl.maximum(slot, 0).to(tl.int64) * (2 * inter)
+        acc_g += tl.load(bias + rows, mask=rmask, other=0.0).to(tl.float32)
+        acc_u += tl.load(bias + inter + rows, mask=rmask, other=0.0).to(tl.float32)
+    out_ty = a_ptr.dtype.element_ty
+    g = acc_g.to(out_ty).to(tl.float32)  # the projection's output in the weights' dtype, as a matmul's
+    u = acc_u.to(out_ty).to(tl.float32)
+    if act_kind == 0:  # SwiGLU
+        act = g / (1.0 + tl.exp(-g)) * u
+    else:  # gpt-oss: clamped, alpha-scaled sigmoid gate, (up + 1)
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        act = (u + 1.0) * (g / (1.0 + tl.exp(-g * alpha)))
+    tl.store(a_ptr + p.to(tl.int64) * inter + rows, act.to(out_ty), mask=rows < inter)
+
+
+@triton.jit
+def down_sum(a_ptr, w_ptr, b_ptr, slot_ptr, wt_ptr, y_ptr, d, inter, stride_we, stride_wr,
+             k: tl.constexpr, has_bias: tl.constexpr, block_d: tl.constexpr, block_i: tl.constexpr):
+    # one program: token t, output rows [bd*block_d, +block_d), summed over the token's k experts
+    bd = tl.program_id(0)
+    t = tl.program_id(1)
+    rows = bd * block_d + tl.arange(0, block_d)
+    rmask = rows < d
+    out_ty = y_ptr.dtype.element_ty
+    acc = tl.zeros([block_d], dtype=tl.float32)
+    for j in tl.static_range(k):
+        p = t * k + j
+        slot = tl.load(slot_ptr + p)
+        held = rows < tl.where(slot >= 0, d, 0)  # no rows of an expert not held
+        base = w_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_we
+        a_row = a_ptr + p.to(tl.int64) * inter
+        part = tl.zeros([block_d], dtype=tl.float32)
+        for i0 in range(0, inter, block_i):
+            cols = i0 + tl.arange(0, block_i)
+            cmask = cols < inter
+            av = tl.load(a_row + cols, mask=cmask, other=0.0).to(tl.float32)
+            w = tl.load(base + rows[:, None] * stride_wr + cols[None, :],
+                        mask=held[:, None] & cmask[None, :], other=0.0)
+            part += tl.sum(w.to(tl.float32) * av[None, :], axis=1)
+        if has_bias:
+            part += tl.load(b_ptr + tl.maximum(slot, 0).to(tl.int64) * d + rows, mask=held,
+                            other=0.0).to(tl.float32)
+        part = part.to(out_ty).to(tl.float32)  # the expert's output in the weights' dtype
+        acc += part * tl.load(wt_ptr + p).to(tl.float32)
+    tl.store(y_ptr + t.to(tl.int64) * d + rows, acc.to(out_ty), mask=rmask)
