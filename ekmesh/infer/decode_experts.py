@@ -8,9 +8,11 @@ experts and sums them weighted by the router. A layer's experts are two launches
 bytes once, with no host sync: capturable in a CUDA graph (``cuda_graph.GraphDecoder`` uses them in its captured
 step).
 
-Responsible for: float experts (bf16 / fp16 weights) of both activations (SwiGLU; gpt-oss's clamped one), with or
-without biases, for a few pairs (``MAX_PAIRS``: a decode step, a few drafted tokens). Not for: prefill-sized
-batches (the grouped path is faster there), quantized experts (``qkernels``), the CPU.
+Responsible for: float experts (bf16 / fp16 weights), q8 experts (int8 codes, a scale per row: ``qkernels``'
+``cuda_int8`` layout) and FP8 block-scaled experts (DeepSeek's, kept as stored), of both activations (SwiGLU;
+gpt-oss's clamped one), with or without biases, for a few pairs (``MAX_PAIRS``: a decode step, a few drafted
+tokens). Not for: prefill-sized batches (the grouped path is faster there), q4 and MXFP4 (their layouts go through
+``qkernels``), the CPU.
 
 Invariant: computes what ``LocalExperts``' grouped path computes within the weights' rounding: products and sums
 in fp32, each projection's output rounded to the weights' dtype (as a matmul's output is) before the activation and
@@ -26,6 +28,8 @@ from typing import Any
 
 import torch
 
+from ekmesh.infer.qkernels import PackedWeight
+
 MAX_PAIRS = 64  # up to this many (token, expert) pairs per call; beyond, the grouped path is faster
 
 @functools.cache
@@ -38,10 +42,29 @@ def available() -> bool:
     return True
 
 
-def supports(hidden: torch.Tensor, weight: torch.Tensor, n_pairs: int) -> bool:
-    """Whether a call over ``hidden`` with stacked float weights ``weight`` and ``n_pairs`` pairs can run here."""
-    return (hidden.is_cuda and weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
-            and hidden.dtype == weight.dtype and 0 < n_pairs <= MAX_PAIRS and available())
+def _kind(w: torch.Tensor | PackedWeight) -> int | None:
+    """The kernels' weight kind of a stacked weight (``triton_kernels``' ``w_kind``), None where they cannot take it."""
+    if isinstance(w, torch.Tensor):
+        return 0 if w.dtype in (torch.bfloat16, torch.float16) and w.stride(-1) == 1 else None
+    if not w.stacked:
+        return None
+    if w.kernel == "cuda_int8":
+        return 1
+    if w.fmt == "fp8" and w.group_size >= 16 and w.group_size & (w.group_size - 1) == 0 and w.scale.dim() == 3:
+        return 2
+    return None
+
+
+def supports(hidden: torch.Tensor, gate_up: torch.Tensor | PackedWeight, down: torch.Tensor | PackedWeight,
+             n_pairs: int) -> bool:
+    """Whether a call over ``hidden`` with a layer's stacked weights and ``n_pairs`` pairs can run here."""
+    kinds = {_kind(gate_up), _kind(down)}
+    tensors = (gate_up.weight, down.weight) if isinstance(gate_up, PackedWeight) and isinstance(
+        down, PackedWeight) else (gate_up, down)
+    return (hidden.is_cuda and all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+            and hidden.dtype in (torch.bfloat16, torch.float16) and len(kinds) == 1 and None not in kinds
+            and (kinds != {0} or gate_up.dtype == hidden.dtype)  # type: ignore[union-attr]
+            and 0 < n_pairs <= MAX_PAIRS and available())
 
 
 def _build() -> Any:
@@ -53,34 +76,55 @@ GATE_UP_BLOCKS = (16, 256)
 DOWN_BLOCKS = (16, 256)
 
 
-def moe(hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-        down: torch.Tensor, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+def _operands(w: torch.Tensor | PackedWeight, block: int) -> tuple[torch.Tensor, torch.Tensor, int, int, int,
+                                                                        int, int]:
+    """(weight [n, O, I'], scale (or the weight, unused), w_kind, scale stride per expert, column groups,
+    block rows, group) of a stacked weight; ``block``, the kernel's column tile, must divide an FP8 group."""
+    kind = _kind(w)
+    if isinstance(w, torch.Tensor):
+        return w, w, 0, 0, 1, 1, 1
+    assert kind is not None
+    scale = w.scale.contiguous()
+    if kind == 1:
+        return w.weight, scale, 1, scale.stride(0), 1, 1, 1
+    if w.group_size % block:
+        raise ValueError(f"a column tile of {block} straddles FP8 groups of {w.group_size}")
+    return w.weight, scale, 2, scale.stride(0), scale.shape[2], w.block_rows, w.group_size
+
+
+def moe(hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor | PackedWeight,
+        down: torch.Tensor | PackedWeight, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
         activation: str = "silu", alpha: float = 1.702, limit: float = 7.0,
         gate_up_blocks: tuple[int, int] | None = None, down_blocks: tuple[int, int] | None = None,
         num_warps: int = 4) -> torch.Tensor:
     """hidden [T, D]; slots [T, k] (index into the stacked weights, -1 for none); weights [T, k] (router);
-    gate_up [n, 2I, D], down [n, D, I] (row-major rows), biases [n, 2I] / [n, D] or None -> [T, D] in hidden's
-    dtype: per token the weighted sum over its k pairs of down(act(gate_up(hidden)))."""
-    k_ = _build()
+    gate_up [n, 2I, D], down [n, D, I]: float tensors (rows contiguous) or stacked ``PackedWeight``s (q8's
+    ``cuda_int8``, FP8); biases [n, 2I] / [n, D] or None -> [T, D] in hidden's dtype: per token the weighted sum
+    over its k pairs of down(act(gate_up(hidden)))."""
+    kern = _build()
     t, k = slots.shape
     n_pairs = t * k
-    d, inter = hidden.shape[1], down.shape[2]
-    if gate_up.stride(2) != 1 or down.stride(2) != 1:
-        raise ValueError("stacked expert weights must be contiguous in their last dimension")
+    d = hidden.shape[1]
+    inter = (down.shape[1] if isinstance(down, PackedWeight) else down.shape[2])
+    bi, bd = gate_up_blocks or GATE_UP_BLOCKS
+    rd, ri = down_blocks or DOWN_BLOCKS
+    if isinstance(gate_up, PackedWeight) and gate_up.fmt == "fp8":  # a column tile within one FP8 group
+        bd, ri = min(bd, gate_up.group_size), min(ri, gate_up.group_size)
+    gw, gs, g_kind, g_sstride, g_groups, g_brows, g_group = _operands(gate_up, bd)
+    dw, ds, d_kind, d_sstride, d_groups, d_brows, d_group = _operands(down, ri)
     hidden = hidden.contiguous()
     slots = slots.reshape(-1).contiguous()
     weights = weights.reshape(-1).contiguous()
     a = torch.empty(n_pairs, inter, device=hidden.device, dtype=hidden.dtype)  # [T*k, I]
     y = torch.empty(t, d, device=hidden.device, dtype=hidden.dtype)  # [T, D]
-    bi, bd = gate_up_blocks or GATE_UP_BLOCKS
-    k_.gate_up_act[(n_pairs, -(-inter // bi))](
-        hidden, gate_up, gate_up if gate_up_bias is None else gate_up_bias.contiguous(), slots, a, d, inter,
-        gate_up.stride(0), gate_up.stride(1), float(alpha), float(limit),
-        k=k, act_kind=0 if activation == "silu" else 1, has_bias=gate_up_bias is not None,
-        block_i=bi, block_d=bd, num_warps=num_warps)
-    rd, ri = down_blocks or DOWN_BLOCKS
-    k_.down_sum[(-(-d // rd), t)](
-        a, down, down if down_bias is None else down_bias.contiguous(), slots, weights, y, d, inter,
-        down.stride(0), down.stride(1),
-        k=k, has_bias=down_bias is not None, block_d=rd, block_i=ri, num_warps=num_warps)
+    kern.gate_up_act[(n_pairs, -(-inter // bi))](
+        hidden, gw, gw if gate_up_bias is None else gate_up_bias.contiguous(), gs, slots, a, d, inter,
+        gw.stride(0), gw.stride(1), g_sstride, g_groups, float(alpha), float(limit),
+        k=k, act_kind=0 if activation == "silu" else 1, has_bias=gate_up_bias is not None, w_kind=g_kind,
+        block_rows=g_brows, group=g_group, block_i=bi, block_d=bd, num_warps=num_warps)
+    kern.down_sum[(-(-d // rd), t)](
+        a, dw, dw if down_bias is None else down_bias.contiguous(), ds, slots, weights, y, d, inter,
+        dw.stride(0), dw.stride(1), d_sstride, d_groups,
+        k=k, has_bias=down_bias is not None, w_kind=d_kind, block_rows=d_brows, group=d_group,
+        block_d=rd, block_i=ri, num_warps=num_warps)
     return y

@@ -343,7 +343,7 @@ class LocalExperts:
             missing = slots < 0
             if bool(missing.any()):
                 raise ExpertNotLoadedError(layer, int(flat[missing][0]))
-        if isinstance(pack, _LayerPack) and fusion.kernels() and decode_experts.supports(hidden, pack.gate_up, t * k):
+        if fusion.kernels() and decode_experts.supports(hidden, pack.gate_up, pack.down, t * k):
             sp = self.spec  # a decode step in the fused (captured) path: two kernels, no sort or scatter
             return decode_experts.moe(hidden, slots.view(t, k), weights, pack.gate_up, pack.down, pack.gate_up_bias,
                                       pack.down_bias, sp.activation, sp.alpha, sp.limit)

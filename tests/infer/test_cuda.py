@@ -251,6 +251,32 @@ def test_quantized_experts_on_cuda_equal_dequantized_cpu(fmt, tmp_path):
         assert rel <= 3e-2, rel
 
 
+@pytest.mark.parametrize("fmt", ["q8", "fp8"])
+def test_quantized_decode_kernels_equal_dequantized_cpu(fmt, tmp_path):
+    """q8 and FP8 experts through the decode kernels (fusion level "all", as in the captured step) against fp32
+    experts of their dequantized weights on the CPU, a few tokens."""
+    from ekmesh.infer import decode_experts, fusion
+
+    path = _build("qwen3_moe", tmp_path / "q")
+    ckpt = Checkpoint.open(path)
+    gpu, cpu = _quantized_backends(ckpt, fmt, "cuda", torch.bfloat16)
+    layer = ckpt.expert_addresses()[0][0]
+    pack = gpu._pack(layer)
+    x0 = torch.zeros(1, ckpt.config.expert_spec().hidden, device="cuda", dtype=torch.bfloat16)
+    assert decode_experts.supports(x0, pack.gate_up, pack.down, 2)  # else this would test the old path
+    g = torch.Generator().manual_seed(0)
+    for t in (1, 3):
+        x = torch.randn(t, ckpt.config.expert_spec().hidden, generator=g)
+        ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(t)])
+        w = torch.rand(t, 2, generator=g)
+        want = cpu(layer, x, ids, w)
+        with torch.inference_mode(), fusion.fused("all"):
+            got = gpu(layer, x.cuda().bfloat16(), ids.cuda(), w.cuda().bfloat16()).float().cpu()
+        rel = ((got - want).abs().max() / want.abs().max()).item()
+        print(f"{fmt} T={t}: max |decode kernels - dequantized cpu| / max = {rel:.2e}")
+        assert rel <= 3e-2, rel
+
+
 def _graph_against_eager(runner, model, cache, experts, prompt, tokens, relative):
     """Teacher-forced over ``tokens``: the graph runner's last logits (prefill of ``prompt``, then one step per
     token) against ``model``'s eager forward over ``cache``. Returns (steps whose top-1 token agrees, the largest

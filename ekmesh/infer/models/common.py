@@ -173,9 +173,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, T, dk], k [B, Hkv, S, dk], v [B, Hkv, S, dv] -> [B, T, H*dv]."""
     b, h, t, _ = q.shape
+    hkv = k.shape[1]
+    if sinks is None and mask is not None and hkv != h and q.is_cuda and fusion.kernels():
+        # the query heads of each key-value head as rows of one head: plain attention over Hkv heads with
+        # rep*T queries, which the masked fused kernels take (GQA with a mask would fall back to copying the keys
+        # and values rep times); head h reads key-value head h // rep, as with enable_gqa
+        rep = h // hkv
+        qg = q.reshape(b, hkv, rep * t, q.shape[-1])  # [B, Hkv, rep*T, dk], rows (r, i)
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.repeat(rep, 1), scale=scaling)
+        return out.view(b, h, t, -1).transpose(1, 2).reshape(b, t, -1)  # [B, T, H*dv]
     if sinks is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
-                                             enable_gqa=k.shape[1] != h)  # [B, H, T, dv]
+                                             enable_gqa=hkv != h)  # [B, H, T, dv]
     else:
         rep = h // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)  # [B, H, S, dk]
