@@ -62,3 +62,44 @@ def test_fused_functions_equal_their_parts():
     fq, fk = head_norm_rope(q, k, qw, kw, 1e-6, cos, sin)
     rq, rk = rope_qk(rms_norm(q, qw, 1e-6).transpose(1, 2), rms_norm(k, kw, 1e-6).transpose(1, 2), cos, sin)
     assert torch.equal(fq, rq) and torch.equal(fk, rk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
+def test_model_at_level_all_equals_plain(arch, dtype, tmp_path):
+    """A whole forward at fusion level "all" (q/k/v as one matmul, each layer's residual sums chained into the next
+    norm, GptOss's own norm kept) gives the plain forward's logits, prefill and a decode step after it."""
+    from ekmesh.infer.loader import load_all
+    from tests.infer.test_cuda import _build
+
+    _, model, experts = load_all(_build(arch, tmp_path / arch), "cpu", dtype)
+    prompt, nxt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]]), torch.tensor([[5]])
+    with torch.inference_mode():
+        plain_cache = model.new_cache()
+        want = [model(prompt, plain_cache, experts), model(nxt, plain_cache, experts)]
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.fuse_projections()
+        cache = model.new_cache()
+        with fusion.fused("all"):
+            got = [model(prompt, cache, experts), model(nxt, cache, experts)]
+    for w, g in zip(want, got, strict=True):
+        diff = (w.float() - g.float()).abs().max().item()
+        print(f"{arch} {dtype}: max |all - plain| = {diff:.3g}")
+        assert diff <= (1e-5 if dtype == torch.float32 else 0.0)  # bf16: the same ops, so the same bits
+
+
+def test_each_norm_fuses_its_own_formula():
+    """A norm's fused residual sum uses that norm's formula: gpt-oss scales in fp32 before rounding, which in bf16
+    differs from the standard norm's rounding."""
+    from ekmesh.infer.models.common import RMSNorm
+    from ekmesh.infer.models.gpt_oss import GptOssRMSNorm
+
+    torch.manual_seed(2)
+    x, y = torch.randn(4, 64).bfloat16(), torch.randn(4, 64).bfloat16()
+    for norm in (RMSNorm(64, 1e-5), GptOssRMSNorm(64, 1e-5)):
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(64) * 3)
+        norm = norm.bfloat16()
+        s, h = norm.add_norm(x, y)
+        assert torch.equal(s, x + y) and torch.equal(h, norm(x + y)), type(norm).__name__

@@ -212,6 +212,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
 
+    def add_norm(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + y, this norm of it): a residual sum and the norm that reads it, one fused call where fusion is on.
+        A subclass with another formula overrides ``forward`` and this."""
+        return add_rms_norm(x, y, self.weight, self.eps)
+
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
@@ -419,9 +424,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps)
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
-        norm = self.post_attention_layernorm
-        x, h = add_rms_norm(x, self.self_attn(self.input_layernorm(x), step), norm.weight, norm.eps)
+        x, h = self.post_attention_layernorm.add_norm(x, self.self_attn(self.input_layernorm(x), step))
         return x + self.mlp(h, step)
+
+    def forward_chained(self, x: torch.Tensor, h: torch.Tensor, step: Step, next_norm: RMSNorm
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` given h = input_layernorm(x) already, returning (the layer's output, ``next_norm`` of it):
+        each residual sum and the norm after it in one fused call (the fused decode step chains layers so)."""
+        x, h = self.post_attention_layernorm.add_norm(x, self.self_attn(h, step))
+        return next_norm.add_norm(x, self.mlp(h, step))
 
 
 class _Body(nn.Module):
@@ -460,6 +471,15 @@ class CausalLM(nn.Module):
         """
         t = input_ids.shape[1]
         x, step = self._begin(input_ids, cache, experts, positions)  # [B, T, D]
+        chain = [m for m in self.model.layers if isinstance(m, DecoderLayer)]
+        if fusion.kernels() and len(chain) == len(self.model.layers):
+            # each layer's last residual sum fused with the next layer's input norm (the final norm for the last)
+            h = chain[0].input_layernorm(x)
+            nexts = [m.input_layernorm for m in chain[1:]] + [self.model.norm]
+            for m, nxt in zip(chain, nexts, strict=True):
+                x, h = m.forward_chained(x, h, step, nxt)
+            cache.length += t
+            return self.lm_head(h[:, -1:] if last_only else h)
         for layer in self.model.layers:
             x = layer(x, step)
         cache.length += t

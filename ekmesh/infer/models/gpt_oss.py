@@ -111,6 +111,10 @@ class GptOssRMSNorm(RMSNorm):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight.to(torch.float32) * x32).to(x.dtype)
 
+    def add_norm(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = x + y
+        return s, self(s)
+
 
 class GptOssMoE(nn.Module):
     """Biased linear router, top-k over logits, softmax over the k chosen; routed experts through the backend."""
