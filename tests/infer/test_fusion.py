@@ -103,3 +103,18 @@ def test_each_norm_fuses_its_own_formula():
         norm = norm.bfloat16()
         s, h = norm.add_norm(x, y)
         assert torch.equal(s, x + y) and torch.equal(h, norm(x + y)), type(norm).__name__
+
+
+def test_grouped_attention_equals_gqa():
+    """``attend_grouped`` (query heads of a key-value head as rows of one head) against SDPA's own GQA, with a
+    causal, windowed mask over a static-cache-like key range."""
+    from ekmesh.infer.models.cache import attention_mask
+    from ekmesh.infer.models.common import attend, attend_grouped
+
+    torch.manual_seed(3)
+    for h, hkv, t, s in [(8, 2, 1, 12), (8, 2, 3, 12), (4, 1, 2, 9), (6, 3, 4, 20)]:
+        q, k, v = torch.randn(1, h, t, 16), torch.randn(1, hkv, s, 16), torch.randn(1, hkv, s, 16)
+        mask = attention_mask(torch.arange(s - t - 2, s - 2), s, 5, always=True)  # [T, S], the last 2 unwritten
+        want = attend(q, k, v, mask, 0.25)
+        got = attend_grouped(q, k, v, mask.repeat(h // hkv, 1), 0.25)
+        assert (want - got).abs().max().item() < 1e-5

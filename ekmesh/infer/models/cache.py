@@ -79,14 +79,19 @@ class Step:
     cache: KVCache
     experts: ExpertsBackend | None
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> cos, sin [T, dim]
-    masks: dict[tuple[int, int | None], torch.Tensor | None] = field(default_factory=dict)
+    masks: dict[tuple[int, int | None, int], torch.Tensor | None] = field(default_factory=dict)
 
-    def mask(self, s: int, window: int | None) -> torch.Tensor | None:
-        """The attention mask [T, S] for keys returned by ``cache.update`` (None when every key is visible).
-        Built once per step and window, not once per layer."""
-        key = (s, window)
+    def mask(self, s: int, window: int | None, repeat: int = 1) -> torch.Tensor | None:
+        """The attention mask [T, S] for keys returned by ``cache.update`` (None when every key is visible), its
+        rows repeated ``repeat`` times ([repeat*T, S], for ``attend_grouped``). Built once per step, window and
+        repeat, not once per layer."""
+        key = (s, window, repeat)
         if key not in self.masks:
-            self.masks[key] = attention_mask(self.positions, s, window, always=self.cache.static)
+            if repeat == 1:
+                self.masks[key] = attention_mask(self.positions, s, window, always=self.cache.static)
+            else:
+                base = self.mask(s, window)
+                self.masks[key] = None if base is None else base.repeat(repeat, 1)  # [repeat*T, S]
         return self.masks[key]
 
 

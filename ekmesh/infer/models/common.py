@@ -173,18 +173,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, T, dk], k [B, Hkv, S, dk], v [B, Hkv, S, dv] -> [B, T, H*dv]."""
     b, h, t, _ = q.shape
-    hkv = k.shape[1]
-    if sinks is None and mask is not None and hkv != h and q.is_cuda and fusion.kernels():
-        # the query heads of each key-value head as rows of one head: plain attention over Hkv heads with
-        # rep*T queries, which the masked fused kernels take (GQA with a mask would fall back to copying the keys
-        # and values rep times); head h reads key-value head h // rep, as with enable_gqa
-        rep = h // hkv
-        qg = q.reshape(b, hkv, rep * t, q.shape[-1])  # [B, Hkv, rep*T, dk], rows (r, i)
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.repeat(rep, 1), scale=scaling)
-        return out.view(b, h, t, -1).transpose(1, 2).reshape(b, t, -1)  # [B, T, H*dv]
     if sinks is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
-                                             enable_gqa=hkv != h)  # [B, H, T, dv]
+                                             enable_gqa=k.shape[1] != h)  # [B, H, T, dv]
     else:
         rep = h // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)  # [B, H, S, dk]
@@ -198,6 +189,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         probs = torch.softmax(combined, dim=-1)[..., :-1]  # [B, H, T, S]
         out = torch.matmul(probs, v)  # [B, H, T, dv]
     return out.transpose(1, 2).reshape(b, t, -1)  # [B, T, H*dv]
+
+
+def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_rows: torch.Tensor, scaling: float
+                   ) -> torch.Tensor:
+    """``attend`` for grouped-query attention with a mask and no sinks, computed as plain attention over the Hkv
+    key-value heads whose queries are the rep = H / Hkv query heads of each (rows (r, i): head kv*rep + r, token i),
+    so a masked fused kernel takes it without copying the keys and values rep times (as GQA with a mask would).
+    ``mask_rows`` [rep*T, S] is the [T, S] mask repeated rep times (``Step.mask(..., rep)``)."""
+    b, h, t, dk = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, h // hkv * t, dk)  # [B, Hkv, rep*T, dk]
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask_rows, scale=scaling)  # [B, Hkv, rep*T, dv]
+    return out.view(b, h, t, -1).transpose(1, 2).reshape(b, t, -1)  # [B, T, H*dv]
 
 
 # ---------------------------------------------------------------------------------------------------- modules
@@ -347,6 +351,11 @@ class Attention(nn.Module):
         """This step's q, k, v (as ``_project`` gives them) over the step's cache -> [B, T, H*d]."""
         k, v = step.cache.update(self.layer, k, v)  # [B, Hkv, S, d]
         mask = step.mask(k.shape[2], self.window)
+        rep = self.spec.num_heads // self.spec.num_kv_heads
+        if mask is not None and rep > 1 and not self.spec.sinks and q.is_cuda and fusion.kernels():
+            rows = step.mask(k.shape[2], self.window, rep)
+            assert rows is not None
+            return attend_grouped(q, k, v, rows, self.spec.head_dim ** -0.5)
         return attend(q, k, v, mask, self.spec.head_dim ** -0.5, self.sinks if self.spec.sinks else None)
 
 
