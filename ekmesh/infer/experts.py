@@ -10,7 +10,9 @@ Invariants of ``LocalExperts``:
 - expert weights (``expert.ExpertWeights``) are in linear layout: ``gate_up [2I, D]`` (gate rows first, then up
   rows), ``down [D, I]``, optional biases ``gate_up_bias [2I]`` and ``down_bias [D]``;
 - compute is grouped: tokens are sorted by expert and each present expert runs once over all its tokens
-  (one ``torch._grouped_mm`` for all experts of a layer on CUDA, a loop over present experts elsewhere);
+  (one ``torch._grouped_mm`` for all experts of a layer on CUDA, a loop over present experts elsewhere); inside a
+  fused CUDA decode step (``fusion.kernels()``) a few pairs of float, q8 or FP8 experts go instead through the two
+  kernels of ``decode_experts`` (no sort or scatter);
 - asking for an expert that is not loaded raises ``ExpertNotLoadedError`` naming (layer, expert).
 
 Quantized experts (``qtensor.py``): ``gate_up`` / ``down`` of an ``ExpertWeights`` may be ``QuantizedTensor``s
