@@ -27,6 +27,7 @@ right before it is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -348,6 +349,10 @@ class Serving:
             "server": None if self.server is None else {
                 "requests": self.server.stats.requests, "batches": self.server.stats.batches,
                 "mixed_batches": self.server.stats.mixed_batches, "by_peer": dict(self.server.stats.by_peer)},
+            # where data-plane round trips went (ns sums and counts, cumulative): as attention host
+            # (``peerstats.HostSplit``) and as expert server (``ServerStats.split``); benchmarks/gpu_mesh.py reads them
+            "split": {"host": dataclasses.asdict(self.remote.split()) if self.remote is not None else None,
+                      "server": self.server.stats.split() if self.server is not None else None},
             "peers": {p: {"round_trips": s.round_trips, "mean_rtt_ms": round(1e3 * s.mean_rtt_s, 3),
                           "failures": s.failures}
                       for p, s in (self.remote.stats().items() if self.remote else [])},

@@ -5,7 +5,10 @@ Identity binding (see DESIGN.md "Control plane vs data plane"): certificates, pi
 client finishes its handshake before the server has checked the client, so a fresh channel sends a PING and counts
 as open only once the PONG arrives; a server that refuses shows up there as ``PeerClosedError``.
 
-Reading: one ``FrameReader`` per connection (a reusable receive buffer: a small frame costs one read call).
+Reading: one ``FrameReader`` per connection (a reusable receive buffer: a small frame costs one read call). Its
+``decode_ns`` is the time the last frame's header and body took to decode (framing, not waiting or TLS), and
+``Channel.sent_ns`` the time the last ``begin`` spent encrypting and writing its frame: the round-trip split
+(``peerstats.HostSplit``, the expert server's ``ServerStats``) reads them after each frame.
 
 Invariants: blocking I/O in the caller's thread, TCP_NODELAY, a deadline on every wait (socket timeouts); one
 exchange at a time per channel (``begin`` takes the channel's lock, ``finish`` releases it; callers that hold
@@ -73,6 +76,7 @@ class FrameReader:
         self._buf = bytearray(size)
         self._view = memoryview(self._buf)
         self._start = self._end = 0  # buffered bytes: _buf[_start:_end]
+        self.decode_ns = 0  # the last frame's header + body decode (not its reads)
 
     def read(self, deadline: float, body_timeout: float | None = None, waits: Waits | None = None) -> Frame:
         """One frame: its header is validated before its payload is allocated; the payload must arrive by
@@ -85,7 +89,9 @@ class FrameReader:
         while self._end - self._start < HEADER_SIZE:
             self._fill(deadline)
         start = self._start
+        t0 = time.perf_counter_ns()
         h = decode_header(self._view[start:start + HEADER_SIZE], self.model, self.limits)
+        spent = time.perf_counter_ns() - t0
         start += HEADER_SIZE
         n = h.payload_len
         have = min(n, self._end - start)
@@ -96,7 +102,11 @@ class FrameReader:
             self._start = self._end = 0
         if have < n and body_timeout is not None:
             deadline = time.monotonic() + body_timeout
-        return decode_body(h, self._payload(n, first, deadline), self.model)
+        payload = self._payload(n, first, deadline)
+        t0 = time.perf_counter_ns()
+        f = decode_body(h, payload, self.model)
+        self.decode_ns = spent + time.perf_counter_ns() - t0
+        return f
 
     def _payload(self, n: int, first: memoryview, deadline: float) -> bytearray | memoryview:
         """A frame's ``n``-byte payload: ``first`` (its bytes already buffered), the rest read by ``deadline``. (The
@@ -139,6 +149,7 @@ class Channel:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.connects = 0
+        self.sent_ns = 0  # the last ``begin``'s sendall: TLS encryption and the socket write (not connecting)
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -195,7 +206,9 @@ class Channel:
                 sock, self._reader = self._connect()
                 self._sock = sock
             sock.settimeout(max(0.001, deadline - time.monotonic()))
+            t0 = time.perf_counter_ns()
             sock.sendall(data)
+            self.sent_ns = time.perf_counter_ns() - t0
         except (OSError, ssl.SSLError) as exc:
             self._close_locked()
             self._lock.release()
@@ -208,12 +221,16 @@ class Channel:
     def finish(self, request_id: int, deadline: float, waits: Waits | None = None) -> Frame:
         """Receives the answer to ``request_id`` (busy-polling first as ``waits`` say: ``poll.Waits``) and releases
         the channel. Any error closes the channel."""
+        return self.finish_timed(request_id, deadline, waits)[0]
+
+    def finish_timed(self, request_id: int, deadline: float, waits: Waits | None = None) -> tuple[Frame, int]:
+        """``finish``, also giving the ns the answer's decoding took (read before the channel is released)."""
         try:
             assert self._reader is not None
             f = self._reader.read(deadline, waits=waits)
             if f.request_id != request_id:
                 raise ProtocolError(f"peer {self.peer_id} answered request {f.request_id}, expected {request_id}")
-            return f
+            return f, self._reader.decode_ns
         except BaseException:
             self._close_locked()
             raise

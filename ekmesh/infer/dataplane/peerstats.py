@@ -8,7 +8,13 @@ decode step about the floor (0.3 s) when a replica can take over; when some expe
 the next step is fetching its blob and computing it on the host (which then keeps it), so the floor is 2 s: a busy
 peer is not replaced by a download. Before any measurement, ``first_s`` (it includes opening the channel).
 
-Invariants: only ``RemoteExperts`` mutates a ``PeerStats``, under its lock; the EWMAs move only on good answers.
+``HostSplit`` adds up, over every good answer, where a host's round trips went (the host's side of the split that
+``benchmarks/gpu_mesh.py`` reports; the expert server's side is its ``ServerStats``): plain ``perf_counter_ns``
+sums and counts, a few clock reads per frame, always on.
+
+Invariants: only ``RemoteExperts`` mutates a ``PeerStats`` or its ``HostSplit``, under its lock; the EWMAs move only
+on good answers; the split counts only frames that got a good answer, so for each of them copy_out + encode + send
+<= rtt and decode <= wait <= rtt.
 """
 
 from __future__ import annotations
@@ -70,3 +76,30 @@ class PeerStats:
             return t.first_s
         floor = t.floor_s if replicated else t.fallback_floor_s
         return max(floor, t.rtt_multiple * (self.ewma_wait_s + rows * self.ewma_row_s))
+
+
+@dataclass
+class HostSplit:
+    """Cumulative ns and counts of an attention host's data-plane round trips (frames with a good answer only).
+
+    rtt: from the start of the frame's device-to-host copy (or its encoding, on a CPU) to its answer decoded; it
+    contains copy_out, encode, send and wait, and, between send and wait, whatever the host did meanwhile (its own
+    experts: ``local_ns``). copy_out: the rows sent, device to host (0 on a CPU host). encode: building the REQUEST
+    frame (framing). send: ``sendall`` of the frame (TLS encryption + socket write). wait: blocked for the answer
+    (network, the server's whole time, TLS decryption) including decode: the answer's header and body decoded
+    (framing). copy_in: answers moved host to device (after the round trip; 0 on a CPU host). local: this host's
+    own experts computed while frames were out (on CUDA: the time to launch them), over ``local_calls`` calls."""
+
+    frames: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    rtt_ns: int = 0
+    copy_out_ns: int = 0
+    encode_ns: int = 0
+    send_ns: int = 0
+    wait_ns: int = 0
+    decode_ns: int = 0
+    copy_in_ns: int = 0
+    copies_in: int = 0
+    local_ns: int = 0
+    local_calls: int = 0

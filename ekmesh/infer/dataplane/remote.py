@@ -23,6 +23,10 @@ other replicas (or recomputes them here), receives every answer before adding an
 peer banned there (or left unsettled) has its pairs of the wave redone by others, and banned peers are never chosen
 again (they start every call excluded). Waves without a sampled pair take the unchecked path unchanged.
 
+Timing (``split()``, ``peerstats.HostSplit``): per good answer, the ns of the rows' device-to-host copy, the frame's
+encoding, its send (TLS + write), the wait for its answer and that answer's decoding, and the whole round trip; the
+answers' host-to-device copies and the local experts' time per call. A few clock reads per frame, always on.
+
 Invariants: the result is, per token, the sum over its pairs of ``weight * expert(hidden)``; each pair is
 computed once, weighted in fp32 and accumulated in fp32 (local pairs first, then peers in sorted order), then cast
 to ``hidden.dtype`` (when one peer computed every pair, its answer is returned as it came: the same values, as
@@ -46,15 +50,15 @@ import torch
 from ekmesh.core.errors import ConfigError, EkmeshError, ExpertUnavailableError, PeerError, ProtocolError
 from ekmesh.infer.dataplane.channel import Channel, ChannelPool
 from ekmesh.infer.dataplane.frames import (
+    HEADER_SIZE,
     SMALL_PAIRS,
     ErrorCode,
-    Frame,
     Kind,
     ModelLimits,
     as_numpy,
     encode_request,
 )
-from ekmesh.infer.dataplane.peerstats import PeerStats, RemoteTimeouts
+from ekmesh.infer.dataplane.peerstats import HostSplit, PeerStats, RemoteTimeouts
 from ekmesh.infer.dataplane.poll import Registration
 from ekmesh.infer.dataplane.verify import LOCAL, Plan, Verifier
 from ekmesh.infer.expert import ExpertWeights
@@ -76,6 +80,11 @@ class _Sent:
     started: float
     deadline: float
     n_extra: int = 0  # V
+    t0_ns: int = 0  # perf_counter_ns when the frame's copy / encoding began (the round trip's start)
+    copy_ns: int = 0  # device-to-host copy of the rows sent (0 on a CPU host)
+    encode_ns: int = 0  # building the frame
+    send_ns: int = 0  # TLS encryption + socket write
+    n_bytes: int = 0  # the frame's size
 
 
 class RemoteExperts:
@@ -96,6 +105,7 @@ class RemoteExperts:
         self.timeouts = timeouts or RemoteTimeouts()
         self.verifier = verifier
         self._stats: dict[str, PeerStats] = {}
+        self._split = HostSplit()  # (under ``_lock``)
         self._tokens: dict[tuple[int, int], np.ndarray] = {}
         self._here = threading.local()  # .rounds: waves with a remote frame made by this thread
         self._lock = threading.Lock()
@@ -105,6 +115,11 @@ class RemoteExperts:
         """A snapshot of the per-peer statistics."""
         with self._lock:
             return {p: replace(s) for p, s in self._stats.items()}
+
+    def split(self) -> HostSplit:
+        """A snapshot of where this host's round trips went (``HostSplit``; cumulative since it was built)."""
+        with self._lock:
+            return replace(self._split)
 
     def _stat(self, peer: str) -> PeerStats:
         s = self._stats.get(peer)
@@ -241,7 +256,12 @@ class RemoteExperts:
             if LOCAL in groups or plan is not None:
                 try:
                     if LOCAL in groups:
+                        t0 = time.perf_counter_ns()
                         acc = self._compute_local(layer, hidden, _indices(groups[LOCAL], t * k), k, exp, w, acc)
+                        spent = time.perf_counter_ns() - t0
+                        with self._lock:
+                            self._split.local_ns += spent
+                            self._split.local_calls += 1
                     checked = None if plan is None else self._verify_here(layer, hidden, plan, k, exp)
                 except BaseException:
                     for s in sent:
@@ -263,13 +283,13 @@ class RemoteExperts:
                     continue
                 if hidden.is_cpu:  # already hidden's dtype (the wire dtype) and on the host: no call at all
                     return out
-                return out.to(hidden.device, hidden.dtype)
+                return self._arrive(out, hidden, hidden.dtype)
             else:
                 for s in sent:
                     try:
                         partial = self._finish(s)  # [R, D]
                         if partial.dtype is not torch.float32 or not hidden.is_cpu:
-                            partial = partial.to(hidden.device, torch.float32)
+                            partial = self._arrive(partial, hidden, torch.float32)
                     except (PeerError, ProtocolError) as exc:
                         self._failed(s.peer, str(exc))
                         excluded.add(s.peer)
@@ -284,6 +304,18 @@ class RemoteExperts:
             todo = np.concatenate(failed)
         e = int(exp[_indices(todo, t * k)[0]])
         raise ExpertUnavailableError(layer, e, f"every holder failed in {self.timeouts.max_waves} attempts")
+
+    def _arrive(self, x: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """An answer ``x`` (on the host) as ``dtype`` on ``like``'s device; a copy to a device is timed."""
+        if like.is_cpu:
+            return x.to(dtype)
+        t0 = time.perf_counter_ns()
+        y = x.to(like.device, dtype)
+        spent = time.perf_counter_ns() - t0
+        with self._lock:
+            self._split.copy_in_ns += spent
+            self._split.copies_in += 1
+        return y
 
     def _verify_here(self, layer: int, hidden: torch.Tensor, plan: Plan, k: int,
                      exp: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -336,7 +368,7 @@ class RemoteExperts:
                 failed.append(_indices(s.pairs, n))
             elif part.shape[0]:
                 if part.dtype is not torch.float32 or not hidden.is_cpu:
-                    part = part.to(hidden.device, torch.float32)
+                    part = self._arrive(part, hidden, torch.float32)
                 acc = self._add(acc, s.rows, part, hidden)
         return acc
 
@@ -429,20 +461,24 @@ class RemoteExperts:
               exp: np.ndarray, w: np.ndarray, extra: np.ndarray | None = None) -> _Sent:
         """Begins one exchange with ``peer`` for ``pairs`` (None: every pair), plus ``extra`` pairs to verify, each
         as its own row after the others (weight 1: the answer is the expert's output itself)."""
+        t0 = time.perf_counter_ns()
         t = hidden.shape[0]
         ch = self.channels.get(peer)
         rid = ch.next_id()
         n_extra = 0 if extra is None else len(extra)
         if n_extra:
             assert extra is not None
-            rows, data = self._encode_with_extra(rid, layer, hidden, pairs, k, exp, w, extra)
+            rows, data, copy_ns = self._encode_with_extra(rid, layer, hidden, pairs, k, exp, w, extra)
         elif pairs is None:  # every pair, in order: no gathers
             rows = None
-            data = encode_request(rid, layer, self._token_index(t, k), exp, w, hidden)
+            x, copy_ns = _on_host(hidden)
+            data = encode_request(rid, layer, self._token_index(t, k), exp, w, x)
         else:
             rows, inv = self._rows(pairs, k, t)
             sub = hidden if rows is None else hidden.index_select(0, torch.from_numpy(rows).to(hidden.device))
+            sub, copy_ns = _on_host(sub)
             data = encode_request(rid, layer, inv, exp[pairs], w[pairs], sub)  # sub: [R, D]
+        encode_ns = time.perf_counter_ns() - t0 - copy_ns
         now = time.monotonic()
         n_rows = (t if rows is None else len(rows)) + n_extra
         experts = set((exp if pairs is None else exp[pairs]).tolist())
@@ -456,12 +492,14 @@ class RemoteExperts:
             with self._lock:
                 self._stat(peer).in_flight -= 1
             raise
-        return _Sent(peer, ch, rid, pairs, rows, n_rows, now, deadline, n_extra)
+        return _Sent(peer, ch, rid, pairs, rows, n_rows, now, deadline, n_extra, t0, copy_ns, encode_ns, ch.sent_ns,
+                     len(data))
 
     def _encode_with_extra(self, rid: int, layer: int, hidden: torch.Tensor, pairs: np.ndarray | None, k: int,
-                           exp: np.ndarray, w: np.ndarray, extra: np.ndarray) -> tuple[np.ndarray | None, bytearray]:
-        """(rows sent for ``pairs`` as ``_rows`` gives them, the frame): the R rows of ``pairs``, then one row per
-        ``extra`` pair."""
+                           exp: np.ndarray, w: np.ndarray,
+                           extra: np.ndarray) -> tuple[np.ndarray | None, bytearray, int]:
+        """(rows sent for ``pairs`` as ``_rows`` gives them, the frame, ns of its rows' copy to the host): the R rows
+        of ``pairs``, then one row per ``extra`` pair."""
         t = hidden.shape[0]
         rows: np.ndarray | None
         if pairs is None:
@@ -474,25 +512,39 @@ class RemoteExperts:
             pe, pw = exp[pairs], w[pairs]
         r = t if rows is None else len(rows)
         xs = hidden.index_select(0, torch.from_numpy(extra // k).to(hidden.device))  # [V, D]
+        x, copy_ns = _on_host(torch.cat([sub, xs]))  # [R + V, D]
         data = encode_request(rid, layer, np.concatenate([inv, r + np.arange(len(extra))]),
-                              np.concatenate([pe, exp[extra]]), np.concatenate([pw, np.ones(len(extra), np.float32)]),
-                              torch.cat([sub, xs]))  # [R + V, D]
-        return rows, data
+                              np.concatenate([pe, exp[extra]]),
+                              np.concatenate([pw, np.ones(len(extra), np.float32)]), x)
+        return rows, data, copy_ns
 
     def _finish(self, s: _Sent) -> torch.Tensor:
-        try:
-            f: Frame = s.channel.finish(s.request_id, s.deadline, waits=self._stats[s.peer].waits)  # (made by _send)
+        t0 = time.perf_counter_ns()
+        try:  # (the peer's stats were made by _send)
+            f, decode_ns = s.channel.finish_timed(s.request_id, s.deadline, waits=self._stats[s.peer].waits)
         except BaseException:
             with self._lock:
                 self._stat(s.peer).in_flight -= 1
             raise
+        end = time.perf_counter_ns()
         ok = f.kind is Kind.RESPONSE and f.hidden is not None and f.hidden.shape[0] == s.n_rows
         rtt = time.monotonic() - s.started
         with self._lock:
             st = self._stat(s.peer)
             st.in_flight -= 1
             if ok:
+                assert f.hidden is not None
                 st.measured(rtt, f.aux * 1e-6, s.n_rows)
+                sp = self._split
+                sp.frames += 1
+                sp.bytes_out += s.n_bytes
+                sp.bytes_in += HEADER_SIZE + f.hidden.numel() * f.hidden.element_size()
+                sp.rtt_ns += end - s.t0_ns
+                sp.copy_out_ns += s.copy_ns
+                sp.encode_ns += s.encode_ns
+                sp.send_ns += s.send_ns
+                sp.wait_ns += end - t0
+                sp.decode_ns += decode_ns
         if f.kind is Kind.ERROR:
             if f.code == ErrorCode.PROTOCOL:
                 s.channel.close()  # the server closes its end after a PROTOCOL error
@@ -501,6 +553,16 @@ class RemoteExperts:
         if not ok or f.hidden is None:
             raise ProtocolError(f"peer {s.peer} answered with a {f.kind.name} frame of the wrong shape")
         return f.hidden  # [R, D]
+
+
+def _on_host(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(``x`` on the host, ns its device-to-host copy took: 0 when it is there already). The copy waits for the
+    kernels that made ``x``, but ``as_numpy(expert_ids)`` has already waited for the router, which follows them."""
+    if x.is_cpu:
+        return x, 0
+    t0 = time.perf_counter_ns()
+    y = x.cpu()
+    return y, time.perf_counter_ns() - t0
 
 
 def _indices(pairs: np.ndarray | None, n: int) -> np.ndarray:

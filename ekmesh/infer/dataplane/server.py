@@ -22,6 +22,13 @@ and released once its answer is sent; payloads <= 64 KiB (decode steps) are not 
 the budget is full. A reader that finds no room waits until its frame's deadline (``body_s``), then is answered
 ERROR BUSY and closed (the rest of its frame is unread). Refusals log at most 5 lines per source per 10 s.
 
+Timing (``ServerStats``, the expert side of the round-trip split that ``benchmarks/gpu_mesh.py`` reports): per
+REQUEST its decode (framing in) and its answer's send (TLS encryption + socket write); per computed batch the copies
+of the rows to the backend's device and of the answers back into their frames (with the cast to the wire dtype),
+the backend call (on CUDA followed by a synchronize, so that the kernels' time lands here and not in the copy that
+follows: that copy would wait for them anyway) and the answers' frame building (framing out). Plain
+``perf_counter_ns`` sums, always on.
+
 Invariants:
 - at most ``max_pending`` requests wait for the worker; beyond that a request is answered ERROR BUSY at once;
 - a malformed frame (``ProtocolError``) is logged at WARNING (rate-limited) with its reason, answered with an ERROR
@@ -126,6 +133,21 @@ class ServerStats:
     busy: int = 0
     refused: int = 0  # connections closed for a bad certificate, a cap, or a malformed frame
     over_budget: int = 0  # connections closed because their frame's memory could not be reserved in time
+    # the round-trip split (module docstring), cumulative ns over ``timed`` REQUESTs answered; the per-batch parts
+    # (copy, compute, encode) are added by the one computing thread, the per-request ones under ``lock``
+    timed: int = 0
+    decode_ns: int = 0
+    copy_ns: int = 0
+    compute_ns: int = 0
+    encode_ns: int = 0
+    send_ns: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def split(self) -> dict[str, int]:
+        """The split's counters, consistent with each other."""
+        with self.lock:
+            return {"requests": self.timed, "decode_ns": self.decode_ns, "copy_ns": self.copy_ns,
+                    "compute_ns": self.compute_ns, "encode_ns": self.encode_ns, "send_ns": self.send_ns}
 
 
 class ExpertServer:
@@ -248,9 +270,18 @@ class ExpertServer:
                 except PeerClosedError as exc:
                     log.debug("data channel from peer %s closed: %s", conn.peer, exc)
                     return
-                answer = encode_ping(f.request_id, pong=True) if f.kind is Kind.PING else self._submit(conn, f)
+                request = f.kind is Kind.REQUEST
+                answer = self._submit(conn, f) if request else encode_ping(f.request_id, pong=True)
                 del f  # its payload's memory goes with it, and its reservation below
+                t0 = time.perf_counter_ns()
                 sent = self._send(conn, answer)
+                if request:
+                    spent = time.perf_counter_ns() - t0
+                    st = self.stats
+                    with st.lock:
+                        st.timed += 1
+                        st.decode_ns += reader.decode_ns
+                        st.send_ns += spent
                 reader.release()
                 if not sent:
                     return
@@ -400,32 +431,54 @@ class ExpertServer:
         k = f.pairs.shape[1] // t
         x = f.hidden  # [T, D]
         w = torch.from_numpy(f.weights_np.reshape(t, k))  # [T, k] fp32
+        c0 = time.perf_counter_ns()
         if x.dtype is not be.dtype or not self._on_cpu:
             x = x.to(be.device, be.dtype)
+        copy_ns = time.perf_counter_ns() - c0
         few = self._on_cpu and be.pair_by_pair(t * k, x)
         rows = f.pairs[1].reshape(t, k).tolist() if few else None  # decode: expert ids as lists, no tensor
         if not few:
             e = torch.from_numpy(f.pairs[1].astype(np.int64).reshape(t, k))  # [T, k]
             if not self._on_cpu:
                 e, w = e.to(be.device), w.to(be.device)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter_ns()
         # [T, D]: per token, the sum of weight * expert(x) over its pairs (fp32, then be.dtype)
         y = be.few(f.layer, x, rows, w) if rows is not None else be(f.layer, x, e, w)
-        us = int((time.perf_counter() - t0) * 1e6)
+        self._synchronize()
+        t1 = time.perf_counter_ns()
+        us = (t1 - t0) // 1000
         if self._lie is not None:
             y = self._lie(y)
         if y.dtype is f.dtype and self._on_cpu and y.is_contiguous():
             job.answer = response_from(f.request_id, f.layer, y, us)
+            t2 = t3 = time.perf_counter_ns()
         else:
             job.answer, view = response_buffer(f.request_id, f.layer, t, d, f.dtype, us)
+            t2 = time.perf_counter_ns()
             view.copy_(y)  # cast to the wire dtype (and moved to the host) straight into the frame
+            t3 = time.perf_counter_ns()
+        self._timed(copy_ns + t3 - t2, t1 - t0, t2 - t1)
         job.done = True
+
+    def _synchronize(self) -> None:
+        """On CUDA, waits for the backend's kernels (so that their time is counted as compute, not as the copy
+        after them, which would wait for them anyway)."""
+        if self.backend.device.type == "cuda":
+            torch.cuda.synchronize(self.backend.device)
+
+    def _timed(self, copy_ns: int, compute_ns: int, encode_ns: int) -> None:
+        st = self.stats
+        with st.lock:
+            st.copy_ns += copy_ns
+            st.compute_ns += compute_ns
+            st.encode_ns += encode_ns
 
     def _compute_held(self, batch: list[_Job]) -> None:
         """(In inference mode.) One backend call for the batch, then per job its weighted per-token sums."""
         if not batch:
             return
         be, layer = self.backend, batch[0].frame.layer
+        c0 = time.perf_counter_ns()
         toks: list[torch.Tensor] = []
         xs: list[torch.Tensor] = []
         ids: list[torch.Tensor] = []
@@ -438,9 +491,12 @@ class ExpertServer:
             ids.append(f.experts.to(be.device, torch.long))  # [P]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)  # [ΣP, D]
         e = (ids[0] if len(ids) == 1 else torch.cat(ids))[:, None]  # [ΣP, 1]: one pair per row, weighted below
-        t0 = time.perf_counter()
+        t0 = time.perf_counter_ns()
         y = be(layer, x, e, torch.ones(e.shape, dtype=be.dtype, device=be.device))  # [ΣP, D]
-        us = int((time.perf_counter() - t0) * 1e6)  # the backend call only: everything else is overhead
+        self._synchronize()
+        t1 = time.perf_counter_ns()
+        us = (t1 - t0) // 1000  # the backend call only: everything else is overhead
+        copy_ns, encode_ns = t0 - c0, 0  # (the gathers and the weighted sums count as copying)
         y = y.float()  # [ΣP, D] fp32 (a new tensor unless the backend is fp32: then y is ours to scale in place)
         off = 0
         for job, tok in zip(batch, toks, strict=True):
@@ -454,9 +510,13 @@ class ExpertServer:
                 out = self._lie(out)
             off += p
             t, d = f.hidden.shape
+            t2 = time.perf_counter_ns()
             job.answer, view = response_buffer(f.request_id, layer, t, d, f.dtype, us)
+            t3 = time.perf_counter_ns()
             view.copy_(out)  # cast to the request's dtype straight into the frame
+            encode_ns += t3 - t2
             job.done = True
+        self._timed(time.perf_counter_ns() - t1 - encode_ns + copy_ns, t1 - t0, encode_ns)
 
 
 def _same_host(sock: socket.socket) -> bool:
