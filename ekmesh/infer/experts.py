@@ -347,8 +347,17 @@ class LocalExperts:
                 raise ExpertNotLoadedError(layer, int(flat[missing][0]))
         if fusion.kernels() and decode_experts.supports(hidden, pack.gate_up, pack.down, t * k):
             sp = self.spec  # a decode step in the fused (captured) path: two kernels, no sort or scatter
-            return decode_experts.moe(hidden, slots.view(t, k), weights, pack.gate_up, pack.down, pack.gate_up_bias,
-                                      pack.down_bias, sp.activation, sp.alpha, sp.limit)
+            return decode_experts.checked(
+                lambda: decode_experts.moe(hidden, slots.view(t, k), weights, pack.gate_up, pack.down,
+                                           pack.gate_up_bias, pack.down_bias, sp.activation, sp.alpha, sp.limit),
+                lambda: self._grouped(pack, hidden, slots, weights, k),
+                (sp, hidden.dtype, pack.gate_up.dtype if isinstance(pack, _LayerPack) else pack.gate_up.kernel, t, k))
+        return self._grouped(pack, hidden, slots, weights, k)
+
+    def _grouped(self, pack: _Pack, hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
+                 k: int) -> torch.Tensor:
+        """The grouped path over ``slots`` [T*k] (each pair's slot in ``pack``) -> [T, D]."""
+        t = hidden.shape[0]
         order = torch.argsort(slots, stable=True)  # [T*k], pairs grouped by slot
         token_of = order // k  # [T*k] token index of each sorted pair
         x = hidden[token_of]  # [T*k, D]

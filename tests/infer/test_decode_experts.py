@@ -1,0 +1,64 @@
+"""``decode_experts.checked``: the decode kernels are trusted per kind of call only after agreeing once with the
+grouped path; a kind whose kernels fail or disagree runs the grouped path from then on, with a warning. (The
+kernels themselves need CUDA: tests/infer/test_cuda.py.)"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from ekmesh.infer import decode_experts
+
+
+@pytest.fixture(autouse=True)
+def _fresh_verdicts(monkeypatch):
+    monkeypatch.setattr(decode_experts, "_verdicts", {})
+
+
+def test_agreeing_kernels_are_trusted_after_one_check():
+    ref = torch.tensor([[1.0, -2.0]])
+    calls = {"kernels": 0, "reference": 0}
+
+    def kernels():
+        calls["kernels"] += 1
+        return ref + 1e-3
+
+    def reference():
+        calls["reference"] += 1
+        return ref
+
+    assert torch.equal(decode_experts.checked(kernels, reference, "k1"), ref + 1e-3)
+    assert calls == {"kernels": 1, "reference": 1}
+    for _ in range(3):
+        decode_experts.checked(kernels, reference, "k1")
+    assert calls == {"kernels": 4, "reference": 1}  # trusted: the reference is not run again
+
+
+@pytest.mark.parametrize("bad", ["wrong", "raises"])
+def test_failing_kernels_fall_back_for_good(bad, caplog):
+    ref = torch.tensor([[1.0, -2.0]])
+    calls = {"kernels": 0}
+
+    def kernels():
+        calls["kernels"] += 1
+        if bad == "raises":
+            raise RuntimeError("no kernel image for this device")
+        return ref * 2
+
+    with caplog.at_level(logging.WARNING, logger="ekmesh.infer.decode_experts"):
+        out = decode_experts.checked(kernels, lambda: ref, "k2")
+    assert torch.equal(out, ref)
+    assert "using the grouped path" in caplog.text
+    for _ in range(3):
+        assert torch.equal(decode_experts.checked(kernels, lambda: ref, "k2"), ref)
+    assert calls["kernels"] == 1  # never again for this kind
+    other = decode_experts.checked(lambda: ref, lambda: ref, "k3")  # another kind is checked on its own
+    assert torch.equal(other, ref) and decode_experts._verdicts["k3"] is True
+
+
+def test_nothing_runs_the_kernels_on_a_cpu():
+    x = torch.zeros(1, 8)
+    w = torch.zeros(4, 16, 8)
+    assert not decode_experts.supports(x, w, torch.zeros(4, 8, 8), 2)
