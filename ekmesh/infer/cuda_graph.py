@@ -19,7 +19,8 @@ import torch
 
 from ekmesh.infer import fusion
 from ekmesh.infer.experts import LocalExperts
-from ekmesh.infer.models.common import Attention, CausalLM
+from ekmesh.infer.models.attention import Attention
+from ekmesh.infer.models.common import CausalLM
 
 
 class GraphDecoder:

@@ -20,10 +20,11 @@ Quantized experts (``qtensor.py``): ``gate_up`` / ``down`` of an ``ExpertWeights
 (``qkernels.pack``; no float copy), and computes them with ``qkernels.qlinear`` (bf16 activations on CPU and
 CUDA, results in the backend's dtype). One backend holds one kind of expert: float, or one quantized format and
 group sizes (fixed by the first expert added); anything else is refused with ``ConfigError``. A quantized layer
-runs pair by pair (``_few``), per present expert (``_grouped_loop_q``, CUDA included) or, in CUDA-graph mode, per
-pair with the experts' packed weights gathered on the device (``_gathered_q``); never through ``_grouped_mm`` or
-the float gathers. Its results equal those of a float backend holding ``QuantizedTensor.dequantize()`` weights
-within the bf16 rounding of the activations (tests: 3e-2 of the output's largest magnitude).
+runs pair by pair (``_few``), per present expert (``qexperts.grouped_loop_q``, CUDA included) or, in CUDA-graph
+mode, per pair with the experts' packed weights gathered on the device (``qexperts.gathered_q``); never through
+``_grouped_mm`` or the float gathers. Its results equal those of a float backend holding
+``QuantizedTensor.dequantize()`` weights within the bf16 rounding of the activations (tests: 3e-2 of the output's
+largest magnitude).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import torch.nn.functional as F
 from ekmesh.core.errors import ConfigError, ExpertNotLoadedError, TensorShapeError
 from ekmesh.infer import decode_experts, fusion
 from ekmesh.infer.expert import ExpertSpec, ExpertWeights, expert_activation
-from ekmesh.infer.qkernels import PackedWeight, kernel_dtype, pack, qlinear, stack_packed
+from ekmesh.infer.qexperts import QExpert, QLayerPack, build_qpack, few_q, gathered_q, grouped_loop_q, stack_present
+from ekmesh.infer.qkernels import kernel_dtype, pack
 from ekmesh.infer.qtensor import QuantizedTensor
 
 SMALL_PAIRS = 8  # up to this many (token, expert) pairs, the CPU path computes pair by pair (``_few``)
@@ -51,15 +53,6 @@ class ExpertsBackend(Protocol):
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor: ...
 
-
-
-def _stack_present(ts: list[torch.Tensor | None], name: str) -> torch.Tensor:
-    """``torch.stack`` of one tensor per expert, each present: ``add`` checks biases against a biased spec, but
-    ``set_layer`` may have installed experts without them."""
-    present = [t for t in ts if t is not None]
-    if len(present) != len(ts):
-        raise TensorShapeError(name, "a tensor for every expert", None)
-    return torch.stack(present)
 
 
 @dataclass
@@ -80,40 +73,8 @@ class _LayerPack:
                      for s in range(len(self.experts))]
 
 
-@dataclass
-class _QExpert:
-    """One quantized expert as a backend holds it: both projections packed for its device's kernel."""
-
-    gate_up: PackedWeight  # [2I, D]
-    down: PackedWeight  # [D, I]
-    gate_up_bias: torch.Tensor | None  # [2I]
-    down_bias: torch.Tensor | None  # [D]
-
-
-@dataclass
-class _QLayerPack:
-    """A layer of quantized experts: ``_LayerPack``'s fields with stacked packed weights."""
-
-    slot_of: torch.Tensor  # [E] long: slot index of each global expert id, -1 where absent
-    experts: list[int]  # global expert id of each slot
-    gate_up: PackedWeight  # stacked [n, ...]
-    down: PackedWeight  # stacked [n, ...]
-    gate_up_bias: torch.Tensor | None  # [n, 2I]
-    down_bias: torch.Tensor | None  # [n, D]
-
-    def __post_init__(self) -> None:
-        self.index = {e: s for s, e in enumerate(self.experts)}
-        gb, db = self.gate_up_bias, self.down_bias
-        self.rows = [_QExpert(self.gate_up.select(s), self.down.select(s), None if gb is None else gb[s],
-                              None if db is None else db[s]) for s in range(len(self.experts))]
-
-    def nbytes(self) -> int:
-        extra = [t for t in (self.gate_up_bias, self.down_bias) if t is not None]
-        return self.gate_up.nbytes() + self.down.nbytes() + sum(t.numel() * t.element_size() for t in extra)
-
-
-_Pack = _LayerPack | _QLayerPack
-_Held = ExpertWeights | _QExpert  # what ``_pending`` holds per expert: float tensors or packed ones
+_Pack = _LayerPack | QLayerPack
+_Held = ExpertWeights | QExpert  # what ``_pending`` holds per expert: float tensors or packed ones
 
 
 def _tensor_bytes(*ts: torch.Tensor | None) -> int:
@@ -162,7 +123,7 @@ class LocalExperts:
         if isinstance(gu, QuantizedTensor) and isinstance(d, QuantizedTensor):
             kind: str | tuple[str, int, int] = (gu.fmt, gu.group_size, d.group_size)
             act = kernel_dtype(self.device, self.dtype)
-            moved = _QExpert(pack(gu, self.device, act), pack(d, self.device, act), move(weights.gate_up_bias),
+            moved = QExpert(pack(gu, self.device, act), pack(d, self.device, act), move(weights.gate_up_bias),
                              move(weights.down_bias))
         else:
             assert q is None and isinstance(gu, torch.Tensor) and isinstance(d, torch.Tensor)
@@ -256,12 +217,12 @@ class LocalExperts:
             packs = list(self._packs.values())
             pending = [w for layer in self._pending.values() for w in layer.values()]
         for built in packs:
-            if isinstance(built, _QLayerPack):
+            if isinstance(built, QLayerPack):
                 total += built.nbytes()
             else:
                 total += _tensor_bytes(built.gate_up, built.down, built.gate_up_bias, built.down_bias)
         for w in pending:
-            if isinstance(w, _QExpert):
+            if isinstance(w, QExpert):
                 total += w.gate_up.nbytes() + w.down.nbytes() + _tensor_bytes(w.gate_up_bias, w.down_bias)
             else:
                 assert isinstance(w.gate_up, torch.Tensor) and isinstance(w.down, torch.Tensor)
@@ -274,7 +235,7 @@ class LocalExperts:
         pack = self._packs.get(layer)
         if pack is None:
             return {}
-        if isinstance(pack, _QLayerPack):
+        if isinstance(pack, QLayerPack):
             return {e: pack.rows[s] for s, e in enumerate(pack.experts)}  # views into the stacks
         return {
             e: ExpertWeights(
@@ -302,8 +263,8 @@ class LocalExperts:
         if ids:
             slot_of[torch.tensor(ids, device=self.device)] = torch.arange(len(ids), device=self.device)
         qs = [experts[e] for e in ids]
-        if qs and isinstance(qs[0], _QExpert):
-            qpack = self._build_qpack(layer, slot_of, ids, [q for q in qs if isinstance(q, _QExpert)])
+        if qs and isinstance(qs[0], QExpert):
+            qpack = build_qpack(self.spec, layer, slot_of, ids, [q for q in qs if isinstance(q, QExpert)])
             self._packs[layer] = qpack
             return qpack
         ws = [w for w in qs if isinstance(w, ExpertWeights)]
@@ -317,20 +278,11 @@ class LocalExperts:
             empty + (self.spec.hidden, self.spec.intermediate), device=self.device, dtype=self.dtype)
         gub = db = None
         if ws and self.spec.bias:
-            gub = _stack_present([w.gate_up_bias for w in ws], f"layer {layer} gate_up_bias")  # [n, 2I]
-            db = _stack_present([w.down_bias for w in ws], f"layer {layer} down_bias")  # [n, D]
+            gub = stack_present([w.gate_up_bias for w in ws], f"layer {layer} gate_up_bias")  # [n, 2I]
+            db = stack_present([w.down_bias for w in ws], f"layer {layer} down_bias")  # [n, D]
         pack = _LayerPack(slot_of, ids, gate_up, down, gub, db)
         self._packs[layer] = pack
         return pack
-
-    def _build_qpack(self, layer: int, slot_of: torch.Tensor, ids: list[int], qs: list[_QExpert]) -> _QLayerPack:
-        assert len(qs) == len(ids)
-        gub = db = None
-        if self.spec.bias:
-            gub = _stack_present([q.gate_up_bias for q in qs], f"layer {layer} gate_up_bias")  # [n, 2I]
-            db = _stack_present([q.down_bias for q in qs], f"layer {layer} down_bias")  # [n, D]
-        return _QLayerPack(slot_of, ids, stack_packed([q.gate_up for q in qs]), stack_packed([q.down for q in qs]),
-                           gub, db)
 
     def __call__(
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
@@ -364,8 +316,11 @@ class LocalExperts:
         n = len(pack.experts)
         counts = torch.zeros(n, dtype=torch.long, device=slots.device)
         counts.scatter_add_(0, slots, torch.ones_like(slots))  # [n] pairs per slot, no host sync
-        if isinstance(pack, _QLayerPack):  # never _grouped_mm or the float gathers: packed weights
-            y = self._gathered_q(pack, x, slots[order]) if self.graph_mode else self._grouped_loop_q(pack, x, counts)
+        if isinstance(pack, QLayerPack):  # never _grouped_mm or the float gathers: packed weights
+            if self.graph_mode:
+                y = gathered_q(self.spec, pack, x, slots[order])
+            else:
+                y = grouped_loop_q(self.spec, pack, x, counts)
         elif hidden.is_cuda and hidden.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
             y = self._grouped_cuda(pack, x, counts)
         elif self.graph_mode:
@@ -398,8 +353,8 @@ class LocalExperts:
         those of the grouped path; the weighting and the sum over k are the same ops. Casts that would not
         change the dtype are skipped (each is a torch call, and they return their input unchanged)."""
         t, k = len(expert_rows), len(expert_rows[0])
-        if isinstance(pack, _QLayerPack):
-            ys = self._few_q(layer, pack, hidden, expert_rows)
+        if isinstance(pack, QLayerPack):
+            ys = few_q(self.spec, layer, pack, hidden, expert_rows)
         else:
             ys = []
             index, rows, spec = pack.index, pack.rows, self.spec
@@ -417,53 +372,6 @@ class LocalExperts:
         y = (y if y.dtype is torch.float32 else y.float()) * (w if w.dtype is torch.float32 else w.float())
         out = y.view(t, k, -1).sum(dim=1)  # [T, D] fp32
         return out if out.dtype is hidden.dtype else out.to(hidden.dtype)
-
-    def _few_q(self, layer: int, pack: _QLayerPack, hidden: torch.Tensor,
-               expert_rows: list[list[int]]) -> list[torch.Tensor]:
-        """``_few``'s per-pair outputs [1, D] for quantized experts: the same ``qlinear`` calls on the same row as
-        ``_grouped_loop_q`` makes for an expert chosen once."""
-        t = len(expert_rows)
-        ys = []
-        index, rows, spec = pack.index, pack.rows, self.spec
-        for i, row in enumerate(expert_rows):
-            x = hidden if t == 1 else hidden[i:i + 1]  # [1, D]
-            for e in row:
-                s = index.get(e)
-                if s is None:
-                    raise ExpertNotLoadedError(layer, e)
-                q = rows[s]
-                a = expert_activation(spec, qlinear(x, q.gate_up, q.gate_up_bias))  # [1, I]
-                ys.append(qlinear(a, q.down, q.down_bias))  # [1, D]
-        return ys
-
-    def _grouped_loop_q(self, pack: _QLayerPack, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """``_grouped_loop`` for quantized experts: each present expert's kernels over its rows of x [T*k, D]."""
-        y = torch.empty_like(x)
-        start = 0
-        for slot, c in enumerate(counts.tolist()):
-            if c == 0:
-                continue
-            end = start + c
-            q = pack.rows[slot]
-            a = expert_activation(self.spec, qlinear(x[start:end], q.gate_up, q.gate_up_bias))  # [c, I]
-            y[start:end] = qlinear(a, q.down, q.down_bias)  # [c, D]
-            start = end
-        return y
-
-    def _gathered_q(self, pack: _QLayerPack, x: torch.Tensor, slot_sorted: torch.Tensor) -> torch.Tensor:
-        """CUDA-graph mode for quantized experts: each pair's packed weights are gathered on the device (one
-        ``index_select`` per tensor: no host sync, capturable), then ``qlinear`` runs pair by pair, a loop whose
-        length is fixed in a captured step (decode: k); biases and the activation run once over all pairs."""
-        n = x.shape[0]
-        gate_up, down = pack.gate_up.gather(slot_sorted), pack.down.gather(slot_sorted)  # [N, ...] stacks
-        h = torch.cat([qlinear(x[j:j + 1], gate_up.select(j)) for j in range(n)])  # [N, 2I]
-        if pack.gate_up_bias is not None:
-            h = h + pack.gate_up_bias[slot_sorted]
-        a = expert_activation(self.spec, h)  # [N, I]
-        y = torch.cat([qlinear(a[j:j + 1], down.select(j)) for j in range(n)])  # [N, D]
-        if pack.down_bias is not None:
-            y = y + pack.down_bias[slot_sorted]
-        return y
 
     def _gathered(self, pack: _LayerPack, x: torch.Tensor, slot_sorted: torch.Tensor) -> torch.Tensor:
         """Per pair, gathers its expert's weights and runs a batched matmul (few pairs: decode steps)."""

@@ -297,8 +297,8 @@ def _graph_against_eager(runner, model, cache, experts, prompt, tokens, relative
 
 @pytest.mark.parametrize("fmt", ["q8", "q4", "fp8", "mxfp4"])
 def test_quantized_graph_decode_equals_eager(fmt, tmp_path):
-    """CUDA-graph decode over quantized experts (``_gathered_q``: packed weights gathered on the device) against
-    eager decode (``_grouped_loop_q``), teacher-forced, bf16."""
+    """CUDA-graph decode over quantized experts (``qexperts.gathered_q``: packed weights gathered on the device) against
+    eager decode (``qexperts.grouped_loop_q``), teacher-forced, bf16."""
     path = _build("qwen3_moe", tmp_path / "q")
     ckpt, model, _ = load_all(path, "cuda", torch.bfloat16)
     experts, _ = _quantized_backends(ckpt, fmt, "cuda", torch.bfloat16)
@@ -318,8 +318,8 @@ def test_quantized_graph_decode_equals_eager(fmt, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["q8", "q4", "fp8", "mxfp4"])
 def test_quantized_experts_replay_in_a_cuda_graph(fmt, tmp_path):
-    """One MoE layer of quantized experts captured in graph mode (``_gathered_q``), replayed with new tokens,
-    routing and weights: each replay gives what an eager call (``_grouped_loop_q``) gives."""
+    """One MoE layer of quantized experts captured in graph mode (``qexperts.gathered_q``), replayed with new tokens,
+    routing and weights: each replay gives what an eager call (``qexperts.grouped_loop_q``) gives."""
     path = _build("qwen3_moe", tmp_path / "q")
     ckpt = Checkpoint.open(path)
     experts, _ = _quantized_backends(ckpt, fmt, "cuda", torch.bfloat16)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ekmesh.infer import fusion
-from ekmesh.infer.models.common import Attention, AttentionSpec, add_rms_norm, head_norm_rope, rms_norm, rope_qk
+from ekmesh.infer.models.attention import Attention, AttentionSpec, head_norm_rope, rope_qk
+from ekmesh.infer.models.norms import add_rms_norm, rms_norm
 
 
 def test_levels_are_checked_and_nest():
@@ -92,8 +93,8 @@ def test_model_at_level_all_equals_plain(arch, dtype, tmp_path):
 def test_each_norm_fuses_its_own_formula():
     """A norm's fused residual sum uses that norm's formula: gpt-oss scales in fp32 before rounding, which in bf16
     differs from the standard norm's rounding."""
-    from ekmesh.infer.models.common import RMSNorm
     from ekmesh.infer.models.gpt_oss import GptOssRMSNorm
+    from ekmesh.infer.models.norms import RMSNorm
 
     torch.manual_seed(2)
     x, y = torch.randn(4, 64).bfloat16(), torch.randn(4, 64).bfloat16()
@@ -108,8 +109,8 @@ def test_each_norm_fuses_its_own_formula():
 def test_grouped_attention_equals_gqa():
     """``attend_grouped`` (query heads of a key-value head as rows of one head) against SDPA's own GQA, with a
     causal, windowed mask over a static-cache-like key range."""
+    from ekmesh.infer.models.attention import attend, attend_grouped
     from ekmesh.infer.models.cache import attention_mask
-    from ekmesh.infer.models.common import attend, attend_grouped
 
     torch.manual_seed(3)
     for h, hkv, t, s in [(8, 2, 1, 12), (8, 2, 3, 12), (4, 1, 2, 9), (6, 3, 4, 20)]:

@@ -271,8 +271,8 @@ def test_quantized_backend_equals_float_backend_of_dequantized_weights(spec: Exp
 @pytest.mark.parametrize("spec", SPECS, ids=["silu", "gptoss"])
 @pytest.mark.parametrize("fmt", QFORMATS)
 def test_quantized_paths_agree_with_each_other(spec: ExpertSpec, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pair by pair (``_few``), grouped (``_grouped_loop_q``) and the graph-mode gathers (``_gathered_q``) give the
-    same decode results: each makes the same kernel calls on the same rows."""
+    """Pair by pair (``_few``), grouped (``qexperts.grouped_loop_q``) and the graph-mode gathers
+    (``qexperts.gathered_q``) give the same decode results: each makes the same kernel calls on the same rows."""
     qb, _ = _pair(spec, fmt, layers=(1,))
     g = torch.Generator().manual_seed(9)
     x = torch.randn(1, spec.hidden, generator=g)

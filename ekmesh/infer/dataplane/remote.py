@@ -3,9 +3,10 @@
 Per MoE layer call: every (token, expert) pair goes to one holder: this host when ``local`` holds the expert,
 else the live replica with the lowest measured latency × (1 + in-flight requests) among ``holders(layer,
 expert)`` (best first; ties keep that order). One REQUEST frame per remote peer carries that peer's pairs and only
-the hidden rows they use; all frames are sent, local experts computed while they are in flight, then the answers
-received and summed. The per-call bookkeeping is numpy / plain Python over flat pair indices, and the hot path makes
-as few torch calls as it can (each costs microseconds, more on a core that has just woken up from waiting).
+the hidden rows they use (``pairs.py`` builds the frames and adds the answers back); all frames are sent, local
+experts computed while they are in flight, then the answers received and summed. The per-call bookkeeping is
+numpy / plain Python over flat pair indices, and the hot path makes as few torch calls as it can (each costs
+microseconds, more on a core that has just woken up from waiting).
 
 Failure handling: each answer has a deadline of max(floor, multiple × what the peer is expected to take for that
 frame): EWMAs of its round trip less its compute (network, queues) and of its compute per row (the server reports
@@ -49,15 +50,8 @@ import torch
 
 from ekmesh.core.errors import ConfigError, EkmeshError, ExpertUnavailableError, PeerError, ProtocolError
 from ekmesh.infer.dataplane.channel import Channel, ChannelPool
-from ekmesh.infer.dataplane.frames import (
-    HEADER_SIZE,
-    SMALL_PAIRS,
-    ErrorCode,
-    Kind,
-    ModelLimits,
-    as_numpy,
-    encode_request,
-)
+from ekmesh.infer.dataplane.frames import HEADER_SIZE, SMALL_PAIRS, ErrorCode, Kind, ModelLimits, as_numpy
+from ekmesh.infer.dataplane.pairs import add_rows, encode_pairs, indices
 from ekmesh.infer.dataplane.peerstats import HostSplit, PeerStats, RemoteTimeouts
 from ekmesh.infer.dataplane.poll import Registration
 from ekmesh.infer.dataplane.verify import LOCAL, Plan, Verifier
@@ -249,7 +243,7 @@ class RemoteExperts:
                 except (PeerError, ProtocolError) as exc:
                     self._failed(peer, str(exc))
                     excluded.add(peer)
-                    failed.append(_indices(mine, t * k))
+                    failed.append(indices(mine, t * k))
             if sent:
                 self._here.rounds = getattr(self._here, "rounds", 0) + 1
             checked = None
@@ -257,7 +251,7 @@ class RemoteExperts:
                 try:
                     if LOCAL in groups:
                         t0 = time.perf_counter_ns()
-                        acc = self._compute_local(layer, hidden, _indices(groups[LOCAL], t * k), k, exp, w, acc)
+                        acc = self._compute_local(layer, hidden, indices(groups[LOCAL], t * k), k, exp, w, acc)
                         spent = time.perf_counter_ns() - t0
                         with self._lock:
                             self._split.local_ns += spent
@@ -279,7 +273,7 @@ class RemoteExperts:
                 except (PeerError, ProtocolError) as exc:
                     self._failed(sent[0].peer, str(exc))
                     excluded.add(sent[0].peer)
-                    todo = _indices(sent[0].pairs, t * k)
+                    todo = indices(sent[0].pairs, t * k)
                     continue
                 if hidden.is_cpu:  # already hidden's dtype (the wire dtype) and on the host: no call at all
                     return out
@@ -293,16 +287,16 @@ class RemoteExperts:
                     except (PeerError, ProtocolError) as exc:
                         self._failed(s.peer, str(exc))
                         excluded.add(s.peer)
-                        failed.append(_indices(s.pairs, t * k))
+                        failed.append(indices(s.pairs, t * k))
                         continue
-                    acc = self._add(acc, s.rows, partial, hidden)
+                    acc = add_rows(acc, s.rows, partial, hidden)
             failed = [f for f in failed if len(f)]  # (a frame that only verified has no pairs to redo)
             if not failed:
                 if acc is None:  # no pairs at all (T = 0)
                     return torch.zeros_like(hidden)
                 return acc if acc.dtype is hidden.dtype else acc.to(hidden.dtype)
             todo = np.concatenate(failed)
-        e = int(exp[_indices(todo, t * k)[0]])
+        e = int(exp[indices(todo, t * k)[0]])
         raise ExpertUnavailableError(layer, e, f"every holder failed in {self.timeouts.max_waves} attempts")
 
     def _arrive(self, x: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -351,7 +345,7 @@ class RemoteExperts:
             except (PeerError, ProtocolError) as exc:
                 self._failed(s.peer, str(exc))
                 excluded.add(s.peer)
-                failed.append(_indices(s.pairs, n))
+                failed.append(indices(s.pairs, n))
                 continue
             r = s.n_rows - s.n_extra
             if s.n_extra:
@@ -365,11 +359,11 @@ class RemoteExperts:
         excluded |= drop
         for s, part in received:
             if s.peer in drop:
-                failed.append(_indices(s.pairs, n))
+                failed.append(indices(s.pairs, n))
             elif part.shape[0]:
                 if part.dtype is not torch.float32 or not hidden.is_cpu:
                     part = self._arrive(part, hidden, torch.float32)
-                acc = self._add(acc, s.rows, part, hidden)
+                acc = add_rows(acc, s.rows, part, hidden)
         return acc
 
     def _group(self, layer: int, exp: np.ndarray, todo: np.ndarray | None,
@@ -405,39 +399,6 @@ class RemoteExperts:
             tok = self._tokens[(t, k)] = np.arange(t * k, dtype=np.int32) // k
         return tok
 
-    @staticmethod
-    def _rows(pairs: np.ndarray, k: int, t: int) -> tuple[np.ndarray | None, np.ndarray]:
-        """(rows [R] sent in frame order, or None when the pairs use every token (all T rows go, in order);
-        [P] row in the frame of each pair)."""
-        tok = pairs // k  # [P] token of each pair
-        if t == 1 or len(pairs) == t * k:  # every token is used
-            return None, tok
-        used = np.zeros(t, dtype=bool)
-        used[tok] = True
-        if used.all():
-            return None, tok
-        rows = np.flatnonzero(used)  # [R] ascending
-        return rows, (np.cumsum(used) - 1)[tok]
-
-    @staticmethod
-    def _add(acc: torch.Tensor | None, rows: np.ndarray | None, part: torch.Tensor,
-             like: torch.Tensor) -> torch.Tensor:
-        """acc[rows] += part in fp32 (rows None: every row). The first full-rows partial becomes acc itself
-        (0 + x == x), saving a zero fill. On the CPU the scatter-add runs in numpy (``rows`` are distinct, so
-        ``a[rows] += p`` adds each row once, the same fp32 additions as ``index_add_``): torch's ``index_add_``
-        took milliseconds in a node whose other threads and processes kept the second core busy."""
-        if rows is None:
-            if acc is None:
-                return part
-            return acc.add_(part)
-        if acc is None:
-            acc = torch.zeros(like.shape, dtype=torch.float32, device=like.device)  # [T, D]
-        if acc.is_cpu:
-            a = acc.numpy()
-            a[rows] += part.numpy()
-            return acc
-        return acc.index_add_(0, torch.from_numpy(rows).to(acc.device), part)
-
     def _compute_local(self, layer: int, hidden: torch.Tensor, pairs: np.ndarray, k: int, exp: np.ndarray,
                        w: np.ndarray, acc: torch.Tensor | None) -> torch.Tensor:
         assert self.local is not None
@@ -466,18 +427,7 @@ class RemoteExperts:
         ch = self.channels.get(peer)
         rid = ch.next_id()
         n_extra = 0 if extra is None else len(extra)
-        if n_extra:
-            assert extra is not None
-            rows, data, copy_ns = self._encode_with_extra(rid, layer, hidden, pairs, k, exp, w, extra)
-        elif pairs is None:  # every pair, in order: no gathers
-            rows = None
-            x, copy_ns = _on_host(hidden)
-            data = encode_request(rid, layer, self._token_index(t, k), exp, w, x)
-        else:
-            rows, inv = self._rows(pairs, k, t)
-            sub = hidden if rows is None else hidden.index_select(0, torch.from_numpy(rows).to(hidden.device))
-            sub, copy_ns = _on_host(sub)
-            data = encode_request(rid, layer, inv, exp[pairs], w[pairs], sub)  # sub: [R, D]
+        rows, data, copy_ns = encode_pairs(rid, layer, hidden, pairs, k, exp, w, extra, self._token_index)
         encode_ns = time.perf_counter_ns() - t0 - copy_ns
         now = time.monotonic()
         n_rows = (t if rows is None else len(rows)) + n_extra
@@ -494,29 +444,6 @@ class RemoteExperts:
             raise
         return _Sent(peer, ch, rid, pairs, rows, n_rows, now, deadline, n_extra, t0, copy_ns, encode_ns, ch.sent_ns,
                      len(data))
-
-    def _encode_with_extra(self, rid: int, layer: int, hidden: torch.Tensor, pairs: np.ndarray | None, k: int,
-                           exp: np.ndarray, w: np.ndarray,
-                           extra: np.ndarray) -> tuple[np.ndarray | None, bytearray, int]:
-        """(rows sent for ``pairs`` as ``_rows`` gives them, the frame, ns of its rows' copy to the host): the R rows
-        of ``pairs``, then one row per ``extra`` pair."""
-        t = hidden.shape[0]
-        rows: np.ndarray | None
-        if pairs is None:
-            rows, inv, sub, pe, pw = None, self._token_index(t, k), hidden, exp, w
-        elif not len(pairs):
-            rows, inv, sub, pe, pw = pairs, np.zeros(0, np.int64), hidden[:0], exp[pairs], w[pairs]
-        else:
-            rows, inv = self._rows(pairs, k, t)
-            sub = hidden if rows is None else hidden.index_select(0, torch.from_numpy(rows).to(hidden.device))
-            pe, pw = exp[pairs], w[pairs]
-        r = t if rows is None else len(rows)
-        xs = hidden.index_select(0, torch.from_numpy(extra // k).to(hidden.device))  # [V, D]
-        x, copy_ns = _on_host(torch.cat([sub, xs]))  # [R + V, D]
-        data = encode_request(rid, layer, np.concatenate([inv, r + np.arange(len(extra))]),
-                              np.concatenate([pe, exp[extra]]),
-                              np.concatenate([pw, np.ones(len(extra), np.float32)]), x)
-        return rows, data, copy_ns
 
     def _finish(self, s: _Sent) -> torch.Tensor:
         t0 = time.perf_counter_ns()
@@ -554,17 +481,3 @@ class RemoteExperts:
             raise ProtocolError(f"peer {s.peer} answered with a {f.kind.name} frame of the wrong shape")
         return f.hidden  # [R, D]
 
-
-def _on_host(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(``x`` on the host, ns its device-to-host copy took: 0 when it is there already). The copy waits for the
-    kernels that made ``x``, but ``as_numpy(expert_ids)`` has already waited for the router, which follows them."""
-    if x.is_cpu:
-        return x, 0
-    t0 = time.perf_counter_ns()
-    y = x.cpu()
-    return y, time.perf_counter_ns() - t0
-
-
-def _indices(pairs: np.ndarray | None, n: int) -> np.ndarray:
-    """Pair indices, ``None`` standing for all ``n`` pairs in order."""
-    return np.arange(n) if pairs is None else pairs

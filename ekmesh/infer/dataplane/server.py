@@ -22,12 +22,8 @@ and released once its answer is sent; payloads <= 64 KiB (decode steps) are not 
 the budget is full. A reader that finds no room waits until its frame's deadline (``body_s``), then is answered
 ERROR BUSY and closed (the rest of its frame is unread). Refusals log at most 5 lines per source per 10 s.
 
-Timing (``ServerStats``, the expert side of the round-trip split that ``benchmarks/gpu_mesh.py`` reports): per
-REQUEST its decode (framing in) and its answer's send (TLS encryption + socket write); per computed batch the copies
-of the rows to the backend's device and of the answers back into their frames (with the cast to the wire dtype),
-the backend call (on CUDA followed by a synchronize, so that the kernels' time lands here and not in the copy that
-follows: that copy would wait for them anyway) and the answers' frame building (framing out). Plain
-``perf_counter_ns`` sums, always on.
+Timing: the expert side of the round-trip split (``serverstats.ServerStats`` says what each span covers), read
+from ``perf_counter_ns`` around each part and handed to ``ServerStats``; always on.
 
 Invariants:
 - at most ``max_pending`` requests wait for the worker; beyond that a request is answered ERROR BUSY at once;
@@ -53,7 +49,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -92,6 +88,7 @@ from ekmesh.infer.dataplane.frames import (
 )
 from ekmesh.infer.dataplane.intake import Intake
 from ekmesh.infer.dataplane.poll import Registration, Waits
+from ekmesh.infer.dataplane.serverstats import ServerStats
 from ekmesh.infer.experts import LocalExperts
 
 log = logging.getLogger(__name__)
@@ -122,32 +119,6 @@ class _Conn(Connection):
         super().__init__(sock, addr, ticket)
         self.peer: str | None = None
         self.pending: deque[_Job] = deque()
-
-
-@dataclass
-class ServerStats:
-    requests: int = 0
-    batches: int = 0
-    mixed_batches: int = 0  # batches that merged frames of several peers (e.g. two attention hosts)
-    by_peer: dict[str, int] = field(default_factory=dict)  # frames received per authenticated peer
-    busy: int = 0
-    refused: int = 0  # connections closed for a bad certificate, a cap, or a malformed frame
-    over_budget: int = 0  # connections closed because their frame's memory could not be reserved in time
-    # the round-trip split (module docstring), cumulative ns over ``timed`` REQUESTs answered; the per-batch parts
-    # (copy, compute, encode) are added by the one computing thread, the per-request ones under ``lock``
-    timed: int = 0
-    decode_ns: int = 0
-    copy_ns: int = 0
-    compute_ns: int = 0
-    encode_ns: int = 0
-    send_ns: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def split(self) -> dict[str, int]:
-        """The split's counters, consistent with each other."""
-        with self.lock:
-            return {"requests": self.timed, "decode_ns": self.decode_ns, "copy_ns": self.copy_ns,
-                    "compute_ns": self.compute_ns, "encode_ns": self.encode_ns, "send_ns": self.send_ns}
 
 
 class ExpertServer:
@@ -276,12 +247,7 @@ class ExpertServer:
                 t0 = time.perf_counter_ns()
                 sent = self._send(conn, answer)
                 if request:
-                    spent = time.perf_counter_ns() - t0
-                    st = self.stats
-                    with st.lock:
-                        st.timed += 1
-                        st.decode_ns += reader.decode_ns
-                        st.send_ns += spent
+                    self.stats.request_timed(reader.decode_ns, time.perf_counter_ns() - t0)
                 reader.release()
                 if not sent:
                     return
@@ -457,7 +423,7 @@ class ExpertServer:
             t2 = time.perf_counter_ns()
             view.copy_(y)  # cast to the wire dtype (and moved to the host) straight into the frame
             t3 = time.perf_counter_ns()
-        self._timed(copy_ns + t3 - t2, t1 - t0, t2 - t1)
+        self.stats.batch_timed(copy_ns + t3 - t2, t1 - t0, t2 - t1)
         job.done = True
 
     def _synchronize(self) -> None:
@@ -465,13 +431,6 @@ class ExpertServer:
         after them, which would wait for them anyway)."""
         if self.backend.device.type == "cuda":
             torch.cuda.synchronize(self.backend.device)
-
-    def _timed(self, copy_ns: int, compute_ns: int, encode_ns: int) -> None:
-        st = self.stats
-        with st.lock:
-            st.copy_ns += copy_ns
-            st.compute_ns += compute_ns
-            st.encode_ns += encode_ns
 
     def _compute_held(self, batch: list[_Job]) -> None:
         """(In inference mode.) One backend call for the batch, then per job its weighted per-token sums."""
@@ -516,7 +475,7 @@ class ExpertServer:
             view.copy_(out)  # cast to the request's dtype straight into the frame
             encode_ns += t3 - t2
             job.done = True
-        self._timed(time.perf_counter_ns() - t1 - encode_ns + copy_ns, t1 - t0, encode_ns)
+        self.stats.batch_timed(time.perf_counter_ns() - t1 - encode_ns + copy_ns, t1 - t0, encode_ns)
 
 
 def _same_host(sock: socket.socket) -> bool:

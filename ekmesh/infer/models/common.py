@@ -1,15 +1,16 @@
-"""Building blocks shared by the model families: norms, RoPE, attention with a KV cache, dense MLP, the decoder
-skeleton and the softmax top-k MoE block.
+"""Building blocks shared by the model families: the config helpers (``RopeSpec``, sliding windows), dense MLP,
+the softmax top-k MoE block, the decoder skeleton and the causal LM around it.
 
-Responsibilities: numerics that match Hugging Face transformers (fp32 norms, fp32 router softmax, RoPE computed
-in fp32 from positions), and the seam to the experts backend (a MoE block never holds routed expert weights).
-Not responsible for: reading checkpoints (``ekmesh.infer.loader``), sampling (``ekmesh.infer.generate``).
+Responsibilities: numerics that match Hugging Face transformers (fp32 router softmax, RoPE tables computed in fp32
+from positions once per step), and the seam to the experts backend (a MoE block never holds routed expert weights).
+Not responsible for: attention and the RoPE runtime (``ekmesh.infer.models.attention``), norms
+(``ekmesh.infer.models.norms``), reading checkpoints (``ekmesh.infer.loader``), sampling
+(``ekmesh.infer.generate``).
 
 Parameter names mirror the Hugging Face checkpoint names (``model.layers.N.self_attn.q_proj.weight``) so loading
 is a name lookup. Shapes: B batch, T new tokens, S cached + new tokens, H heads, Hkv kv heads, d head dim,
 D hidden, E experts, k experts per token.
 """
-
 from __future__ import annotations
 
 import math
@@ -26,7 +27,9 @@ from ekmesh.infer import fusion
 from ekmesh.infer.expert import ExpertSpec
 from ekmesh.infer.experts import ExpertsBackend
 from ekmesh.infer.fusion import fusable
+from ekmesh.infer.models.attention import rope_cos_sin
 from ekmesh.infer.models.cache import KVCache, Step
+from ekmesh.infer.models.norms import RMSNorm
 
 # ---------------------------------------------------------------------------------------------------- config
 
@@ -127,236 +130,7 @@ def require(hf: dict[str, Any], *keys: str) -> None:
         raise ConfigError(f"config.json lacks required field(s): {', '.join(missing)}")
 
 
-# ---------------------------------------------------------------------------------------------------- runtime
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, scale: float, positions: torch.Tensor, dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, dim/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [T, dim]
-    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
-
-
-@fusable
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, dim] rotated by cos/sin [T, dim] (half-split layout)."""
-    return _rope(x, cos, sin)
-
-
-@fusable
-def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``apply_rope`` of q and of k in one fused call."""
-    return _rope(q, cos, sin), _rope(k, cos, sin)
-
-
-@fusable
-def head_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
-                   cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen3's per-head q/k RMSNorm, the move of heads before tokens, then RoPE, in one fused call:
-    q [B, T, H, d], k [B, T, Hkv, d] -> q [B, H, T, d], k [B, Hkv, T, d]."""
-    q = _rms_norm(q, q_weight, eps).transpose(1, 2)  # [B, H, T, d]
-    k = _rms_norm(k, k_weight, eps).transpose(1, 2)  # [B, Hkv, T, d]
-    return _rope(q, cos, sin), _rope(k, cos, sin)
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-           sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B, H, T, dk], k [B, Hkv, S, dk], v [B, Hkv, S, dv] -> [B, T, H*dv]."""
-    b, h, t, _ = q.shape
-    if sinks is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
-                                             enable_gqa=k.shape[1] != h)  # [B, H, T, dv]
-    else:
-        rep = h // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)  # [B, H, S, dk]
-        v = v.repeat_interleave(rep, dim=1)  # [B, H, S, dv]
-        scores = torch.matmul(q, k.transpose(2, 3)) * scaling  # [B, H, T, S]
-        if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        sink = sinks.reshape(1, h, 1, 1).expand(b, h, t, 1).to(scores.dtype)  # [B, H, T, 1]
-        combined = torch.cat([scores, sink], dim=-1)  # [B, H, T, S+1]
-        combined = combined - combined.max(dim=-1, keepdim=True).values
-        probs = torch.softmax(combined, dim=-1)[..., :-1]  # [B, H, T, S]
-        out = torch.matmul(probs, v)  # [B, H, T, dv]
-    return out.transpose(1, 2).reshape(b, t, -1)  # [B, T, H*dv]
-
-
-def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_rows: torch.Tensor, scaling: float
-                   ) -> torch.Tensor:
-    """``attend`` for grouped-query attention with a mask and no sinks, computed as plain attention over the Hkv
-    key-value heads whose queries are the rep = H / Hkv query heads of each (rows (r, i): head kv*rep + r, token i),
-    so a masked fused kernel takes it without copying the keys and values rep times (as GQA with a mask would).
-    ``mask_rows`` [rep*T, S] is the [T, S] mask repeated rep times (``Step.mask(..., rep)``)."""
-    b, h, t, dk = q.shape
-    hkv = k.shape[1]
-    qg = q.reshape(b, hkv, h // hkv * t, dk)  # [B, Hkv, rep*T, dk]
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask_rows, scale=scaling)  # [B, Hkv, rep*T, dv]
-    return out.view(b, h, t, -1).transpose(1, 2).reshape(b, t, -1)  # [B, T, H*dv]
-
-
 # ---------------------------------------------------------------------------------------------------- modules
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-    def add_norm(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + y, this norm of it): a residual sum and the norm that reads it, one fused call where fusion is on.
-        A subclass with another formula overrides ``forward`` and this."""
-        return add_rms_norm(x, y, self.weight, self.eps)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x32 = x.to(torch.float32)
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
-
-
-@fusable
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's RMSNorm: normalise in fp32, cast back, then scale."""
-    return _rms_norm(x, weight, eps)
-
-
-@fusable
-def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual sum x + y and its RMSNorm, in one fused call."""
-    s = x + y
-    return s, _rms_norm(s, weight, eps)
-
-
-@dataclass(frozen=True)
-class AttentionSpec:
-    hidden: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    qkv_bias: bool = False
-    o_bias: bool = False
-    qk_norm: str | None = None  # None | "head" (per head, Qwen3) | "full" (whole projection, OLMoE)
-    rms_eps: float = 1e-6
-    clip_qkv: float | None = None
-    sinks: bool = False
-
-
-class Attention(nn.Module):
-    """Grouped-query attention with RoPE, optional qk-norm, clipping, sinks and a sliding window."""
-
-    def __init__(self, spec: AttentionSpec, layer: int, window: int | None) -> None:
-        super().__init__()
-        s = spec
-        self.spec, self.layer, self.window = s, layer, window
-        self.q_proj = nn.Linear(s.hidden, s.num_heads * s.head_dim, bias=s.qkv_bias)
-        self.k_proj = nn.Linear(s.hidden, s.num_kv_heads * s.head_dim, bias=s.qkv_bias)
-        self.v_proj = nn.Linear(s.hidden, s.num_kv_heads * s.head_dim, bias=s.qkv_bias)
-        self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden, bias=s.o_bias)
-        if s.qk_norm == "head":
-            self.q_norm = RMSNorm(s.head_dim, s.rms_eps)
-            self.k_norm = RMSNorm(s.head_dim, s.rms_eps)
-        elif s.qk_norm == "full":
-            self.q_norm = RMSNorm(s.num_heads * s.head_dim, s.rms_eps)
-            self.k_norm = RMSNorm(s.num_kv_heads * s.head_dim, s.rms_eps)
-        if s.sinks:
-            self.sinks = nn.Parameter(torch.zeros(s.num_heads))
-        self._qkv: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None  # fuse_projections()
-
-    def fuse_projections(self) -> None:
-        """The q, k and v projections as one matmul from now on: their weights (and biases) become views of one
-        [H*d + 2*Hkv*d, D] tensor, so nothing is kept twice. The same function, one launch instead of three (the
-        CUDA-graph decoder's "all" fusion level: used where ``fusion.kernels()``). Parameters assigned anew later are
-        noticed and used unfused."""
-        if self._qkv is not None and self._qkv_current():
-            return
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        sizes = [p.weight.shape[0] for p in projs]
-        with torch.no_grad():
-            weight = torch.cat([p.weight for p in projs])  # [H*d + 2*Hkv*d, D]
-            bias = torch.cat([p.bias for p in projs]) if self.spec.qkv_bias else None
-        for p, w in zip(projs, weight.split(sizes), strict=True):
-            p.weight = nn.Parameter(w, requires_grad=False)
-        if bias is not None:
-            for p, b in zip(projs, bias.split(sizes), strict=True):
-                p.bias = nn.Parameter(b, requires_grad=False)
-        self._qkv = (weight, bias, sizes)
-
-    def _qkv_current(self) -> bool:
-        """Whether the fused projection still holds the module's q/k/v weights (none was assigned anew)."""
-        if self._qkv is None:
-            return False
-        weight, bias, sizes = self._qkv
-        views = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
-        offsets = [0, sizes[0], sizes[0] + sizes[1]]
-        row = weight.stride(0) * weight.element_size()
-        same = all(v.data_ptr() == weight.data_ptr() + o * row for v, o in zip(views, offsets, strict=True))
-        if bias is not None:
-            same = same and self.q_proj.bias is not None and self.q_proj.bias.data_ptr() == bias.data_ptr()
-        return same
-
-    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
-        return self.o_proj(self._attend(*self._project(x, *step.rope["main"]), step))
-
-    def forward_many(self, x: torch.Tensor, lens: Sequence[int], steps: Sequence[Step]) -> torch.Tensor:
-        """x [1, sum T_i, D]: the new tokens of several sequences, each step over its own cache -> [1, sum T_i, D].
-
-        Projections, norms and RoPE are per token, so they run once over every sequence's tokens (each weight read
-        once per batch step, not once per sequence); only the cache write and attention itself run per sequence."""
-        cos = torch.cat([st.rope["main"][0] for st in steps])  # [sum T_i, dim]
-        sin = torch.cat([st.rope["main"][1] for st in steps])
-        q, k, v = self._project(x, cos, sin)  # [1, H(kv), sum T_i, d]
-        parts = zip(q.split(lens, 2), k.split(lens, 2), v.split(lens, 2), steps, strict=True)
-        return self.o_proj(torch.cat([self._attend(qi, ki, vi, st) for qi, ki, vi, st in parts], dim=1))
-
-    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, D] -> q [B, H, T, d], k and v [B, Hkv, T, d], normed and rotated as the spec says."""
-        s = self.spec
-        b, t, _ = x.shape
-        if self._qkv is not None and fusion.kernels() and self._qkv_current():
-            weight, bias, sizes = self._qkv
-            q, k, v = F.linear(x, weight, bias).split(sizes, dim=-1)  # [B, T, H*d], [B, T, Hkv*d] x2
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*d], [B, T, Hkv*d] x2
-        if s.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if s.clip_qkv is not None:
-            q, k, v = (z.clamp(-s.clip_qkv, s.clip_qkv) for z in (q, k, v))
-        q = q.view(b, t, -1, s.head_dim)  # [B, T, H, d]
-        k = k.view(b, t, -1, s.head_dim)  # [B, T, Hkv, d]
-        v = v.view(b, t, -1, s.head_dim).transpose(1, 2)  # [B, Hkv, T, d]
-        if s.qk_norm == "head":  # -> [B, H, T, d], [B, Hkv, T, d]
-            q, k = head_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, s.rms_eps, cos, sin)
-            return q, k, v
-        q, k = rope_qk(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, H, T, d], [B, Hkv, T, d]
-        return q, k, v
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
-        """This step's q, k, v (as ``_project`` gives them) over the step's cache -> [B, T, H*d]."""
-        k, v = step.cache.update(self.layer, k, v)  # [B, Hkv, S, d]
-        mask = step.mask(k.shape[2], self.window)
-        rep = self.spec.num_heads // self.spec.num_kv_heads
-        if mask is not None and rep > 1 and not self.spec.sinks and q.is_cuda and fusion.kernels():
-            rows = step.mask(k.shape[2], self.window, rep)
-            assert rows is not None
-            return attend_grouped(q, k, v, rows, self.spec.head_dim ** -0.5)
-        return attend(q, k, v, mask, self.spec.head_dim ** -0.5, self.sinks if self.spec.sinks else None)
 
 
 class DenseMLP(nn.Module):

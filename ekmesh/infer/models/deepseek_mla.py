@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from ekmesh.core.errors import ConfigError
+from ekmesh.infer.models.attention import apply_rope, attend
 from ekmesh.infer.models.cache import Step
-from ekmesh.infer.models.common import RMSNorm, apply_rope, attend
+from ekmesh.infer.models.norms import RMSNorm
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm are built without the config's eps
 MLA_CACHES = ("latent", "expanded")

@@ -7,7 +7,7 @@ Numerics follow transformers' ``modeling_gpt_oss``:
   activations' dtype (not fp32);
 - RMSNorm multiplies the fp32 normalised activations by its weight before casting back (one rounding in bf16);
 - a sliding window of W lets a query see itself and the W-1 keys before it; sinks are one logit per head that
-  joins the softmax and is then dropped (``common.attend``);
+  joins the softmax and is then dropped (``attention.attend``);
 - experts (computed by the experts backend, never here): ``gate_up = x @ Wgu + bgu``; gate is clamped above at
   ``limit``, up on both sides; ``(up + 1) * gate * sigmoid(alpha * gate)``; then ``@ Wd + bd``.
 
@@ -37,16 +37,11 @@ from torch import nn
 
 from ekmesh.core.errors import ConfigError, MissingTensorError, TensorShapeError
 from ekmesh.infer.expert import ExpertSpec, ExpertWeights
+from ekmesh.infer.models.attention import Attention, AttentionSpec
 from ekmesh.infer.models.cache import Step
-from ekmesh.infer.models.common import (
-    Attention,
-    AttentionSpec,
-    CausalLM,
-    DecoderLayer,
-    RMSNorm,
-    call_experts,
-)
+from ekmesh.infer.models.common import CausalLM, DecoderLayer, call_experts
 from ekmesh.infer.models.family import ExpertReader
+from ekmesh.infer.models.norms import RMSNorm
 from ekmesh.infer.models.standard import StandardConfig, standard_fields
 from ekmesh.infer.qtensor import QuantizedTensor, take_rows
 from ekmesh.infer.quant import MXFP4_BLOCK

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ekmesh.infer.expert import ExpertSpec, ExpertWeights
-from ekmesh.infer.models.common import AttentionSpec, CausalLM, SoftmaxMoE
+from ekmesh.infer.models.attention import AttentionSpec
+from ekmesh.infer.models.common import CausalLM, SoftmaxMoE
 from ekmesh.infer.models.family import ExpertReader
 from ekmesh.infer.models.standard import StandardConfig, build_decoder, standard_fields
 

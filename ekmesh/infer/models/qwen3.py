@@ -18,7 +18,8 @@ from torch import nn
 
 from ekmesh.core.errors import ConfigError
 from ekmesh.infer.expert import ExpertSpec, ExpertWeights
-from ekmesh.infer.models.common import AttentionSpec, CausalLM, layer_windows
+from ekmesh.infer.models.attention import AttentionSpec
+from ekmesh.infer.models.common import CausalLM, layer_windows
 from ekmesh.infer.models.family import ExpertReader
 from ekmesh.infer.models.standard import StandardConfig, build_decoder, dense_fields
 

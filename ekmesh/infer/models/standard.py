@@ -15,16 +15,8 @@ from typing import Any
 from torch import nn
 
 from ekmesh.core.errors import ConfigError
-from ekmesh.infer.models.common import (
-    Attention,
-    AttentionSpec,
-    CausalLM,
-    DecoderLayer,
-    DenseMLP,
-    RopeSpec,
-    layer_windows,
-    require,
-)
+from ekmesh.infer.models.attention import Attention, AttentionSpec
+from ekmesh.infer.models.common import CausalLM, DecoderLayer, DenseMLP, RopeSpec, layer_windows, require
 
 
 @dataclass(frozen=True)
