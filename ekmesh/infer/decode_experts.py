@@ -15,8 +15,8 @@ tokens). Not for: prefill-sized batches (the grouped path is faster there), q4 a
 ``qkernels``), the CPU.
 
 Invariant: computes what ``LocalExperts``' grouped path computes within the weights' rounding: products and sums
-in fp32, each projection's output rounded to the weights' dtype (as a matmul's output is) before the activation and
-before the weighted sum; the sum over k in fp32, in choice order. A pair whose slot is negative (an expert not
+in fp32, each projection's output rounded to the activations' dtype (as a matmul's output is) before the activation
+and before the weighted sum; the sum over k in fp32, in choice order. A pair whose slot is negative (an expert not
 held) contributes zeros, never reads out of bounds. Triton is imported on first use only (CPU installs lack it).
 Each kind of call is checked once against the grouped path before it is trusted (``checked``).
 """
@@ -35,6 +35,7 @@ from ekmesh.infer.qkernels import PackedWeight
 
 log = logging.getLogger(__name__)
 MAX_PAIRS = 64  # up to this many (token, expert) pairs per call; beyond, the grouped path is faster
+
 
 @functools.cache
 def available() -> bool:
@@ -62,12 +63,15 @@ def _kind(w: torch.Tensor | PackedWeight) -> int | None:
 def supports(hidden: torch.Tensor, gate_up: torch.Tensor | PackedWeight, down: torch.Tensor | PackedWeight,
              n_pairs: int) -> bool:
     """Whether a call over ``hidden`` with a layer's stacked weights and ``n_pairs`` pairs can run here."""
+    if isinstance(gate_up, PackedWeight) and isinstance(down, PackedWeight):
+        tensors, same_dtype = (gate_up.weight, down.weight), True
+    elif isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor):
+        tensors, same_dtype = (gate_up, down), gate_up.dtype == down.dtype == hidden.dtype
+    else:
+        return False
     kinds = {_kind(gate_up), _kind(down)}
-    tensors = (gate_up.weight, down.weight) if isinstance(gate_up, PackedWeight) and isinstance(
-        down, PackedWeight) else (gate_up, down)
-    return (hidden.is_cuda and all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+    return (hidden.is_cuda and all(t.is_cuda for t in tensors) and same_dtype
             and hidden.dtype in (torch.bfloat16, torch.float16) and len(kinds) == 1 and None not in kinds
-            and (kinds != {0} or gate_up.dtype == hidden.dtype)  # type: ignore[union-attr]
             and 0 < n_pairs <= MAX_PAIRS and available())
 
 

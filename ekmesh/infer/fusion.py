@@ -8,8 +8,10 @@ CPU runs and CPU tests use the plain code.
 Invariant: a fused function computes the same function as its plain body (same dtype rules).
 
 Levels (``fused(level)``): ``"compile"`` compiles the ``@fusable`` functions; ``"all"`` (the decoder's default)
-also lets the hand-written decode kernels run where they apply (``kernels()``: ``decode_experts`` for the routed
-experts); ``"off"`` is the plain code. Benchmarks compare the levels in one run.
+also turns on, where they apply (``kernels()``), the decode kernels of ``decode_experts`` for the routed experts
+and the rewiring that saves launches: q/k/v as one matmul, residual sums chained into the next norm, masked
+grouped-query attention over the key-value heads; ``"off"`` is the plain code. Benchmarks compare the levels in
+one run.
 """
 
 from __future__ import annotations
