@@ -22,12 +22,18 @@ the same process that wants it can wait up to the interpreter's switch interval.
   with 3 nodes on 2 cores); ``EKMESH_POLL_US`` set explicitly applies on any machine with 2 cores or more;
 - never past the caller's deadline nor past 3 × ``EKMESH_POLL_US``; ``EKMESH_POLL_US=0`` turns polling off.
 
+The other side of the same problem: an expert server's reader thread for a client on the same machine
+(``same_host``) is made SCHED_BATCH (``no_wakeup_preemption``), so that a frame's arrival does not preempt the
+attention host that sent it.
+
 Invariants: ``recv_some`` returns at least one byte or raises exactly what a blocking read would (EOF, timeout,
 broken connection as ``PeerClosedError``); it leaves the socket with a timeout set (never non-blocking).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 import socket
 import ssl
@@ -37,6 +43,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from ekmesh.core.errors import ConfigError, PeerClosedError
+
+log = logging.getLogger(__name__)
 
 AUTO_MIN_CPUS = 4  # without EKMESH_POLL_US, poll only on machines with at least this many cores
 
@@ -180,3 +188,28 @@ def recv_some(sock: socket.socket, view: memoryview, deadline: float, peer: str 
     r = _read(sock, view, peer)
     STATS.blocked += 1
     return r
+
+
+def same_host(sock: socket.socket) -> bool:
+    """The client runs on this machine (loopback, or our own address)."""
+    try:
+        peer, local = sock.getpeername()[0], sock.getsockname()[0]
+        return bool(peer == local or ipaddress.ip_address(peer).is_loopback)
+    except (OSError, ValueError):
+        return False
+
+
+def no_wakeup_preemption() -> None:
+    """Makes the calling thread SCHED_BATCH (Linux; elsewhere nothing): when a frame wakes it, it does not preempt
+    the thread running on that CPU. For a client on the same machine, that thread is usually the attention host,
+    which has just sent this frame and is about to send the frames for its other peers: preempted, it sent them only
+    after this server had computed and answered, so a layer that needs two peers took two round trips instead of
+    one (measured on loopback, 2 cores: 1.17 ms → 0.97 ms a layer)."""
+    setter = getattr(os, "sched_setscheduler", None)
+    batch = getattr(os, "SCHED_BATCH", None)
+    if setter is None or batch is None:
+        return
+    try:
+        setter(0, batch, os.sched_param(0))  # pid 0: the calling thread
+    except OSError as exc:
+        log.debug("could not make the data-channel reader SCHED_BATCH: %s", exc)

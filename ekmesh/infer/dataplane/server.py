@@ -9,7 +9,7 @@ grouped call on the backend; one batch computes at a time. A request that finds 
 without being queued, and a lone request whose pairs are k per token in token order (what a peer holding every
 chosen expert receives) goes to the backend as [T, D] with [T, k] ids and weights, which weights and sums itself.
 Each connection thread reads through a ``FrameReader`` (one reusable buffer) and runs in torch inference mode for its
-whole life; a thread serving a client on the same machine is made SCHED_BATCH (``_no_wakeup_preemption``), so that
+whole life; a thread serving a client on the same machine is made SCHED_BATCH (``poll.no_wakeup_preemption``), so that
 a frame waking it does not preempt the attention host before that has sent its frames to its other peers.
 
 Bounds (``ListenerLimits``, shared with blob exchange; ``ekmesh.core.limits`` says what happens when full, and its
@@ -41,9 +41,7 @@ Invariants:
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import os
 import socket
 import ssl
 import threading
@@ -87,7 +85,7 @@ from ekmesh.infer.dataplane.frames import (
     response_from,
 )
 from ekmesh.infer.dataplane.intake import Intake
-from ekmesh.infer.dataplane.poll import Registration, Waits
+from ekmesh.infer.dataplane.poll import Registration, Waits, no_wakeup_preemption, same_host
 from ekmesh.infer.dataplane.serverstats import ServerStats
 from ekmesh.infer.experts import LocalExperts
 
@@ -204,8 +202,8 @@ class ExpertServer:
                                           limits=self.frame_limits))
             return
         log.debug("data channel from peer %s (%s) open", conn.peer, conn.addr)
-        if _same_host(conn.sock):
-            _no_wakeup_preemption()
+        if same_host(conn.sock):
+            no_wakeup_preemption()
         with torch.inference_mode(), Registration():  # inference mode: once per thread, not per request
             self._read_loop(conn)
 
@@ -476,28 +474,3 @@ class ExpertServer:
             encode_ns += t3 - t2
             job.done = True
         self.stats.batch_timed(time.perf_counter_ns() - t1 - encode_ns + copy_ns, t1 - t0, encode_ns)
-
-
-def _same_host(sock: socket.socket) -> bool:
-    """The client runs on this machine (loopback, or our own address)."""
-    try:
-        peer, local = sock.getpeername()[0], sock.getsockname()[0]
-        return bool(peer == local or ipaddress.ip_address(peer).is_loopback)
-    except (OSError, ValueError):
-        return False
-
-
-def _no_wakeup_preemption() -> None:
-    """Makes the calling thread SCHED_BATCH (Linux; elsewhere nothing): when a frame wakes it, it does not preempt
-    the thread running on that CPU. For a client on the same machine, that thread is usually the attention host,
-    which has just sent this frame and is about to send the frames for its other peers: preempted, it sent them only
-    after this server had computed and answered, so a layer that needs two peers took two round trips instead of
-    one (measured on loopback, 2 cores: 1.17 ms → 0.97 ms a layer)."""
-    setter = getattr(os, "sched_setscheduler", None)
-    batch = getattr(os, "SCHED_BATCH", None)
-    if setter is None or batch is None:
-        return
-    try:
-        setter(0, batch, os.sched_param(0))  # pid 0: the calling thread
-    except OSError as exc:
-        log.debug("could not make the data-channel reader SCHED_BATCH: %s", exc)
