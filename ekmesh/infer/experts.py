@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ekmesh.core.errors import ConfigError, ExpertNotLoadedError, TensorShapeError
 from ekmesh.infer import decode_experts, fusion
 from ekmesh.infer.expert import ExpertSpec, ExpertWeights, expert_activation
-from ekmesh.infer.qexperts import QExpert, QLayerPack, build_qpack, few_q, gathered_q, grouped_loop_q, stack_present
+from ekmesh.infer.qexperts import QExpert, QLayerPack, build_qpack, gathered_q, grouped_loop_q, pair_q, stack_present
 from ekmesh.infer.qkernels import kernel_dtype, pack
 from ekmesh.infer.qtensor import QuantizedTensor
 
@@ -353,20 +353,28 @@ class LocalExperts:
         those of the grouped path; the weighting and the sum over k are the same ops. Casts that would not
         change the dtype are skipped (each is a torch call, and they return their input unchanged)."""
         t, k = len(expert_rows), len(expert_rows[0])
+        spec = self.spec
         if isinstance(pack, QLayerPack):
-            ys = few_q(self.spec, layer, pack, hidden, expert_rows)
+            qrows = pack.rows
+
+            def pair(x: torch.Tensor, s: int) -> torch.Tensor:
+                return pair_q(spec, qrows[s], x)
         else:
-            ys = []
-            index, rows, spec = pack.index, pack.rows, self.spec
-            for i, row in enumerate(expert_rows):
-                x = hidden if t == 1 else hidden[i:i + 1]  # [1, D]
-                for e in row:
-                    s = index.get(e)
-                    if s is None:
-                        raise ExpertNotLoadedError(layer, e)
-                    gate_up, down, gate_up_bias, down_bias = rows[s]
-                    a = expert_activation(spec, F.linear(x, gate_up, gate_up_bias))  # [1, I]
-                    ys.append(F.linear(a, down, down_bias))
+            rows = pack.rows
+
+            def pair(x: torch.Tensor, s: int) -> torch.Tensor:
+                gate_up, down, gate_up_bias, down_bias = rows[s]
+                a = expert_activation(spec, F.linear(x, gate_up, gate_up_bias))  # [1, I]
+                return F.linear(a, down, down_bias)  # [1, D]
+        ys = []
+        index = pack.index
+        for i, row in enumerate(expert_rows):
+            x = hidden if t == 1 else hidden[i:i + 1]  # [1, D]
+            for e in row:
+                s = index.get(e)
+                if s is None:
+                    raise ExpertNotLoadedError(layer, e)
+                ys.append(pair(x, s))
         y = torch.cat(ys)  # [T*k, D] in (token, choice) order
         w = weights.reshape(-1, 1)  # [T*k, 1]
         y = (y if y.dtype is torch.float32 else y.float()) * (w if w.dtype is torch.float32 else w.float())

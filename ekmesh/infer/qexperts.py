@@ -2,13 +2,13 @@
 (``qkernels``), a layer's experts stacked, and the three ways a layer of them is computed.
 
 Responsibilities: ``QExpert`` / ``QLayerPack`` (the quantized counterparts of ``experts.ExpertWeights`` and
-``experts._LayerPack``), ``build_qpack`` (stacking), and the compute paths: pair by pair (``few_q``, for
+``experts._LayerPack``), ``build_qpack`` (stacking), and the compute paths: pair by pair (``pair_q``, for
 ``LocalExperts._few``), per present expert (``grouped_loop_q``, CUDA included) and, in CUDA-graph mode, per pair with
 the experts' packed weights gathered on the device (``gathered_q``). Never ``_grouped_mm`` or the float gathers.
 Not responsible for: which path a call takes, the weighting and sum over k, refusing a second kind of expert
 (``experts.LocalExperts``).
 
-Invariants: an expert chosen by one pair gets the same ``qlinear`` calls on the same row from ``few_q`` as from
+Invariants: an expert chosen by one pair gets the same ``qlinear`` calls on the same row from ``pair_q`` as from
 ``grouped_loop_q`` (decode results are bitwise those of the grouped path); results equal a float backend's on
 ``QuantizedTensor.dequantize()`` weights within the bf16 rounding of the activations.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ekmesh.core.errors import ExpertNotLoadedError, TensorShapeError
+from ekmesh.core.errors import TensorShapeError
 from ekmesh.infer.expert import ExpertSpec, expert_activation
 from ekmesh.infer.qkernels import PackedWeight, qlinear, stack_packed
 
@@ -75,23 +75,11 @@ def build_qpack(spec: ExpertSpec, layer: int, slot_of: torch.Tensor, ids: list[i
                        gub, db)
 
 
-def few_q(spec: ExpertSpec, layer: int, pack: QLayerPack, hidden: torch.Tensor,
-          expert_rows: list[list[int]]) -> list[torch.Tensor]:
-    """``LocalExperts._few``'s per-pair outputs [1, D] for quantized experts: the same ``qlinear`` calls on the
-    same row as ``grouped_loop_q`` makes for an expert chosen once."""
-    t = len(expert_rows)
-    ys = []
-    index, rows = pack.index, pack.rows
-    for i, row in enumerate(expert_rows):
-        x = hidden if t == 1 else hidden[i:i + 1]  # [1, D]
-        for e in row:
-            s = index.get(e)
-            if s is None:
-                raise ExpertNotLoadedError(layer, e)
-            q = rows[s]
-            a = expert_activation(spec, qlinear(x, q.gate_up, q.gate_up_bias))  # [1, I]
-            ys.append(qlinear(a, q.down, q.down_bias))  # [1, D]
-    return ys
+def pair_q(spec: ExpertSpec, q: QExpert, x: torch.Tensor) -> torch.Tensor:
+    """One quantized expert on one row x [1, D] -> [1, D] (``LocalExperts._few``'s step for a quantized pack): the
+    same ``qlinear`` calls on the same row as ``grouped_loop_q`` makes for an expert chosen once."""
+    a = expert_activation(spec, qlinear(x, q.gate_up, q.gate_up_bias))  # [1, I]
+    return qlinear(a, q.down, q.down_bias)  # [1, D]
 
 def grouped_loop_q(spec: ExpertSpec, pack: QLayerPack, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """``LocalExperts._grouped_loop`` for quantized experts: each present expert's kernels over its rows of

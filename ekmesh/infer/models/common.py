@@ -254,8 +254,8 @@ class CausalLM(nn.Module):
         """
         t = input_ids.shape[1]
         x, step = self._begin(input_ids, cache, experts, positions)  # [B, T, D]
-        chain = [m for m in self.model.layers if isinstance(m, DecoderLayer)]
-        if fusion.kernels() and len(chain) == len(self.model.layers):
+        chain = [m for m in self.model.layers if isinstance(m, DecoderLayer)] if fusion.kernels() else []
+        if chain and len(chain) == len(self.model.layers):
             # each layer's last residual sum fused with the next layer's input norm (the final norm for the last)
             h = chain[0].input_layernorm(x)
             nexts = [m.input_layernorm for m in chain[1:]] + [self.model.norm]
