@@ -27,13 +27,15 @@ import functools
 import importlib
 import logging
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 
 from ekmesh.infer.qkernels import PackedWeight
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 MAX_PAIRS = 64  # up to this many (token, expert) pairs per call; beyond, the grouped path is faster
 
 
@@ -79,25 +81,30 @@ CHECK_TOL = 2e-2  # max |kernels - grouped path| / max |grouped path| accepted o
 _verdicts: dict[Hashable, bool] = {}  # kind of call -> the kernels agreed with the grouped path on its first call
 
 
-def checked(kernels: Callable[[], torch.Tensor], reference: Callable[[], torch.Tensor], kind: Hashable
-            ) -> torch.Tensor:
+def relative_difference(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref|."""
+    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
+
+
+def checked(kernels: Callable[[], R], reference: Callable[[], R], kind: Hashable,
+            difference: Callable[[R, R], float] = relative_difference) -> R:  # type: ignore[assignment]
     """``kernels()``, checked once per ``kind`` of call (shapes, formats, tokens) against ``reference()`` (the
-    grouped path on the same inputs) on the first call outside a CUDA-graph capture (the decoder's warm-up): if they
-    fail to build or disagree beyond ``CHECK_TOL``, a warning is logged and that kind runs the reference path from
-    then on. So a Triton or driver that misbehaves costs speed, never a wrong answer."""
+    plain path on the same inputs) on the first call outside a CUDA-graph capture (the decoder's warm-up): if they
+    fail to build or ``difference(got, reference)`` exceeds ``CHECK_TOL``, a warning is logged and that kind runs
+    the reference path from then on. So a Triton or driver that misbehaves costs speed, never a wrong answer."""
     verdict = _verdicts.get(kind)
     if verdict is None and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         ref = reference()
         try:
             got = kernels()
-            diff = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
+            diff = difference(got, ref)
             verdict = diff <= CHECK_TOL
-            problem = f"differ from the grouped path by {diff:.3g} of its magnitude"
+            problem = f"differ from the plain path by {diff:.3g} of its magnitude"
         except Exception as exc:  # a kernel that does not build or launch here (Triton, driver): noted below
             verdict, problem = False, f"failed: {type(exc).__name__}: {exc}"
         _verdicts[kind] = verdict
         if not verdict:
-            log.warning("decode expert kernels %s for %s; using the grouped path for these calls", problem, kind)
+            log.warning("decode kernels %s for %s; using the plain path for these calls", problem, kind)
         return got if verdict else ref
     return kernels() if verdict is not False else reference()
 
@@ -106,9 +113,10 @@ def _build() -> Any:
     return importlib.import_module("ekmesh.infer.triton_kernels")  # imports triton
 
 
-# block shapes (rows, reduction) per kernel; chosen on an H100 at Qwen3-30B-A3B's shapes (benchmarks/moe_kernels.py)
-GATE_UP_BLOCKS = (16, 256)
-DOWN_BLOCKS = (16, 256)
+# block shapes (rows, reduction) per kernel: the fastest of benchmarks/moe_kernels.py's sweep on an H100 at
+# Qwen3-30B-A3B's expert shapes (2026-12-06: 46.7 µs a layer against 54.4 for (16, 256) / (16, 256))
+GATE_UP_BLOCKS = (16, 512)
+DOWN_BLOCKS = (8, 512)
 
 
 def _operands(w: torch.Tensor | PackedWeight, block: int) -> tuple[torch.Tensor, torch.Tensor, int, int, int,
@@ -131,8 +139,9 @@ def moe(hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, gate_u
         down: torch.Tensor | PackedWeight, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
         activation: str = "silu", alpha: float = 1.702, limit: float = 7.0,
         gate_up_blocks: tuple[int, int] | None = None, down_blocks: tuple[int, int] | None = None,
-        num_warps: int = 4) -> torch.Tensor:
-    """hidden [T, D]; slots [T, k] (index into the stacked weights, -1 for none); weights [T, k] (router);
+        num_warps: int = 4, table: torch.Tensor | None = None) -> torch.Tensor:
+    """hidden [T, D]; slots [T, k] (index into the stacked weights, -1 for none; or, with ``table`` [E], expert
+    ids whose slots are ``table[id]``, looked up in the kernels); weights [T, k] (router);
     gate_up [n, 2I, D], down [n, D, I]: float tensors (rows contiguous) or stacked ``PackedWeight``s (q8's
     ``cuda_int8``, FP8); biases [n, 2I] / [n, D] or None -> [T, D] in hidden's dtype: per token the weighted sum
     over its k pairs of down(act(gate_up(hidden)))."""
@@ -149,17 +158,55 @@ def moe(hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, gate_u
     dw, ds, d_kind, d_sstride, d_groups, d_brows, d_group = _operands(down, ri)
     hidden = hidden.contiguous()
     slots = slots.reshape(-1).contiguous()
+    lookup = slots if table is None else table.contiguous()
     weights = weights.reshape(-1).contiguous()
     a = torch.empty(n_pairs, inter, device=hidden.device, dtype=hidden.dtype)  # [T*k, I]
     y = torch.empty(t, d, device=hidden.device, dtype=hidden.dtype)  # [T, D]
     kern.gate_up_act[(n_pairs, -(-inter // bi))](
-        hidden, gw, gw if gate_up_bias is None else gate_up_bias.contiguous(), gs, slots, a, d, inter,
+        hidden, gw, gw if gate_up_bias is None else gate_up_bias.contiguous(), gs, slots, lookup, a, d, inter,
         gw.stride(0), gw.stride(1), g_sstride, g_groups, float(alpha), float(limit),
         k=k, act_kind=0 if activation == "silu" else 1, has_bias=gate_up_bias is not None, w_kind=g_kind,
-        block_rows=g_brows, group=g_group, block_i=bi, block_d=bd, num_warps=num_warps)
+        block_rows=g_brows, group=g_group, block_i=bi, block_d=bd, lookup=table is not None, num_warps=num_warps)
     kern.down_sum[(-(-d // rd), t)](
-        a, dw, dw if down_bias is None else down_bias.contiguous(), ds, slots, weights, y, d, inter,
+        a, dw, dw if down_bias is None else down_bias.contiguous(), ds, slots, lookup, weights, y, d, inter,
         dw.stride(0), dw.stride(1), d_sstride, d_groups,
         k=k, has_bias=down_bias is not None, w_kind=d_kind, block_rows=d_brows, group=d_group,
-        block_d=rd, block_i=ri, num_warps=num_warps)
+        block_d=rd, block_i=ri, lookup=table is not None, num_warps=num_warps)
     return y
+
+
+MAX_EXPERTS = 1024  # the router kernel holds a token's logits in one block
+
+
+def routes(logits: torch.Tensor, k: int) -> bool:
+    """Whether ``route`` can take router logits [T, E] choosing ``k`` here."""
+    return (logits.is_cuda and logits.dim() == 2 and 0 < k <= logits.shape[1] <= MAX_EXPERTS
+            and logits.shape[0] * k <= MAX_PAIRS and available())
+
+
+def route(logits: torch.Tensor, k: int, normalize: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A softmax router in one kernel: logits [T, E] -> (weights [T, k] in ``dtype``: the chosen experts' softmax
+    probabilities (fp32), renormalised over the k when ``normalize``; expert ids [T, k] int64, largest first, the
+    lower id first on ties)."""
+    kern = _build()
+    t, e = logits.shape
+    logits = logits if logits.stride(1) == 1 else logits.contiguous()
+    w = torch.empty(t, k, device=logits.device, dtype=dtype)
+    ids = torch.empty(t, k, device=logits.device, dtype=torch.int64)
+    kern.softmax_topk[(t,)](logits, w, ids, e, logits.stride(0), k=k, normalize=normalize,
+                            block_e=max(16, 1 << (e - 1).bit_length()), block_k=max(2, 1 << (k - 1).bit_length()),
+                            num_warps=1 if e <= 256 else 4)
+    return w, ids
+
+
+def route_difference(got: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """How far two routings are apart: relative difference of their [T, E] weight matrices (0 where an expert is
+    not chosen), so a different choice of experts counts fully."""
+    def dense(wi: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        w, ids = wi
+        return torch.zeros(w.shape[0], int(ids.max()) + 1 if ids.numel() else 1, device=w.device).scatter_(
+            1, ids, w.float())
+
+    a, b = dense(got), dense(ref)
+    width = max(a.shape[1], b.shape[1])
+    return relative_difference(F.pad(a, (0, width - a.shape[1])), F.pad(b, (0, width - b.shape[1])))

@@ -292,19 +292,19 @@ class LocalExperts:
         if self.pair_by_pair(t * k, hidden):
             return self._few(layer, pack, hidden, expert_ids.tolist(), weights)
         flat = expert_ids.reshape(-1)  # [T*k]
-        slots = pack.slot_of[flat]  # [T*k]
         if not self.graph_mode:
-            missing = slots < 0
+            missing = pack.slot_of[flat] < 0
             if bool(missing.any()):
                 raise ExpertNotLoadedError(layer, int(flat[missing][0]))
         if fusion.kernels() and decode_experts.supports(hidden, pack.gate_up, pack.down, t * k):
             sp = self.spec  # a decode step in the fused (captured) path: two kernels, no sort or scatter
-            return decode_experts.checked(
-                lambda: decode_experts.moe(hidden, slots.view(t, k), weights, pack.gate_up, pack.down,
-                                           pack.gate_up_bias, pack.down_bias, sp.activation, sp.alpha, sp.limit),
-                lambda: self._grouped(pack, hidden, slots, weights, k),
+            return decode_experts.checked(  # the kernels look each pair's slot up themselves
+                lambda: decode_experts.moe(hidden, expert_ids, weights, pack.gate_up, pack.down,
+                                           pack.gate_up_bias, pack.down_bias, sp.activation, sp.alpha, sp.limit,
+                                           table=pack.slot_of),
+                lambda: self._grouped(pack, hidden, pack.slot_of[flat], weights, k),
                 (sp, hidden.dtype, pack.gate_up.dtype if isinstance(pack, _LayerPack) else pack.gate_up.kernel, t, k))
-        return self._grouped(pack, hidden, slots, weights, k)
+        return self._grouped(pack, hidden, pack.slot_of[flat], weights, k)
 
     def _grouped(self, pack: _Pack, hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
                  k: int) -> torch.Tensor:

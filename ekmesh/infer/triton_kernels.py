@@ -26,14 +26,22 @@ def _scale(s_base, rows, col0, rmask, n_col_groups, w_kind: tl.constexpr, block_
 
 
 @triton.jit
-def gate_up_act(x_ptr, w_ptr, b_ptr, s_ptr, slot_ptr, a_ptr, d, inter, stride_we, stride_wr, stride_se,
+def _slot(slot_ptr, table_ptr, p, lookup: tl.constexpr):
+    # pair p's slot: slot_ptr holds slots, or (lookup) expert ids mapped through the layer's table
+    if lookup:
+        return tl.load(table_ptr + tl.load(slot_ptr + p))
+    return tl.load(slot_ptr + p)
+
+
+@triton.jit
+def gate_up_act(x_ptr, w_ptr, b_ptr, s_ptr, slot_ptr, table_ptr, a_ptr, d, inter, stride_we, stride_wr, stride_se,
                 n_col_groups, alpha, limit, k: tl.constexpr, act_kind: tl.constexpr, has_bias: tl.constexpr,
                 w_kind: tl.constexpr, block_rows: tl.constexpr, group: tl.constexpr,
-                block_i: tl.constexpr, block_d: tl.constexpr):
+                block_i: tl.constexpr, block_d: tl.constexpr, lookup: tl.constexpr):
     # one program: pair p, rows [bi*block_i, +block_i) of its gate and of its up projection
     p = tl.program_id(0)
     bi = tl.program_id(1)
-    slot = tl.load(slot_ptr + p)
+    slot = _slot(slot_ptr, table_ptr, p, lookup)
     base = w_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_we
     s_base = s_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_se
     rows = bi * block_i + tl.arange(0, block_i)
@@ -75,9 +83,10 @@ def gate_up_act(x_ptr, w_ptr, b_ptr, s_ptr, slot_ptr, a_ptr, d, inter, stride_we
 
 
 @triton.jit
-def down_sum(a_ptr, w_ptr, b_ptr, s_ptr, slot_ptr, wt_ptr, y_ptr, d, inter, stride_we, stride_wr, stride_se,
-             n_col_groups, k: tl.constexpr, has_bias: tl.constexpr, w_kind: tl.constexpr,
-             block_rows: tl.constexpr, group: tl.constexpr, block_d: tl.constexpr, block_i: tl.constexpr):
+def down_sum(a_ptr, w_ptr, b_ptr, s_ptr, slot_ptr, table_ptr, wt_ptr, y_ptr, d, inter, stride_we, stride_wr,
+             stride_se, n_col_groups, k: tl.constexpr, has_bias: tl.constexpr, w_kind: tl.constexpr,
+             block_rows: tl.constexpr, group: tl.constexpr, block_d: tl.constexpr, block_i: tl.constexpr,
+             lookup: tl.constexpr):
     # one program: token t, output rows [bd*block_d, +block_d), summed over the token's k experts
     bd = tl.program_id(0)
     t = tl.program_id(1)
@@ -87,7 +96,7 @@ def down_sum(a_ptr, w_ptr, b_ptr, s_ptr, slot_ptr, wt_ptr, y_ptr, d, inter, stri
     acc = tl.zeros([block_d], dtype=tl.float32)
     for j in tl.static_range(k):
         p = t * k + j
-        slot = tl.load(slot_ptr + p)
+        slot = _slot(slot_ptr, table_ptr, p, lookup)
         held = rows < tl.where(slot >= 0, d, 0)  # no rows of an expert not held
         base = w_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_we
         s_base = s_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_se
@@ -111,3 +120,29 @@ def down_sum(a_ptr, w_ptr, b_ptr, s_ptr, slot_ptr, wt_ptr, y_ptr, d, inter, stri
         part = part.to(out_ty).to(tl.float32)  # the expert's output in the activations' dtype
         acc += part * tl.load(wt_ptr + p).to(tl.float32)
     tl.store(y_ptr + t.to(tl.int64) * d + rows, acc.to(out_ty), mask=rmask)
+
+
+@triton.jit
+def softmax_topk(logit_ptr, w_ptr, id_ptr, n_exp, stride_t, k: tl.constexpr, normalize: tl.constexpr,
+                 block_e: tl.constexpr, block_k: tl.constexpr):
+    # one program: token t's router logits -> its k largest (first index on ties) and their softmax weights
+    t = tl.program_id(0)
+    cols = tl.arange(0, block_e)
+    cmask = cols < n_exp
+    x = tl.load(logit_ptr + t.to(tl.int64) * stride_t + cols, mask=cmask, other=float("-inf")).to(tl.float32)
+    m = tl.max(x, 0)
+    denom = tl.sum(tl.where(cmask, tl.exp(x - m), 0.0), 0)
+    slots = tl.arange(0, block_k)
+    ws = tl.zeros([block_k], dtype=tl.float32)
+    ids = tl.zeros([block_k], dtype=tl.int64)
+    rest = x
+    for j in tl.static_range(k):
+        best = tl.argmax(rest, 0, tie_break_left=True)
+        top = tl.max(rest, 0)
+        ws = tl.where(slots == j, tl.exp(top - m) / denom, ws)
+        ids = tl.where(slots == j, best.to(tl.int64), ids)
+        rest = tl.where(cols == best, float("-inf"), rest)
+    if normalize:
+        ws = ws / tl.sum(tl.where(slots < k, ws, 0.0), 0)
+    tl.store(w_ptr + t.to(tl.int64) * k + slots, ws.to(w_ptr.dtype.element_ty), mask=slots < k)
+    tl.store(id_ptr + t.to(tl.int64) * k + slots, ids, mask=slots < k)

@@ -50,7 +50,7 @@ def test_failing_kernels_fall_back_for_good(bad, caplog):
     with caplog.at_level(logging.WARNING, logger="ekmesh.infer.decode_experts"):
         out = decode_experts.checked(kernels, lambda: ref, "k2")
     assert torch.equal(out, ref)
-    assert "using the grouped path" in caplog.text
+    assert "using the plain path" in caplog.text
     for _ in range(3):
         assert torch.equal(decode_experts.checked(kernels, lambda: ref, "k2"), ref)
     assert calls["kernels"] == 1  # never again for this kind
@@ -62,3 +62,18 @@ def test_nothing_runs_the_kernels_on_a_cpu():
     x = torch.zeros(1, 8)
     w = torch.zeros(4, 16, 8)
     assert not decode_experts.supports(x, w, torch.zeros(4, 8, 8), 2)
+
+
+def test_route_difference_counts_a_different_choice_fully():
+    """The router kernel's self-check: the same experts in another order (a tie) is no difference; another expert
+    chosen is a difference of its whole weight."""
+    w = torch.tensor([[0.6, 0.4]])
+    same = decode_experts.route_difference((w, torch.tensor([[3, 1]])), (w.flip(1), torch.tensor([[1, 3]])))
+    assert same == 0.0
+    other = decode_experts.route_difference((w, torch.tensor([[3, 2]])), (w, torch.tensor([[3, 1]])))
+    assert other == pytest.approx(0.4 / 0.6)
+    assert other > decode_experts.CHECK_TOL
+
+
+def test_route_needs_cuda():
+    assert not decode_experts.routes(torch.randn(1, 8), 2)

@@ -99,7 +99,8 @@ def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_rows:
     hkv = k.shape[1]
     qg = q.reshape(b, hkv, h // hkv * t, dk)  # [B, Hkv, rep*T, dk]
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask_rows, scale=scaling)  # [B, Hkv, rep*T, dv]
-    return out.view(b, h, t, -1).transpose(1, 2).reshape(b, t, -1)  # [B, T, H*dv]
+    # SDPA's CUDA kernels may return [B, Hkv, rep*T, dv] in a transposed layout: reshape, not view
+    return out.reshape(b, h, t, -1).transpose(1, 2).reshape(b, t, -1)  # [B, T, H*dv]
 
 
 # ---------------------------------------------------------------------------------------------------- modules

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ekmesh.core.errors import ConfigError
-from ekmesh.infer import fusion
+from ekmesh.infer import decode_experts, fusion
 from ekmesh.infer.expert import ExpertSpec
 from ekmesh.infer.experts import ExpertsBackend
 from ekmesh.infer.fusion import fusable
@@ -146,11 +146,21 @@ class DenseMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-@fusable
 def softmax_topk(logits: torch.Tensor, k: int, normalize: bool, dtype: torch.dtype = torch.float32
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [T, E] -> (weights [T, k] computed in fp32, returned in ``dtype``; expert ids [T, k]) as
     transformers' softmax routers."""
+    if fusion.kernels() and decode_experts.routes(logits, k):  # the captured decode step: one kernel
+        return decode_experts.checked(
+            lambda: decode_experts.route(logits, k, normalize, dtype),
+            lambda: _softmax_topk(logits, k, normalize, dtype),
+            ("route", logits.shape, logits.dtype, k, normalize, dtype), decode_experts.route_difference)
+    return _softmax_topk(logits, k, normalize, dtype)
+
+
+@fusable
+def _softmax_topk(logits: torch.Tensor, k: int, normalize: bool, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
     w, ids = torch.topk(probs, k, dim=-1)  # [T, k]
     if normalize:
