@@ -260,12 +260,16 @@ def profile_step(gen: Generator, ids: list[int]) -> dict:
 
     runner = gen._graph_for(len(ids) + 8)
     runner.prefill(ids)
-    with fusion.fused(runner.fuse), torch.inference_mode():
-        runner._run_static()  # the same code the graph captured, run eagerly once to count its kernels
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            runner._run_static()
+    runner.experts.graph_mode = True  # as while capturing: no missing-expert check (a sync the graph has not)
+    try:
+        with fusion.fused(runner.fuse), torch.inference_mode():
+            runner._run_static()  # the same code the graph captured, run eagerly once to count its kernels
             torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                runner._run_static()
+                torch.cuda.synchronize()
+    finally:
+        runner.experts.graph_mode = False
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     busy_ms = sum(e.device_time for e in kernels) / 1000
     top: dict[str, float] = {}
