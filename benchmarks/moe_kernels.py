@@ -27,7 +27,7 @@ from ekmesh.infer.experts import LocalExperts
 
 TOL = 2e-2  # max |kernels - grouped| / max |grouped| (bf16 weights, rounding in different places)
 SWEEP = [((bi, bd), (rd, ri), w) for bi, bd in ((8, 256), (8, 512), (16, 512), (16, 1024), (32, 256))
-         for rd, ri in ((4, 512), (4, 1024), (8, 256), (8, 512), (8, 1024), (16, 256)) for w in (2, 4, 8)]
+         for rd, ri in ((4, 512), (4, 1024), (8, 256), (8, 512), (8, 1024), (16, 256)) for w in (4, 8)]
 
 
 def copy_bandwidth(device: torch.device) -> float:

@@ -462,3 +462,95 @@ def test_verification_on_cuda_with_mixed_devices_and_dtypes(verify_tiny: Path, m
                 assert fmt is not None or diff < 0.1
         finally:
             servers.close()
+
+
+# ------------------------------------------------------------ flash-decoding attention over the static cache
+
+# (B, H, Hkv, T, dk, dv, S, first position, window, sinks): GQA rep 8 / 4 / 1, one token and five, the first blocks
+# only and the whole cache visible, a window shorter than the context, gpt-oss's sinks (with and without a window)
+_DECODE_ATTENTION_CASES = [
+    (1, 32, 4, 1, 128, 128, 4096, 37, None, False),
+    (1, 32, 4, 1, 128, 128, 4096, 4095, None, False),
+    (1, 32, 4, 5, 128, 128, 4096, 4091, None, False),
+    (1, 32, 4, 1, 128, 128, 4096, 0, None, False),
+    (1, 16, 4, 5, 128, 128, 1024, 600, None, False),
+    (1, 8, 8, 5, 64, 64, 512, 300, None, False),
+    (2, 32, 4, 1, 64, 64, 2048, 1500, 128, False),
+    (2, 32, 4, 5, 128, 128, 4096, 37, None, False),
+    (1, 64, 8, 5, 64, 64, 4096, 1000, 128, True),
+    (2, 64, 8, 1, 64, 64, 4096, 3000, None, True),
+]
+
+
+def _decode_attention_inputs(case, dtype, seed=0):
+    b, h, hkv, t, dk, dv, s, pos0, window, with_sinks = case
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(b, t, h, dk, device="cuda", generator=g).to(dtype).transpose(1, 2)  # [B, H, T, dk] strided
+    k = torch.randn(b, hkv, s, dk, device="cuda", generator=g).to(dtype)  # the static cache, as update returns it
+    v = torch.randn(b, hkv, s, dv, device="cuda", generator=g).to(dtype)
+    positions = torch.arange(pos0, pos0 + t, device="cuda")
+    sinks = (torch.randn(h, device="cuda", generator=g) * 2).to(dtype) if with_sinks else None
+    return q, k, v, positions, window, dk ** -0.5, sinks
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", _DECODE_ATTENTION_CASES)
+def test_decode_attention_equals_attend_over_the_masked_static_cache(case, dtype):
+    """``decode_attention.attend`` against ``attention.attend`` with the static cache's mask: fp32 within fp32
+    rounding (true fp32 products, not tf32), bf16 within bf16 rounding."""
+    from ekmesh.infer import decode_attention
+    from ekmesh.infer.models.attention import attend
+    from ekmesh.infer.models.cache import attention_mask
+
+    q, k, v, positions, window, scaling, sinks = _decode_attention_inputs(case, dtype)
+    assert decode_attention.supports(q, k, v, sinks)  # else this would test nothing
+    got = decode_attention.attend(q, k, v, positions, window, scaling, sinks)
+    want = attend(q, k, v, attention_mask(positions, k.shape[2], window, always=True), scaling, sinks)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    diff = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+    print(f"{case} {dtype}: max |diff| / max |attend| = {diff:.3g}")
+    assert diff <= (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.timeout(300)
+def test_decode_attention_in_a_cuda_graph_follows_the_positions():
+    """Captured once, replayed at other positions (written in place, as the graph decoder does): each replay
+    reads its positions on the device and equals ``attention.attend`` at them; the visible range grows from the
+    first key block to the whole cache."""
+    from ekmesh.infer import decode_attention
+    from ekmesh.infer.models.attention import attend
+    from ekmesh.infer.models.cache import attention_mask
+
+    case = (1, 32, 4, 1, 128, 128, 4096, 0, None, False)
+    q, k, v, positions, window, scaling, sinks = _decode_attention_inputs(case, torch.bfloat16, seed=3)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        decode_attention.attend(q, k, v, positions, window, scaling)  # compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention.attend(q, k, v, positions, window, scaling)
+    for pos in (0, 37, 63, 64, 1000, 4095):
+        positions.fill_(pos)
+        graph.replay()
+        want = attend(q, k, v, attention_mask(positions, k.shape[2], window, always=True), scaling)
+        diff = ((out.float() - want.float()).abs().max() / want.float().abs().max()).item()
+        assert diff <= 2e-2, (pos, diff)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_kernel_equals_softmax_topk(dtype):
+    """The captured step's router kernel chooses the experts torch's softmax + topk chooses, largest first, with the
+    same weights up to rounding, normalised or not."""
+    from ekmesh.infer import decode_experts
+    from ekmesh.infer.models.common import _softmax_topk
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for t, e, k, normalize in [(1, 128, 8, True), (4, 60, 6, False), (2, 8, 2, True), (1, 256, 8, True)]:
+        logits = torch.randn(t, e, device="cuda", generator=gen).to(dtype)
+        w, ids = decode_experts.route(logits, k, normalize, dtype)
+        rw, rids = _softmax_topk(logits, k, normalize, dtype)
+        assert torch.equal(ids, rids), (t, e, k)
+        torch.testing.assert_close(w, rw, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)

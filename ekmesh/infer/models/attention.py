@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ekmesh.infer import fusion
+from ekmesh.infer import decode_attention, decode_experts, fusion
 from ekmesh.infer.fusion import fusable
 from ekmesh.infer.models.cache import Step
 from ekmesh.infer.models.norms import RMSNorm, _rms_norm
@@ -213,10 +213,18 @@ class Attention(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
         """This step's q, k, v (as ``_project`` gives them) over the step's cache -> [B, T, H*d]."""
         k, v = step.cache.update(self.layer, k, v)  # [B, Hkv, S, d]
+        sinks = self.sinks if self.spec.sinks else None
+        scaling = self.spec.head_dim ** -0.5
+        if fusion.kernels() and step.cache.static and decode_attention.supports(q, k, v, sinks):
+            # the captured decode step: flash-decoding over the visible keys of the static cache (key j in slot j)
+            return decode_experts.checked(
+                lambda: decode_attention.attend(q, k, v, step.positions, self.window, scaling, sinks),
+                lambda: attend(q, k, v, step.mask(k.shape[2], self.window), scaling, sinks),
+                ("attend", q.shape, k.shape, v.shape, q.dtype, self.window, sinks is not None))
         mask = step.mask(k.shape[2], self.window)
         rep = self.spec.num_heads // self.spec.num_kv_heads
         if mask is not None and rep > 1 and not self.spec.sinks and q.is_cuda and fusion.kernels():
             rows = step.mask(k.shape[2], self.window, rep)
             assert rows is not None
-            return attend_grouped(q, k, v, rows, self.spec.head_dim ** -0.5)
-        return attend(q, k, v, mask, self.spec.head_dim ** -0.5, self.sinks if self.spec.sinks else None)
+            return attend_grouped(q, k, v, rows, scaling)
+        return attend(q, k, v, mask, scaling, sinks)
