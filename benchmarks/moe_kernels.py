@@ -137,7 +137,8 @@ def main() -> None:
         experts.set_layer(layer, every, gu.normal_(0, 0.02, generator=g), dn.normal_(0, 0.02, generator=g))
     report: dict = {"device_name": torch.cuda.get_device_name(device), "torch": torch.__version__,
                     "shape": vars(args), "copy_GBps": round(copy_bandwidth(device) / 1e9, 1), "by_tokens": {}}
-    configs = [(decode_experts.GATE_UP_BLOCKS, decode_experts.DOWN_BLOCKS, 4)] + (SWEEP if args.sweep else [])
+    default = (decode_experts.GATE_UP_BLOCKS, decode_experts.DOWN_BLOCKS, decode_experts.NUM_WARPS)
+    configs = [default] + (SWEEP if args.sweep else [])
     failed: list = []
     for t in args.tokens:
         report["by_tokens"][t] = measure(experts, args, t, configs, failed)

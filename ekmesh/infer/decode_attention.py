@@ -33,7 +33,7 @@ from ekmesh.infer.decode_experts import available
 MAX_ROWS = 128  # query rows per KV head (rep * T); beyond, a step is prefill-sized
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-PROGRAMS_PER_SM = 2  # kernel 1 launches about this many programs per SM
+PROGRAMS_PER_SM = 1  # kernel 1 launches about this many programs per SM (H100, Qwen3 shape: 1 beat 2 and 4)
 CPU_SMS = 8  # the SM count assumed off CUDA (the Triton interpreter)
 
 

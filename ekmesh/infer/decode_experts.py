@@ -113,10 +113,12 @@ def _build() -> Any:
     return importlib.import_module("ekmesh.infer.triton_kernels")  # imports triton
 
 
-# block shapes (rows, reduction) per kernel: the fastest of benchmarks/moe_kernels.py's sweep on an H100 at
-# Qwen3-30B-A3B's expert shapes (2026-12-06: 46.7 µs a layer against 54.4 for (16, 256) / (16, 256))
-GATE_UP_BLOCKS = (16, 512)
-DOWN_BLOCKS = (8, 512)
+# block shapes (rows, reduction) per kernel and warps: the fastest of benchmarks/moe_kernels.py's sweep on an H100
+# at Qwen3-30B-A3B's expert shapes (2026-12-06: 37.1 µs a layer, 2.0 TB/s; the first guess, (16, 256) for both at
+# 4 warps, 54.4 µs)
+GATE_UP_BLOCKS = (8, 256)
+DOWN_BLOCKS = (4, 1024)
+NUM_WARPS = 8
 
 
 def _operands(w: torch.Tensor | PackedWeight, block: int) -> tuple[torch.Tensor, torch.Tensor, int, int, int,
@@ -139,7 +141,7 @@ def moe(hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, gate_u
         down: torch.Tensor | PackedWeight, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
         activation: str = "silu", alpha: float = 1.702, limit: float = 7.0,
         gate_up_blocks: tuple[int, int] | None = None, down_blocks: tuple[int, int] | None = None,
-        num_warps: int = 4, table: torch.Tensor | None = None) -> torch.Tensor:
+        num_warps: int = NUM_WARPS, table: torch.Tensor | None = None) -> torch.Tensor:
     """hidden [T, D]; slots [T, k] (index into the stacked weights, -1 for none; or, with ``table`` [E], expert
     ids whose slots are ``table[id]``, looked up in the kernels); weights [T, k] (router);
     gate_up [n, 2I, D], down [n, D, I]: float tensors (rows contiguous) or stacked ``PackedWeight``s (q8's

@@ -321,7 +321,8 @@ class LocalExperts:
                 y = gathered_q(self.spec, pack, x, slots[order])
             else:
                 y = grouped_loop_q(self.spec, pack, x, counts)
-        elif hidden.is_cuda and hidden.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        elif (hidden.is_cuda and hidden.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+              and self.spec.hidden % 8 == 0 and self.spec.intermediate % 8 == 0):  # its rows: 16-byte multiples
             y = self._grouped_cuda(pack, x, counts)
         elif self.graph_mode:
             y = self._gathered(pack, x, slots[order])  # no host sync: capturable in a CUDA graph
