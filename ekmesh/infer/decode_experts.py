@@ -1,4 +1,4 @@
-"""The routed experts of a decode step on CUDA in two Triton kernels.
+"""The routed experts of a decode step on CUDA in two Triton kernels, and its softmax router in one.
 
 At batch 1 a MoE layer's k (token, expert) pairs through the grouped path (sort the pairs by expert, gather the
 tokens, two grouped matmuls, the activation, scatter back, the weighted sum over k) are ~20 kernel launches, most of
@@ -6,7 +6,7 @@ them tiny. Here the first kernel reads each pair's gate and up rows straight fro
 pair's slot looked up on the device) and applies the activation; the second reads the down rows of a token's k
 experts and sums them weighted by the router. A layer's experts are two launches that stream the chosen experts'
 bytes once, with no host sync: capturable in a CUDA graph (``cuda_graph.GraphDecoder`` uses them in its captured
-step).
+step). ``route`` replaces the router's softmax, top-k (a sort), renormalisation and cast (four kernels) with one.
 
 Responsible for: float experts (bf16 / fp16 weights), q8 experts (int8 codes, a scale per row: ``qkernels``'
 ``cuda_int8`` layout) and FP8 block-scaled experts (DeepSeek's, kept as stored), of both activations (SwiGLU;
@@ -18,7 +18,8 @@ Invariant: computes what ``LocalExperts``' grouped path computes within the weig
 in fp32, each projection's output rounded to the activations' dtype (as a matmul's output is) before the activation
 and before the weighted sum; the sum over k in fp32, in choice order. A pair whose slot is negative (an expert not
 held) contributes zeros, never reads out of bounds. Triton is imported on first use only (CPU installs lack it).
-Each kind of call is checked once against the grouped path before it is trusted (``checked``).
+Each kind of call is checked once against the grouped path before it is trusted (``checked``, which the router and
+``decode_attention`` use too).
 """
 
 from __future__ import annotations
