@@ -18,25 +18,21 @@ Invariant: computes what ``LocalExperts``' grouped path computes within the weig
 in fp32, each projection's output rounded to the activations' dtype (as a matmul's output is) before the activation
 and before the weighted sum; the sum over k in fp32, in choice order. A pair whose slot is negative (an expert not
 held) contributes zeros, never reads out of bounds. Triton is imported on first use only (CPU installs lack it).
-Each kind of call is checked once against the grouped path before it is trusted (``checked``, which the router and
-``decode_attention`` use too).
+Each kind of call is checked once against the grouped path before it is trusted (``fusion.checked``).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import logging
-from collections.abc import Callable, Hashable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ekmesh.infer import fusion
 from ekmesh.infer.qkernels import PackedWeight
 
-log = logging.getLogger(__name__)
-R = TypeVar("R")
 MAX_PAIRS = 64  # up to this many (token, expert) pairs per call; beyond, the grouped path is faster
 
 
@@ -76,38 +72,6 @@ def supports(hidden: torch.Tensor, gate_up: torch.Tensor | PackedWeight, down: t
     return (hidden.is_cuda and all(t.is_cuda for t in tensors) and same_dtype
             and hidden.dtype in (torch.bfloat16, torch.float16) and len(kinds) == 1 and None not in kinds
             and 0 < n_pairs <= MAX_PAIRS and available())
-
-
-CHECK_TOL = 2e-2  # max |kernels - grouped path| / max |grouped path| accepted on a kind's first call (bf16 rounding)
-_verdicts: dict[Hashable, bool] = {}  # kind of call -> the kernels agreed with the grouped path on its first call
-
-
-def relative_difference(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |got - ref| / max |ref|."""
-    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
-
-
-def checked(kernels: Callable[[], R], reference: Callable[[], R], kind: Hashable,
-            difference: Callable[[R, R], float] = relative_difference) -> R:  # type: ignore[assignment]
-    """``kernels()``, checked once per ``kind`` of call (shapes, formats, tokens) against ``reference()`` (the
-    plain path on the same inputs) on the first call outside a CUDA-graph capture (the decoder's warm-up): if they
-    fail to build or ``difference(got, reference)`` exceeds ``CHECK_TOL``, a warning is logged and that kind runs
-    the reference path from then on. So a Triton or driver that misbehaves costs speed, never a wrong answer."""
-    verdict = _verdicts.get(kind)
-    if verdict is None and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-        ref = reference()
-        try:
-            got = kernels()
-            diff = difference(got, ref)
-            verdict = diff <= CHECK_TOL
-            problem = f"differ from the plain path by {diff:.3g} of its magnitude"
-        except Exception as exc:  # a kernel that does not build or launch here (Triton, driver): noted below
-            verdict, problem = False, f"failed: {type(exc).__name__}: {exc}"
-        _verdicts[kind] = verdict
-        if not verdict:
-            log.warning("decode kernels %s for %s; using the plain path for these calls", problem, kind)
-        return got if verdict else ref
-    return kernels() if verdict is not False else reference()
 
 
 def _build() -> Any:
@@ -212,4 +176,4 @@ def route_difference(got: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Te
 
     a, b = dense(got), dense(ref)
     width = max(a.shape[1], b.shape[1])
-    return relative_difference(F.pad(a, (0, width - a.shape[1])), F.pad(b, (0, width - b.shape[1])))
+    return fusion.relative_difference(F.pad(a, (0, width - a.shape[1])), F.pad(b, (0, width - b.shape[1])))

@@ -298,7 +298,7 @@ class LocalExperts:
                 raise ExpertNotLoadedError(layer, int(flat[missing][0]))
         if fusion.kernels() and decode_experts.supports(hidden, pack.gate_up, pack.down, t * k):
             sp = self.spec  # a decode step in the fused (captured) path: two kernels, no sort or scatter
-            return decode_experts.checked(  # the kernels look each pair's slot up themselves
+            return fusion.checked(  # the kernels look each pair's slot up themselves
                 lambda: decode_experts.moe(hidden, expert_ids, weights, pack.gate_up, pack.down,
                                            pack.gate_up_bias, pack.down_bias, sp.activation, sp.alpha, sp.limit,
                                            table=pack.slot_of),

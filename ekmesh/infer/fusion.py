@@ -8,10 +8,11 @@ CPU runs and CPU tests use the plain code.
 Invariant: a fused function computes the same function as its plain body (same dtype rules).
 
 Levels (``fused(level)``): ``"compile"`` compiles the ``@fusable`` functions; ``"all"`` (the decoder's default)
-also turns on, where they apply (``kernels()``), the decode kernels of ``decode_experts`` for the routed experts
-and the rewiring that saves launches: q/k/v as one matmul, residual sums chained into the next norm, masked
-grouped-query attention over the key-value heads; ``"off"`` is the plain code. Benchmarks compare the levels in
-one run.
+also turns on, where they apply (``kernels()``), the hand-written decode kernels (``decode_experts``: routed
+experts and softmax router; ``decode_attention``: attention over the static cache) and the rewiring that saves
+launches: q/k/v as one matmul, residual sums chained into the next norm, masked grouped-query attention over the
+key-value heads; ``"off"`` is the plain code. Benchmarks compare the levels in one run. ``checked`` runs a
+hand-written kernel in place of the plain code only once it has agreed with it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import ParamSpec, TypeVar
 
 import torch
@@ -80,3 +81,35 @@ def fusable(fn: Callable[P, R]) -> Callable[P, R]:
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+CHECK_TOL = 2e-2  # max |kernels - plain path| / max |plain path| accepted on a kind's first call (bf16 rounding)
+_verdicts: dict[Hashable, bool] = {}  # kind of call -> the kernels agreed with the plain path on its first call
+
+
+def relative_difference(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref|."""
+    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
+
+
+def checked(kernels: Callable[[], R], reference: Callable[[], R], kind: Hashable,
+            difference: Callable[[R, R], float] = relative_difference) -> R:  # type: ignore[assignment]
+    """``kernels()``, checked once per ``kind`` of call (shapes, formats, tokens) against ``reference()`` (the
+    plain path on the same inputs) on the first call outside a CUDA-graph capture (the decoder's warm-up): if they
+    fail to build or ``difference(got, reference)`` exceeds ``CHECK_TOL``, a warning is logged and that kind runs
+    the reference path from then on. So a Triton or driver that misbehaves costs speed, never a wrong answer."""
+    verdict = _verdicts.get(kind)
+    if verdict is None and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        ref = reference()
+        try:
+            got = kernels()
+            diff = difference(got, ref)
+            verdict = diff <= CHECK_TOL
+            problem = f"differ from the plain path by {diff:.3g} of its magnitude"
+        except Exception as exc:  # a kernel that does not build or launch here (Triton, driver): noted below
+            verdict, problem = False, f"failed: {type(exc).__name__}: {exc}"
+        _verdicts[kind] = verdict
+        if not verdict:
+            log.warning("decode kernels %s for %s; using the plain path for these calls", problem, kind)
+        return got if verdict else ref
+    return kernels() if verdict is not False else reference()

@@ -1,4 +1,4 @@
-"""``decode_experts.checked``: the decode kernels are trusted per kind of call only after agreeing once with the
+"""``fusion.checked``: the decode kernels are trusted per kind of call only after agreeing once with the
 grouped path; a kind whose kernels fail or disagree runs the grouped path from then on, with a warning. (The
 kernels themselves need CUDA: tests/infer/test_cuda.py.)"""
 
@@ -9,12 +9,12 @@ import logging
 import pytest
 import torch
 
-from ekmesh.infer import decode_experts
+from ekmesh.infer import decode_experts, fusion
 
 
 @pytest.fixture(autouse=True)
 def _fresh_verdicts(monkeypatch):
-    monkeypatch.setattr(decode_experts, "_verdicts", {})
+    monkeypatch.setattr(fusion, "_verdicts", {})
 
 
 def test_agreeing_kernels_are_trusted_after_one_check():
@@ -29,10 +29,10 @@ def test_agreeing_kernels_are_trusted_after_one_check():
         calls["reference"] += 1
         return ref
 
-    assert torch.equal(decode_experts.checked(kernels, reference, "k1"), ref + 1e-3)
+    assert torch.equal(fusion.checked(kernels, reference, "k1"), ref + 1e-3)
     assert calls == {"kernels": 1, "reference": 1}
     for _ in range(3):
-        decode_experts.checked(kernels, reference, "k1")
+        fusion.checked(kernels, reference, "k1")
     assert calls == {"kernels": 4, "reference": 1}  # trusted: the reference is not run again
 
 
@@ -48,14 +48,14 @@ def test_failing_kernels_fall_back_for_good(bad, caplog):
         return ref * 2
 
     with caplog.at_level(logging.WARNING, logger="ekmesh.infer.decode_experts"):
-        out = decode_experts.checked(kernels, lambda: ref, "k2")
+        out = fusion.checked(kernels, lambda: ref, "k2")
     assert torch.equal(out, ref)
     assert "using the plain path" in caplog.text
     for _ in range(3):
-        assert torch.equal(decode_experts.checked(kernels, lambda: ref, "k2"), ref)
+        assert torch.equal(fusion.checked(kernels, lambda: ref, "k2"), ref)
     assert calls["kernels"] == 1  # never again for this kind
-    other = decode_experts.checked(lambda: ref, lambda: ref, "k3")  # another kind is checked on its own
-    assert torch.equal(other, ref) and decode_experts._verdicts["k3"] is True
+    other = fusion.checked(lambda: ref, lambda: ref, "k3")  # another kind is checked on its own
+    assert torch.equal(other, ref) and fusion._verdicts["k3"] is True
 
 
 def test_nothing_runs_the_kernels_on_a_cpu():
@@ -72,7 +72,7 @@ def test_route_difference_counts_a_different_choice_fully():
     assert same == 0.0
     other = decode_experts.route_difference((w, torch.tensor([[3, 2]])), (w, torch.tensor([[3, 1]])))
     assert other == pytest.approx(0.4 / 0.6)
-    assert other > decode_experts.CHECK_TOL
+    assert other > fusion.CHECK_TOL
 
 
 def test_route_needs_cuda():

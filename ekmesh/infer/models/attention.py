@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ekmesh.infer import decode_attention, decode_experts, fusion
+from ekmesh.infer import decode_attention, fusion
 from ekmesh.infer.fusion import fusable
 from ekmesh.infer.models.cache import Step
-from ekmesh.infer.models.norms import RMSNorm, _rms_norm
+from ekmesh.infer.models.norms import RMSNorm, plain_rms_norm
 
 # ---------------------------------------------------------------------------------------------------- rope
 
@@ -62,8 +62,8 @@ def head_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_w
                    cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen3's per-head q/k RMSNorm, the move of heads before tokens, then RoPE, in one fused call:
     q [B, T, H, d], k [B, T, Hkv, d] -> q [B, H, T, d], k [B, Hkv, T, d]."""
-    q = _rms_norm(q, q_weight, eps).transpose(1, 2)  # [B, H, T, d]
-    k = _rms_norm(k, k_weight, eps).transpose(1, 2)  # [B, Hkv, T, d]
+    q = plain_rms_norm(q, q_weight, eps).transpose(1, 2)  # [B, H, T, d]
+    k = plain_rms_norm(k, k_weight, eps).transpose(1, 2)  # [B, Hkv, T, d]
     return _rope(q, cos, sin), _rope(k, cos, sin)
 
 
@@ -217,7 +217,7 @@ class Attention(nn.Module):
         scaling = self.spec.head_dim ** -0.5
         if fusion.kernels() and step.cache.static and decode_attention.supports(q, k, v, sinks):
             # the captured decode step: flash-decoding over the visible keys of the static cache (key j in slot j)
-            return decode_experts.checked(
+            return fusion.checked(
                 lambda: decode_attention.attend(q, k, v, step.positions, self.window, scaling, sinks),
                 lambda: attend(q, k, v, step.mask(k.shape[2], self.window), scaling, sinks),
                 ("attend", q.shape, k.shape, v.shape, q.dtype, self.window, sinks is not None))

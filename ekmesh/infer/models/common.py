@@ -151,7 +151,7 @@ def softmax_topk(logits: torch.Tensor, k: int, normalize: bool, dtype: torch.dty
     """Router logits [T, E] -> (weights [T, k] computed in fp32, returned in ``dtype``; expert ids [T, k]) as
     transformers' softmax routers."""
     if fusion.kernels() and decode_experts.routes(logits, k):  # the captured decode step: one kernel
-        return decode_experts.checked(
+        return fusion.checked(
             lambda: decode_experts.route(logits, k, normalize, dtype),
             lambda: _softmax_topk(logits, k, normalize, dtype),
             ("route", logits.shape, logits.dtype, k, normalize, dtype), decode_experts.route_difference)

@@ -30,7 +30,8 @@ class RMSNorm(nn.Module):
         return add_rms_norm(x, y, self.weight, self.eps)
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm formula, never compiled itself: for use inside other fusable functions."""
     dtype = x.dtype
     x32 = x.to(torch.float32)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -40,7 +41,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 @fusable
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's RMSNorm: normalise in fp32, cast back, then scale."""
-    return _rms_norm(x, weight, eps)
+    return plain_rms_norm(x, weight, eps)
 
 
 @fusable
@@ -48,4 +49,4 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: fl
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual sum x + y and its RMSNorm, in one fused call."""
     s = x + y
-    return s, _rms_norm(s, weight, eps)
+    return s, plain_rms_norm(s, weight, eps)
