@@ -292,8 +292,10 @@ class LocalExperts:
         if self.pair_by_pair(t * k, hidden):
             return self._few(layer, pack, hidden, expert_ids.tolist(), weights)
         flat = expert_ids.reshape(-1)  # [T*k]
+        slots = None  # [T*k] each pair's slot, looked up once; not in a captured step whose kernels do it
         if not self.graph_mode:
-            missing = pack.slot_of[flat] < 0
+            slots = pack.slot_of[flat]
+            missing = slots < 0
             if bool(missing.any()):
                 raise ExpertNotLoadedError(layer, int(flat[missing][0]))
         if fusion.kernels() and decode_experts.supports(hidden, pack.gate_up, pack.down, t * k):
@@ -304,7 +306,7 @@ class LocalExperts:
                                            table=pack.slot_of),
                 lambda: self._grouped(pack, hidden, pack.slot_of[flat], weights, k),
                 (sp, hidden.dtype, pack.gate_up.dtype if isinstance(pack, _LayerPack) else pack.gate_up.kernel, t, k))
-        return self._grouped(pack, hidden, pack.slot_of[flat], weights, k)
+        return self._grouped(pack, hidden, pack.slot_of[flat] if slots is None else slots, weights, k)
 
     def _grouped(self, pack: _Pack, hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
                  k: int) -> torch.Tensor:
