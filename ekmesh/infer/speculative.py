@@ -6,8 +6,9 @@ MoE layer then sends one frame per peer carrying all k + 1 tokens), and keeps th
 (``Generator.stream`` runs the loop; rejected positions are cut from the KV cache with ``KVCache.truncate``).
 
 - Drafters (``Drafter``): ``NgramDrafter`` (prompt lookup: the tokens that followed the most recent earlier
-  occurrence of the context's last n tokens, n = 3, 2, 1; no model) and ``ModelDrafter`` (a small model with the
-  target's tokenizer on the host, e.g. the built-in model's packaged draft).
+  occurrence of the context's last n tokens, n = 3, 2, 1, a loop continued past the context's end; no model) and
+  ``ModelDrafter`` (a small model with the target's tokenizer on the host, e.g. the built-in model's packaged
+  draft).
 - Acceptance (``accept``): greedy keeps a draft while it is the target's argmax, so the output is the plain greedy
   output; sampling draws the target's token at each drafted position as plain decoding would (one seeded generator
   per answer position, ``Draws``) and keeps a draft while it equals it, so every emitted token has the target's
@@ -57,8 +58,9 @@ class Drafter(Protocol):
 
 class NgramDrafter:
     """Prompt lookup: finds the most recent earlier occurrence of the context's last n tokens (n from
-    ``NGRAM_SIZES``, longest first) and proposes the tokens that followed it. Indexes each new token once: an n-gram
-    maps to the end of its last two occurrences (the last is the suffix itself)."""
+    ``NGRAM_SIZES``, longest first) and proposes the tokens that followed it. Where those run into the suffix itself
+    (a loop, as greedy decoding makes), a match of n >= 2 continues with the loop's period. Indexes each new token
+    once: an n-gram maps to the end of its last two occurrences (the last is the suffix itself)."""
 
     def __init__(self, sizes: Sequence[int] = NGRAM_SIZES) -> None:
         self.sizes = tuple(sizes)
@@ -91,7 +93,12 @@ class NgramDrafter:
             if at == end:
                 at = self._prev.get(gram)
             if at is not None and at < end:
-                return self._seen[at:at + k]
+                out = self._seen[at:at + k]
+                if n >= 2:  # the continuation runs into the suffix: the text repeats with period end - at
+                    period = end - at
+                    while len(out) < k:
+                        out.append(out[len(out) - period])
+                return out
         return []
 
 

@@ -42,6 +42,17 @@ def test_ngram_proposes_what_followed_the_last_match() -> None:
     assert d.propose(ctx + [5, 0], 0) == []
 
 
+def test_ngram_continues_a_loop_past_the_context_end() -> None:
+    """A match whose continuation runs into the suffix itself means the text repeats with that period (greedy
+    decoding's loops): the draft continues the period instead of stopping at the context's end."""
+    loop = [7, 8, 9, 6, 5]
+    ctx = [1, 2] + loop + loop
+    assert NgramDrafter().propose(ctx, 8) == (loop * 2)[:8]
+    assert NgramDrafter().propose([1, 2, 3, 1, 2, 3], 5) == [1, 2, 3, 1, 2]
+    # a match of one token is too weak to extrapolate: only what followed it is proposed
+    assert NgramDrafter().propose([4, 1, 5, 6, 1], 4) == [5, 6, 1]
+
+
 class _Oracle:
     """Proposes the target's own greedy continuation, corrupted with probability ``noise`` per token."""
 
