@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ekmesh.infer.decode_experts import available
+from ekmesh.infer import fusion
 
 MAX_ROWS = 128  # query rows per KV head (rep * T); beyond, a step is prefill-sized
 MAX_HEAD_DIM = 256
@@ -40,7 +40,8 @@ CPU_SMS = 8  # the SM count assumed off CUDA (the Triton interpreter)
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None) -> bool:
     """Whether ``attend`` can take q [B, H, T, dk] over k [B, Hkv, S, dk], v [B, Hkv, S, dv] (and sinks [H]) here."""
     tensors = (q, k, v) if sinks is None else (q, k, v, sinks)
-    return all(x.is_cuda and x.device == q.device for x in tensors) and fits(q, k, v, sinks) and available()
+    return (all(x.is_cuda and x.device == q.device for x in tensors) and fits(q, k, v, sinks)
+            and fusion.triton_available())
 
 
 def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None) -> bool:
@@ -70,10 +71,6 @@ def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return CPU_SMS
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
-
-
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, 1 << (n - 1).bit_length())
 
 
 def _block_n(dk: int, dv: int, element_size: int) -> int:
@@ -108,15 +105,15 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.
     maxes = torch.empty(b * hkv, n_splits, n_rows, device=q.device, dtype=f32)  # their scores' maxima
     sums = torch.empty(b * hkv, n_splits, n_rows, device=q.device, dtype=f32)  # their exp sums
     out = torch.empty(b, t, h * dv, device=q.device, dtype=q.dtype)  # [B, T, H*dv]
-    rows, dv_pad = _pow2(n_rows), _pow2(dv)
+    rows, dv_pad = fusion.pow2(n_rows, 16), fusion.pow2(dv, 16)
     kern.split_attend[(b * hkv, n_splits)](
         q, k, v, positions.contiguous(), acc, maxes, sums,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         hkv, t, rep, n_rows, dk, dv, window or 0, float(scaling), n_splits,
-        has_window=window is not None, ieee=q.dtype == torch.float32, rows=rows, t_pad=_pow2(t, 1),
-        block_n=block_n, dk_pad=_pow2(dk), dv_pad=dv_pad, num_warps=num_warps)
+        has_window=window is not None, ieee=q.dtype == torch.float32, rows=rows, t_pad=fusion.pow2(t, 1),
+        block_n=block_n, dk_pad=fusion.pow2(dk, 16), dv_pad=dv_pad, num_warps=num_warps)
     kern.combine[(b * hkv, n_rows)](
         acc, maxes, sums, q if sinks is None else sinks.contiguous(), out, hkv, t, rep, n_rows, dv, h, n_splits,
-        has_sinks=sinks is not None, block_s=min(32, _pow2(n_splits, 2)), dv_pad=dv_pad, num_warps=num_warps)
+        has_sinks=sinks is not None, block_s=min(32, fusion.pow2(n_splits, 2)), dv_pad=dv_pad, num_warps=num_warps)
     return out

@@ -23,7 +23,6 @@ Each kind of call is checked once against the grouped path before it is trusted 
 
 from __future__ import annotations
 
-import functools
 import importlib
 from typing import Any
 
@@ -34,16 +33,6 @@ from ekmesh.infer import fusion
 from ekmesh.infer.qkernels import PackedWeight
 
 MAX_PAIRS = 64  # up to this many (token, expert) pairs per call; beyond, the grouped path is faster
-
-
-@functools.cache
-def available() -> bool:
-    """Whether Triton can be imported (it ships with CUDA builds of torch)."""
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return False
-    return True
 
 
 def _kind(w: torch.Tensor | PackedWeight) -> int | None:
@@ -71,7 +60,7 @@ def supports(hidden: torch.Tensor, gate_up: torch.Tensor | PackedWeight, down: t
     kinds = {_kind(gate_up), _kind(down)}
     return (hidden.is_cuda and all(t.is_cuda for t in tensors) and same_dtype
             and hidden.dtype in (torch.bfloat16, torch.float16) and len(kinds) == 1 and None not in kinds
-            and 0 < n_pairs <= MAX_PAIRS and available())
+            and 0 < n_pairs <= MAX_PAIRS and fusion.triton_available())
 
 
 def _build() -> Any:
@@ -148,7 +137,7 @@ MAX_EXPERTS = 1024  # the router kernel holds a token's logits in one block
 def routes(logits: torch.Tensor, k: int) -> bool:
     """Whether ``route`` can take router logits [T, E] choosing ``k`` here."""
     return (logits.is_cuda and logits.dim() == 2 and 0 < k <= logits.shape[1] <= MAX_EXPERTS
-            and logits.shape[0] * k <= MAX_PAIRS and available())
+            and logits.shape[0] * k <= MAX_PAIRS and fusion.triton_available())
 
 
 def route(logits: torch.Tensor, k: int, normalize: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +150,7 @@ def route(logits: torch.Tensor, k: int, normalize: bool, dtype: torch.dtype) -> 
     w = torch.empty(t, k, device=logits.device, dtype=dtype)
     ids = torch.empty(t, k, device=logits.device, dtype=torch.int64)
     kern.softmax_topk[(t,)](logits, w, ids, e, logits.stride(0), k=k, normalize=normalize,
-                            block_e=max(16, 1 << (e - 1).bit_length()), block_k=max(2, 1 << (k - 1).bit_length()),
+                            block_e=fusion.pow2(e, 16), block_k=fusion.pow2(k, 2),
                             num_warps=1 if e <= 256 else 4)
     return w, ids
 

@@ -12,13 +12,15 @@ also turns on, where they apply (``kernels()``), the hand-written decode kernels
 experts and softmax router; ``decode_attention``: attention over the static cache) and the rewiring that saves
 launches: q/k/v as one matmul, residual sums chained into the next norm, masked grouped-query attention over the
 key-value heads; ``"off"`` is the plain code. Benchmarks compare the levels in one run. ``checked`` runs a
-hand-written kernel in place of the plain code only once it has agreed with it.
+hand-written kernel in place of the plain code only once it has agreed with it; ``triton_available`` and ``pow2``
+are what the kernels' launchers share.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 from collections.abc import Callable, Hashable, Iterator
 from typing import ParamSpec, TypeVar
@@ -81,6 +83,21 @@ def fusable(fn: Callable[P, R]) -> Callable[P, R]:
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton can be imported (it ships with CUDA builds of torch): the hand-written kernels need it."""
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def pow2(n: int, least: int = 1) -> int:
+    """The least power of two >= max(n, least): a kernel's block size (Triton blocks are powers of two)."""
+    return max(least, 1 << (n - 1).bit_length())
 
 
 CHECK_TOL = 2e-2  # max |kernels - plain path| / max |plain path| accepted on a kind's first call (bf16 rounding)

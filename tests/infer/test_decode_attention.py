@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ekmesh.infer import decode_attention as da
+from ekmesh.infer import fusion
 
 
 def _qkv(b=1, h=32, hkv=4, t=1, dk=128, dv=128, s=4096, dtype=torch.bfloat16):
@@ -77,5 +78,5 @@ def test_key_blocks_keep_a_key_and_a_value_tile_small():
     assert da._block_n(64, 64, 4) == 64
     assert da._block_n(128, 128, 4) == 32  # fp32 rows of 512 bytes: half the keys per block
     assert da._block_n(256, 256, 2) == 32
-    assert [da._pow2(n) for n in (1, 8, 16, 17, 40, 128)] == [16, 16, 16, 32, 64, 128]
-    assert [da._pow2(n, 1) for n in (1, 2, 5)] == [1, 2, 8]
+    assert [fusion.pow2(n, 16) for n in (1, 8, 16, 17, 40, 128)] == [16, 16, 16, 32, 64, 128]
+    assert [fusion.pow2(n) for n in (1, 2, 5)] == [1, 2, 8]
