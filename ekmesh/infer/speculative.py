@@ -15,10 +15,14 @@ MoE layer then sends one frame per peer carrying all k + 1 tokens), and keeps th
   distribution p (after temperature, top-k and top-p) and a seed gives the tokens it gives without drafts; for a
   draft model that samples, speculative sampling (keep d with probability min(1, p(d)/q(d)), else draw from the
   residual max(0, p - q)).
-- Length (``DraftLength``): k maximises the expected tokens per second of a step, (1 - a^(k+1)) / (1 - a) tokens for
-  base + k × extra seconds, from the measured per-token acceptance a and the measured cost of a step's base and of
-  each extra token. On a mesh the base (the round trips) dwarfs the extra cost and k grows to its cap; on one CPU
-  process a drafted token costs about as much as a decoded one and only a high acceptance pays.
+- Length (``DraftLength``): k maximises the expected tokens per second of a step, 1 + sum over j <= k of
+  P(the first j drafts are all accepted) tokens for base + k × extra seconds. The probabilities come from the
+  measured acceptance of the j-th draft given that the ones before it were accepted, position by position, not from
+  one per-token rate: acceptance comes in runs (a passage the draft knows, a loop prompt lookup has seen), so a
+  draft that got past its first tokens usually goes on, and one rate would undervalue long drafts. The costs are
+  the measured base of a step and the extra cost of each drafted token. On a mesh the base (the round trips) dwarfs
+  the extra cost and k grows while later drafts still pass; on one CPU process a drafted token costs about as much
+  as a decoded one and only a high acceptance pays.
 
 Invariants: a drafter never sees rejected drafts (its context only grows by accepted tokens); ``accept`` returns n
 accepted drafts and the token that follows them when it drew one (sampling, a rejection), else None.
@@ -237,26 +241,44 @@ class DraftLength:
     """Chooses k per step from the measured acceptance and step costs (module docstring). ``cap``: k at most. One per
     generator and mode, shared by its answers (so a short answer starts from what earlier ones measured); thread-safe.
 
-    Acceptance: drafts accepted over drafts the target ruled on (all accepted ones, and the first rejected one),
-    both sums decaying by 0.9 a step. Costs: a least-squares line seconds = base + extra × drafted over the recent
-    steps (same decay). While the line is undetermined (every recent step drafted alike) steps alternate between
-    the cap and half of it, and once in ``EXPLORE_EVERY`` steps k is halved (or, at 0, set to 1), so the line keeps
-    seeing more than one point and the acceptance keeps being measured."""
+    Acceptance, per draft position j = 1..cap: of the steps whose j-th draft was ruled on (drafts before it all
+    accepted), the fraction that accepted it; counts decay by ``DECAY`` a drafting step. A position with few rulings
+    leans on the one before it (``PRIOR_WEIGHT`` pseudo-rulings at that rate; ``PRIOR`` before the first: an
+    optimistic start, so drafting is tried). Costs: a least-squares line seconds = base + extra × drafted over the
+    recent steps (decaying by 0.9). While the line is undetermined (every recent step drafted alike) steps alternate
+    between the cap and half of it; and once in ``EXPLORE_EVERY`` steps k moves off its best, alternately down (half,
+    or 1 from 0: the line keeps seeing more than one point) and up (half again more: the later positions keep being
+    measured)."""
 
     EXPLORE_EVERY = 8
+    DECAY = 0.95
+    PRIOR = 0.7
+    PRIOR_WEIGHT = 1.0
 
     def __init__(self, cap: int = MAX_DRAFT) -> None:
         if cap < 0:
             raise ConfigError(f"the draft length cap must be >= 0, got {cap}")
         self.cap = cap
         self.steps = 0
-        self._accepted, self._judged = 0.7, 1.0  # decayed sums: an optimistic start, so drafting is tried
+        self._ruled = [0.0] * cap  # [j - 1]: decayed count of steps whose j-th draft was ruled on
+        self._passed = [0.0] * cap  # [j - 1]: ... and accepted it
         self._sums = [0.0] * 5  # decayed sums of w, w·n, w·n², w·t, w·n·t
         self._lock = threading.Lock()
 
     @property
     def acceptance(self) -> float:
-        return self._accepted / self._judged
+        """Accepted drafts over drafts ruled on, every position together (recent steps)."""
+        ruled = sum(self._ruled)
+        return sum(self._passed) / ruled if ruled > 0 else self.PRIOR
+
+    def passing(self) -> list[float]:
+        """[j - 1]: the estimated probability that drafts 1..j are all accepted, j = 1..cap."""
+        out, rate, alive = [], self.PRIOR, 1.0
+        for ruled, passed in zip(self._ruled, self._passed, strict=True):
+            rate = (passed + self.PRIOR_WEIGHT * rate) / (ruled + self.PRIOR_WEIGHT)
+            alive *= rate
+            out.append(alive)
+        return out
 
     def costs(self) -> tuple[float, float] | None:
         """(base, extra) seconds from the recent steps, or None while undetermined."""
@@ -274,16 +296,19 @@ class DraftLength:
         if cap <= 0:
             return 0
         with self._lock:
-            costs, a, step = self.costs(), min(self.acceptance, 0.999), self.steps
+            costs, alive, step = self.costs(), self.passing(), self.steps
         if costs is None:
             return cap if step % 2 == 0 else cap // 2
         base, extra = costs
-        best_k, best = 0, 1.0 / base
+        best_k, best, tokens = 0, 1.0 / base, 1.0
         for k in range(1, cap + 1):
-            rate = (1 - a ** (k + 1)) / (1 - a) / (base + k * extra)
+            tokens += alive[k - 1]  # expected tokens of a step that drafts k
+            rate = tokens / (base + k * extra)
             if rate > best * (1 + 1e-9):
                 best_k, best = k, rate
         if step % self.EXPLORE_EVERY == self.EXPLORE_EVERY - 1:
+            if (step // self.EXPLORE_EVERY) % 2:
+                return min(cap, best_k + max(1, best_k // 2))
             return best_k // 2 if best_k > 1 else 1
         return best_k
 
@@ -293,9 +318,13 @@ class DraftLength:
         with self._lock:
             self.steps += 1
             if drafted:
-                judged = accepted + (1 if accepted < drafted else 0)  # the drafts the target ruled on
-                self._accepted = 0.9 * self._accepted + accepted
-                self._judged = 0.9 * self._judged + judged
+                ruled = min(drafted, accepted + 1)  # every accepted draft and the first rejected one
+                for j in range(self.cap):
+                    self._ruled[j] *= self.DECAY
+                    self._passed[j] *= self.DECAY
+                    if j < ruled:
+                        self._ruled[j] += 1.0
+                        self._passed[j] += 1.0 if j < accepted else 0.0
             if math.isfinite(seconds) and seconds > 0:
                 n = float(drafted)
                 self._sums = [0.9 * x for x in self._sums]

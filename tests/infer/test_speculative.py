@@ -249,6 +249,24 @@ def test_whole_answers_sampled_with_drafts_follow_the_target(tmp_path) -> None:
     assert drafted > 0 and ok
 
 
+def test_draft_length_values_runs_of_accepted_drafts() -> None:
+    """3 steps in 10 accept every draft, the others reject the first (a passage the draft knows, or not): the
+    acceptance per position says a draft past its first token goes on, so every extra draft adds 0.3 tokens and k
+    goes to the cap, although each costs 15% of a step. One per-token rate (about 0.63 here) would expect the
+    tokens of a step to level off and stop at 3."""
+    d = DraftLength(cap=8)
+    for i in range(400):
+        k = 8 if i % 2 else 4
+        d.update(k, k if i % 10 < 3 else 0, 0.010 + 0.0015 * k)
+    alive = d.passing()
+    print(f"P(first j drafts pass): {[round(a, 3) for a in alive]}; one rate: {d.acceptance:.3f}")
+    assert all(abs(a - 0.3) < 0.08 for a in alive)
+    assert d.choose(100) == 8
+    a = d.acceptance  # what one per-token rate would choose
+    rates = [(1 - a ** (k + 1)) / (1 - a) / (0.010 + 0.0015 * k) for k in range(9)]
+    assert rates.index(max(rates)) < 8
+
+
 def test_draft_length_follows_the_costs() -> None:
     mesh = DraftLength(cap=8)  # a step is 10 ms of round trips, each drafted token 0.1 ms more
     cpu = DraftLength(cap=8)  # a drafted token costs as much as the step itself
@@ -256,6 +274,10 @@ def test_draft_length_follows_the_costs() -> None:
         k = i % 4
         mesh.update(k, k if k < 3 else 2, 0.010 + 0.0001 * k)
         cpu.update(k, k if k < 3 else 2, 0.002 * (1 + k))
+    assert mesh.choose(100) in (2, 3)  # the third draft was never accepted: a fourth would not be either
+    for i in range(200):
+        k = i % 4
+        mesh.update(k, k, 0.010 + 0.0001 * k)  # now every draft passes
     assert mesh.choose(100) == 8
     assert mesh.choose(3) == 3  # never past what is left to generate
     assert cpu.choose(100) == 0
