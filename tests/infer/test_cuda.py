@@ -554,3 +554,54 @@ def test_router_kernel_equals_softmax_topk(dtype):
         rw, rids = _softmax_topk(logits, k, normalize, dtype)
         assert torch.equal(ids, rids), (t, e, k)
         torch.testing.assert_close(w, rw, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("qk_norm,t", [("head", 1), (None, 1), ("head", 3)])
+def test_fused_cache_store_on_cuda_equals_the_plain_path(qk_norm, t):
+    """Under fusion level "all" the compiled q/k-norm + RoPE that also writes the static cache (bf16, CUDA) gives
+    the plain path's q and cache within bf16 rounding, leaves the other slots as they were, writes the buffers in
+    place, and launches fewer kernels than the compiled norm/RoPE plus the two index copies it replaces."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from ekmesh.infer import fusion
+    from ekmesh.infer.models.attention import head_norm_rope, head_norm_rope_store, rope_qk, rope_qk_store
+    from tests.infer.test_cache_store import _inputs
+
+    def on_cuda():  # the store function's arguments, bf16 on CUDA; the caches are args[-3] and args[-2]
+        return tuple(a.to("cuda", torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                     else a.cuda() if isinstance(a, torch.Tensor) else a for a in _inputs(qk_norm, t)[0])
+
+    fn, old = (head_norm_rope_store, head_norm_rope) if qk_norm == "head" else (rope_qk_store, rope_qk)
+    before, plain, fused = on_cuda(), on_cuda(), on_cuda()
+    with torch.inference_mode():
+        want = fn(*plain)  # fusion off: the plain body
+        pointers = (fused[-3].data_ptr(), fused[-2].data_ptr())
+        with fusion.fused("all"):
+            got = fn(*fused)
+        assert (fused[-3].data_ptr(), fused[-2].data_ptr()) == pointers
+        slots = fused[-1]
+        for name, g_, w_ in (("q", got, want), ("k", fused[-3], plain[-3]), ("v", fused[-2], plain[-2])):
+            diff = fusion.relative_difference(g_, w_)
+            print(f"{qk_norm} T={t} {name}: max |fused - plain| / max |plain| = {diff:.3g}")
+            assert diff <= 1e-2, (name, diff)
+        for buf, was in ((fused[-3], before[-3]), (fused[-2], before[-2])):
+            rest = torch.ones(buf.shape[2], dtype=torch.bool, device="cuda")
+            rest[slots] = False
+            assert torch.equal(buf[:, :, rest], was[:, :, rest])  # only the step's slots written
+            assert not torch.equal(buf, was)
+        # the generated code: no buffer-sized allocation or kernel, and fewer launches than before
+        _, codes = run_and_get_code(torch.compile(fn.__wrapped__, fullgraph=True, dynamic=False), *on_cuda())
+        args = on_cuda()
+        _, old_codes = run_and_get_code(torch.compile(old.__wrapped__, fullgraph=True, dynamic=False),
+                                        *args[:2], *args[3:-3])  # no v, no cache
+    code = "\n".join(codes)
+    kernels = code.count("async_compile.triton(")
+    old_kernels = "\n".join(old_codes).count("async_compile.triton(")
+    numels = [int(n) for n in re.findall(r"\b(?:[xyz]|r\d_)numel = (\d+)", code)]
+    print(f"{qk_norm} T={t}: {kernels} kernels (before: {old_kernels} + 2 index copies), numels {numels}")
+    assert kernels and numels and max(numels) < before[-3].shape[2], numels
+    assert "empty_strided_cuda(" + str(tuple(before[-3].shape)) not in code
+    assert kernels < old_kernels + 2

@@ -3,16 +3,18 @@
 Responsibilities: ``Attention`` (q/k/v projections, optional qk-norm, clipping, sinks and a sliding window, the
 optional fused q/k/v projection), ``attend``/``attend_grouped`` (attention over a step's cache, also used by
 DeepSeek's MLA) and the RoPE runtime helpers (the cos/sin tables from positions, their application, fused with
-Qwen3's per-head norm). Numerics match Hugging Face transformers: RoPE computed in fp32 from positions, half-split
-layout. Not responsible for: the rotary parameters read from config.json (``common.RopeSpec``), the cache itself
-(``cache.KVCache``/``Step``), the decoder skeleton (``common.DecoderLayer``). Depends on ``norms`` only, never on
-``common``, so ``common`` imports it without a cycle.
+Qwen3's per-head norm and, in the fused decode step over a static cache, with the write of k and v into the cache's
+buffers: compiled, the cache write costs no kernels of its own). Numerics match Hugging Face transformers: RoPE
+computed in fp32 from positions, half-split layout. Not responsible for: the rotary parameters read from config.json
+(``common.RopeSpec``), the cache itself (``cache.KVCache``/``Step``), the decoder skeleton (``common.DecoderLayer``).
+Depends on ``norms`` and ``cache`` only, never on ``common``, so ``common`` imports it without a cycle.
 
 Shapes: B batch, T new tokens, S cached + new tokens, H heads, Hkv kv heads, d head dim, D hidden.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +24,7 @@ from torch import nn
 
 from ekmesh.infer import decode_attention, fusion
 from ekmesh.infer.fusion import fusable
-from ekmesh.infer.models.cache import Step
+from ekmesh.infer.models.cache import KVCache, Step
 from ekmesh.infer.models.norms import RMSNorm, plain_rms_norm
 
 # ---------------------------------------------------------------------------------------------------- rope
@@ -57,14 +59,50 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return _rope(q, cos, sin), _rope(k, cos, sin)
 
 
+def _head_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                    cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q = plain_rms_norm(q, q_weight, eps).transpose(1, 2)  # [B, H, T, d]
+    k = plain_rms_norm(k, k_weight, eps).transpose(1, 2)  # [B, Hkv, T, d]
+    return _rope(q, cos, sin), _rope(k, cos, sin)
+
+
 @fusable
 def head_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
                    cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen3's per-head q/k RMSNorm, the move of heads before tokens, then RoPE, in one fused call:
     q [B, T, H, d], k [B, T, Hkv, d] -> q [B, H, T, d], k [B, Hkv, T, d]."""
-    q = plain_rms_norm(q, q_weight, eps).transpose(1, 2)  # [B, H, T, d]
-    k = plain_rms_norm(k, k_weight, eps).transpose(1, 2)  # [B, Hkv, T, d]
-    return _rope(q, cos, sin), _rope(k, cos, sin)
+    return _head_norm_rope(q, k, q_weight, k_weight, eps, cos, sin)
+
+
+def _store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              positions: torch.Tensor) -> None:
+    """k, v [B, Hkv, T, d] into the static buffers [B, Hkv, S, d] at ``positions`` [T], as ``KVCache.update`` does.
+    In place when compiled too: inductor turns the (functionalised) index_copy_ of a graph input into a store to that
+    input from the kernel that computes k, with no copy of the buffers (the generated code is checked by
+    tests/infer/test_cache_store.py on CPU and tests/infer/test_cuda.py in Triton)."""
+    k_cache.index_copy_(2, positions, k)
+    v_cache.index_copy_(2, positions, v)
+
+
+@fusable
+def head_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
+                         k_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``head_norm_rope`` whose k, and v [B, Hkv, T, d], go into a static cache's buffers k_cache, v_cache
+    [B, Hkv, S, d] at ``positions`` [T] in the same fused call (the decode step's cache write without kernels of
+    its own); returns q [B, H, T, d]."""
+    q, k = _head_norm_rope(q, k, q_weight, k_weight, eps, cos, sin)
+    _store_kv(k, v, k_cache, v_cache, positions)
+    return q
+
+
+@fusable
+def rope_qk_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``rope_qk`` whose k, and v [B, Hkv, T, d], go into the static buffers as in ``head_norm_rope_store``;
+    returns q [B, H, T, d]."""
+    _store_kv(_rope(k, cos, sin), v, k_cache, v_cache, positions)
+    return _rope(q, cos, sin)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float,
@@ -174,7 +212,9 @@ class Attention(nn.Module):
         return same
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
-        return self.o_proj(self._attend(*self._project(x, *step.rope["main"]), step))
+        stored = step.cache.static and fusion.kernels()  # the fused decode step: the cache write joins norm/RoPE
+        q, k, v = self._project(x, *step.rope["main"], step.cache if stored else None)
+        return self.o_proj(self._attend(q, k, v, step, stored))
 
     def forward_many(self, x: torch.Tensor, lens: Sequence[int], steps: Sequence[Step]) -> torch.Tensor:
         """x [1, sum T_i, D]: the new tokens of several sequences, each step over its own cache -> [1, sum T_i, D].
@@ -187,9 +227,11 @@ class Attention(nn.Module):
         parts = zip(q.split(lens, 2), k.split(lens, 2), v.split(lens, 2), steps, strict=True)
         return self.o_proj(torch.cat([self._attend(qi, ki, vi, st) for qi, ki, vi, st in parts], dim=1))
 
-    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, D] -> q [B, H, T, d], k and v [B, Hkv, T, d], normed and rotated as the spec says."""
+        """x [B, T, D] -> q [B, H, T, d], k and v [B, Hkv, T, d], normed and rotated as the spec says. Given a static
+        ``cache``, k and v are written into its buffers at its positions by the call that norms and rotates k, and
+        the buffers [B, Hkv, S, d] (what ``cache.update`` would return) come back in their place."""
         s = self.spec
         b, t, _ = x.shape
         if self._qkv is not None and fusion.kernels() and self._qkv_current():
@@ -204,15 +246,30 @@ class Attention(nn.Module):
         q = q.view(b, t, -1, s.head_dim)  # [B, T, H, d]
         k = k.view(b, t, -1, s.head_dim)  # [B, T, Hkv, d]
         v = v.view(b, t, -1, s.head_dim).transpose(1, 2)  # [B, Hkv, T, d]
+        if cache is not None:
+            # the keys' dtype once normed and rotated (a buffer made now must take them as update's would)
+            parts = (k, self.k_norm.weight, cos, sin) if s.qk_norm == "head" else (k, cos, sin)
+            k_dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))
+            kbuf, vbuf = cache.static_buffers(self.layer, k.transpose(1, 2), v, k_dtype)  # [B, Hkv, S, d]
+            assert cache.positions is not None
+            if s.qk_norm == "head":
+                q = head_norm_rope_store(q, k, v, self.q_norm.weight, self.k_norm.weight, s.rms_eps, cos, sin,
+                                         kbuf, vbuf, cache.positions)  # [B, H, T, d]
+            else:
+                q = rope_qk_store(q.transpose(1, 2), k.transpose(1, 2), v, cos, sin, kbuf, vbuf, cache.positions)
+            return q, kbuf, vbuf
         if s.qk_norm == "head":  # -> [B, H, T, d], [B, Hkv, T, d]
             q, k = head_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, s.rms_eps, cos, sin)
             return q, k, v
         q, k = rope_qk(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, H, T, d], [B, Hkv, T, d]
         return q, k, v
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
-        """This step's q, k, v (as ``_project`` gives them) over the step's cache -> [B, T, H*d]."""
-        k, v = step.cache.update(self.layer, k, v)  # [B, Hkv, S, d]
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, stored: bool = False
+                ) -> torch.Tensor:
+        """This step's q, k, v (as ``_project`` gives them; ``stored``: k and v are the cache's buffers, the step
+        already written into them) over the step's cache -> [B, T, H*d]."""
+        if not stored:
+            k, v = step.cache.update(self.layer, k, v)  # [B, Hkv, S, d]
         sinks = self.sinks if self.spec.sinks else None
         scaling = self.spec.head_dim ** -0.5
         if fusion.kernels() and step.cache.static and decode_attention.supports(q, k, v, sinks):

@@ -20,7 +20,8 @@ class KVCache:
     Dynamic (default): buffers grow by doubling and attention sees exactly ``length`` positions.
     Static (``max_len`` set): buffers have ``max_len`` slots from the start, writes go to the step's positions
     (a device tensor, so a decode step can be captured in a CUDA graph) and attention sees every slot with a
-    causal mask hiding the ones not yet written.
+    causal mask hiding the ones not yet written. A caller may write a static step itself into ``static_buffers``
+    (what ``update`` returns), e.g. fused with computing the keys.
     A family may cache one tensor per layer instead of a key and a value (``update_single``; DeepSeek's MLA keeps
     its latent and rotary key there); ``truncate`` and both modes work the same for it.
     """
@@ -44,14 +45,30 @@ class KVCache:
         """Stores x [B, h, T, d], a layer's only cached tensor, for this step; returns [B, h, S, d]."""
         return self._store(self.k, layer, x)
 
-    def _store(self, buffers: list[torch.Tensor | None], layer: int, x: torch.Tensor) -> torch.Tensor:
+    def static_buffers(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_dtype: torch.dtype | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A static cache's key and value buffers [B, Hkv, max_len, d*] of ``layer``, for a step whose keys are
+        shaped as k [B, Hkv, T, dk] (of dtype ``k_dtype`` when given: keys not computed yet) and values as
+        v [B, Hkv, T, dv]; allocated (zeros) when absent or held for another batch size, as ``update`` does. For a
+        caller that writes the step's positions itself (the fused norm/RoPE of ``attention.Attention``)."""
+        return (self._static_buffer(self.k, layer, k, k.dtype if k_dtype is None else k_dtype),
+                self._static_buffer(self.v, layer, v, v.dtype))
+
+    def _static_buffer(self, buffers: list[torch.Tensor | None], layer: int, x: torch.Tensor, dtype: torch.dtype
+                       ) -> torch.Tensor:
+        assert self.max_len is not None
         buf = buffers[layer]
+        if buf is None or buf.shape[0] != x.shape[0]:
+            buf = buffers[layer] = x.new_zeros(x.shape[0], x.shape[1], self.max_len, x.shape[3], dtype=dtype)
+        return buf
+
+    def _store(self, buffers: list[torch.Tensor | None], layer: int, x: torch.Tensor) -> torch.Tensor:
         if self.max_len is not None:
-            if buf is None or buf.shape[0] != x.shape[0]:
-                buf = buffers[layer] = x.new_zeros(x.shape[0], x.shape[1], self.max_len, x.shape[3])
+            slots = self._static_buffer(buffers, layer, x, x.dtype)
             assert self.positions is not None
-            buf.index_copy_(2, self.positions, x)
-            return buf
+            slots.index_copy_(2, self.positions, x)
+            return slots
+        buf = buffers[layer]
         start, end = self.length, self.length + x.shape[2]
         if buf is None or buf.shape[2] < end or buf.shape[0] != x.shape[0]:
             cap = max(end, 2 * (buf.shape[2] if buf is not None else 0), 16)
