@@ -19,10 +19,10 @@ MoE layer then sends one frame per peer carrying all k + 1 tokens), and keeps th
   P(the first j drafts are all accepted) tokens for base + k × extra seconds. The probabilities come from the
   measured acceptance of the j-th draft given that the ones before it were accepted, position by position, not from
   one per-token rate: acceptance comes in runs (a passage the draft knows, a loop prompt lookup has seen), so a
-  draft that got past its first tokens usually goes on, and one rate would undervalue long drafts. The costs are
-  the measured base of a step and the extra cost of each drafted token. On a mesh the base (the round trips) dwarfs
-  the extra cost and k grows while later drafts still pass; on one CPU process a drafted token costs about as much
-  as a decoded one and only a high acceptance pays.
+  draft that got past its first tokens usually goes on, and one rate, mixing every position, misjudges long
+  drafts. The costs are the measured base of a step and the extra cost of each drafted token. On a mesh the base
+  (the round trips) dwarfs the extra cost and k grows while later drafts still pass; on one CPU process a drafted
+  token costs about as much as a decoded one and only a high acceptance pays.
 
 Invariants: a drafter never sees rejected drafts (its context only grows by accepted tokens); ``accept`` returns n
 accepted drafts and the token that follows them when it drew one (sampling, a rejection), else None.
