@@ -245,12 +245,15 @@ class DraftLength:
     accepted), the fraction that accepted it; counts decay by ``DECAY`` a drafting step. A position with few rulings
     leans on the one before it (``PRIOR_WEIGHT`` pseudo-rulings at that rate; ``PRIOR`` before the first: an
     optimistic start, so drafting is tried). Costs: a least-squares line seconds = base + extra × drafted over the
-    recent steps (decaying by 0.9). While the line is undetermined (every recent step drafted alike) steps alternate
-    between the cap and half of it; and once in ``EXPLORE_EVERY`` steps k moves off its best, alternately down (half,
-    or 1 from 0: the line keeps seeing more than one point) and up (half again more: the later positions keep being
-    measured)."""
+    recent steps (decaying by 0.9). For the first ``FIRST_STEPS`` steps, and while the line is undetermined (every
+    recent step drafted alike), steps alternate between the cap and half of it (so one slow first step, a warm-up,
+    does not decide alone); and once in ``EXPLORE_EVERY`` steps k moves off its best, alternately down (half, or 1
+    from 0: the line keeps seeing more than one point) and up (half again more, or half the cap from 0: the later
+    positions keep being measured, and a line that a slow step tipped to "drafting does not pay" is put to the
+    test)."""
 
     EXPLORE_EVERY = 8
+    FIRST_STEPS = 4  # steps that alternate between the cap and half of it before the costs decide
     DECAY = 0.95
     PRIOR = 0.7
     PRIOR_WEIGHT = 1.0
@@ -297,7 +300,7 @@ class DraftLength:
             return 0
         with self._lock:
             costs, alive, step = self.costs(), self.passing(), self.steps
-        if costs is None:
+        if costs is None or step < self.FIRST_STEPS:
             return cap if step % 2 == 0 else cap // 2
         base, extra = costs
         best_k, best, tokens = 0, 1.0 / base, 1.0
@@ -308,7 +311,7 @@ class DraftLength:
                 best_k, best = k, rate
         if step % self.EXPLORE_EVERY == self.EXPLORE_EVERY - 1:
             if (step // self.EXPLORE_EVERY) % 2:
-                return min(cap, best_k + max(1, best_k // 2))
+                return min(cap, best_k + max(cap // 2 if best_k == 0 else 1, best_k // 2))
             return best_k // 2 if best_k > 1 else 1
         return best_k
 
