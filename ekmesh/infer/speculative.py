@@ -268,12 +268,6 @@ class DraftLength:
         self._sums = [0.0] * 5  # decayed sums of w, w·n, w·n², w·t, w·n·t
         self._lock = threading.Lock()
 
-    @property
-    def acceptance(self) -> float:
-        """Accepted drafts over drafts ruled on, every position together (recent steps)."""
-        ruled = sum(self._ruled)
-        return sum(self._passed) / ruled if ruled > 0 else self.PRIOR
-
     def passing(self) -> list[float]:
         """[j - 1]: the estimated probability that drafts 1..j are all accepted, j = 1..cap."""
         out, rate, alive = [], self.PRIOR, 1.0

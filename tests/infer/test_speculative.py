@@ -252,18 +252,21 @@ def test_whole_answers_sampled_with_drafts_follow_the_target(tmp_path) -> None:
 def test_draft_length_values_runs_of_accepted_drafts() -> None:
     """3 steps in 10 accept every draft, the others reject the first (a passage the draft knows, or not): the
     acceptance per position says a draft past its first token goes on, so every extra draft adds 0.3 tokens and k
-    goes to the cap, although each costs 15% of a step. One per-token rate (about 0.63 here) would expect the
+    goes to the cap, although each costs 15% of a step. One per-token rate (about 0.7 here) would expect the
     tokens of a step to level off and stop at 3."""
     d = DraftLength(cap=8)
+    passed = ruled = 0
     for i in range(400):
         k = 8 if i % 2 else 4
-        d.update(k, k if i % 10 < 3 else 0, 0.010 + 0.0015 * k)
+        accepted = k if i % 10 < 3 else 0
+        d.update(k, accepted, 0.010 + 0.0015 * k)
+        passed, ruled = passed + accepted, ruled + min(k, accepted + 1)
+    a = passed / ruled  # one per-token rate: accepted drafts over drafts ruled on
     alive = d.passing()
-    print(f"P(first j drafts pass): {[round(a, 3) for a in alive]}; one rate: {d.acceptance:.3f}")
+    print(f"P(first j drafts pass): {[round(a, 3) for a in alive]}; one rate: {a:.3f}")
     assert all(abs(a - 0.3) < 0.08 for a in alive)
     assert d.choose(100) == 8
-    a = d.acceptance  # what one per-token rate would choose
-    rates = [(1 - a ** (k + 1)) / (1 - a) / (0.010 + 0.0015 * k) for k in range(9)]
+    rates = [(1 - a ** (k + 1)) / (1 - a) / (0.010 + 0.0015 * k) for k in range(9)]  # what one rate would choose
     assert rates.index(max(rates)) < 8
 
 
