@@ -149,7 +149,14 @@ def _honest(tmp_path: Path, fmt: str | None, replicas: int, dtypes: Sequence[str
         assert v["fraction"] == 1.0 and v["bans"] == [] and v["banned"] == [] and v["mismatches"] == 0
         # at f = 1 every remote pair is checked (a few more when a slow answer made the host compute one itself)
         assert v["rows"] > 0 and v["pairs"] >= v["rows"]
-        assert set(got["peers"]) == {nd.peer_id for nd in mesh.nodes[:holders]}
+        asked, every = set(got["peers"]), {nd.peer_id for nd in mesh.nodes[:holders]}
+        # R = 1: each holder alone holds some experts, so each is asked. R = 2: which replica answers and which
+        # checks follows measured latency, and a holder whose frame failed or came late is passed over for a while,
+        # so on a loaded box one holder may go unasked for a whole short answer (seen once, in a full run of the
+        # suite); but never R holders together (an expert held by just those would be computed here, off the mesh).
+        # On failure: the host's per-peer counts (round trips, failures).
+        assert asked <= every and len(asked) >= holders - (replicas - 1), \
+            (asked, every, mesh.nodes[host].status()["serving"]["peers"])
         if exact:
             assert got["token_ids"] == _one_process(model_id, store)(prompt, 16)
         assert mesh.nodes[host].status()["serving"]["verify"]["banned"] == []
