@@ -196,9 +196,13 @@ def decode_at_context(model: CausalLM, experts: LocalExperts, context: int, args
 
         decode()  # warm-up (the graph captured on a GPU)
         best = min(timed(decode, device) for _ in range(args.repeats)) / args.tokens
+        steps = {}
+        if runner is not None:  # the captured step's kernels (cache at context + tokens: the slot after is free)
+            prof = profile_runner(runner)
+            steps = {k: prof[k] for k in ("kernels_per_step", "gpu_busy_ms_per_step", "top_kernels_ms")}
     return {"prefill_s": round(prefill_s, 3), "ms_per_token": round(best * 1000, 3),
             "tok_per_s": round(1 / best, 2), "kv_bytes_per_token": cache.bytes_per_token(),
-            "kv_gib_at_context": round(cache.bytes_per_token() * context / 2**30, 4)}
+            "kv_gib_at_context": round(cache.bytes_per_token() * context / 2**30, 4), **steps}
 
 
 def mla_context(shape: dict, device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> dict:
@@ -254,12 +258,19 @@ def per_token(fn_n, n: int, device: torch.device, repeats: int) -> float:
 
 def profile_step(gen: Generator, ids: list[int]) -> dict:
     """Kernels in one captured decode step and their summed GPU time (what a replay must at least take)."""
+    runner = gen._graph_for(len(ids) + 8)
+    runner.prefill(ids)
+    return profile_runner(runner)
+
+
+def profile_runner(runner: GraphDecoder) -> dict:
+    """``profile_step`` for a graph decoder whose cache already holds the context (the step writes its next slot,
+    which the next real step overwrites)."""
     from torch.profiler import ProfilerActivity, profile
 
     from ekmesh.infer import fusion
 
-    runner = gen._graph_for(len(ids) + 8)
-    runner.prefill(ids)
+    runner.pos.fill_(runner.cache.length)
     runner.experts.graph_mode = True  # as while capturing: no missing-expert check (a sync the graph has not)
     try:
         with fusion.fused(runner.fuse), torch.inference_mode():

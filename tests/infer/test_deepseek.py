@@ -256,3 +256,32 @@ def test_correction_bias_stays_fp32_in_a_bf16_model(tmp_path: Path) -> None:
     assert gate.e_score_correction_bias.dtype == torch.float32
     assert gate.weight.dtype == torch.bfloat16
     assert torch.equal(gate.e_score_correction_bias, ref.model.layers[1].mlp.gate.e_score_correction_bias)
+
+
+ROUTES = {  # (version, method, n_group, topk_group, top_k, normalize, scaling)
+    "v2-greedy": (2, "greedy", 1, 1, 6, False, 1.0),
+    "v2-group-limited": (2, "group_limited_greedy", 4, 2, 4, False, 16.0),
+    "v3-noaux": (3, "noaux_tc", 8, 4, 8, True, 2.5),
+    "v3-noaux-unnormalised": (3, "noaux_tc", 4, 1, 2, False, 1.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROUTES))
+def test_compiled_router_equals_the_plain_one(case: str) -> None:
+    """``deepseek.route`` is ``@fusable``: in the captured decode step it runs through ``torch.compile`` (one fullgraph
+    region: scores, group limits, top-k, renormalisation). Compiled here by inductor's C++ backend, it picks the same
+    experts with the same weights as the plain body, which the transformers comparisons above pin down."""
+    version, method, n_group, topk_group, top_k, normalize, scaling = ROUTES[case]
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 32, generator=g)  # [T, E]: a decode step with two drafts
+    bias = 0.1 * torch.randn(32, generator=g) if version == 3 else None
+    args = (logits, bias, version, method, n_group, topk_group, top_k, normalize, scaling)
+    w, ids = deepseek.route(*args)
+    w_c, ids_c = torch.compile(deepseek.route.__wrapped__, fullgraph=True, dynamic=False)(*args)  # type: ignore[attr-defined]
+    order, order_c = ids.sort(dim=-1), ids_c.sort(dim=-1)  # (top-k unsorted: compare as sets, weights alongside)
+    assert torch.equal(order.values, order_c.values), (ids, ids_c)
+    diff = (w.gather(1, order.indices) - w_c.gather(1, order_c.indices)).abs().max().item()
+    print(f"{case}: max |compiled - plain| weight = {diff:.3g}")
+    assert diff <= 1e-6 * scaling
+    groups = ids_c // (32 // n_group)  # [T, k]: each chosen expert's group; the limit holds in every row
+    assert all(len(set(row)) <= topk_group for row in groups.tolist()), groups

@@ -40,6 +40,7 @@ from torch import nn
 
 from ekmesh.core.errors import ConfigError
 from ekmesh.infer.expert import ExpertSpec, ExpertWeights
+from ekmesh.infer.fusion import fusable
 from ekmesh.infer.models.cache import Step
 from ekmesh.infer.models.common import CausalLM, DecoderLayer, DenseMLP, RopeSpec, call_experts, require
 from ekmesh.infer.models.deepseek_mla import MLASpec, MLAttention
@@ -194,7 +195,8 @@ class Config(MLASpec):
 
 
 class Router(nn.Module):
-    """The fp32 router: hidden [T, D] -> (weights [T, k] fp32, expert ids [T, k]). Checkpoint name ``mlp.gate``."""
+    """The fp32 router: hidden [T, D] -> (weights [T, k] fp32, expert ids [T, k]). Checkpoint name ``mlp.gate``.
+    Everything after the gate's matmul is ``route``: one compiled function in the captured decode step."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -203,34 +205,46 @@ class Router(nn.Module):
         if cfg.version == 3:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts))
 
-    def _group_mask(self, group_scores: torch.Tensor) -> torch.Tensor:
-        """group_scores [T, G] -> bool [T, E], True on the experts of each token's ``topk_group`` best groups."""
-        c = self.cfg
-        idx = torch.topk(group_scores, k=c.topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
-        mask = torch.zeros_like(group_scores).scatter_(1, idx, 1)  # [T, G]
-        per_group = c.num_experts // c.n_group
-        return mask.unsqueeze(-1).expand(-1, c.n_group, per_group).reshape(-1, c.num_experts).bool()  # [T, E]
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg
-        per_group = c.num_experts // c.n_group
         logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))  # [T, E]
-        if c.version == 2:
-            scores = logits.softmax(dim=-1, dtype=torch.float32)  # [T, E]
-            if c.topk_method == "group_limited_greedy":
-                group_max = scores.view(-1, c.n_group, per_group).max(dim=-1).values  # [T, G]
-                scores = scores.masked_fill(~self._group_mask(group_max), 0.0)
-            w, ids = torch.topk(scores, k=c.top_k, dim=-1, sorted=False)  # [T, k]
-        else:
-            scores = logits.sigmoid()  # [T, E]
-            choice = scores + self.e_score_correction_bias.to(torch.float32)  # [T, E]
-            group_top2 = choice.view(-1, c.n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
-            choice = choice.masked_fill(~self._group_mask(group_top2), float("-inf"))
-            ids = torch.topk(choice, k=c.top_k, dim=-1, sorted=False)[1]  # [T, k]
-            w = scores.gather(1, ids)  # [T, k]
-            if c.norm_topk_prob:
-                w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        return w * c.routed_scaling_factor, ids
+        bias = self.e_score_correction_bias.to(torch.float32) if c.version == 3 else None
+        return route(logits, bias, c.version, c.topk_method, c.n_group, c.topk_group, c.top_k, c.norm_topk_prob,
+                     c.routed_scaling_factor)
+
+
+def _group_mask(group_scores: torch.Tensor, topk_group: int, per_group: int) -> torch.Tensor:
+    """group_scores [T, G] -> bool [T, E], True on the experts of each token's ``topk_group`` best groups."""
+    idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+    mask = torch.zeros_like(group_scores).scatter_(1, idx, 1)  # [T, G]
+    g = group_scores.shape[1]
+    return mask.unsqueeze(-1).expand(-1, g, per_group).reshape(-1, g * per_group).bool()  # [T, E]
+
+
+@fusable
+def route(logits: torch.Tensor, bias: torch.Tensor | None, version: int, method: str, n_group: int, topk_group: int,
+          top_k: int, normalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] fp32 -> (weights [T, k] fp32, expert ids [T, k]) by the module docstring's rules (V2:
+    softmax, greedy or group-limited; V3: sigmoid, ``bias`` picks groups and experts). ``@fusable``: in the captured
+    decode step the scores, group limits, top-k and renormalisation compile into a few kernels instead of ~20."""
+    per_group = logits.shape[1] // n_group
+    if version == 2:
+        scores = logits.softmax(dim=-1, dtype=torch.float32)  # [T, E]
+        if method == "group_limited_greedy":
+            group_max = scores.view(-1, n_group, per_group).max(dim=-1).values  # [T, G]
+            scores = scores.masked_fill(~_group_mask(group_max, topk_group, per_group), 0.0)
+        w, ids = torch.topk(scores, k=top_k, dim=-1, sorted=False)  # [T, k]
+    else:
+        assert bias is not None
+        scores = logits.sigmoid()  # [T, E]
+        choice = scores + bias  # [T, E]
+        group_top2 = choice.view(-1, n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
+        choice = choice.masked_fill(~_group_mask(group_top2, topk_group, per_group), float("-inf"))
+        ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]  # [T, k]
+        w = scores.gather(1, ids)  # [T, k]
+        if normalize:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return w * scaling, ids
 
 
 class DeepseekMoE(nn.Module):
