@@ -46,6 +46,11 @@ conversations with different prompts at once (batched on the host) against the s
 aggregate tokens/s and the ratio. Every answer's tokens must equal one process's (plain decoding, alone), else the
 run fails.
 
+Under each mesh line (plain decoding and each speculative mode) a ``host`` line says where the attention host's
+decode steps went, from its data-plane split (``peerstats.HostSplit``, the difference over each answer): ms per
+target step, frames per generated token, and per frame the encoding, the send (TLS + socket), the wait for the
+answer and the frame's whole round trip (medians over the answers).
+
 ``--holders 1`` runs the attention host with one expert holder instead of two (the holder then has every expert, so
 a layer is always one frame to one peer, never two frames whose slower answer sets the pace).
 
@@ -76,6 +81,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -420,8 +426,11 @@ def drive(home: str) -> None:
             for w in workers:
                 w.join()
             out = {"answers": answers, "wall_s": time.perf_counter() - t0}
-        else:
+        else:  # one answer, with what the host's data plane spent on it (the difference of its split)
+            before = get_json(Path(home), STATUS_PATH, 5)["serving"]["split"]["host"]
             out = post(api + "/completions", cmd["body"])["ekmesh"]
+            after = get_json(Path(home), STATUS_PATH, 5)["serving"]["split"]["host"]
+            out["host_split"] = {k: after[k] - before[k] for k in after}
         print(json.dumps(out), flush=True)
 
 
@@ -543,7 +552,28 @@ def summarise(link: str, mesh: list[dict[str, Any]], local: list[dict[str, Any]]
         "ttft_s_one": statistics.median(r["ttft_s"] for r in local),
         "mesh_runs_tok_s": [r["tokens_per_s"] for r in mesh], "one_runs_tok_s": [r["tokens_per_s"] for r in local],
         "tokens_equal": all(r["token_ids"] == local[0]["token_ids"] for r in mesh + local),
+        "host_step": step_split(mesh),
     }
+
+
+def step_split(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Where the attention host's decode steps went, medians over ``runs``: ms per target step (decode time over
+    steps), data-plane frames per generated token, and per frame (µs) the host's encoding, sending (TLS + socket),
+    waiting for the answer (network, the holder's whole time, decoding) and the frame's whole round trip (from its
+    encoding to its answer decoded, so it also holds the sends of the layer's other frames and, for the second frame
+    of a layer, the wait for the first; ``peerstats.HostSplit``)."""
+    def med(value: Callable[[dict[str, Any]], float]) -> float:
+        return round(statistics.median(value(r) for r in runs), 3)
+
+    def per_frame(r: dict[str, Any], key: str) -> float:
+        return r["host_split"][key] / max(r["host_split"]["frames"], 1) / 1e3
+
+    out = {"ms_per_step": med(lambda r: 1e3 * (r["tokens"] - 1) / r["tokens_per_s"] / max(r["steps"], 1)
+                              if r["tokens_per_s"] else 0.0),
+           "frames_per_token": med(lambda r: r["host_split"]["frames"] / max(r["tokens"], 1))}
+    for part in ("encode", "send", "wait", "rtt"):
+        out[f"{part}_us_per_frame"] = med(lambda r, part=part: per_frame(r, f"{part}_ns"))
+    return out
 
 
 def speculative_summary(runs: list[dict[str, Any]], plain: list[dict[str, Any]], local: list[dict[str, Any]],
@@ -557,7 +587,7 @@ def speculative_summary(runs: list[dict[str, Any]], plain: list[dict[str, Any]],
             "plain_round_trips_per_token": statistics.median(r["round_trips"] / r["tokens"] for r in plain),
             "steps": statistics.median(r["steps"] for r in runs),
             "acceptance": statistics.median(r["accepted"] / r["drafted"] if r["drafted"] else 0.0 for r in runs),
-            "runs_tok_s": [r["tokens_per_s"] for r in runs],
+            "runs_tok_s": [r["tokens_per_s"] for r in runs], "host_step": step_split(runs),
             "tokens_equal": all(r["token_ids"] == local[0]["token_ids"] for r in runs)}
 
 
@@ -665,15 +695,23 @@ def report(r: dict[str, Any], facts: dict[str, int], args: argparse.Namespace) -
           f"round trip {r['mean_layer_rtt_ms']:.3f} ms | TTFT {r['ttft_s_mesh'] * 1e3:.0f} vs "
           f"{r['ttft_s_one'] * 1e3:.0f} ms | tokens equal: {r['tokens_equal']} | torch threads: host "
           f"{r['host_threads']}, holders {r['holder_threads']}", flush=True)
+    host_step("plain", r["host_step"])
     for mode, s in r.get("speculative", {}).items():
         print(f"  {mode}: {s['tok_s']:.1f} tok/s = {s['ratio_vs_plain']:.2f}× plain, {s['ratio_vs_cap']:.2f}× the "
               f"cap {s['cap_tok_s']:.1f} tok/s (1 / ({facts['moe_layers']} × RTT)) | round trips per token per MoE "
               f"layer {s['round_trips_per_token']:.2f} (plain {s['plain_round_trips_per_token']:.2f}) | acceptance "
               f"{s['acceptance']:.2f} | tokens equal: {s['tokens_equal']}", flush=True)
+        host_step(mode, s["host_step"])
     c = r.get("concurrency")
     if c:
         print(f"  {c['n']} conversations at once: {c['aggregate_tok_s']:.1f} tok/s vs {c['one_at_a_time_tok_s']:.1f} "
               f"one at a time = {c['ratio']:.2f}× | tokens equal: {c['tokens_equal']}", flush=True)
+
+
+def host_step(mode: str, h: dict[str, float]) -> None:
+    print(f"    host, {mode}: {h['ms_per_step']:.2f} ms a step, {h['frames_per_token']:.1f} frames a token; a frame: "
+          f"encode {h['encode_us_per_frame']:.0f} µs, send {h['send_us_per_frame']:.0f} µs, wait "
+          f"{h['wait_us_per_frame']:.0f} µs, round trip {h['rtt_us_per_frame']:.0f} µs", flush=True)
 
 
 if __name__ == "__main__":
