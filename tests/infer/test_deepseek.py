@@ -269,15 +269,16 @@ ROUTES = {  # (version, method, n_group, topk_group, top_k, normalize, scaling)
 @pytest.mark.parametrize("case", sorted(ROUTES))
 def test_compiled_router_equals_the_plain_one(case: str) -> None:
     """``deepseek.route`` is ``@fusable``: in the captured decode step it runs through ``torch.compile`` (one fullgraph
-    region: scores, group limits, top-k, renormalisation). Compiled here by inductor's C++ backend, it picks the same
-    experts with the same weights as the plain body, which the transformers comparisons above pin down."""
+    region: scores, group limits, top-k, renormalisation), once checked against the plain body ``_route``. Compiled
+    here by inductor's C++ backend, it picks the same experts with the same weights as the plain body, which the
+    transformers comparisons above pin down."""
     version, method, n_group, topk_group, top_k, normalize, scaling = ROUTES[case]
     g = torch.Generator().manual_seed(7)
     logits = torch.randn(3, 32, generator=g)  # [T, E]: a decode step with two drafts
     bias = 0.1 * torch.randn(32, generator=g) if version == 3 else None
     args = (logits, bias, version, method, n_group, topk_group, top_k, normalize, scaling)
     w, ids = deepseek.route(*args)
-    w_c, ids_c = torch.compile(deepseek.route.__wrapped__, fullgraph=True, dynamic=False)(*args)  # type: ignore[attr-defined]
+    w_c, ids_c = torch.compile(deepseek._route, fullgraph=True, dynamic=False)(*args)
     order, order_c = ids.sort(dim=-1), ids_c.sort(dim=-1)  # (top-k unsorted: compare as sets, weights alongside)
     assert torch.equal(order.values, order_c.values), (ids, ids_c)
     diff = (w.gather(1, order.indices) - w_c.gather(1, order_c.indices)).abs().max().item()

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ekmesh.core.errors import ConfigError
+from ekmesh.infer import decode_experts, fusion
 from ekmesh.infer.expert import ExpertSpec, ExpertWeights
 from ekmesh.infer.fusion import fusable
 from ekmesh.infer.models.cache import Step
@@ -209,8 +210,11 @@ class Router(nn.Module):
         c = self.cfg
         logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))  # [T, E]
         bias = self.e_score_correction_bias.to(torch.float32) if c.version == 3 else None
-        return route(logits, bias, c.version, c.topk_method, c.n_group, c.topk_group, c.top_k, c.norm_topk_prob,
-                     c.routed_scaling_factor)
+        rule = (c.version, c.topk_method, c.n_group, c.topk_group, c.top_k, c.norm_topk_prob, c.routed_scaling_factor)
+        if fusion.enabled() and logits.is_cuda:  # the captured decode step: compiled, once checked against the plain
+            return fusion.checked(lambda: route(logits, bias, *rule), lambda: _route(logits, bias, *rule),
+                                  ("deepseek-route", logits.shape, *rule), decode_experts.route_difference)
+        return route(logits, bias, *rule)
 
 
 def _group_mask(group_scores: torch.Tensor, topk_group: int, per_group: int) -> torch.Tensor:
@@ -221,12 +225,12 @@ def _group_mask(group_scores: torch.Tensor, topk_group: int, per_group: int) -> 
     return mask.unsqueeze(-1).expand(-1, g, per_group).reshape(-1, g * per_group).bool()  # [T, E]
 
 
-@fusable
-def route(logits: torch.Tensor, bias: torch.Tensor | None, version: int, method: str, n_group: int, topk_group: int,
-          top_k: int, normalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _route(logits: torch.Tensor, bias: torch.Tensor | None, version: int, method: str, n_group: int, topk_group: int,
+           top_k: int, normalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [T, E] fp32 -> (weights [T, k] fp32, expert ids [T, k]) by the module docstring's rules (V2:
-    softmax, greedy or group-limited; V3: sigmoid, ``bias`` picks groups and experts). ``@fusable``: in the captured
-    decode step the scores, group limits, top-k and renormalisation compile into a few kernels instead of ~20."""
+    softmax, greedy or group-limited; V3: sigmoid, ``bias`` picks groups and experts). ``route`` is its ``@fusable``
+    form: in the captured decode step the scores, group limits, top-k and renormalisation compile into a few
+    kernels instead of ~20 (checked once against this plain body, ``fusion.checked``)."""
     per_group = logits.shape[1] // n_group
     if version == 2:
         scores = logits.softmax(dim=-1, dtype=torch.float32)  # [T, E]
@@ -245,6 +249,9 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, version: int, method:
         if normalize:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
     return w * scaling, ids
+
+
+route = fusable(_route)
 
 
 class DeepseekMoE(nn.Module):
