@@ -196,13 +196,13 @@ def decode_at_context(model: CausalLM, experts: LocalExperts, context: int, args
 
         decode()  # warm-up (the graph captured on a GPU)
         best = min(timed(decode, device) for _ in range(args.repeats)) / args.tokens
-        steps = {}
+        kernels = {}
         if runner is not None:  # the captured step's kernels (cache at context + tokens: the slot after is free)
             prof = profile_runner(runner)
-            steps = {k: prof[k] for k in ("kernels_per_step", "gpu_busy_ms_per_step", "top_kernels_ms")}
+            kernels = {k: prof[k] for k in ("kernels_per_step", "gpu_busy_ms_per_step", "top_kernels_ms")}
     return {"prefill_s": round(prefill_s, 3), "ms_per_token": round(best * 1000, 3),
             "tok_per_s": round(1 / best, 2), "kv_bytes_per_token": cache.bytes_per_token(),
-            "kv_gib_at_context": round(cache.bytes_per_token() * context / 2**30, 4), **steps}
+            "kv_gib_at_context": round(cache.bytes_per_token() * context / 2**30, 4), **kernels}
 
 
 def mla_context(shape: dict, device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> dict:

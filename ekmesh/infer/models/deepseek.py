@@ -41,7 +41,6 @@ from torch import nn
 from ekmesh.core.errors import ConfigError
 from ekmesh.infer import decode_experts, fusion
 from ekmesh.infer.expert import ExpertSpec, ExpertWeights
-from ekmesh.infer.fusion import fusable
 from ekmesh.infer.models.cache import Step
 from ekmesh.infer.models.common import CausalLM, DecoderLayer, DenseMLP, RopeSpec, call_experts, require
 from ekmesh.infer.models.deepseek_mla import MLASpec, MLAttention
@@ -251,7 +250,7 @@ def _route(logits: torch.Tensor, bias: torch.Tensor | None, version: int, method
     return w * scaling, ids
 
 
-route = fusable(_route)
+route = fusion.fusable(_route)
 
 
 class DeepseekMoE(nn.Module):
