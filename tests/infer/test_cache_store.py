@@ -2,7 +2,7 @@
 projecting and then ``KVCache.update`` compute, and compiled by inductor it writes the cache buffers in place.
 
 CPU only: the fusable functions run their plain bodies under ``fusion.fused`` here, and the compiled check calls
-``torch.compile`` directly (inductor's C++ backend); the CUDA side is in test_cuda.py.
+``torch.compile`` directly (inductor's C++ backend); the CUDA side is in test_cuda_kernels.py.
 """
 
 from __future__ import annotations

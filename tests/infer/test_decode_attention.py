@@ -1,5 +1,5 @@
 """``decode_attention``'s host side: which calls it takes (``supports``/``fits``) and how it sizes the launch (key
-blocks, splits). The kernels themselves need CUDA: tests/infer/test_cuda.py."""
+blocks, splits). The kernels themselves need CUDA: tests/infer/test_cuda_kernels.py."""
 
 from __future__ import annotations
 

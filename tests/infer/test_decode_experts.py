@@ -1,6 +1,6 @@
 """``fusion.checked``: the decode kernels are trusted per kind of call only after agreeing once with the
 grouped path; a kind whose kernels fail or disagree runs the grouped path from then on, with a warning. (The
-kernels themselves need CUDA: tests/infer/test_cuda.py.)"""
+kernels themselves need CUDA: tests/infer/test_cuda_kernels.py.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The fusion levels and the fused q/k/v projection compute what the plain modules compute (CPU: the fusable
 functions run their plain bodies here, so these check the rewiring, not the compiled kernels; the CUDA side is in
-test_cuda.py)."""
+test_cuda.py and test_cuda_kernels.py)."""
 
 from __future__ import annotations
 

@@ -79,7 +79,7 @@ def _store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     """k, v [B, Hkv, T, d] into the static buffers [B, Hkv, S, d] at ``positions`` [T], as ``KVCache.update`` does.
     In place when compiled too: inductor turns the (functionalised) index_copy_ of a graph input into a store to that
     input from the kernel that computes k, with no copy of the buffers (the generated code is checked by
-    tests/infer/test_cache_store.py on CPU and tests/infer/test_cuda.py in Triton)."""
+    tests/infer/test_cache_store.py on CPU and tests/infer/test_cuda_kernels.py in Triton)."""
     k_cache.index_copy_(2, positions, k)
     v_cache.index_copy_(2, positions, v)
 
