@@ -266,6 +266,15 @@ ROUTES = {  # (version, method, n_group, topk_group, top_k, normalize, scaling)
 }
 
 
+def routing_gap(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Two routings (weights [T, k], expert ids [T, k], top-k unsorted) of the same logits: asserts that each token
+    chose the same experts in both, and returns the largest difference of an expert's weight between them."""
+    (w, ids), (w_b, ids_b) = a, b
+    order, order_b = ids.sort(dim=-1), ids_b.sort(dim=-1)  # compared as sets, the weights alongside
+    assert torch.equal(order.values, order_b.values), (ids, ids_b)
+    return (w.gather(1, order.indices) - w_b.gather(1, order_b.indices)).abs().max().item()
+
+
 @pytest.mark.parametrize("case", sorted(ROUTES))
 def test_compiled_router_equals_the_plain_one(case: str) -> None:
     """``deepseek.route`` is ``@fusable``: in the captured decode step it runs through ``torch.compile`` (one fullgraph
@@ -277,11 +286,8 @@ def test_compiled_router_equals_the_plain_one(case: str) -> None:
     logits = torch.randn(3, 32, generator=g)  # [T, E]: a decode step with two drafts
     bias = 0.1 * torch.randn(32, generator=g) if version == 3 else None
     args = (logits, bias, version, method, n_group, topk_group, top_k, normalize, scaling)
-    w, ids = deepseek.route(*args)
     w_c, ids_c = torch.compile(deepseek._route, fullgraph=True, dynamic=False)(*args)
-    order, order_c = ids.sort(dim=-1), ids_c.sort(dim=-1)  # (top-k unsorted: compare as sets, weights alongside)
-    assert torch.equal(order.values, order_c.values), (ids, ids_c)
-    diff = (w.gather(1, order.indices) - w_c.gather(1, order_c.indices)).abs().max().item()
+    diff = routing_gap(deepseek.route(*args), (w_c, ids_c))
     print(f"{case}: max |compiled - plain| weight = {diff:.3g}")
     assert diff <= 1e-6 * scaling
     groups = ids_c // (32 // n_group)  # [T, k]: each chosen expert's group; the limit holds in every row

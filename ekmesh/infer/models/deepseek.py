@@ -204,12 +204,13 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
         if cfg.version == 3:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts))
+        self.rule = (cfg.version, cfg.topk_method, cfg.n_group, cfg.topk_group, cfg.top_k, cfg.norm_topk_prob,
+                     cfg.routed_scaling_factor)  # route's arguments after the logits and the bias
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cfg
         logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))  # [T, E]
-        bias = self.e_score_correction_bias.to(torch.float32) if c.version == 3 else None
-        rule = (c.version, c.topk_method, c.n_group, c.topk_group, c.top_k, c.norm_topk_prob, c.routed_scaling_factor)
+        bias = self.e_score_correction_bias.to(torch.float32) if self.cfg.version == 3 else None
+        rule = self.rule
         if fusion.enabled() and logits.is_cuda:  # the captured decode step: compiled, once checked against the plain
             return fusion.checked(lambda: route(logits, bias, *rule), lambda: _route(logits, bias, *rule),
                                   ("deepseek-route", logits.shape, *rule), decode_experts.route_difference)
